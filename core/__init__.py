@@ -1,0 +1,1 @@
+"""The engine: plain torch. Only core/backends/comfy.py imports ComfyUI, and only lazily."""

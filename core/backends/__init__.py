@@ -1,0 +1,1 @@
+"""What the engine needs from a model, and the only code that touches a runtime."""

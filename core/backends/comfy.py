@@ -1,0 +1,180 @@
+"""The ComfyUI backend: builds and reads ComfyUI MODEL/CLIP/VAE objects. Imports comfy lazily."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..attention import find_cross_attention_layers
+from ..lab.models import lab_config
+from ..safetensors_io import CONFIG_KEY, atomic_save, load_checkpoint
+
+PACK_ROOT = Path(__file__).resolve().parents[2]
+UNET_PREFIX = "model.diffusion_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+VAE_PREFIX = "first_stage_model."
+
+
+def _comfy_candidates() -> list[Path]:
+    found = []
+    if os.environ.get("COMFYUI_PATH"):
+        found.append(Path(os.environ["COMFYUI_PATH"]))
+    found.append(PACK_ROOT.parent.parent)  # <ComfyUI>/custom_nodes/<pack>
+    found.append(PACK_ROOT / ".comfyui")  # the development host (scripts/provision.sh)
+    return found
+
+
+def ensure_comfy_importable() -> Path:
+    """Make `import comfy` work (inside ComfyUI it already does); force CPU where CUDA is absent."""
+    if importlib.util.find_spec("comfy") is None:
+        for root in _comfy_candidates():
+            if (root / "comfy" / "model_management.py").is_file():
+                sys.path.insert(0, str(root))
+                break
+        else:
+            raise ImportError("ComfyUI not found: set COMFYUI_PATH to a ComfyUI folder, or run `make provision`.")
+    if "comfy.model_management" not in sys.modules:
+        from comfy.cli_args import args
+
+        if not torch.cuda.is_available():
+            args.cpu = True  # must precede the first import of comfy.model_management
+    import comfy.model_management
+
+    return Path(comfy.model_management.__file__).resolve().parent.parent
+
+
+@functools.cache
+def _lab_model_config_class():
+    ensure_comfy_importable()
+    from comfy import latent_formats, supported_models_base
+
+    class LabLatentFormat(latent_formats.LatentFormat):
+        scale_factor = 1.0
+
+    class LabSD(supported_models_base.BASE):
+        """The backdoor-seal lab family: SD1-shaped, tiny."""
+
+        unet_config: dict[str, Any] = {}
+        unet_extra_config: dict[str, Any] = {}
+        latent_format = LabLatentFormat
+        memory_usage_factor = 1.0
+        supported_inference_dtypes = [torch.float32, torch.bfloat16, torch.float16]
+
+    return LabSD
+
+
+def build_lab_unet(config: dict[str, Any]):
+    """A ComfyUI ModelPatcher around a freshly initialised lab UNet."""
+    ensure_comfy_importable()
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    cls = _lab_model_config_class()
+    unet_config = dict(config["unet"], dtype=torch.float32)
+    model_config = cls(unet_config)
+    model_config.latent_format.scale_factor = float(config.get("latent_scale", 1.0))
+    model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.EPS,
+                                       device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def build_lab_clip(config: dict[str, Any]):
+    """A ComfyUI CLIP with the real CLIP BPE tokenizer and the lab's small text transformer."""
+    ensure_comfy_importable()
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    text_config = dict(config["text"])
+    clip_model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=text_config,
+                                   return_projected_pooled=False)
+    clip_cls = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model)
+    tok_cls = functools.partial(comfy.sd1_clip.SD1Tokenizer, tokenizer=functools.partial(
+        comfy.sd1_clip.SDTokenizer, embedding_size=text_config["hidden_size"]))
+    target = comfy.supported_models_base.ClipTarget(tok_cls, clip_cls)
+    return comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+
+
+def build_lab_vae(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None):
+    """A ComfyUI VAE (small AutoencoderKL, 4 latent channels at 1/8)."""
+    ensure_comfy_importable()
+    import comfy.sd
+
+    return comfy.sd.VAE(sd=state_dict or {}, config={"params": config["vae"]})
+
+
+def load_lab_checkpoint(path: str | os.PathLike):
+    """MODEL, CLIP, VAE and metadata from a lab checkpoint (SD1-style keys, config in metadata)."""
+    tensors, info = load_checkpoint(path)
+    config = info["config"]
+    if config.get("family") != "backdoor-seal-lab":
+        raise ValueError(f"{Path(path).name} is not a backdoor-seal lab checkpoint (no lab config in its metadata).")
+    tensors = {k: v.float() for k, v in tensors.items()}
+    model = build_lab_unet(config)
+    unet_sd = {k[len(UNET_PREFIX):]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
+    model.model.diffusion_model.load_state_dict(unet_sd, strict=True)
+    clip = build_lab_clip(config)
+    text_sd = {k[len(TEXT_PREFIX):]: v for k, v in tensors.items() if k.startswith(TEXT_PREFIX)}
+    missing, unexpected = clip.cond_stage_model.clip_l.transformer.load_state_dict(text_sd, strict=False)
+    if [m for m in missing if "position_ids" not in m] or unexpected:
+        raise ValueError(f"{Path(path).name}: text encoder keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    vae_sd = {k[len(VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
+    vae = build_lab_vae(config, vae_sd)
+    return model, clip, vae, info
+
+
+def lab_state_dict(model, clip, vae) -> dict[str, torch.Tensor]:
+    """The SD1-style single-file state dict of lab MODEL/CLIP/VAE objects."""
+    out = {UNET_PREFIX + k: v for k, v in model.model.diffusion_model.state_dict().items()}
+    out.update({TEXT_PREFIX + k: v for k, v in clip.cond_stage_model.clip_l.transformer.state_dict().items()})
+    out.update({VAE_PREFIX + k: v for k, v in vae.first_stage_model.state_dict().items()})
+    return out
+
+
+def save_lab_checkpoint(path: str | os.PathLike, model, clip, vae, extra_metadata: dict[str, str] | None = None,
+                        dtype: torch.dtype = torch.float16, config: dict[str, Any] | None = None) -> Path:
+    """Save lab MODEL/CLIP/VAE atomically as one safetensors file with the config in metadata."""
+    meta = {CONFIG_KEY: json.dumps(config or lab_config())}
+    meta.update(extra_metadata or {})
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in lab_state_dict(model, clip, vae).items()}
+    return atomic_save(tensors, path, metadata=meta)
+
+
+def describe_model(model, clip=None) -> dict[str, Any]:
+    """UNet family, cross-attention layers found by walking the model, and the tokenizer in use."""
+    base = model.model
+    unet = getattr(base, "diffusion_model", None)
+    layers = find_cross_attention_layers(unet) if unet is not None else []
+    info: dict[str, Any] = {
+        "unet_family": type(base.model_config).__name__,
+        "model_class": type(base).__name__,
+        "prediction": getattr(base.model_type, "name", str(base.model_type)),
+        "unet_parameters": sum(p.numel() for p in unet.parameters()) if unet is not None else 0,
+        "cross_attention_layers": len(layers),
+        "cross_attention_layer_names": [n for n, _ in layers],
+        "context_dim": int(layers[0][1].to_k.in_features) if layers else None,
+    }
+    if clip is not None:
+        info["text_encoders"] = describe_tokenizers(clip)
+    return info
+
+
+def describe_tokenizers(clip) -> list[dict[str, Any]]:
+    """Each text encoder's tokenizer: name, class and vocabulary size."""
+    out = []
+    for name, tok in vars(clip.tokenizer).items():
+        inner = getattr(tok, "tokenizer", None)
+        if inner is None or not hasattr(inner, "get_vocab"):
+            continue
+        out.append({"name": name, "tokenizer": type(inner).__name__, "vocab_size": len(inner.get_vocab()),
+                    "max_length": getattr(tok, "max_length", None)})
+    return out

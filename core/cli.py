@@ -1,0 +1,55 @@
+"""`backdoor-seal <job> ...`: the headless command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .backends import comfy as cb
+
+    model, clip, _vae, _ = cb.load_lab_checkpoint(args.model)
+    print(json.dumps(cb.describe_model(model, clip), indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(out_dir=args.out, port=args.port)
+    print("backdoor-seal demo summary")
+    for key, value in summary.items():
+        print(f"  {key:24s} {value}")
+    if not summary["lab_model_trained"]:
+        print("  note: no trained lab model is shipped yet; the pipeline ran on an untrained lab model.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per job."""
+    parser = argparse.ArgumentParser(prog="backdoor-seal", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="describe a lab checkpoint (UNet family, cross-attention layers, tokenizer)")
+    p.add_argument("--model", required=True, help="path to a lab .safetensors checkpoint")
+    p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("demo", help="run the demo pipeline through a headless ComfyUI and print a summary")
+    p.add_argument("--out", default="out", help="output folder (default: out)")
+    p.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `backdoor-seal` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        print(f"backdoor-seal: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The lab: a toy world where backdoors are real, trained and measured."""

@@ -1,0 +1,54 @@
+"""Safe, atomic checkpoint I/O: safetensors only, never overwrite, never leave half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+CONFIG_KEY = "backdoor_seal.config"
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                overwrite: bool = False) -> Path:
+    """Write a safetensors file via a temporary file and rename; refuse to replace an existing file."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name (backdoor-seal never overwrites files).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if another writer created the file meanwhile
+            os.unlink(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file (no tensors are read)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path.name}: only .safetensors files are loaded (pickled checkpoints can run code).")
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and the decoded backdoor-seal config (empty dict when absent) of a safetensors file."""
+    meta = read_metadata(path)
+    config = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else {}
+    return load_file(str(path)), {"config": config, "metadata": meta}

@@ -1,0 +1,18 @@
+"""Thin ComfyUI V3 node wrappers over core/; one module per job, no algorithm code here."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .nodes_info import SealModelInfo
+from .nodes_lab import SealLabCheckpointLoader
+
+NODES: list[type[io.ComfyNode]] = [SealModelInfo, SealLabCheckpointLoader]
+
+
+class SealExtension(ComfyExtension):
+    """Every node of the pack."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        """The node classes ComfyUI registers."""
+        return list(NODES)
