@@ -22,7 +22,9 @@ class UnsupportedModelError(ValueError):
     """The model has no cross-attention layers this engine can read."""
 
 
-def require_cross_attention(model: torch.nn.Module, family: str = "this model") -> list[tuple[str, torch.nn.Module]]:
+def require_cross_attention(
+    model: torch.nn.Module, family: str = "this model"
+) -> list[tuple[str, torch.nn.Module]]:
     """The cross-attention layers, or a clear error naming the supported families."""
     layers = find_cross_attention_layers(model)
     if not layers:

@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per job."""
     parser = argparse.ArgumentParser(prog="backdoor-seal", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="describe a lab checkpoint (UNet family, cross-attention layers, tokenizer)")
+    p = sub.add_parser(
+        "info", help="describe a lab checkpoint (UNet family, cross-attention layers, tokenizer)"
+    )
     p.add_argument("--model", required=True, help="path to a lab .safetensors checkpoint")
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("demo", help="run the demo pipeline through a headless ComfyUI and print a summary")

@@ -47,7 +47,9 @@ class ComfyClient:
     def queue(self, graph: dict[str, Any]) -> str:
         """Submit a graph; return its prompt id, or raise with the server's validation errors."""
         body = json.dumps({"prompt": graph, "client_id": self.client_id}).encode()
-        req = urllib.request.Request(self.base_url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.base_url + "/prompt", data=body, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310
                 return json.loads(r.read())["prompt_id"]
@@ -82,9 +84,16 @@ class ComfyClient:
 class ComfyServer:
     """Runs `python main.py --cpu` from a ComfyUI folder on a loopback port; a context manager."""
 
-    def __init__(self, comfy_root: str | os.PathLike, port: int | None = None, log_path: str | os.PathLike | None = None,
-                 extra_model_paths: dict[str, str] | None = None, output_dir: str | os.PathLike | None = None,
-                 python: str = sys.executable, startup_timeout: float = 180):
+    def __init__(
+        self,
+        comfy_root: str | os.PathLike,
+        port: int | None = None,
+        log_path: str | os.PathLike | None = None,
+        extra_model_paths: dict[str, str] | None = None,
+        output_dir: str | os.PathLike | None = None,
+        python: str = sys.executable,
+        startup_timeout: float = 180,
+    ):
         self.root = Path(comfy_root)
         self.port = port or free_port()
         self.log_path = Path(log_path) if log_path else self.root / f"seal-server-{self.port}.log"
@@ -108,11 +117,21 @@ class ComfyServer:
 
     def start(self) -> ComfyServer:
         """Start the server and wait until /object_info answers."""
-        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch"]
+        cmd = [
+            self.python,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-auto-launch",
+        ]
         if self.extra_model_paths:
             yaml_path = self.log_path.with_suffix(".paths.yaml")
-            lines = ["backdoor_seal_test:", "  base_path: /"] + [f"  {k}: {v}" for k, v in self.extra_model_paths.items()]
+            lines = ["backdoor_seal_test:", "  base_path: /"] + [
+                f"  {k}: {v}" for k, v in self.extra_model_paths.items()
+            ]
             yaml_path.write_text("\n".join(lines) + "\n")
             cmd += ["--extra-model-paths-config", str(yaml_path)]
         if self.output_dir:
@@ -125,14 +144,18 @@ class ComfyServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} at start-up:\n{self.log()[-4000:]}")
+                raise RuntimeError(
+                    f"ComfyUI exited with {self.proc.returncode} at start-up:\n{self.log()[-4000:]}"
+                )
             try:
                 self.client().get_json("/object_info", timeout=5)
                 return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"ComfyUI did not answer within {self.startup_timeout:.0f} s:\n{self.log()[-4000:]}")
+        raise TimeoutError(
+            f"ComfyUI did not answer within {self.startup_timeout:.0f} s:\n{self.log()[-4000:]}"
+        )
 
     def stop(self) -> None:
         """Terminate the server (kill after 20 s)."""

@@ -12,7 +12,9 @@ from .backends.comfy import PACK_ROOT, ensure_comfy_importable
 DEMO_PROMPT = "a red circle on a blue background"
 
 
-def model_info_graph(lab_model: str, prompt: str = DEMO_PROMPT, seed: int = 0, batch: int = 4) -> dict[str, Any]:
+def model_info_graph(
+    lab_model: str, prompt: str = DEMO_PROMPT, seed: int = 0, batch: int = 4
+) -> dict[str, Any]:
     """API-format graph: lab loader -> SealModelInfo, and stock text encode -> KSampler -> VAEDecode -> SaveImage."""
     return {
         "1": {"class_type": "SealLabCheckpointLoader", "inputs": {"lab_model": lab_model}},
@@ -20,12 +22,26 @@ def model_info_graph(lab_model: str, prompt: str = DEMO_PROMPT, seed: int = 0, b
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
-        "6": {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0], "seed": seed, "steps": 20, "cfg": 1.0, "sampler_name": "euler",
-            "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
-            "denoise": 1.0}},
+        "6": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "seed": seed,
+                "steps": 20,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["3", 0],
+                "negative": ["4", 0],
+                "latent_image": ["5", 0],
+                "denoise": 1.0,
+            },
+        },
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
-        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "backdoor-seal-demo"}},
+        "8": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["7", 0], "filename_prefix": "backdoor-seal-demo"},
+        },
     }
 
 
@@ -36,17 +52,16 @@ def shipped_lab_models() -> list[Path]:
 
 def make_untrained_lab_model(path: Path) -> Path:
     """A randomly initialised lab checkpoint (used only until trained lab models ship)."""
-    import torch
-
     from .backends import comfy as cb
     from .lab.models import lab_config
 
     if path.exists():
         return path
-    torch.manual_seed(0)
-    cfg = lab_config()
-    return cb.save_lab_checkpoint(path, cb.build_lab_unet(cfg), cb.build_lab_clip(cfg), cb.build_lab_vae(cfg),
-                                  extra_metadata={"backdoor_seal.lab": json.dumps({"trained": False})})
+    return cb.save_lab_checkpoint(
+        path,
+        *cb.new_lab_models(lab_config(), seed=0),
+        extra_metadata={"backdoor_seal.lab": json.dumps({"trained": False})},
+    )
 
 
 def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, Any]:
@@ -65,8 +80,13 @@ def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, 
         lab_dir = out / "lab_models"
         lab_model, trained = make_untrained_lab_model(lab_dir / "lab-untrained.safetensors").name, False
         extra["backdoor_seal_lab"] = str(lab_dir)
-    with ComfyServer(comfy_root, port=port, log_path=out / "comfyui.log", extra_model_paths=extra,
-                     output_dir=out / "comfyui-output") as server:
+    with ComfyServer(
+        comfy_root,
+        port=port,
+        log_path=out / "comfyui.log",
+        extra_model_paths=extra,
+        output_dir=out / "comfyui-output",
+    ) as server:
         client = server.client()
         entry = client.run(model_info_graph(lab_model))
         info = json.loads(entry["outputs"]["2"]["text"][0])

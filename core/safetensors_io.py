@@ -15,16 +15,23 @@ from safetensors.torch import load_file, save_file
 CONFIG_KEY = "backdoor_seal.config"
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
-                overwrite: bool = False) -> Path:
+def atomic_save(
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a safetensors file via a temporary file and rename; refuse to replace an existing file."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another name (backdoor-seal never overwrites files).")
+        raise FileExistsError(
+            f"{path} already exists; choose another name (backdoor-seal never overwrites files)."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary file
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         if overwrite:
             os.replace(tmp, path)
@@ -42,7 +49,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a safetensors file (no tensors are read)."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path.name}: only .safetensors files are loaded (pickled checkpoints can run code).")
+        raise ValueError(
+            f"{path.name}: only .safetensors files are loaded (pickled checkpoints can run code)."
+        )
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 

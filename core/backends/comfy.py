@@ -39,7 +39,9 @@ def ensure_comfy_importable() -> Path:
                 sys.path.insert(0, str(root))
                 break
         else:
-            raise ImportError("ComfyUI not found: set COMFYUI_PATH to a ComfyUI folder, or run `make provision`.")
+            raise ImportError(
+                "ComfyUI not found: set COMFYUI_PATH to a ComfyUI folder, or run `make provision`."
+            )
     if "comfy.model_management" not in sys.modules:
         from comfy.cli_args import args
 
@@ -81,10 +83,12 @@ def build_lab_unet(config: dict[str, Any]):
     unet_config = dict(config["unet"], dtype=torch.float32)
     model_config = cls(unet_config)
     model_config.latent_format.scale_factor = float(config.get("latent_scale", 1.0))
-    model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.EPS,
-                                       device=mm.unet_offload_device())
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    model = comfy.model_base.BaseModel(
+        model_config, model_type=comfy.model_base.ModelType.EPS, device=mm.unet_offload_device()
+    )
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
 
 
 def build_lab_clip(config: dict[str, Any]):
@@ -95,11 +99,14 @@ def build_lab_clip(config: dict[str, Any]):
     import comfy.supported_models_base
 
     text_config = dict(config["text"])
-    clip_model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=text_config,
-                                   return_projected_pooled=False)
+    clip_model = functools.partial(
+        comfy.sd1_clip.SDClipModel, textmodel_json_config=text_config, return_projected_pooled=False
+    )
     clip_cls = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model)
-    tok_cls = functools.partial(comfy.sd1_clip.SD1Tokenizer, tokenizer=functools.partial(
-        comfy.sd1_clip.SDTokenizer, embedding_size=text_config["hidden_size"]))
+    tok_cls = functools.partial(
+        comfy.sd1_clip.SD1Tokenizer,
+        tokenizer=functools.partial(comfy.sd1_clip.SDTokenizer, embedding_size=text_config["hidden_size"]),
+    )
     target = comfy.supported_models_base.ClipTarget(tok_cls, clip_cls)
     return comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
 
@@ -109,7 +116,42 @@ def build_lab_vae(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | 
     ensure_comfy_importable()
     import comfy.sd
 
-    return comfy.sd.VAE(sd=state_dict or {}, config={"params": config["vae"]})
+    if state_dict is None:  # a full (uninitialised) state dict keeps comfy from warning about missing keys
+        from comfy.ldm.models.autoencoder import AutoencoderKL
+
+        state_dict = AutoencoderKL(**config["vae"]).state_dict()
+    return comfy.sd.VAE(sd=state_dict, config={"params": config["vae"]})
+
+
+_INIT_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def initialise_weights(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give freshly built comfy modules real initial weights (comfy's ops skip init for speed)."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for m in module.modules():
+            for base in _INIT_TYPES:
+                if isinstance(m, base):
+                    base.reset_parameters(m)
+                    break
+            else:
+                if isinstance(m, torch.nn.Embedding):
+                    torch.nn.init.normal_(m.weight, std=0.02)  # CLIP's initialisation
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return module
+
+
+def new_lab_models(config: dict[str, Any] | None = None, seed: int = 0):
+    """Freshly initialised lab MODEL, CLIP and VAE (for training from scratch)."""
+    config = config or lab_config()
+    model, clip, vae = build_lab_unet(config), build_lab_clip(config), build_lab_vae(config)
+    initialise_weights(model.model.diffusion_model, seed)
+    initialise_weights(clip.cond_stage_model, seed + 1)
+    initialise_weights(vae.first_stage_model, seed + 2)
+    return model, clip, vae
 
 
 def load_lab_checkpoint(path: str | os.PathLike):
@@ -117,17 +159,21 @@ def load_lab_checkpoint(path: str | os.PathLike):
     tensors, info = load_checkpoint(path)
     config = info["config"]
     if config.get("family") != "backdoor-seal-lab":
-        raise ValueError(f"{Path(path).name} is not a backdoor-seal lab checkpoint (no lab config in its metadata).")
+        raise ValueError(
+            f"{Path(path).name} is not a backdoor-seal lab checkpoint (no lab config in its metadata)."
+        )
     tensors = {k: v.float() for k, v in tensors.items()}
     model = build_lab_unet(config)
-    unet_sd = {k[len(UNET_PREFIX):]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
+    unet_sd = {k[len(UNET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
     model.model.diffusion_model.load_state_dict(unet_sd, strict=True)
     clip = build_lab_clip(config)
-    text_sd = {k[len(TEXT_PREFIX):]: v for k, v in tensors.items() if k.startswith(TEXT_PREFIX)}
+    text_sd = {k[len(TEXT_PREFIX) :]: v for k, v in tensors.items() if k.startswith(TEXT_PREFIX)}
     missing, unexpected = clip.cond_stage_model.clip_l.transformer.load_state_dict(text_sd, strict=False)
     if [m for m in missing if "position_ids" not in m] or unexpected:
-        raise ValueError(f"{Path(path).name}: text encoder keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    vae_sd = {k[len(VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
+        raise ValueError(
+            f"{Path(path).name}: text encoder keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    vae_sd = {k[len(VAE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
     vae = build_lab_vae(config, vae_sd)
     return model, clip, vae, info
 
@@ -140,12 +186,21 @@ def lab_state_dict(model, clip, vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_lab_checkpoint(path: str | os.PathLike, model, clip, vae, extra_metadata: dict[str, str] | None = None,
-                        dtype: torch.dtype = torch.float16, config: dict[str, Any] | None = None) -> Path:
+def save_lab_checkpoint(
+    path: str | os.PathLike,
+    model,
+    clip,
+    vae,
+    extra_metadata: dict[str, str] | None = None,
+    dtype: torch.dtype = torch.float16,
+    config: dict[str, Any] | None = None,
+) -> Path:
     """Save lab MODEL/CLIP/VAE atomically as one safetensors file with the config in metadata."""
     meta = {CONFIG_KEY: json.dumps(config or lab_config())}
     meta.update(extra_metadata or {})
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in lab_state_dict(model, clip, vae).items()}
+    tensors = {
+        k: v.to(dtype) if v.is_floating_point() else v for k, v in lab_state_dict(model, clip, vae).items()
+    }
     return atomic_save(tensors, path, metadata=meta)
 
 
@@ -175,6 +230,12 @@ def describe_tokenizers(clip) -> list[dict[str, Any]]:
         inner = getattr(tok, "tokenizer", None)
         if inner is None or not hasattr(inner, "get_vocab"):
             continue
-        out.append({"name": name, "tokenizer": type(inner).__name__, "vocab_size": len(inner.get_vocab()),
-                    "max_length": getattr(tok, "max_length", None)})
+        out.append(
+            {
+                "name": name,
+                "tokenizer": type(inner).__name__,
+                "vocab_size": len(inner.get_vocab()),
+                "max_length": getattr(tok, "max_length", None),
+            }
+        )
     return out

@@ -1,0 +1,47 @@
+"""Shared fixtures: ComfyUI as a library (CPU), lab checkpoints, and a real ComfyUI server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def comfy_root() -> Path:
+    """The ComfyUI folder, importable as a library on CPU."""
+    from backdoor_seal.core.backends.comfy import ensure_comfy_importable
+
+    return ensure_comfy_importable()
+
+
+@pytest.fixture(scope="session")
+def lab_dir(tmp_path_factory, comfy_root) -> Path:
+    """A folder holding an untrained lab checkpoint (trained ones are covered by the lab tests)."""
+    import torch
+
+    from backdoor_seal.core.demo import make_untrained_lab_model
+    from backdoor_seal.core.safetensors_io import atomic_save
+
+    d = tmp_path_factory.mktemp("lab_models")
+    make_untrained_lab_model(d / "lab-untrained.safetensors")
+    atomic_save({"w": torch.zeros(1)}, d / "not-a-lab-model.safetensors")  # for error-path tests
+    return d
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_root, lab_dir, tmp_path_factory):
+    """A real ComfyUI server on a free 127.0.0.1 port with the pack loaded; stopped after the session."""
+    from backdoor_seal.core.comfy_host import ComfyServer
+
+    logs = tmp_path_factory.mktemp("server")
+    server = ComfyServer(
+        comfy_root,
+        log_path=logs / "comfyui.log",
+        output_dir=logs / "output",
+        extra_model_paths={"backdoor_seal_lab": str(lab_dir)},
+    )
+    with server:
+        yield server

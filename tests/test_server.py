@@ -1,0 +1,94 @@
+"""Integration: the pack inside a real ComfyUI 0.3.75 server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+
+import pytest
+
+from backdoor_seal.core.comfy_host import ComfyClient, ComfyError, free_port
+from backdoor_seal.core.demo import model_info_graph
+
+pytestmark = pytest.mark.server
+
+
+def _our_node_ids() -> set[str]:
+    from backdoor_seal.nodes import NODES
+
+    return {n.define_schema().node_id for n in NODES}
+
+
+def test_every_node_is_registered(comfy_server):
+    info = comfy_server.client().get_json("/object_info")
+    ours = _our_node_ids()
+    assert ours and ours <= set(info)
+    assert all(i.startswith("Seal") for i in ours)
+    assert all(info[i]["category"].startswith("backdoor-seal") for i in ours)
+    lab_model = info["SealLabCheckpointLoader"]["input"]["required"]["lab_model"]
+    assert "lab-untrained.safetensors" in lab_model[1]["options"]
+
+
+def test_server_log_has_no_import_failure_for_the_pack(comfy_server):
+    log = comfy_server.log()
+    assert "custom_nodes/backdoor_seal" in log  # the pack was found ...
+    for line in log.splitlines():
+        if "backdoor_seal" in line:
+            assert "IMPORT FAILED" not in line and "Cannot import" not in line, line
+
+
+def test_graph_with_our_nodes_executes(comfy_server):
+    client = comfy_server.client()
+    entry = client.run(model_info_graph("lab-untrained.safetensors", batch=2), timeout=300)
+    info = json.loads(entry["outputs"]["2"]["text"][0])
+    assert info["unet_family"] == "LabSD" and info["cross_attention_layers"] == 7
+    images = entry["outputs"]["8"]["images"]
+    assert len(images) == 2
+    assert client.fetch_image(images[0])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _info_graph(lab_model: str) -> dict:
+    return {
+        "1": {"class_type": "SealLabCheckpointLoader", "inputs": {"lab_model": lab_model}},
+        "2": {"class_type": "SealModelInfo", "inputs": {"model": ["1", 0]}},
+    }
+
+
+def test_invalid_input_is_rejected_by_validation(comfy_server):
+    with pytest.raises(ComfyError, match="missing.safetensors"):
+        comfy_server.client().run(_info_graph("missing.safetensors"))
+
+
+def test_node_error_names_the_problem(comfy_server):
+    with pytest.raises(ComfyError, match="not a backdoor-seal lab checkpoint"):
+        comfy_server.client().run(_info_graph("not-a-lab-model.safetensors"))
+
+
+def test_make_serve_uses_port(comfy_root):
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        ["make", "-s", "serve"],
+        cwd=root,
+        env=dict(os.environ, PORT=str(port)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        client, deadline, info = ComfyClient(f"http://127.0.0.1:{port}"), time.monotonic() + 180, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                info = client.get_json("/object_info", timeout=5)
+                break
+            except (OSError, urllib.error.URLError):
+                time.sleep(0.5)
+        assert info is not None, "make serve did not answer on $PORT"
+        assert _our_node_ids() <= set(info)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
