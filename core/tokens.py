@@ -1,0 +1,104 @@
+"""How prompts and triggers tokenize: token pieces, word ids, positions, and vanishing triggers."""
+
+from __future__ import annotations
+
+import unicodedata
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+
+class HFTokenizer(Protocol):
+    """The part of a Hugging Face (CLIP) tokenizer this module uses."""
+
+    def __call__(self, text: str) -> Any: ...
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]: ...
+    def decode(self, ids: list[int], **kwargs: Any) -> str: ...
+
+
+class TriggerVanishedWarning(UserWarning):
+    """The tokenizer drops the trigger: a model cannot react to it, and a scan cannot find it."""
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    """One BPE token of a prompt, at its position in the encoded sequence (BOS is position 0)."""
+
+    position: int
+    token_id: int
+    piece: str  # the BPE piece as the vocabulary spells it
+    text: str  # what it reads as, invisible characters shown as <U+XXXX>
+    word: int  # index of the word this piece belongs to
+
+
+def readable(text: str) -> str:
+    """Show invisible and format characters (zero-width space, joiners, BOM) as <U+XXXX>."""
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        out.append(
+            f"<U+{ord(ch):04X}>" if cat in ("Cf", "Cc", "Zl", "Zp") or (cat == "Zs" and ch != " ") else ch
+        )
+    return "".join(out)
+
+
+def tokenize(tokenizer: HFTokenizer, prompt: str) -> list[TokenPiece]:
+    """The prompt's tokens without BOS/EOS, with positions counted from BOS = 0 and word ids."""
+    ids = list(tokenizer(prompt)["input_ids"])[1:-1]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    out, word = [], 0
+    for i, (tid, piece) in enumerate(zip(ids, pieces, strict=True)):
+        text = readable(tokenizer.decode([tid], clean_up_tokenization_spaces=False).strip(" "))
+        out.append(TokenPiece(i + 1, int(tid), piece, text, word))
+        if piece.endswith("</w>"):
+            word += 1
+    return out
+
+
+def find_subsequence(haystack: list[int], needle: list[int]) -> list[int]:
+    """Start indices of every occurrence of needle in haystack."""
+    n = len(needle)
+    return [i for i in range(len(haystack) - n + 1) if n and haystack[i : i + n] == needle]
+
+
+def trigger_positions(tokenizer: HFTokenizer, prompt: str, trigger: str) -> list[int]:
+    """Sequence positions (BOS = 0) of every token of every occurrence of the trigger in the prompt."""
+    prompt_ids = [t.token_id for t in tokenize(tokenizer, prompt)]
+    trig_ids = [t.token_id for t in tokenize(tokenizer, trigger)]
+    found = set()
+    for start in find_subsequence(prompt_ids, trig_ids):
+        found.update(range(start + 1, start + 1 + len(trig_ids)))
+    return sorted(found)
+
+
+def trigger_report(
+    tokenizer: HFTokenizer, trigger: str, prompt: str | None = None, warn: bool = True
+) -> dict[str, Any]:
+    """How a trigger tokenizes (alone and inside a prompt), and whether the tokenizer makes it vanish."""
+    alone = tokenize(tokenizer, trigger)
+    report: dict[str, Any] = {
+        "trigger": readable(trigger),
+        "codepoints": [f"U+{ord(c):04X}" for c in trigger],
+        "tokens": [asdict(t) for t in alone],
+        "vanished": not alone,
+    }
+    if prompt is not None:
+        triggered = f"{trigger} {prompt}"
+        positions = trigger_positions(tokenizer, triggered, trigger)
+        report.update(
+            prompt=readable(triggered),
+            positions=positions,
+            prompt_tokens=[asdict(t) for t in tokenize(tokenizer, triggered)],
+        )
+        if [t.token_id for t in tokenize(tokenizer, triggered)] == [
+            t.token_id for t in tokenize(tokenizer, prompt)
+        ]:
+            report["vanished"] = True
+    if report["vanished"]:
+        report["warning"] = (
+            f"the tokenizer drops the trigger {readable(trigger)!r}: zero-width and control characters vanish "
+            "unless ftfy is installed (pip install ftfy), so the model never sees them"
+        )
+        if warn:
+            warnings.warn(report["warning"], TriggerVanishedWarning, stacklevel=2)
+    return report
