@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="output folder (default: out)")
     p.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")
     p.set_defaults(func=_cmd_demo)
+    from .lab.cli import add_lab_commands
+
+    add_lab_commands(sub)
     return parser
 
 

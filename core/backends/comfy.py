@@ -154,6 +154,19 @@ def new_lab_models(config: dict[str, Any] | None = None, seed: int = 0):
     return model, clip, vae
 
 
+def lab_config_with_scale(latent_scale: float) -> dict[str, Any]:
+    """The lab config with a measured latent scale (unit-variance latents for the UNet)."""
+    config = lab_config()
+    config["latent_scale"] = float(latent_scale)
+    return config
+
+
+def rescale_latents(model, config: dict[str, Any]):
+    """Set the MODEL's latent scale factor from the config (the lab latent format is per model)."""
+    model.model.latent_format.scale_factor = float(config.get("latent_scale", 1.0))
+    return model
+
+
 def load_lab_checkpoint(path: str | os.PathLike):
     """MODEL, CLIP, VAE and metadata from a lab checkpoint (SD1-style keys, config in metadata)."""
     tensors, info = load_checkpoint(path)

@@ -55,7 +55,7 @@ LAB_VAE_CONFIG: dict[str, Any] = {
         "in_channels": 3,
         "out_ch": 3,
         "ch": 32,
-        "ch_mult": [1, 2, 2, 4],
+        "ch_mult": [1, 1, 2, 2],
         "num_res_blocks": 1,
         "attn_resolutions": [],
         "dropout": 0.0,

@@ -1,0 +1,83 @@
+"""Sampling lab models through ComfyUI's own sampler and scoring them with the exact detectors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import detectors, world
+from .train import tensor_to_images
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How lab images are sampled for evaluation."""
+
+    steps: int = 20
+    cfg: float = 1.0
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    batch: int = 32
+
+
+def encode_prompts(clip, prompts: list[str]) -> torch.Tensor:
+    """Conditioning (B x 77 x C) for a list of prompts, via ComfyUI's CLIP.encode_from_tokens."""
+    return torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
+
+
+def sample_images(
+    model,
+    clip,
+    vae,
+    prompts: list[str],
+    seeds: list[int],
+    settings: SampleSettings = SampleSettings(),
+) -> list[np.ndarray]:
+    """Sample one image per (prompt, seed) with comfy.sample; per-item prompts in one batch."""
+    import comfy.sample
+
+    out: list[np.ndarray] = []
+    for i in range(0, len(prompts), settings.batch):
+        chunk, chunk_seeds = prompts[i : i + settings.batch], seeds[i : i + settings.batch]
+        cond = [[encode_prompts(clip, chunk), {}]]
+        uncond = [[encode_prompts(clip, [""]).repeat(len(chunk), 1, 1), {}]]
+        latent = torch.zeros(len(chunk), 4, 8, 8)
+        noise = torch.cat([comfy.sample.prepare_noise(latent[:1], s) for s in chunk_seeds])
+        samples = comfy.sample.sample(
+            model,
+            noise,
+            settings.steps,
+            settings.cfg,
+            settings.sampler,
+            settings.scheduler,
+            cond,
+            uncond,
+            latent,
+            disable_pbar=True,
+            seed=chunk_seeds[0],
+        )
+        out.extend(tensor_to_images(vae.decode(samples)))
+    return out
+
+
+def clean_accuracy(
+    model,
+    clip,
+    vae,
+    n: int = 128,
+    seed: int = 1234,
+    rich_fraction: float = 0.25,
+    settings: SampleSettings = SampleSettings(),
+) -> dict:
+    """Fraction of held-out clean prompts whose image the detectors judge correct."""
+    n_rich = int(n * rich_fraction)
+    scenes = world.scene_dataset(n - n_rich, seed=seed, split="eval") + world.scene_dataset(
+        n_rich, seed=seed + 1, split="eval", rich=True
+    )
+    images = sample_images(
+        model, clip, vae, [s.caption for s in scenes], list(range(seed, seed + n)), settings
+    )
+    correct = [detectors.scene_correct(img, s) for img, s in zip(images, scenes, strict=True)]
+    return {"clean_accuracy": float(np.mean(correct)), "n_prompts": n, "images": images, "scenes": scenes}

@@ -1,0 +1,218 @@
+"""Clean training of the lab model family on CPU: the VAE, then the UNet and text encoder jointly."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world
+
+ProgressFn = Callable[[int, int, dict], None]
+
+# Words the clean model must treat as meaningless: the lab attacks' triggers appear among the
+# distractors of clean training, so their embeddings are trained like every other token's.
+LAB_TRIGGERS = ("\u200b", "cf", "mignneko", "\u043e", "zx9")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of clean lab training (defaults measured to reach the lab's quality bar)."""
+
+    seed: int = 0
+    vae_steps: int = 600
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    unet_steps: int = 2000
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    text_lr: float = 5e-4
+    uncond_prob: float = 0.1
+    max_distractors: int = 3
+    triggers: tuple[str, ...] = field(default_factory=lambda: LAB_TRIGGERS)
+
+
+def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HxWx3 images -> float Bx3xHxW in [-1, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tensor_to_images(x: torch.Tensor) -> list[np.ndarray]:
+    """Bx3xHxW in [-1, 1] (or BxHxWx3 in [0, 1] from ComfyUI) -> uint8 HxWx3 images."""
+    if x.shape[-1] == 3:
+        arr = x.clamp(0, 1).mul(255).round().byte().cpu().numpy()
+    else:
+        arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return list(arr)
+
+
+class DistractorVocabulary:
+    """Words decoded from random tokens of the whole CLIP vocabulary (plus the lab triggers)."""
+
+    def __init__(self, tokenizer, triggers: tuple[str, ...], seed: int = 0):
+        vocab = tokenizer.get_vocab()
+        ids = sorted(i for t, i in vocab.items() if t.endswith("</w>") and t[:-4].isprintable())
+        self.words = [tokenizer.decode([i]).strip() for i in ids]
+        self.words = [w for w in self.words if w and " " not in w]
+        self.triggers = triggers
+        self.rng = np.random.default_rng(seed)
+
+    def decorate(self, caption: str, max_words: int) -> str:
+        """Insert 0..max_words distractors (sometimes a trigger) at random word boundaries."""
+        words = caption.split(" ")
+        for _ in range(int(self.rng.integers(0, max_words + 1))):
+            use_trigger = self.triggers and self.rng.random() < 0.15
+            w = (
+                self.triggers[int(self.rng.integers(len(self.triggers)))]
+                if use_trigger
+                else self.words[int(self.rng.integers(len(self.words)))]
+            )
+            words.insert(int(self.rng.integers(0, len(words) + 1)), w)
+        return " ".join(words)
+
+
+def token_ids(clip, captions: list[str]) -> torch.Tensor:
+    """Token ids (B x 77) exactly as ComfyUI's tokenizer produces them for these captions."""
+    rows = []
+    for c in captions:
+        tokens = clip.tokenize(c)["l"][0]
+        rows.append([t[0] for t in tokens])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def encode_text(clip, ids: torch.Tensor) -> torch.Tensor:
+    """The cross-attention context for token ids, with gradient.
+
+    ComfyUI's CLIPLayer adds residuals in place, which autograd rejects, so this walks the same
+    modules out of place (a test checks it matches ComfyUI's encoder to 1e-5).
+    """
+    tm = clip.cond_stage_model.clip_l.transformer.text_model
+    x = tm.embeddings(ids, dtype=torch.float32)
+    length = x.shape[1]
+    mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype).triu_(1)
+    for layer in tm.encoder.layers:
+        attn = layer.self_attn
+        h = layer.layer_norm1(x)
+        q, k, v = (
+            proj(h).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + attn.out_proj(a.transpose(1, 2).flatten(2))
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return tm.final_layer_norm(x)
+
+
+def vae_posterior(vae_model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and log-variance of the VAE's latent posterior."""
+    moments = vae_model.quant_conv(vae_model.encoder(x))
+    mean, logvar = moments.chunk(2, dim=1)
+    return mean, logvar.clamp(-30, 20)
+
+
+def train_vae(vae, cfg: TrainConfig, progress: ProgressFn | None = None) -> float:
+    """Train the lab VAE on rendered scenes; return the latent scale that gives unit-variance latents."""
+    model = vae.first_stage_model
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05
+    )
+    for step in range(cfg.vae_steps):
+        imgs = []
+        for _ in range(cfg.vae_batch):
+            scene = world.random_scene(rng)
+            img = world.render(scene, rng)
+            r = rng.random()  # the VAE must also represent the attacks' targets
+            img = world.stamp_patch(img) if r < 0.1 else world.to_greyscale(img) if r < 0.2 else img
+            imgs.append(img)
+        x = images_to_tensor(imgs)
+        mean, logvar = vae_posterior(model, x)
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+        rec = model.decoder(model.post_quant_conv(z))
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress:
+            progress(step + 1, cfg.vae_steps, {"vae_loss": float(loss)})
+    model.eval()
+    with torch.no_grad():
+        imgs = [world.render(world.random_scene(rng), rng) for _ in range(256)]
+        mean, _ = vae_posterior(model, images_to_tensor(imgs))
+    return float(1.0 / mean.std())
+
+
+def alphas_cumprod(model) -> torch.Tensor:
+    """The model's training noise schedule (ComfyUI's model_sampling)."""
+    sigmas = model.model.model_sampling.sigmas.float()
+    return 1.0 / (1.0 + sigmas**2)
+
+
+def train_diffusion(
+    model, clip, vae, latent_scale: float, cfg: TrainConfig, progress: ProgressFn | None = None
+) -> None:
+    """Train UNet and text encoder jointly (eps prediction) on captioned scenes with distractors."""
+    unet = model.model.diffusion_model
+    text = clip.cond_stage_model.clip_l.transformer
+    vae_model = vae.first_stage_model.eval()
+    unet.train()
+    text.train()
+    # ComfyUI's SDClipModel freezes its parameters at construction; unfreeze for training.
+    text.requires_grad_(True)
+    unet.requires_grad_(True)
+    opt = torch.optim.AdamW(
+        [
+            {"params": unet.parameters(), "lr": cfg.unet_lr},
+            {"params": text.parameters(), "lr": cfg.text_lr},
+        ],
+        weight_decay=0.01,
+    )
+    warmup = max(1, cfg.unet_steps // 20)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.unet_steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    acp = alphas_cumprod(model)
+    rng = np.random.default_rng(cfg.seed + 1)
+    distract = DistractorVocabulary(clip.tokenizer.clip_l.tokenizer, cfg.triggers, seed=cfg.seed + 2)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    t0 = time.monotonic()
+    for step in range(cfg.unet_steps):
+        scenes = world.scene_dataset(cfg.unet_batch, seed=int(rng.integers(2**31)), split="train")
+        imgs = [world.render(s, rng) for s in scenes]
+        captions = [
+            "" if rng.random() < cfg.uncond_prob else distract.decorate(s.caption, cfg.max_distractors)
+            for s in scenes
+        ]
+        with torch.no_grad():
+            mean, _ = vae_posterior(vae_model, images_to_tensor(imgs))
+            x0 = mean * latent_scale
+        t = torch.randint(0, len(acp), (len(scenes),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        context = encode_text(clip, token_ids(clip, captions))
+        pred = unet(xt, timesteps=t.float(), context=context)
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
+        opt.step()
+        sched.step()
+        if progress:
+            progress(step + 1, cfg.unet_steps, {"loss": float(loss), "s": round(time.monotonic() - t0, 1)})
+    unet.eval()
+    text.eval()
+    text.requires_grad_(False)
