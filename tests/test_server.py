@@ -33,6 +33,11 @@ def test_every_node_is_registered(comfy_server):
     assert "lab-untrained.safetensors" in lab_model[1]["options"]
 
 
+def test_host_is_comfyui_0_3_75_or_newer(comfy_server):
+    version = comfy_server.client().get_json("/system_stats")["system"]["comfyui_version"]
+    assert tuple(int(v) for v in version.split(".")[:3]) >= (0, 3, 75)
+
+
 def test_server_log_has_no_import_failure_for_the_pack(comfy_server):
     log = comfy_server.log()
     assert "custom_nodes/backdoor_seal" in log  # the pack was found ...
