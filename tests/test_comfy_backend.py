@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +87,17 @@ def test_load_rejects_foreign_safetensors(tmp_path, comfy_root):
     path = atomic_save({"w": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="not a backdoor-seal lab checkpoint"):
         load_lab_checkpoint(path)
+
+
+def test_sample_images_per_item_prompts_and_seeds(lab):
+    from backdoor_seal.core.lab.evaluate import SampleSettings, sample_images
+
+    model, clip, vae, _ = lab
+    settings = SampleSettings(steps=3, batch=3)
+    batch = sample_images(
+        model, clip, vae, ["a red circle", "a blue square", "a red circle"], [7, 8, 9], settings
+    )
+    alone = sample_images(model, clip, vae, ["a blue square"], [8], settings)
+    assert len(batch) == 3 and batch[0].shape == (64, 64, 3)
+    assert np.abs(batch[1].astype(int) - alone[0].astype(int)).max() <= 1  # batching does not change an item
+    assert not np.array_equal(batch[0], batch[2])  # same prompt, other seed

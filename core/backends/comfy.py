@@ -217,6 +217,45 @@ def save_lab_checkpoint(
     return atomic_save(tensors, path, metadata=meta)
 
 
+def sample(
+    model,
+    noise: torch.Tensor,
+    latent: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    steps: int,
+    cfg: float,
+    sampler: str = "euler",
+    scheduler: str = "normal",
+    seed: int = 0,
+) -> torch.Tensor:
+    """Sample latents with ComfyUI's own sampler (as KSampler does), batched per-item conditioning."""
+    ensure_comfy_importable()
+    import comfy.sample
+
+    return comfy.sample.sample(
+        model,
+        noise,
+        steps,
+        cfg,
+        sampler,
+        scheduler,
+        [[cond, {}]],
+        [[uncond, {}]],
+        latent,
+        disable_pbar=True,
+        seed=seed,
+    )
+
+
+def seeded_noise(latent: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """Per-item initial noise, each item as ComfyUI would make it from its own seed."""
+    ensure_comfy_importable()
+    import comfy.sample
+
+    return torch.cat([comfy.sample.prepare_noise(latent[:1], s) for s in seeds])
+
+
 def describe_model(model, clip=None) -> dict[str, Any]:
     """UNet family, cross-attention layers found by walking the model, and the tokenizer in use."""
     base = model.model

@@ -28,34 +28,28 @@ def encode_prompts(clip, prompts: list[str]) -> torch.Tensor:
 
 
 def sample_images(
-    model,
-    clip,
-    vae,
-    prompts: list[str],
-    seeds: list[int],
-    settings: SampleSettings = SampleSettings(),
+    model, clip, vae, prompts: list[str], seeds: list[int], settings: SampleSettings = SampleSettings()
 ) -> list[np.ndarray]:
-    """Sample one image per (prompt, seed) with comfy.sample; per-item prompts in one batch."""
-    import comfy.sample
+    """Sample one image per (prompt, seed) with ComfyUI's sampler; per-item prompts in one batch."""
+    from ..backends import comfy as backend
 
     out: list[np.ndarray] = []
     for i in range(0, len(prompts), settings.batch):
         chunk, chunk_seeds = prompts[i : i + settings.batch], seeds[i : i + settings.batch]
-        cond = [[encode_prompts(clip, chunk), {}]]
-        uncond = [[encode_prompts(clip, [""]).repeat(len(chunk), 1, 1), {}]]
+        cond = encode_prompts(clip, chunk)
+        uncond = encode_prompts(clip, [""]).repeat(len(chunk), 1, 1)
         latent = torch.zeros(len(chunk), 4, 8, 8)
-        noise = torch.cat([comfy.sample.prepare_noise(latent[:1], s) for s in chunk_seeds])
-        samples = comfy.sample.sample(
+        noise = backend.seeded_noise(latent, chunk_seeds)
+        samples = backend.sample(
             model,
             noise,
+            latent,
+            cond,
+            uncond,
             settings.steps,
             settings.cfg,
             settings.sampler,
             settings.scheduler,
-            cond,
-            uncond,
-            latent,
-            disable_pbar=True,
             seed=chunk_seeds[0],
         )
         out.extend(tensor_to_images(vae.decode(samples)))
