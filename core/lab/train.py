@@ -22,7 +22,7 @@ LAB_TRIGGERS = ("\u200b", "cf", "mignneko", "\u043e", "zx9")
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of clean lab training (defaults measured to reach the lab's quality bar)."""
+    """Hyper-parameters of clean lab training (a first recipe; not yet validated against the 90% bar)."""
 
     seed: int = 0
     vae_steps: int = 600
