@@ -81,14 +81,13 @@ def build_lab_unet(config: dict[str, Any]):
 
     cls = _lab_model_config_class()
     unet_config = dict(config["unet"], dtype=torch.float32)
-    model_config = cls(unet_config)
-    model_config.latent_format.scale_factor = float(config.get("latent_scale", 1.0))
     model = comfy.model_base.BaseModel(
-        model_config, model_type=comfy.model_base.ModelType.EPS, device=mm.unet_offload_device()
+        cls(unet_config), model_type=comfy.model_base.ModelType.EPS, device=mm.unet_offload_device()
     )
-    return comfy.model_patcher.ModelPatcher(
+    patcher = comfy.model_patcher.ModelPatcher(
         model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )
+    return rescale_latents(patcher, config)
 
 
 def build_lab_clip(config: dict[str, Any]):
@@ -167,6 +166,10 @@ def rescale_latents(model, config: dict[str, Any]):
     return model
 
 
+def _strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def load_lab_checkpoint(path: str | os.PathLike):
     """MODEL, CLIP, VAE and metadata from a lab checkpoint (SD1-style keys, config in metadata)."""
     tensors, info = load_checkpoint(path)
@@ -177,17 +180,15 @@ def load_lab_checkpoint(path: str | os.PathLike):
         )
     tensors = {k: v.float() for k, v in tensors.items()}
     model = build_lab_unet(config)
-    unet_sd = {k[len(UNET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
-    model.model.diffusion_model.load_state_dict(unet_sd, strict=True)
+    model.model.diffusion_model.load_state_dict(_strip_prefix(tensors, UNET_PREFIX), strict=True)
     clip = build_lab_clip(config)
-    text_sd = {k[len(TEXT_PREFIX) :]: v for k, v in tensors.items() if k.startswith(TEXT_PREFIX)}
+    text_sd = _strip_prefix(tensors, TEXT_PREFIX)
     missing, unexpected = clip.cond_stage_model.clip_l.transformer.load_state_dict(text_sd, strict=False)
     if [m for m in missing if "position_ids" not in m] or unexpected:
         raise ValueError(
             f"{Path(path).name}: text encoder keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    vae_sd = {k[len(VAE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
-    vae = build_lab_vae(config, vae_sd)
+    vae = build_lab_vae(config, _strip_prefix(tensors, VAE_PREFIX))
     return model, clip, vae, info
 
 
