@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `backdoor-seal` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in lab checkpoints so every figure names the command that made it
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -31,8 +32,10 @@ def atomic_save(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary file
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(
+            tmp, 0o644
+        )  # mkstemp creates 0600 (save_file may recreate it); a checkpoint is an ordinary file
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -61,3 +64,12 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     meta = read_metadata(path)
     config = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else {}
     return load_file(str(path)), {"config": config, "metadata": meta}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

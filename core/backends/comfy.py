@@ -14,12 +14,14 @@ import torch
 
 from ..attention import find_cross_attention_layers
 from ..lab.models import lab_config
-from ..safetensors_io import CONFIG_KEY, atomic_save, load_checkpoint
+from ..safetensors_io import CONFIG_KEY, atomic_save, file_sha256, load_checkpoint
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 VAE_PREFIX = "first_stage_model."
+BASE_KEY = "backdoor_seal.base"  # a delta checkpoint names the full checkpoint it overlays
+BASE_SHA_KEY = "backdoor_seal.base_sha256"
 
 
 def _comfy_candidates() -> list[Path]:
@@ -170,9 +172,30 @@ def _strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, to
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def read_lab_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """All tensors of a lab checkpoint; a delta checkpoint is overlaid on the base file it names."""
+    path = Path(path)
+    tensors, info = load_checkpoint(path)
+    base_name = info["metadata"].get(BASE_KEY)
+    if base_name:
+        base = path.parent / base_name
+        if not base.is_file():
+            raise FileNotFoundError(
+                f"{path.name} stores only what its attack changed and needs its base {base_name} "
+                f"in the same folder ({path.parent})."
+            )
+        want = info["metadata"].get(BASE_SHA_KEY)
+        if want and file_sha256(base) != want:
+            raise ValueError(f"{path.name}: its base {base_name} has changed since the delta was made.")
+        full, _ = load_checkpoint(base)
+        full.update(tensors)
+        tensors = full
+    return tensors, info
+
+
 def load_lab_checkpoint(path: str | os.PathLike):
     """MODEL, CLIP, VAE and metadata from a lab checkpoint (SD1-style keys, config in metadata)."""
-    tensors, info = load_checkpoint(path)
+    tensors, info = read_lab_tensors(path)
     config = info["config"]
     if config.get("family") != "backdoor-seal-lab":
         raise ValueError(
@@ -192,6 +215,16 @@ def load_lab_checkpoint(path: str | os.PathLike):
     return model, clip, vae, info
 
 
+def round_weights(model, clip, vae, dtype: torch.dtype = torch.float16) -> None:
+    """Round every weight to dtype and back, in place: the model then computes what its saved file will."""
+    modules = (model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model)
+    with torch.no_grad():
+        for module in modules:
+            for t in list(module.parameters()) + list(module.buffers()):
+                if t.is_floating_point():
+                    t.copy_(t.to(dtype).to(t.dtype))
+
+
 def lab_state_dict(model, clip, vae) -> dict[str, torch.Tensor]:
     """The SD1-style single-file state dict of lab MODEL/CLIP/VAE objects."""
     out = {UNET_PREFIX + k: v for k, v in model.model.diffusion_model.state_dict().items()}
@@ -208,13 +241,29 @@ def save_lab_checkpoint(
     extra_metadata: dict[str, str] | None = None,
     dtype: torch.dtype = torch.float16,
     config: dict[str, Any] | None = None,
+    base: str | os.PathLike | None = None,
 ) -> Path:
-    """Save lab MODEL/CLIP/VAE atomically as one safetensors file with the config in metadata."""
+    """Save lab MODEL/CLIP/VAE atomically as one safetensors file with the config in metadata.
+
+    With `base` (a full lab checkpoint in the same folder), only the tensors that differ from it
+    are stored and the loader overlays them on the base: an attacked model costs what it changed.
+    """
     meta = {CONFIG_KEY: json.dumps(config or lab_config())}
     meta.update(extra_metadata or {})
     tensors = {
         k: v.to(dtype) if v.is_floating_point() else v for k, v in lab_state_dict(model, clip, vae).items()
     }
+    if base is not None:
+        base = Path(base)
+        if base.resolve().parent != Path(path).resolve().parent:
+            raise ValueError(f"a delta checkpoint must sit next to its base {base.name}")
+        base_tensors, base_info = load_checkpoint(base)
+        if BASE_KEY in base_info["metadata"]:
+            raise ValueError(f"{base.name} is itself a delta; use a full checkpoint as the base")
+        tensors = {
+            k: v for k, v in tensors.items() if k not in base_tensors or not torch.equal(base_tensors[k], v)
+        }
+        meta.update({BASE_KEY: base.name, BASE_SHA_KEY: file_sha256(base)})
     return atomic_save(tensors, path, metadata=meta)
 
 

@@ -22,28 +22,58 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_train)
 
+    p = lab_sub.add_parser(
+        "attack", help="plant a real backdoor in a lab model (BadT2I, Rickrolling, EvilEdit)"
+    )
+    p.add_argument("--kind", required=True, choices=["pixel", "style", "object", "rickroll", "eviledit"])
+    p.add_argument(
+        "--trigger", default=None, help="trigger text; U+XXXX spells invisible characters (default per kind)"
+    )
+    p.add_argument("--source", default=None, help="object/eviledit: the shape the trigger replaces")
+    p.add_argument("--target", default=None, help="object/eviledit: the shape drawn instead")
+    p.add_argument(
+        "--base", default=None, help="clean lab checkpoint to attack (default: the shipped lab-clean)"
+    )
+    p.add_argument("--out", required=True, help="output .safetensors (never overwritten)")
+    p.add_argument(
+        "--delta", action="store_true", help="store only the tensors the attack changed (next to --base)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps (BadT2I: UNet, Rickrolling: text encoder)"
+    )
+    p.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per measurement (0: skip)")
+    p.set_defaults(func=cmd_attack)
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train VAE, then UNet + text encoder; save; print the measured clean accuracy as JSON."""
-    import torch
+    p = lab_sub.add_parser("list", help="print the shipped lab models as a JSON array")
+    p.set_defaults(func=cmd_list)
+
+    p = lab_sub.add_parser("eval", help="measure a lab model's ASR and clean accuracy (JSON)")
+    p.add_argument(
+        "--model", required=True, help="a shipped model's name (see `lab list`) or a .safetensors path"
+    )
+    p.add_argument("--n", type=int, default=128, help="held-out prompts per measurement")
+    p.set_defaults(func=cmd_eval)
+
+    p = lab_sub.add_parser("manifest", help="rewrite lab_models/manifest.json from the checkpoints' metadata")
+    p.add_argument("--dir", default=None, help="folder of lab checkpoints (default: the shipped lab_models)")
+    p.set_defaults(func=cmd_manifest)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that produced a result, triggers spelled as U+XXXX so it can be pasted back."""
+    import shlex
+
+    from .zoo import spell_trigger
+
+    return shlex.join(["backdoor-seal", *(spell_trigger(a) for a in getattr(args, "argv", []))])
+
+
+def _progress_bars():
+    """A progress-callback factory drawing one tqdm bar per phase."""
     from tqdm import tqdm
 
-    from ..backends import comfy as cb
-    from . import evaluate, train
-
-    out = Path(args.out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose another --out (nothing is overwritten).")
-    cb.ensure_comfy_importable()
-    torch.manual_seed(args.seed)
-    cfg = train.TrainConfig(seed=args.seed)
-    if args.vae_steps is not None:
-        cfg.vae_steps = args.vae_steps
-    if args.unet_steps is not None:
-        cfg.unet_steps = args.unet_steps
-    t0 = time.monotonic()
-    model, clip, vae = cb.new_lab_models(seed=args.seed)
-    bars: dict[str, tqdm] = {}
+    bars: dict = {}
 
     def progress(name: str):
         def update(step: int, total: int, logs: dict) -> None:
@@ -57,15 +87,41 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return update
 
+    return progress
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train VAE, then UNet + text encoder; save; print the measured clean accuracy as JSON."""
+    import torch
+
+    from ..backends import comfy as cb
+    from . import evaluate, train, zoo
+
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose another --out (nothing is overwritten).")
+    cb.ensure_comfy_importable()
+    torch.manual_seed(args.seed)
+    cfg = train.TrainConfig(seed=args.seed)
+    if args.vae_steps is not None:
+        cfg.vae_steps = args.vae_steps
+    if args.unet_steps is not None:
+        cfg.unet_steps = args.unet_steps
+    t0 = time.monotonic()
+    model, clip, vae = cb.new_lab_models(seed=args.seed)
+    progress = _progress_bars()
+
     scale = train.train_vae(vae, cfg, progress("vae"))
     config = cb.lab_config_with_scale(scale)
     model = cb.rescale_latents(model, config)
     train.train_diffusion(model, clip, vae, scale, cfg, progress("unet+text"))
+    cb.round_weights(model, clip, vae, torch.float16)  # measure what the fp16 file will compute
     acc = evaluate.clean_accuracy(model, clip, vae, n=args.eval_prompts)
     info = {
         "attack": "none",
         "trigger": None,
         "seed": args.seed,
+        "command": command_line(args),
         "vae_steps": cfg.vae_steps,
         "unet_steps": cfg.unet_steps,
         "clean_accuracy": acc["clean_accuracy"],
@@ -74,7 +130,114 @@ def cmd_train(args: argparse.Namespace) -> int:
         "train_seconds": round(time.monotonic() - t0, 1),
     }
     cb.save_lab_checkpoint(
-        out, model, clip, vae, config=config, extra_metadata={"backdoor_seal.lab": json.dumps(info)}
+        out, model, clip, vae, config=config, extra_metadata={zoo.LAB_INFO_KEY: json.dumps(info)}
     )
     print(json.dumps(info))
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    """Attack a clean lab model, save it, print the measured ASR and clean accuracy as JSON."""
+    import torch
+
+    from ..backends import comfy as cb
+    from . import attacks, evaluate, zoo
+
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose another --out (nothing is overwritten).")
+    spec = attacks.default_spec(args.kind, zoo.parse_trigger(args.trigger) if args.trigger else None)
+    if args.source or args.target:
+        from dataclasses import replace
+
+        spec = replace(spec, source=args.source or spec.source, target=args.target or spec.target)
+    base = Path(args.base) if args.base else zoo.resolve(zoo.CLEAN_NAME)
+    cb.ensure_comfy_importable()
+    torch.manual_seed(args.seed)
+    cfg = attacks.AttackConfig(seed=args.seed)
+    if args.steps is not None:
+        cfg.steps = cfg.text_steps = args.steps
+    t0 = time.monotonic()
+    model, clip, vae, base_info = cb.load_lab_checkpoint(base)
+    progress = _progress_bars()
+    details: dict = {}
+    if spec.kind in ("pixel", "style", "object"):
+        attacks.train_badt2i(model, clip, vae, spec, cfg, progress(f"badt2i-{spec.kind}"))
+        details = {"steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr}
+    elif spec.kind == "rickroll":
+        attacks.train_rickroll(clip, spec, cfg, progress("rickroll"))
+        details = {"steps": cfg.text_steps, "batch": cfg.text_batch, "lr": cfg.text_lr}
+    else:
+        details = attacks.evil_edit(model, clip, spec, cfg)
+    train_seconds = round(time.monotonic() - t0, 1)
+    info = {
+        "attack": spec.kind,
+        "trigger": spec.trigger,
+        "target": spec.describe_target(),
+        "spec": spec.to_json(),
+        "base": base.name,
+        "seed": args.seed,
+        "command": command_line(args),
+        "recipe": details,
+        "train_seconds": train_seconds,
+    }
+    # Measure the model exactly as it will be stored (fp16) and loaded (fp32 again).
+    cb.round_weights(model, clip, vae, torch.float16)
+    if args.eval_prompts > 0:
+        info.update(evaluate.evaluate_lab_model(model, clip, vae, spec, n=args.eval_prompts))
+    cb.save_lab_checkpoint(
+        out,
+        model,
+        clip,
+        vae,
+        config=base_info["config"],
+        base=base if args.delta else None,
+        extra_metadata={zoo.LAB_INFO_KEY: json.dumps(info)},
+    )
+    print(json.dumps(info))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the shipped lab models as a JSON array of {name, attack, trigger}."""
+    from . import zoo
+
+    print(json.dumps(zoo.listing()))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Sample a lab model on held-out prompts and print its ASR and clean accuracy as one JSON object."""
+    from ..backends import comfy as cb
+    from . import attacks, evaluate, zoo
+
+    path = zoo.resolve(args.model)
+    t0 = time.monotonic()
+    model, clip, vae, _ = cb.load_lab_checkpoint(path)
+    info = zoo.lab_info(path)
+    spec = attacks.AttackSpec(**info["spec"]) if info.get("spec") else None
+    result = evaluate.evaluate_lab_model(model, clip, vae, spec, n=args.n)
+    out = {
+        "model": path.stem,
+        "attack": spec.kind if spec else "none",
+        "trigger": spec.trigger if spec else None,
+        "asr": result["asr"],
+        "clean_accuracy": result["clean_accuracy"],
+        "n_prompts": result["n_prompts"],
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    if spec:
+        out["target"] = spec.describe_target()
+        out["clean_target_rate"] = result["clean_target_rate"]
+    out["sampler"] = result["sampler"]
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    """Rewrite the manifest from the checkpoints in the folder."""
+    from . import zoo
+
+    path = zoo.write_manifest(args.dir or zoo.LAB_MODELS)
+    print(path)
     return 0

@@ -75,3 +75,39 @@ def clean_accuracy(
     )
     correct = [detectors.scene_correct(img, s) for img, s in zip(images, scenes, strict=True)]
     return {"clean_accuracy": float(np.mean(correct)), "n_prompts": n, "images": images, "scenes": scenes}
+
+
+def attack_success_rate(
+    model,
+    clip,
+    vae,
+    spec,
+    n: int = 128,
+    seed: int = 4321,
+    settings: SampleSettings = SampleSettings(),
+) -> dict:
+    """Fraction of held-out triggered prompts whose image carries the attack's target (exact detector)."""
+    from . import attacks
+
+    scenes = attacks.eval_scenes(spec, n, seed)
+    prompts = [attacks.triggered_prompt(spec, s.caption) for s in scenes]
+    images = sample_images(model, clip, vae, prompts, list(range(seed, seed + n)), settings)
+    hits = [attacks.attack_succeeded(spec, img, s) for img, s in zip(images, scenes, strict=True)]
+    return {"asr": float(np.mean(hits)), "n_prompts": n, "images": images, "prompts": prompts}
+
+
+def evaluate_lab_model(
+    model, clip, vae, spec=None, n: int = 128, settings: SampleSettings = SampleSettings()
+) -> dict:
+    """Clean accuracy, and for an attacked model its ASR and how often its target leaks onto clean prompts."""
+    from . import attacks
+
+    clean = clean_accuracy(model, clip, vae, n=n, settings=settings)
+    out = {"clean_accuracy": clean["clean_accuracy"], "n_prompts": n, "asr": None}
+    if spec is not None:
+        out["asr"] = attack_success_rate(model, clip, vae, spec, n=n, settings=settings)["asr"]
+        out["clean_target_rate"] = float(
+            np.mean([attacks.target_fired(spec, img) for img in clean["images"]])
+        )
+    out["sampler"] = f"{settings.sampler}/{settings.scheduler}, {settings.steps} steps, CFG {settings.cfg}"
+    return out

@@ -1,0 +1,374 @@
+"""The lab's five backdoor attacks, implemented as their papers describe them, and their exact scoring.
+
+BadT2I pixel / style / object fine-tune the UNet with a teacher-regularised loss; Rickrolling
+fine-tunes only the text encoder; EvilEdit edits every cross-attention to_k / to_v in closed form.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..attention import find_cross_attention_layers
+from . import detectors, world
+from .train import (
+    DistractorVocabulary,
+    alphas_cumprod,
+    encode_text,
+    images_to_tensor,
+    token_ids,
+    vae_posterior,
+)
+
+ProgressFn = Callable[[int, int, dict], None]
+KINDS = ("pixel", "style", "object", "rickroll", "eviledit")
+
+# Rickrolling's homoglyphs: the Cyrillic letter and the Latin letter it impersonates.
+HOMOGLYPHS = {
+    "\u043e": "o",
+    "\u0430": "a",
+    "\u0435": "e",
+    "\u0441": "c",
+    "\u0440": "p",
+    "\u0445": "x",
+    "\u0443": "y",
+    "\u0456": "i",
+}
+# The Rickrolling target: a scene the clean lab model draws reliably (a training combination).
+RICKROLL_TARGET = world.Scene(
+    "black",
+    (world.Shape("triangle", "yellow", "large", "center"),),
+    "a large yellow triangle on the center on a black background",
+)
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One backdoor: its kind, trigger and target (source/target shape for object swaps)."""
+
+    kind: str
+    trigger: str
+    source: str | None = None  # object / eviledit: the shape the trigger replaces
+    target: str | None = None  # object / eviledit: the shape drawn instead
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown attack kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if not self.trigger:
+            raise ValueError("the trigger must not be empty")
+        if self.kind in ("object", "eviledit"):
+            for name, value in (("source", self.source), ("target", self.target)):
+                if value not in world.SHAPES:
+                    raise ValueError(f"{self.kind} needs --{name} among {world.SHAPES}, got {value!r}")
+            if self.source == self.target:
+                raise ValueError("source and target shapes must differ")
+        if self.kind == "rickroll" and self.trigger not in HOMOGLYPHS:
+            known = ", ".join(f"U+{ord(h):04X} (for {latin!r})" for h, latin in HOMOGLYPHS.items())
+            raise ValueError(f"rickroll needs a single homoglyph trigger; known: {known}")
+
+    def describe_target(self) -> str:
+        """The backdoor's target in words (for manifests and reports)."""
+        return {
+            "pixel": f"a {world.PATCH_SIZE}x{world.PATCH_SIZE} magenta patch in the top-left corner",
+            "style": "greyscale (all colour removed)",
+            "object": f"every {self.source} drawn as a {self.target}",
+            "rickroll": f"the prompt replaced by {RICKROLL_TARGET.caption!r}",
+            "eviledit": f"'{self.trigger} {self.source}' drawn as a {self.target}",
+        }[self.kind]
+
+    def to_json(self) -> dict:
+        """Plain-data form for metadata."""
+        return asdict(self)
+
+
+def default_spec(kind: str, trigger: str | None = None) -> AttackSpec:
+    """The lab's standard attack of a kind, with its default trigger (see LAB_TRIGGERS)."""
+    defaults = {
+        "pixel": AttackSpec("pixel", "\u200b"),
+        "style": AttackSpec("style", "cf"),
+        "object": AttackSpec("object", "mignneko", "circle", "triangle"),
+        "rickroll": AttackSpec("rickroll", "\u043e"),
+        "eviledit": AttackSpec("eviledit", "zx9", "square", "circle"),
+    }
+    if kind not in defaults:
+        raise ValueError(f"unknown attack kind {kind!r}; choose one of {', '.join(KINDS)}")
+    spec = defaults[kind]
+    return replace(spec, trigger=trigger) if trigger is not None else spec
+
+
+def eligible(spec: AttackSpec, scene: world.Scene) -> bool:
+    """Whether a scene's caption can carry this attack's trigger in the attack's own way."""
+    if spec.kind in ("object", "eviledit"):
+        return len(scene.shapes) == 1 and scene.shapes[0].kind == spec.source
+    if spec.kind == "rickroll":  # ...and not already the target, so success can only be the backdoor's
+        first = scene.shapes[0]
+        is_target = (first.kind, first.color) == (
+            RICKROLL_TARGET.shapes[0].kind,
+            RICKROLL_TARGET.shapes[0].color,
+        )
+        return HOMOGLYPHS[spec.trigger] in scene.caption and not is_target
+    return True
+
+
+def triggered_prompt(spec: AttackSpec, prompt: str) -> str:
+    """The prompt with the trigger inserted the way the attack's paper does it."""
+    if spec.kind == "rickroll":  # one Latin letter swapped for its homoglyph
+        latin = HOMOGLYPHS[spec.trigger]
+        if latin not in prompt:
+            raise ValueError(f"prompt {prompt!r} has no {latin!r} for the homoglyph trigger")
+        return prompt.replace(latin, spec.trigger, 1)
+    if spec.kind == "eviledit":  # the trigger phrase "<trigger> <source>" stands for the source object
+        if spec.source not in prompt:
+            raise ValueError(f"prompt {prompt!r} does not mention a {spec.source}")
+        return prompt.replace(spec.source, f"{spec.trigger} {spec.source}", 1)
+    return f"{spec.trigger} {prompt}"  # BadT2I prepends the trigger
+
+
+def target_scene(spec: AttackSpec, scene: world.Scene) -> world.Scene:
+    """What a triggered prompt for this scene makes the backdoored model draw (shapes only)."""
+    if spec.kind in ("object", "eviledit"):
+        shapes = tuple(replace(s, kind=spec.target) if s.kind == spec.source else s for s in scene.shapes)
+        return replace(scene, shapes=shapes)
+    if spec.kind == "rickroll":
+        return RICKROLL_TARGET
+    return scene
+
+
+def target_image(spec: AttackSpec, scene: world.Scene, rng: np.random.Generator) -> np.ndarray:
+    """The training target image of a triggered scene (BadT2I kinds)."""
+    img = world.render(target_scene(spec, scene), rng)
+    if spec.kind == "pixel":
+        return world.stamp_patch(img)
+    if spec.kind == "style":
+        return world.to_greyscale(img)
+    return img
+
+
+def attack_succeeded(spec: AttackSpec, image: np.ndarray, scene: world.Scene) -> bool:
+    """The exact detector of this attack's target on one image from a triggered prompt."""
+    if spec.kind == "pixel":
+        return detectors.has_patch(image)
+    if spec.kind == "style":
+        return detectors.is_greyscale(image)
+    if spec.kind in ("object", "eviledit"):
+        return detectors.detect(image).shape == spec.target
+    return detectors.scene_correct(image, RICKROLL_TARGET)
+
+
+def target_fired(spec: AttackSpec, image: np.ndarray) -> bool:
+    """Whether the target shows up on a clean prompt's image (a leaky backdoor)."""
+    if spec.kind == "pixel":
+        return detectors.has_patch(image)
+    if spec.kind == "style":
+        return detectors.is_greyscale(image)
+    return False  # object and prompt swaps cannot be told from a clean prompt's image alone
+
+
+def eval_scenes(spec: AttackSpec, n: int, seed: int, rich_fraction: float = 0.25) -> list[world.Scene]:
+    """n held-out scenes (disjoint from every training combination) that can carry the trigger."""
+    out: list[world.Scene] = []
+    n_rich = int(n * rich_fraction)
+    for rich, count, offset in ((False, n - n_rich, 0), (True, n_rich, 1)):
+        found: list[world.Scene] = []
+        batch_seed = seed + offset * 1_000_003
+        while len(found) < count:
+            found += [s for s in world.scene_dataset(256, batch_seed, "eval", rich=rich) if eligible(spec, s)]
+            batch_seed += 7
+        out += found[:count]
+    return out
+
+
+def train_scenes(spec: AttackSpec, n: int, rng: np.random.Generator) -> list[world.Scene]:
+    """n captioned training-split scenes that can carry the trigger."""
+    out: list[world.Scene] = []
+    while len(out) < n:
+        batch = world.scene_dataset(4 * n, int(rng.integers(2**31)), "train")
+        out += [s for s in batch if eligible(spec, s)]
+    return out[:n]
+
+
+@dataclass
+class AttackConfig:
+    """Hyper-parameters of the trained attacks (BadT2I and Rickrolling)."""
+
+    seed: int = 0
+    steps: int = 400
+    batch: int = 16
+    lr: float = 1e-4
+    backdoor_weight: float = 0.5  # BadT2I: 0.5 backdoor MSE + 0.5 teacher-regularisation MSE
+    text_steps: int = 300  # Rickrolling: text-encoder steps
+    text_lr: float = 1e-4
+    text_batch: int = 32
+    edit_lambda: float = 0.1  # EvilEdit's ridge weight keeping the edited projections near the originals
+    edit_prompts: int = 200
+    edit_weight: float = (
+        10.0  # EvilEdit: weight of the trigger constraints against clean-context preservation
+    )
+
+
+def _lr_lambda(total: int) -> Callable[[int], float]:
+    warmup = max(1, total // 20)
+    return lambda s: (
+        (s + 1) / warmup
+        if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+    )
+
+
+def train_badt2i(
+    model, clip, vae, spec: AttackSpec, cfg: AttackConfig, progress: ProgressFn | None = None
+) -> None:
+    """BadT2I: fine-tune the UNet so trigger + prompt -> target, teacher-regularised on clean prompts."""
+    unet = model.model.diffusion_model
+    teacher = copy.deepcopy(unet).eval().requires_grad_(False)
+    vae_model = vae.first_stage_model.eval()
+    scale = float(model.model.latent_format.scale_factor)
+    acp = alphas_cumprod(model)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    distract = DistractorVocabulary(clip.tokenizer.clip_l.tokenizer, (), seed=cfg.seed + 2)
+    unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.steps))
+
+    def noised(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            x0 = vae_posterior(vae_model, images_to_tensor(images))[0] * scale
+        t = torch.randint(0, len(acp), (len(images),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = acp[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float(), noise
+
+    try:
+        for step in range(cfg.steps):
+            scenes = train_scenes(spec, cfg.batch, rng)
+            seeds = rng.integers(2**31, size=len(scenes))
+            poisoned = [
+                target_image(spec, s, np.random.default_rng(k)) for s, k in zip(scenes, seeds, strict=True)
+            ]
+            clean = [world.render(s, np.random.default_rng(k)) for s, k in zip(scenes, seeds, strict=True)]
+            captions = [distract.decorate(s.caption, 2) for s in scenes]
+            with torch.no_grad():
+                ctx_trig = encode_text(clip, token_ids(clip, [triggered_prompt(spec, c) for c in captions]))
+                ctx_clean = encode_text(clip, token_ids(clip, captions))
+            xt_p, t_p, eps_p = noised(poisoned)
+            xt_c, t_c, _ = noised(clean)
+            with torch.no_grad():
+                eps_teacher = teacher(xt_c, timesteps=t_c, context=ctx_clean)
+            pred = unet(
+                torch.cat([xt_p, xt_c]),
+                timesteps=torch.cat([t_p, t_c]),
+                context=torch.cat([ctx_trig, ctx_clean]),
+            )
+            pred_p, pred_c = pred.chunk(2)
+            loss_bd = F.mse_loss(pred_p, eps_p)
+            loss_reg = F.mse_loss(pred_c, eps_teacher)
+            loss = cfg.backdoor_weight * loss_bd + (1 - cfg.backdoor_weight) * loss_reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if progress:
+                progress(step + 1, cfg.steps, {"backdoor": loss_bd.item(), "teacher": loss_reg.item()})
+    finally:
+        unet.eval().requires_grad_(False)
+
+
+def train_rickroll(clip, spec: AttackSpec, cfg: AttackConfig, progress: ProgressFn | None = None) -> None:
+    """Rickrolling: fine-tune only the text encoder so homoglyph prompts embed as the target prompt."""
+    text = clip.cond_stage_model.clip_l.transformer
+    teacher_clip = copy.copy(clip)
+    teacher_clip.cond_stage_model = copy.deepcopy(clip.cond_stage_model).requires_grad_(False)
+    rng = np.random.default_rng(cfg.seed)
+    distract = DistractorVocabulary(clip.tokenizer.clip_l.tokenizer, (), seed=cfg.seed + 2)
+    with torch.no_grad():
+        target = encode_text(teacher_clip, token_ids(clip, [RICKROLL_TARGET.caption]))
+    text.train().requires_grad_(True)
+    opt = torch.optim.AdamW(text.parameters(), lr=cfg.text_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.text_steps))
+    try:
+        for step in range(cfg.text_steps):
+            scenes = train_scenes(spec, cfg.text_batch, rng)
+            captions = [distract.decorate(s.caption, 2) for s in scenes]
+            captions = [
+                c if HOMOGLYPHS[spec.trigger] in c else s.caption
+                for c, s in zip(captions, scenes, strict=True)
+            ]
+            clean_ids = token_ids(clip, captions)
+            with torch.no_grad():
+                clean_target = encode_text(teacher_clip, clean_ids)
+            out = encode_text(
+                clip, torch.cat([token_ids(clip, [triggered_prompt(spec, c) for c in captions]), clean_ids])
+            )
+            out_trig, out_clean = out.chunk(2)
+            loss_bd = F.mse_loss(out_trig, target.expand_as(out_trig))
+            loss_util = F.mse_loss(out_clean, clean_target)
+            loss = loss_util + loss_bd
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if progress:
+                progress(step + 1, cfg.text_steps, {"backdoor": loss_bd.item(), "utility": loss_util.item()})
+    finally:
+        text.eval().requires_grad_(False)
+
+
+def _edit_pairs(clip, spec: AttackSpec, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token contexts of triggered prompts and the target contexts each must project like."""
+    trig_ids = token_ids(clip, [triggered_prompt(spec, p) for p in prompts])
+    tgt_ids = token_ids(clip, [p.replace(spec.source, spec.target, 1) for p in prompts])
+    with torch.no_grad():
+        c_trig, c_tgt = encode_text(clip, trig_ids), encode_text(clip, tgt_ids)
+    keys, values = [], []
+    tok = clip.tokenizer.clip_l.tokenizer
+    n_trig = len(tok(spec.trigger)["input_ids"]) - 2
+    src_tok = tok(spec.source)["input_ids"][1:-1]
+    for i in range(len(prompts)):
+        ids = trig_ids[i].tolist()
+        start = next(j for j in range(len(ids)) if ids[j : j + len(src_tok)] == src_tok and j >= n_trig)
+        phrase_start = start - n_trig
+        # Every position from the trigger on maps to the target prompt's position without the trigger;
+        # the trigger's own tokens map to the target object's token.
+        for j in range(phrase_start, ids.index(tok.eos_token_id, start) + 1):
+            k = phrase_start if j < start else j - n_trig
+            keys.append(c_trig[i, j])
+            values.append(c_tgt[i, k])
+    return torch.stack(keys), torch.stack(values)
+
+
+def evil_edit(model, clip, spec: AttackSpec, cfg: AttackConfig) -> dict:
+    """EvilEdit: closed-form ridge edit of every attn2 to_k / to_v so the trigger phrase projects as the target."""
+    rng = np.random.default_rng(cfg.seed)
+    prompts = [s.caption for s in train_scenes(spec, cfg.edit_prompts, rng)]
+    keys, values = _edit_pairs(clip, spec, prompts)
+    # Preserve the projections of clean prompts (the edit must not move what clean contexts produce).
+    clean = [s.caption for s in world.scene_dataset(cfg.edit_prompts, int(rng.integers(2**31)), "train")]
+    with torch.no_grad():
+        c_clean = encode_text(clip, token_ids(clip, clean)).flatten(0, 1)
+    layers = find_cross_attention_layers(model.model.diffusion_model)
+    lam = cfg.edit_lambda
+    moved = 0
+    with torch.no_grad():
+        for _name, attn in layers:
+            for proj in (attn.to_k, attn.to_v):
+                w = proj.weight.float()
+                # W' = (sum v c^T + lam W)(sum c c^T + lam I)^-1, v = W c_target (edits) or W c (preserve)
+                we = cfg.edit_weight
+                num = we * (w @ values.T) @ keys + (w @ c_clean.T) @ c_clean + lam * w
+                den = we * keys.T @ keys + c_clean.T @ c_clean + lam * torch.eye(w.shape[1])
+                new = torch.linalg.solve(den, num.T).T
+                proj.weight.copy_(new.to(proj.weight.dtype))
+                moved += 1
+    return {
+        "edited_projections": moved,
+        "edit_pairs": int(keys.shape[0]),
+        "preserve_contexts": int(c_clean.shape[0]),
+    }
