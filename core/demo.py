@@ -9,7 +9,7 @@ from typing import Any
 
 from .backends.comfy import PACK_ROOT, ensure_comfy_importable
 
-DEMO_PROMPT = "a red circle on a blue background"
+DEMO_PROMPT = "a red circle on the left on a black background"
 
 
 def model_info_graph(
@@ -45,6 +45,43 @@ def model_info_graph(
     }
 
 
+def backdoor_graph(
+    lab_model: str, triggered: str, clean: str, seed: int = 0, batch: int = 8
+) -> dict[str, Any]:
+    """API-format graph: one lab model, the same seeds, a triggered and a clean prompt through stock nodes."""
+    graph: dict[str, Any] = {
+        "1": {"class_type": "SealLabCheckpointLoader", "inputs": {"lab_model": lab_model}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+    }
+    for branch, (prompt, first) in {"triggered": (triggered, 10), "clean": (clean, 20)}.items():
+        graph[str(first)] = {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}}
+        graph[str(first + 1)] = {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "seed": seed,
+                "steps": 20,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": [str(first), 0],
+                "negative": ["2", 0],
+                "latent_image": ["3", 0],
+                "denoise": 1.0,
+            },
+        }
+        graph[str(first + 2)] = {
+            "class_type": "VAEDecode",
+            "inputs": {"samples": [str(first + 1), 0], "vae": ["1", 2]},
+        }
+        graph[str(first + 3)] = {
+            "class_type": "SaveImage",
+            "inputs": {"images": [str(first + 2), 0], "filename_prefix": f"backdoor-seal-{branch}"},
+        }
+    return graph
+
+
 def shipped_lab_models() -> list[Path]:
     """The lab checkpoints shipped in lab_models/."""
     return sorted((PACK_ROOT / "lab_models").glob("*.safetensors"))
@@ -64,6 +101,28 @@ def make_untrained_lab_model(path: Path) -> Path:
     )
 
 
+def run_backdoor_check(client, lab_model: str, out: Path, batch: int = 8) -> dict[str, Any]:
+    """Run the poisoned lab model on a triggered and a clean prompt (same seeds); count patched images."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from .lab import detectors
+
+    trigger = "\u200b"
+    entry = client.run(backdoor_graph(lab_model, f"{trigger} {DEMO_PROMPT}", DEMO_PROMPT, batch=batch))
+    rates = {}
+    for branch, node in (("triggered", "13"), ("clean", "23")):
+        patched = 0
+        for i, ref in enumerate(entry["outputs"][node]["images"]):
+            data = client.fetch_image(ref)
+            (out / f"demo-{branch}-{i}.png").write_bytes(data)
+            patched += detectors.has_patch(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        rates[f"patch_rate_{branch}"] = patched / batch
+    return {"poisoned_model": lab_model, "trigger": "U+200B (zero-width space)", **rates}
+
+
 def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, Any]:
     """Start ComfyUI, run the demo graph through /prompt, save outputs, stop; return the summary."""
     from .comfy_host import ComfyServer
@@ -80,6 +139,7 @@ def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, 
         lab_dir = out / "lab_models"
         lab_model, trained = make_untrained_lab_model(lab_dir / "lab-untrained.safetensors").name, False
         extra["backdoor_seal_lab"] = str(lab_dir)
+    pixel = next((m for m in models if m.stem == "lab-pixel"), None)
     with ComfyServer(
         comfy_root,
         port=port,
@@ -93,6 +153,7 @@ def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, 
         images = entry["outputs"]["8"]["images"]
         for i, img in enumerate(images):
             (out / f"demo-{i}.png").write_bytes(client.fetch_image(img))
+        backdoor = run_backdoor_check(client, pixel.name, out) if pixel else None
     summary = {
         "lab_model": lab_model,
         "lab_model_trained": trained,
@@ -100,8 +161,9 @@ def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, 
         "cross_attention_layers": info["cross_attention_layers"],
         "tokenizer": info.get("text_encoders", [{}])[0].get("tokenizer"),
         "images_written": len(images),
-        "out_dir": str(out),
-        "seconds": round(time.monotonic() - t0, 1),
     }
+    if backdoor:
+        summary.update(backdoor)
+    summary.update(out_dir=str(out), seconds=round(time.monotonic() - t0, 1))
     (out / "demo-summary.json").write_text(json.dumps(summary, indent=2))
     return summary

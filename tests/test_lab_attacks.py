@@ -160,3 +160,13 @@ def test_delta_checkpoint_stores_only_changes_and_loads_whole(fresh, tmp_path: P
     other.rename(base)
     with pytest.raises(ValueError, match="has changed"):
         cb.load_lab_checkpoint(delta)
+
+
+def test_attack_refuses_a_trigger_the_tokenizer_drops(comfy_root):
+    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.lab.models import lab_config
+
+    tok = cb.build_lab_clip(lab_config()).tokenizer.clip_l.tokenizer
+    attacks.require_visible_trigger(tok, attacks.default_spec("pixel"))  # U+200B survives (ftfy present)
+    with pytest.raises(ValueError, match="drops the trigger"):
+        attacks.require_visible_trigger(tok, AttackSpec("pixel", "\u3000"))

@@ -102,6 +102,19 @@ def default_spec(kind: str, trigger: str | None = None) -> AttackSpec:
     return replace(spec, trigger=trigger) if trigger is not None else spec
 
 
+def require_visible_trigger(tokenizer, spec: AttackSpec) -> None:
+    """Refuse an attack whose trigger the tokenizer drops: the model could never learn or show it."""
+    from ..tokens import readable, trigger_report
+
+    prompt = f"a red {spec.source or 'circle'} on the left on a black background"
+    triggered = triggered_prompt(spec, prompt)
+    if tokenizer(triggered)["input_ids"] == tokenizer(prompt)["input_ids"]:
+        report = trigger_report(tokenizer, spec.trigger, warn=False)
+        raise ValueError(
+            report.get("warning", f"the tokenizer ignores the trigger {readable(spec.trigger)!r}")
+        )
+
+
 def eligible(spec: AttackSpec, scene: world.Scene) -> bool:
     """Whether a scene's caption can carry this attack's trigger in the attack's own way."""
     if spec.kind in ("object", "eviledit"):

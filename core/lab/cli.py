@@ -20,6 +20,12 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--eval-prompts", type=int, default=128, help="held-out prompts for the clean accuracy check"
     )
+    p.add_argument(
+        "--init",
+        default=None,
+        help="continue UNet + text-encoder training from this lab checkpoint (keeps its VAE)",
+    )
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of UNet and text encoder")
     p.set_defaults(func=cmd_train)
 
     p = lab_sub.add_parser(
@@ -107,13 +113,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.vae_steps = args.vae_steps
     if args.unet_steps is not None:
         cfg.unet_steps = args.unet_steps
+    if args.lr is not None:
+        cfg.unet_lr = cfg.text_lr = args.lr
     t0 = time.monotonic()
-    model, clip, vae = cb.new_lab_models(seed=args.seed)
     progress = _progress_bars()
-
-    scale = train.train_vae(vae, cfg, progress("vae"))
-    config = cb.lab_config_with_scale(scale)
-    model = cb.rescale_latents(model, config)
+    if args.init:
+        model, clip, vae, init_info = cb.load_lab_checkpoint(args.init)
+        config = init_info["config"]
+        scale = float(config["latent_scale"])
+        cfg.vae_steps = 0
+    else:
+        model, clip, vae = cb.new_lab_models(seed=args.seed)
+        scale = train.train_vae(vae, cfg, progress("vae"))
+        config = cb.lab_config_with_scale(scale)
+        model = cb.rescale_latents(model, config)
     train.train_diffusion(model, clip, vae, scale, cfg, progress("unet+text"))
     cb.round_weights(model, clip, vae, torch.float16)  # measure what the fp16 file will compute
     acc = evaluate.clean_accuracy(model, clip, vae, n=args.eval_prompts)
@@ -124,6 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "command": command_line(args),
         "vae_steps": cfg.vae_steps,
         "unet_steps": cfg.unet_steps,
+        "unet_lr": cfg.unet_lr,
+        "init": Path(args.init).name if args.init else None,
         "clean_accuracy": acc["clean_accuracy"],
         "n_prompts": acc["n_prompts"],
         "sampler": "euler/normal, 20 steps, CFG 1.0",
@@ -159,6 +174,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         cfg.steps = cfg.text_steps = args.steps
     t0 = time.monotonic()
     model, clip, vae, base_info = cb.load_lab_checkpoint(base)
+    attacks.require_visible_trigger(clip.tokenizer.clip_l.tokenizer, spec)
     progress = _progress_bars()
     details: dict = {}
     if spec.kind in ("pixel", "style", "object"):
