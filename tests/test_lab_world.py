@@ -90,3 +90,17 @@ def test_greyscale_detector_positives_and_negatives():
         world.to_greyscale(world.render(_captioned(rng, 1)[0])) + rng.integers(-8, 9, (64, 64, 1)), 0, 255
     )
     assert detectors.is_greyscale(noisy.astype(np.uint8))
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0])
+def test_detector_tolerates_decoder_blur(sigma):
+    """Decoded images are soft-edged: shapes and colours must still read correctly under blur."""
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(4)
+    scenes = _captioned(rng, 150)
+    blurred = [
+        np.asarray(Image.fromarray(world.render(s, rng)).filter(ImageFilter.GaussianBlur(sigma)))
+        for s in scenes
+    ]
+    assert np.mean([detectors.scene_correct(b, s) for b, s in zip(blurred, scenes, strict=True)]) >= 0.98

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, ImageDraw
 
-from .world import BACKGROUNDS, PATCH_COLOR, PATCH_SIZE, SHAPE_COLORS, Scene
+from .world import BACKGROUNDS, PATCH_COLOR, PATCH_SIZE, SHAPE_COLORS, SHAPES, Scene
 
 _FG_DISTANCE = 60.0  # colour distance from the background that counts as foreground
 _MIN_FG_PIXELS = 25
@@ -45,16 +46,30 @@ def is_greyscale(image: np.ndarray) -> bool:
     return bool((chroma > 40).mean() < 0.01)
 
 
+def _template(kind: str, box: tuple[int, int, int, int], shape: tuple[int, int]) -> np.ndarray:
+    """The ideal mask of a shape kind filling a bounding box (drawn as world.render draws it)."""
+    y0, y1, x0, x1 = box
+    img = Image.new("L", (shape[1], shape[0]), 0)
+    draw = ImageDraw.Draw(img)
+    if kind == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=1)
+    elif kind == "square":
+        draw.rectangle([x0, y0, x1, y1], fill=1)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=1)
+    return np.asarray(img, dtype=bool)
+
+
 def _shape_class(mask: np.ndarray) -> str:
+    """The shape kind whose ideal mask in the same bounding box overlaps the mask best (IoU)."""
     ys, xs = np.nonzero(mask)
-    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    fill = mask.sum() / float(h * w)
-    rows = mask[ys.min() : ys.max() + 1].sum(axis=1)
-    third = max(1, h // 3)
-    taper = rows[:third].mean() / max(rows[-third:].mean(), 1.0)  # triangles are narrow at the top
-    if taper < 0.6 and fill < 0.7:
-        return "triangle"
-    return "square" if fill > 0.88 else "circle"
+    box = (int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max()))
+
+    def iou(kind: str) -> float:
+        t = _template(kind, box, mask.shape)
+        return float((t & mask).sum()) / max(float((t | mask).sum()), 1.0)
+
+    return max(SHAPES, key=iou)
 
 
 def detect(image: np.ndarray, region: slice | None = None) -> Detection:
@@ -67,18 +82,26 @@ def detect(image: np.ndarray, region: slice | None = None) -> Detection:
     border = np.concatenate([img[-1], img[:, -1], img[PATCH_SIZE:, 0], img[0, PATCH_SIZE:]])
     bg_rgb = np.median(border, axis=0)
     bg, _ = _nearest(bg_rgb, BACKGROUNDS)
-    fg = np.linalg.norm(img - bg_rgb[None, None], axis=-1) > _FG_DISTANCE
+    dist = np.linalg.norm(img - bg_rgb[None, None], axis=-1)
+    keep = np.ones(dist.shape, dtype=bool)
     if patch:
-        fg[: PATCH_SIZE + 1, : PATCH_SIZE + 1] = False
+        keep[: PATCH_SIZE + 1, : PATCH_SIZE + 1] = False
     if region is not None:
-        keep = np.zeros_like(fg)
-        keep[:, region] = True
-        fg &= keep
+        keep[:, : region.start] = False
+        keep[:, region.stop :] = False
+    fg = (dist > _FG_DISTANCE) & keep
     n = int(fg.sum())
     if n < _MIN_FG_PIXELS:
         return Detection(bg, None, None, n, patch, grey)
-    color, _ = _nearest(np.median(img[fg], axis=0), SHAPE_COLORS)
-    return Detection(bg, color, _shape_class(fg), n, patch, grey)
+    core = fg & (dist >= 0.8 * dist[fg].max())  # the shape's interior: edges blend into the background
+    color, _ = _nearest(np.median(img[core], axis=0), SHAPE_COLORS)
+    # The outline at half contrast: nearer the shape's colour than the background's. Blur from a
+    # decoder moves this contour far less than a fixed distance threshold would.
+    ink = np.asarray(SHAPE_COLORS[color], np.float32)
+    outline = (np.linalg.norm(img - ink, axis=-1) < dist) & (dist > _FG_DISTANCE / 2) & keep
+    if outline.sum() < _MIN_FG_PIXELS:
+        outline = fg
+    return Detection(bg, color, _shape_class(outline), n, patch, grey)
 
 
 def scene_correct(image: np.ndarray, scene: Scene, caption: str | None = None) -> bool:

@@ -30,6 +30,7 @@ class TrainConfig:
     vae_lr: float = 2e-3
     vae_latent_noise: float = 0.1
     vae_fg_weight: float = 10.0
+    vae_l1: bool = True
     unet_steps: int = 2000
     unet_batch: int = 32
     unet_lr: float = 5e-4
@@ -143,13 +144,14 @@ def train_vae(vae, cfg: TrainConfig, progress: ProgressFn | None = None) -> floa
         # Shapes are a few percent of the pixels: weight them so colour and outline are learned first.
         bg = x[:, :, -1:, -1:]  # the bottom-right pixel is always background
         fg = ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()
-        loss = ((rec - x) ** 2 * (1 + cfg.vae_fg_weight * fg)).mean() + 1e-4 * mean.pow(2).mean()
+        err = (rec - x).abs() if cfg.vae_l1 else (rec - x) ** 2  # L1 keeps edges sharper than MSE
+        loss = (err * (1 + cfg.vae_fg_weight * fg)).mean() + 1e-4 * mean.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if progress:
-            progress(step + 1, cfg.vae_steps, {"vae_loss": float(loss)})
+            progress(step + 1, cfg.vae_steps, {"vae_loss": loss.item()})
     model.eval()
     with torch.no_grad():
         imgs = [world.render(world.random_scene(rng), rng) for _ in range(256)]
@@ -218,7 +220,7 @@ def train_diffusion(
         opt.step()
         sched.step()
         if progress:
-            progress(step + 1, cfg.unet_steps, {"loss": float(loss), "s": round(time.monotonic() - t0, 1)})
+            progress(step + 1, cfg.unet_steps, {"loss": loss.item(), "s": round(time.monotonic() - t0, 1)})
     unet.eval()
     text.eval()
     text.requires_grad_(False)
