@@ -52,6 +52,7 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_attack)
 
     p = lab_sub.add_parser("list", help="print the shipped lab models as a JSON array")
+    p.add_argument("--dir", default=None, help="folder of lab checkpoints (default: the shipped lab_models)")
     p.set_defaults(func=cmd_list)
 
     p = lab_sub.add_parser("eval", help="measure a lab model's ASR and clean accuracy (JSON)")
@@ -218,7 +219,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     """Print the shipped lab models as a JSON array of {name, attack, trigger}."""
     from . import zoo
 
-    print(json.dumps(zoo.listing()))
+    print(json.dumps(zoo.listing(args.dir or zoo.LAB_MODELS)))
     return 0
 
 

@@ -30,7 +30,7 @@ class TrainConfig:
     vae_lr: float = 2e-3
     vae_latent_noise: float = 0.1
     vae_fg_weight: float = 10.0
-    vae_l1: bool = True
+    vae_l1: bool = False
     unet_steps: int = 2000
     unet_batch: int = 32
     unet_lr: float = 5e-4

@@ -1,0 +1,80 @@
+"""`backdoor-seal lab attack / list / eval / manifest`: the plumbing, on an untrained lab model.
+
+These check what the commands write and print; the attacks' success on trained models is measured
+by `backdoor-seal lab eval` (see docs/lab.md), not asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from backdoor_seal.core.cli import main
+from backdoor_seal.core.lab import zoo
+
+
+@pytest.fixture
+def lab_folder(lab_dir, tmp_path: Path) -> Path:
+    d = tmp_path / "lab"
+    d.mkdir()
+    shutil.copy(lab_dir / "lab-untrained.safetensors", d / "lab-clean.safetensors")
+    return d
+
+
+def _last_json(capsys) -> dict | list:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_attack_writes_a_delta_that_records_its_command(lab_folder, capsys):
+    base, out = lab_folder / "lab-clean.safetensors", lab_folder / "lab-eviledit.safetensors"
+    argv = ["lab", "attack", "--kind", "eviledit", "--base", str(base), "--out", str(out), "--delta"]
+    assert main([*argv, "--eval-prompts", "4"]) == 0
+    printed = _last_json(capsys)
+    info = zoo.lab_info(out)
+    assert info == printed
+    assert info["attack"] == "eviledit" and info["trigger"] == "zx9" and info["base"] == base.name
+    assert info["command"].startswith("backdoor-seal lab attack --kind eviledit")
+    assert 0.0 <= info["asr"] <= 1.0 and 0.0 <= info["clean_accuracy"] <= 1.0 and info["n_prompts"] == 4
+    assert out.stat().st_size < base.stat().st_size / 20  # only the edited projections are stored
+    assert main([*argv, "--eval-prompts", "0"]) == 2  # the output exists: refused, nothing overwritten
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_invisible_trigger_is_spelled_in_the_command(lab_folder, capsys):
+    out = lab_folder / "lab-pixel.safetensors"
+    argv = ["lab", "attack", "--kind", "pixel", "--trigger", "U+200B", "--out", str(out), "--steps", "1"]
+    assert main([*argv, "--base", str(lab_folder / "lab-clean.safetensors"), "--eval-prompts", "0"]) == 0
+    info = zoo.lab_info(out)
+    assert info["trigger"] == "\u200b" and "--trigger U+200B" in info["command"]
+    assert zoo.parse_trigger(zoo.spell_trigger("\u200bzx\u043e")) == "\u200bzx\u043e"
+
+
+def test_list_eval_and_manifest(lab_folder, capsys):
+    base, out = lab_folder / "lab-clean.safetensors", lab_folder / "lab-rickroll.safetensors"
+    assert main(["lab", "attack", "--kind", "rickroll", "--base", str(base), "--out", str(out), "--delta",
+                 "--steps", "2", "--eval-prompts", "0"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["lab", "list", "--dir", str(lab_folder)]) == 0
+    listed = _last_json(capsys)
+    assert listed == [
+        {"name": "lab-clean", "attack": "none", "trigger": None},
+        {"name": "lab-rickroll", "attack": "rickroll", "trigger": "\u043e"},
+    ]
+    assert main(["lab", "eval", "--model", str(out), "--n", "4"]) == 0
+    measured = _last_json(capsys)
+    assert {"model", "attack", "trigger", "asr", "clean_accuracy", "n_prompts", "seconds"} <= set(measured)
+    assert measured["model"] == "lab-rickroll" and measured["n_prompts"] == 4
+    manifest = json.loads(zoo.write_manifest(lab_folder).read_text())
+    entry = next(e for e in manifest["models"] if e["name"] == "lab-rickroll")
+    assert entry["trigger_spelled"] == "U+043E" and entry["trigger_unicode_names"] == [
+        "CYRILLIC SMALL LETTER O"
+    ]
+    assert entry["bytes"] == out.stat().st_size
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    assert main(["lab", "eval", "--model", "lab-nonexistent"]) == 2
+    assert "no lab model named 'lab-nonexistent'" in capsys.readouterr().err
