@@ -4,7 +4,7 @@ PORT ?= 8188
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: provision serve test test-slow lint demo clean
+.PHONY: provision serve test lint demo clean
 
 provision:
 	@bash scripts/provision.sh
@@ -18,10 +18,6 @@ lint: provision
 
 test: provision lint
 	$(PY) -m pytest -m "not slow"
-
-# Minutes-long checks left out of `make test` (e.g. retraining the BadT2I lab attacks).
-test-slow: provision
-	$(PY) -m pytest -m slow
 
 demo: provision
 	$(PY) -m backdoor_seal.core.cli demo
