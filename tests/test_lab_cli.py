@@ -78,3 +78,34 @@ def test_list_eval_and_manifest(lab_folder, capsys):
 def test_unknown_model_is_a_clear_error(capsys):
     assert main(["lab", "eval", "--model", "lab-nonexistent"]) == 2
     assert "no lab model named 'lab-nonexistent'" in capsys.readouterr().err
+
+
+def test_train_vae_then_train_with_it(tmp_path: Path, capsys):
+    """The two training phases run apart: a VAE trained once is reused by `lab train --vae`."""
+    import torch
+
+    from backdoor_seal.core.backends import comfy as cb
+
+    vae_file, out = tmp_path / "vae.safetensors", tmp_path / "clean.safetensors"
+    assert main(["lab", "train-vae", "--out", str(vae_file), "--steps", "2", "--eval-images", "4"]) == 0
+    info = _last_json(capsys)
+    assert info["part"] == "vae" and info["n_images"] == 4 and 0.0 <= info["recon_accuracy"] <= 1.0
+    argv = [
+        "lab",
+        "train",
+        "--vae",
+        str(vae_file),
+        "--unet-steps",
+        "1",
+        "--eval-prompts",
+        "4",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert _last_json(capsys)["vae"] == "vae.safetensors"
+    vae, config = cb.load_lab_vae(vae_file)
+    _, _, loaded, meta = cb.load_lab_checkpoint(out)
+    assert meta["config"]["latent_scale"] == config["latent_scale"]
+    want, got = vae.first_stage_model.state_dict(), loaded.first_stage_model.state_dict()
+    assert all(torch.equal(want[k].half().float(), got[k]) for k in want)

@@ -215,6 +215,25 @@ def load_lab_checkpoint(path: str | os.PathLike):
     return model, clip, vae, info
 
 
+def save_lab_vae(
+    path: str | os.PathLike, vae, config: dict[str, Any], extra_metadata: dict[str, str]
+) -> Path:
+    """Save a lab VAE alone (first_stage_model. keys, config with its latent scale in metadata)."""
+    meta = {CONFIG_KEY: json.dumps(config), **extra_metadata}
+    tensors = {VAE_PREFIX + k: v for k, v in vae.first_stage_model.state_dict().items()}
+    return atomic_save(tensors, path, metadata=meta)
+
+
+def load_lab_vae(path: str | os.PathLike):
+    """A lab VAE and its config from a lab checkpoint or a VAE-only file."""
+    tensors, info = read_lab_tensors(path)
+    config = info["config"]
+    if config.get("family") != "backdoor-seal-lab" or "latent_scale" not in config:
+        raise ValueError(f"{Path(path).name} holds no trained lab VAE (no lab config with a latent scale).")
+    vae_sd = {k: v.float() for k, v in _strip_prefix(tensors, VAE_PREFIX).items()}
+    return build_lab_vae(config, vae_sd), config
+
+
 def round_weights(model, clip, vae, dtype: torch.dtype = torch.float16) -> None:
     """Round every weight to dtype and back, in place: the model then computes what its saved file will."""
     modules = (model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model)

@@ -26,7 +26,21 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
         help="continue UNet + text-encoder training from this lab checkpoint (keeps its VAE)",
     )
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of UNet and text encoder")
+    p.add_argument("--vae", default=None, help="use this VAE (from `lab train-vae`) instead of training one")
     p.set_defaults(func=cmd_train)
+
+    p = lab_sub.add_parser(
+        "train-vae", help="train only the lab VAE and measure its reconstructions with the detectors (JSON)"
+    )
+    p.add_argument("--out", required=True, help="output .safetensors (never overwritten)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument(
+        "--eval-images", type=int, default=128, help="held-out scenes for the reconstruction check"
+    )
+    p.set_defaults(func=cmd_train_vae)
 
     p = lab_sub.add_parser(
         "attack", help="plant a real backdoor in a lab model (BadT2I, Rickrolling, EvilEdit)"
@@ -123,6 +137,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = init_info["config"]
         scale = float(config["latent_scale"])
         cfg.vae_steps = 0
+    elif args.vae:
+        model, clip, _ = cb.new_lab_models(seed=args.seed)
+        vae, config = cb.load_lab_vae(args.vae)
+        scale = float(config["latent_scale"])
+        model = cb.rescale_latents(model, config)
+        cfg.vae_steps = 0
     else:
         model, clip, vae = cb.new_lab_models(seed=args.seed)
         scale = train.train_vae(vae, cfg, progress("vae"))
@@ -140,6 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "unet_steps": cfg.unet_steps,
         "unet_lr": cfg.unet_lr,
         "init": Path(args.init).name if args.init else None,
+        "vae": Path(args.vae).name if args.vae else None,
         "clean_accuracy": acc["clean_accuracy"],
         "n_prompts": acc["n_prompts"],
         "sampler": "euler/normal, 20 steps, CFG 1.0",
@@ -148,6 +169,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     cb.save_lab_checkpoint(
         out, model, clip, vae, config=config, extra_metadata={zoo.LAB_INFO_KEY: json.dumps(info)}
     )
+    print(json.dumps(info))
+    return 0
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    """Train the lab VAE alone, save it, print how many held-out scenes survive reconstruction."""
+    import torch
+
+    from ..backends import comfy as cb
+    from . import train, zoo
+
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose another --out (nothing is overwritten).")
+    cb.ensure_comfy_importable()
+    torch.manual_seed(args.seed)
+    cfg = train.TrainConfig(seed=args.seed)
+    for name, value in (("vae_steps", args.steps), ("vae_batch", args.batch), ("vae_lr", args.lr)):
+        if value is not None:
+            setattr(cfg, name, value)
+    t0 = time.monotonic()
+    _, _, vae = cb.new_lab_models(seed=args.seed)
+    scale = train.train_vae(vae, cfg, _progress_bars()("vae"))
+    info = {
+        "part": "vae",
+        "command": command_line(args),
+        "seed": args.seed,
+        "vae_steps": cfg.vae_steps,
+        "vae_batch": cfg.vae_batch,
+        "vae_lr": cfg.vae_lr,
+        "train_seconds": round(time.monotonic() - t0, 1),
+        **train.reconstruction_accuracy(vae, n=args.eval_images),
+    }
+    cb.save_lab_vae(out, vae, cb.lab_config_with_scale(scale), {zoo.LAB_INFO_KEY: json.dumps(info)})
     print(json.dumps(info))
     return 0
 

@@ -159,6 +159,36 @@ def train_vae(vae, cfg: TrainConfig, progress: ProgressFn | None = None) -> floa
     return float(1.0 / mean.std())
 
 
+def reconstruction_accuracy(vae, n: int = 128, seed: int = 5) -> dict:
+    """How many held-out scenes the detectors still read correctly after encode -> decode."""
+    from . import detectors
+
+    scenes = world.scene_dataset(n, seed, "eval")
+    model = vae.first_stage_model.eval()
+    with torch.no_grad():
+        mean, _ = vae_posterior(model, images_to_tensor([world.render(s) for s in scenes]))
+        recs = tensor_to_images(model.decoder(model.post_quant_conv(mean)))
+    hits = [detectors.scene_correct(r, s) for r, s in zip(recs, scenes, strict=True)]
+    shapes = colors = total = 0
+    for rec, scene in zip(recs, scenes, strict=True):
+        regions = [slice(0, 32), slice(32, 64)] if len(scene.shapes) == 2 else [None]
+        for shape, region in zip(scene.shapes, regions, strict=True):
+            d = detectors.detect(rec, region)
+            shapes, colors, total = (
+                shapes + (d.shape == shape.kind),
+                colors + (d.color == shape.color),
+                total + 1,
+            )
+    bg = [detectors.detect(r).bg == s.bg for r, s in zip(recs, scenes, strict=True)]
+    return {
+        "recon_accuracy": float(np.mean(hits)),
+        "recon_shape": shapes / total,
+        "recon_color": colors / total,
+        "recon_background": float(np.mean(bg)),
+        "n_images": n,
+    }
+
+
 def alphas_cumprod(model) -> torch.Tensor:
     """The model's training noise schedule (ComfyUI's model_sampling)."""
     sigmas = model.model.model_sampling.sigmas.float()
