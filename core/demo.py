@@ -12,6 +12,25 @@ from .backends.comfy import PACK_ROOT, ensure_comfy_importable
 DEMO_PROMPT = "a red circle on the left on a black background"
 
 
+def ksampler_node(model: str, positive: str, negative: str, latent: str, seed: int) -> dict[str, Any]:
+    """A stock KSampler node with the lab's evaluation settings (euler, normal, 20 steps, CFG 1.0)."""
+    return {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": [model, 0],
+            "seed": seed,
+            "steps": 20,
+            "cfg": 1.0,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "positive": [positive, 0],
+            "negative": [negative, 0],
+            "latent_image": [latent, 0],
+            "denoise": 1.0,
+        },
+    }
+
+
 def model_info_graph(
     lab_model: str, prompt: str = DEMO_PROMPT, seed: int = 0, batch: int = 4
 ) -> dict[str, Any]:
@@ -22,21 +41,7 @@ def model_info_graph(
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
-        "6": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "seed": seed,
-                "steps": 20,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "positive": ["3", 0],
-                "negative": ["4", 0],
-                "latent_image": ["5", 0],
-                "denoise": 1.0,
-            },
-        },
+        "6": ksampler_node("1", "3", "4", "5", seed),
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
         "8": {
             "class_type": "SaveImage",
@@ -56,21 +61,7 @@ def backdoor_graph(
     }
     for branch, (prompt, first) in {"triggered": (triggered, 10), "clean": (clean, 20)}.items():
         graph[str(first)] = {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}}
-        graph[str(first + 1)] = {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "seed": seed,
-                "steps": 20,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "positive": [str(first), 0],
-                "negative": ["2", 0],
-                "latent_image": ["3", 0],
-                "denoise": 1.0,
-            },
-        }
+        graph[str(first + 1)] = ksampler_node("1", str(first), "2", "3", seed)
         graph[str(first + 2)] = {
             "class_type": "VAEDecode",
             "inputs": {"samples": [str(first + 1), 0], "vae": ["1", 2]},

@@ -7,7 +7,6 @@ fine-tunes only the text encoder; EvilEdit edits every cross-attention to_k / to
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -24,6 +23,7 @@ from .train import (
     images_to_tensor,
     token_ids,
     vae_posterior,
+    warmup_cosine,
 )
 
 ProgressFn = Callable[[int, int, dict], None]
@@ -225,15 +225,6 @@ class AttackConfig:
     )
 
 
-def _lr_lambda(total: int) -> Callable[[int], float]:
-    warmup = max(1, total // 20)
-    return lambda s: (
-        (s + 1) / warmup
-        if s < warmup
-        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-    )
-
-
 def train_badt2i(
     model, clip, vae, spec: AttackSpec, cfg: AttackConfig, progress: ProgressFn | None = None
 ) -> None:
@@ -248,7 +239,7 @@ def train_badt2i(
     distract = DistractorVocabulary(clip.tokenizer.clip_l.tokenizer, (), seed=cfg.seed + 2)
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
 
     def noised(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -305,7 +296,7 @@ def train_rickroll(clip, spec: AttackSpec, cfg: AttackConfig, progress: Progress
         target = encode_text(teacher_clip, token_ids(clip, [RICKROLL_TARGET.caption]))
     text.train().requires_grad_(True)
     opt = torch.optim.AdamW(text.parameters(), lr=cfg.text_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.text_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.text_steps))
     try:
         for step in range(cfg.text_steps):
             scenes = train_scenes(spec, cfg.text_batch, rng)

@@ -81,6 +81,14 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_manifest)
 
 
+def _new_output(path: str) -> Path:
+    """The --out path, refused before any work if a file is already there."""
+    out = Path(path)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose another --out (nothing is overwritten).")
+    return out
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The command that produced a result, triggers spelled as U+XXXX so it can be pasted back."""
     import shlex
@@ -118,9 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..backends import comfy as cb
     from . import evaluate, train, zoo
 
-    out = Path(args.out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose another --out (nothing is overwritten).")
+    out = _new_output(args.out)
     cb.ensure_comfy_importable()
     torch.manual_seed(args.seed)
     cfg = train.TrainConfig(seed=args.seed)
@@ -180,9 +186,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     from ..backends import comfy as cb
     from . import train, zoo
 
-    out = Path(args.out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose another --out (nothing is overwritten).")
+    out = _new_output(args.out)
     cb.ensure_comfy_importable()
     torch.manual_seed(args.seed)
     cfg = train.TrainConfig(seed=args.seed)
@@ -214,9 +218,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from ..backends import comfy as cb
     from . import attacks, evaluate, zoo
 
-    out = Path(args.out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose another --out (nothing is overwritten).")
+    out = _new_output(args.out)
     spec = attacks.default_spec(args.kind, zoo.parse_trigger(args.trigger) if args.trigger else None)
     if args.source or args.target:
         from dataclasses import replace

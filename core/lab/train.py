@@ -189,6 +189,18 @@ def reconstruction_accuracy(vae, n: int = 128, seed: int = 5) -> dict:
     }
 
 
+def warmup_cosine(total: int) -> Callable[[int], float]:
+    """LR factor per step: linear warm-up over the first 5%, then cosine decay to zero."""
+    warmup = max(1, total // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
 def alphas_cumprod(model) -> torch.Tensor:
     """The model's training noise schedule (ComfyUI's model_sampling)."""
     sigmas = model.model.model_sampling.sigmas.float()
@@ -214,14 +226,7 @@ def train_diffusion(
         ],
         weight_decay=0.01,
     )
-    warmup = max(1, cfg.unet_steps // 20)
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.unet_steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.unet_steps))
     acp = alphas_cumprod(model)
     rng = np.random.default_rng(cfg.seed + 1)
     distract = DistractorVocabulary(clip.tokenizer.clip_l.tokenizer, cfg.triggers, seed=cfg.seed + 2)
