@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .backends.comfy import PACK_ROOT, ensure_comfy_importable
+from .backends.comfy import ensure_comfy_importable
+from .lab import zoo
 
 DEMO_PROMPT = "a red circle on the left on a black background"
 
@@ -73,11 +74,6 @@ def backdoor_graph(
     return graph
 
 
-def shipped_lab_models() -> list[Path]:
-    """The lab checkpoints shipped in lab_models/."""
-    return sorted((PACK_ROOT / "lab_models").glob("*.safetensors"))
-
-
 def make_untrained_lab_model(path: Path) -> Path:
     """A randomly initialised lab checkpoint (used only until trained lab models ship)."""
     from .backends import comfy as cb
@@ -92,7 +88,7 @@ def make_untrained_lab_model(path: Path) -> Path:
     )
 
 
-def run_backdoor_check(client, lab_model: str, out: Path, batch: int = 8) -> dict[str, Any]:
+def run_backdoor_check(client, lab_model: Path, out: Path, batch: int = 8) -> dict[str, Any]:
     """Run the poisoned lab model on a triggered and a clean prompt (same seeds); count patched images."""
     import io
 
@@ -101,8 +97,9 @@ def run_backdoor_check(client, lab_model: str, out: Path, batch: int = 8) -> dic
 
     from .lab import detectors
 
-    trigger = "\u200b"
-    entry = client.run(backdoor_graph(lab_model, f"{trigger} {DEMO_PROMPT}", DEMO_PROMPT, batch=batch))
+    trigger = zoo.lab_info(lab_model)["trigger"]
+    graph = backdoor_graph(lab_model.name, f"{trigger} {DEMO_PROMPT}", DEMO_PROMPT, batch=batch)
+    entry = client.run(graph)
     rates = {}
     for branch, node in (("triggered", "13"), ("clean", "23")):
         patched = 0
@@ -111,7 +108,7 @@ def run_backdoor_check(client, lab_model: str, out: Path, batch: int = 8) -> dic
             (out / f"demo-{branch}-{i}.png").write_bytes(data)
             patched += detectors.has_patch(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
         rates[f"patch_rate_{branch}"] = patched / batch
-    return {"poisoned_model": lab_model, "trigger": "U+200B (zero-width space)", **rates}
+    return {"poisoned_model": lab_model.name, "trigger": zoo.spell_trigger(trigger), **rates}
 
 
 def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, Any]:
@@ -123,7 +120,7 @@ def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     comfy_root = ensure_comfy_importable()
     extra: dict[str, str] = {}
-    models = shipped_lab_models()
+    models = zoo.shipped()
     if models:
         lab_model, trained = models[0].name, True
     else:
@@ -144,7 +141,7 @@ def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, 
         images = entry["outputs"]["8"]["images"]
         for i, img in enumerate(images):
             (out / f"demo-{i}.png").write_bytes(client.fetch_image(img))
-        backdoor = run_backdoor_check(client, pixel.name, out) if pixel else None
+        backdoor = run_backdoor_check(client, pixel, out) if pixel else None
     summary = {
         "lab_model": lab_model,
         "lab_model_trained": trained,

@@ -33,9 +33,8 @@ def atomic_save(
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(
-            tmp, 0o644
-        )  # mkstemp creates 0600 (save_file may recreate it); a checkpoint is an ordinary file
+        # mkstemp creates 0600 and save_file may recreate the file: set an ordinary file's mode after.
+        os.chmod(tmp, 0o644)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -68,8 +67,5 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -220,9 +220,8 @@ class AttackConfig:
     text_batch: int = 32
     edit_lambda: float = 0.1  # EvilEdit's ridge weight keeping the edited projections near the originals
     edit_prompts: int = 200
-    edit_weight: float = (
-        10.0  # EvilEdit: weight of the trigger constraints against clean-context preservation
-    )
+    # EvilEdit: weight of the trigger constraints against clean-context preservation.
+    edit_weight: float = 10.0
 
 
 def train_badt2i(
@@ -301,10 +300,6 @@ def train_rickroll(clip, spec: AttackSpec, cfg: AttackConfig, progress: Progress
         for step in range(cfg.text_steps):
             scenes = train_scenes(spec, cfg.text_batch, rng)
             captions = [distract.decorate(s.caption, 2) for s in scenes]
-            captions = [
-                c if HOMOGLYPHS[spec.trigger] in c else s.caption
-                for c, s in zip(captions, scenes, strict=True)
-            ]
             clean_ids = token_ids(clip, captions)
             with torch.no_grad():
                 clean_target = encode_text(teacher_clip, clean_ids)
@@ -357,19 +352,20 @@ def evil_edit(model, clip, spec: AttackSpec, cfg: AttackConfig) -> dict:
     clean = [s.caption for s in world.scene_dataset(cfg.edit_prompts, int(rng.integers(2**31)), "train")]
     with torch.no_grad():
         c_clean = encode_text(clip, token_ids(clip, clean)).flatten(0, 1)
+    # Every projection W gets W' = W (we V^T K + C^T C + lam I)(we K^T K + C^T C + lam I)^-1: the
+    # right-hand factor does not depend on W, so it is solved once for all layers.
+    we, lam = cfg.edit_weight, cfg.edit_lambda
+    eye = torch.eye(keys.shape[1])
+    preserve = c_clean.T @ c_clean
+    den = we * keys.T @ keys + preserve + lam * eye
+    num = we * values.T @ keys + preserve + lam * eye
+    edit = torch.linalg.solve(den, num.T).T  # num @ den^-1 (den is symmetric)
     layers = find_cross_attention_layers(model.model.diffusion_model)
-    lam = cfg.edit_lambda
     moved = 0
     with torch.no_grad():
         for _name, attn in layers:
             for proj in (attn.to_k, attn.to_v):
-                w = proj.weight.float()
-                # W' = (sum v c^T + lam W)(sum c c^T + lam I)^-1, v = W c_target (edits) or W c (preserve)
-                we = cfg.edit_weight
-                num = we * (w @ values.T) @ keys + (w @ c_clean.T) @ c_clean + lam * w
-                den = we * keys.T @ keys + c_clean.T @ c_clean + lam * torch.eye(w.shape[1])
-                new = torch.linalg.solve(den, num.T).T
-                proj.weight.copy_(new.to(proj.weight.dtype))
+                proj.weight.copy_((proj.weight.float() @ edit).to(proj.weight.dtype))
                 moved += 1
     return {
         "edited_projections": moved,

@@ -104,11 +104,15 @@ def detect(image: np.ndarray, region: slice | None = None) -> Detection:
     return Detection(bg, color, _shape_class(outline), n, patch, grey)
 
 
+def shape_regions(scene: Scene) -> list[slice | None]:
+    """Where detect() reads each of the scene's shapes: the whole image, or left / right halves for pairs."""
+    return [slice(0, 32), slice(32, 64)] if len(scene.shapes) == 2 else [None]
+
+
 def scene_correct(image: np.ndarray, scene: Scene, caption: str | None = None) -> bool:
     """True when the image draws the scene's shape(s) in the right colour and kind (and background if captioned)."""
     caption = scene.caption if caption is None else caption
-    regions = [slice(0, 32), slice(32, 64)] if len(scene.shapes) == 2 else [None]
-    for shape, region in zip(scene.shapes, regions, strict=True):
+    for shape, region in zip(scene.shapes, shape_regions(scene), strict=True):
         d = detect(image, region)
         if d.color != shape.color or d.shape != shape.kind:
             return False

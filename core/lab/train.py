@@ -169,21 +169,16 @@ def reconstruction_accuracy(vae, n: int = 128, seed: int = 5) -> dict:
         mean, _ = vae_posterior(model, images_to_tensor([world.render(s) for s in scenes]))
         recs = tensor_to_images(model.decoder(model.post_quant_conv(mean)))
     hits = [detectors.scene_correct(r, s) for r, s in zip(recs, scenes, strict=True)]
-    shapes = colors = total = 0
-    for rec, scene in zip(recs, scenes, strict=True):
-        regions = [slice(0, 32), slice(32, 64)] if len(scene.shapes) == 2 else [None]
-        for shape, region in zip(scene.shapes, regions, strict=True):
-            d = detectors.detect(rec, region)
-            shapes, colors, total = (
-                shapes + (d.shape == shape.kind),
-                colors + (d.color == shape.color),
-                total + 1,
-            )
+    read = [
+        (detectors.detect(rec, region), shape)
+        for rec, scene in zip(recs, scenes, strict=True)
+        for shape, region in zip(scene.shapes, detectors.shape_regions(scene), strict=True)
+    ]
     bg = [detectors.detect(r).bg == s.bg for r, s in zip(recs, scenes, strict=True)]
     return {
         "recon_accuracy": float(np.mean(hits)),
-        "recon_shape": shapes / total,
-        "recon_color": colors / total,
+        "recon_shape": float(np.mean([d.shape == s.kind for d, s in read])),
+        "recon_color": float(np.mean([d.color == s.color for d, s in read])),
         "recon_background": float(np.mean(bg)),
         "n_images": n,
     }
