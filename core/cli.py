@@ -40,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="output folder (default: out)")
     p.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")
     p.set_defaults(func=_cmd_demo)
+    from .bench.cli import add_bench_commands
     from .lab.cli import add_lab_commands
 
     add_lab_commands(sub)
+    add_bench_commands(sub)
     return parser
 
 

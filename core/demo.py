@@ -155,3 +155,49 @@ def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, 
     summary.update(out_dir=str(out), seconds=round(time.monotonic() - t0, 1))
     (out / "demo-summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def attention_graph(
+    lab_model: str, prompt: str, lora: str | None = None, seed: int = 0, batch: int = 2
+) -> dict[str, Any]:
+    """API-format graph: lab loader -> SealAttentionCapture [-> stock LoraLoaderModelOnly] -> stock KSampler
+    -> VAEDecode -> SealAttentionHeatmaps (output node "9")."""
+    graph: dict[str, Any] = {
+        "1": {"class_type": "SealLabCheckpointLoader", "inputs": {"lab_model": lab_model}},
+        "2": {
+            "class_type": "SealAttentionCapture",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "text": prompt,
+                "resolution": 16,
+                "layers": "",
+                "first_step": 0,
+                "last_step": -1,
+            },
+        },
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+    }
+    model = "2"
+    if lora:
+        graph["3"] = {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": ["2", 0], "lora_name": lora, "strength_model": 1.0},
+        }
+        model = "3"
+    graph["6"] = ksampler_node(model, "2", "4", "5", seed)
+    graph["6"]["inputs"]["positive"] = ["2", 1]
+    graph["7"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}}
+    graph["9"] = {
+        "class_type": "SealAttentionHeatmaps",
+        "inputs": {
+            "attention": ["2", 2],
+            "images": ["7", 0],
+            "max_tokens": 8,
+            "include_bos_eos": False,
+            "opacity": 0.6,
+            "colormap": "inferno",
+        },
+    }
+    return graph

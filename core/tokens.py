@@ -102,3 +102,25 @@ def trigger_report(
         if warn:
             warnings.warn(report["warning"], TriggerVanishedWarning, stacklevel=2)
     return report
+
+
+def position_labels(tokenizer: HFTokenizer, ids: list[int], bos: int, eos: int, chunk: int = 77) -> list[str]:
+    """A label per sequence position: <BOS>, each token as it reads (a piece that continues a word
+    ends in '-'), <EOS>, then <pad>. Long prompts are several chunks, each starting with BOS."""
+    labels: list[str] = []
+    ended = False
+    for i, (tid, piece) in enumerate(zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True)):
+        if i % chunk == 0:
+            ended = False
+        if tid == bos and i % chunk == 0:
+            labels.append("<BOS>")
+        elif ended:
+            labels.append("<pad>")
+        elif tid == eos:
+            labels.append("<EOS>")
+            ended = True
+        else:
+            text = tokenizer.decode([tid], clean_up_tokenization_spaces=False).strip(" ")
+            text = readable(piece.removesuffix("</w>") if "\ufffd" in text or not text else text)
+            labels.append(text if piece.endswith("</w>") else f"{text}-")
+    return labels

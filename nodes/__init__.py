@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .nodes_attention import SealAttentionCapture, SealAttentionHeatmaps
 from .nodes_info import SealModelInfo
 from .nodes_lab import SealLabCheckpointLoader
 
-NODES: list[type[io.ComfyNode]] = [SealModelInfo, SealLabCheckpointLoader]
+NODES: list[type[io.ComfyNode]] = [
+    SealModelInfo,
+    SealLabCheckpointLoader,
+    SealAttentionCapture,
+    SealAttentionHeatmaps,
+]
 
 
 class SealExtension(ComfyExtension):

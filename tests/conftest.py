@@ -32,7 +32,31 @@ def lab_dir(tmp_path_factory, comfy_root) -> Path:
 
 
 @pytest.fixture(scope="session")
-def comfy_server(comfy_root, lab_dir, tmp_path_factory):
+def lora_dir(tmp_path_factory, comfy_root) -> Path:
+    """A folder holding a small LoRA (attn2.to_q of every lab cross-attention layer) for the stock loaders."""
+    import torch
+
+    from backdoor_seal.core.attention import find_cross_attention_layers
+    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.lab.models import lab_config
+    from backdoor_seal.core.safetensors_io import atomic_save
+
+    d = tmp_path_factory.mktemp("loras")
+    model = cb.build_lab_unet(lab_config())
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for name, module in find_cross_attention_layers(model.model.diffusion_model):
+        key = "lora_unet_" + f"{name}.to_q".replace(".", "_")
+        out_f, in_f = module.to_q.weight.shape
+        lora[f"{key}.lora_down.weight"] = torch.randn(2, in_f, generator=g)
+        lora[f"{key}.lora_up.weight"] = torch.randn(out_f, 2, generator=g) * 0.5
+        lora[f"{key}.alpha"] = torch.tensor(2.0)
+    atomic_save(lora, d / "lab-test-lora.safetensors")
+    return d
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_root, lab_dir, lora_dir, tmp_path_factory):
     """A real ComfyUI server on a free 127.0.0.1 port with the pack loaded; stopped after the session."""
     from backdoor_seal.core.comfy_host import ComfyServer
 
@@ -41,7 +65,7 @@ def comfy_server(comfy_root, lab_dir, tmp_path_factory):
         comfy_root,
         log_path=logs / "comfyui.log",
         output_dir=logs / "output",
-        extra_model_paths={"backdoor_seal_lab": str(lab_dir)},
+        extra_model_paths={"backdoor_seal_lab": str(lab_dir), "loras": str(lora_dir)},
     )
     with server:
         yield server

@@ -97,3 +97,24 @@ def test_make_serve_uses_port(comfy_root):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_capture_and_heatmaps_run_through_the_server_with_a_lora_between(comfy_server):
+    """SealAttentionCapture -> stock LoraLoaderModelOnly (clones the MODEL) -> stock KSampler -> VAEDecode
+    -> SealAttentionHeatmaps: the maps recorded through the clone come back as a labelled grid."""
+    import io
+
+    from PIL import Image
+
+    from backdoor_seal.core.demo import attention_graph
+
+    client = comfy_server.client()
+    graph = attention_graph(
+        "lab-untrained.safetensors", "a large red circle", lora="lab-test-lora.safetensors"
+    )
+    entry = client.run(graph, timeout=300)
+    images = entry["outputs"]["9"]["images"]
+    assert len(images) == 1
+    grid = Image.open(io.BytesIO(client.fetch_image(images[0])))
+    tile = 128
+    assert grid.size == (5 * tile, 2 * (tile + tile // 5))  # image + "a large red circle", two rows

@@ -12,9 +12,15 @@ from typing import Any
 
 import torch
 
-from ..attention import find_cross_attention_layers
+from ..attention import (
+    CrossAttentionRecorder,
+    UnsupportedModelError,
+    find_cross_attention_layers,
+    require_cross_attention,
+)
 from ..lab.models import lab_config
 from ..safetensors_io import CONFIG_KEY, atomic_save, file_sha256, load_checkpoint
+from ..tokens import position_labels
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 UNET_PREFIX = "model.diffusion_model."
@@ -90,6 +96,27 @@ def build_lab_unet(config: dict[str, Any]):
         model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )
     return rescale_latents(patcher, config)
+
+
+SD_FAMILIES = ("sd15", "sd21", "sdxl")
+
+
+def build_sd_model(family: str, unet_config: dict[str, Any], seed: int = 0):
+    """A ComfyUI MODEL of an SD family with this UNet config and random weights (tests, benchmarks)."""
+    ensure_comfy_importable()
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    classes = {"sd15": sm.SD15, "sd21": sm.SD20, "sdxl": sm.SDXL}
+    if family not in classes:
+        raise ValueError(f"unknown SD family {family!r}; one of {', '.join(SD_FAMILIES)}")
+    model_config = classes[family](dict(unet_config, dtype=torch.float32))
+    model = model_config.get_model({}, device=mm.unet_offload_device())
+    initialise_weights(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
 
 
 def build_lab_clip(config: dict[str, Any]):
@@ -297,8 +324,11 @@ def sample(
     sampler: str = "euler",
     scheduler: str = "normal",
     seed: int = 0,
+    cond_extra: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Sample latents with ComfyUI's own sampler (as KSampler does), batched per-item conditioning."""
+    """Sample latents with ComfyUI's own sampler (as KSampler does), batched per-item conditioning.
+
+    cond_extra is added to both conditionings (e.g. {"pooled_output": ...} for SDXL)."""
     ensure_comfy_importable()
     import comfy.sample
 
@@ -309,8 +339,8 @@ def sample(
         cfg,
         sampler,
         scheduler,
-        [[cond, {}]],
-        [[uncond, {}]],
+        [[cond, dict(cond_extra or {})]],
+        [[uncond, dict(cond_extra or {})]],
         latent,
         disable_pbar=True,
         seed=seed,
@@ -360,3 +390,162 @@ def describe_tokenizers(clip) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+# --- cross-attention capture -------------------------------------------------------------------
+
+
+def attn2_patch_key(layer: str) -> tuple[str, int, int]:
+    """ComfyUI's attn2 replace-patch key (block, number, transformer index) for a UNet module name."""
+    parts = layer.split(".")
+    try:
+        index = int(parts[parts.index("transformer_blocks") + 1])
+        if parts[0] == "input_blocks":
+            return ("input", int(parts[1]), index)
+        if parts[0] == "middle_block":
+            return ("middle", 0, index)
+        if parts[0] == "output_blocks":
+            return ("output", int(parts[1]), index)
+    except (ValueError, IndexError):
+        pass
+    raise UnsupportedModelError(
+        f"cross-attention layer {layer!r} is not inside a UNet input/middle/output block"
+    )
+
+
+def _conditional_rows(cond_or_uncond: list[int] | None, batch: int) -> torch.Tensor | None:
+    """Batch rows of the conditional (positive) half; None when every row is conditional."""
+    if not cond_or_uncond or all(c == 0 for c in cond_or_uncond):
+        return None
+    per = batch // len(cond_or_uncond)
+    return torch.tensor(
+        [i for i, c in enumerate(cond_or_uncond) if c == 0 for i in range(i * per, (i + 1) * per)]
+    )
+
+
+class ComfyCrossAttentionCapture:
+    """An attn2 replace patch: ComfyUI's optimized attention computes the output; the maps go to a recorder.
+
+    ComfyUI deep-copies model options on every clone; this patch and its recorder survive as themselves.
+    """
+
+    def __init__(self, recorder: CrossAttentionRecorder, layer: str, inner=None) -> None:
+        self.recorder, self.layer, self.inner = recorder, layer, inner
+
+    def __deepcopy__(self, memo: dict) -> ComfyCrossAttentionCapture:
+        return self
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict
+    ) -> torch.Tensor:
+        rec = self.recorder
+        step = rec.step_of(extra_options.get("sample_sigmas"), extra_options.get("sigmas"))
+        if rec.wants(self.layer, step):
+            shape = extra_options.get("original_shape") or extra_options["activations_shape"]
+            rows = _conditional_rows(extra_options.get("cond_or_uncond"), q.shape[0])
+            rec.record(self.layer, q, k, extra_options["n_heads"], (shape[-2], shape[-1]), step, rows)
+        if self.inner is not None:  # another node's attn2 patch on this layer keeps working
+            return self.inner(q, k, v, extra_options)
+        from comfy.ldm.modules.attention import optimized_attention
+
+        return optimized_attention(
+            q,
+            k,
+            v,
+            extra_options["n_heads"],
+            attn_precision=extra_options.get("attn_precision"),
+            transformer_options=extra_options,
+        )
+
+
+def attach_attention_recorder(model, recorder: CrossAttentionRecorder):
+    """A clone of a ComfyUI MODEL whose selected cross-attention layers feed the recorder."""
+    unet = getattr(model.model, "diffusion_model", None)
+    family = type(model.model).__name__
+    if unet is None:
+        raise UnsupportedModelError(f"{family} has no diffusion_model to read cross-attention from")
+    layers = [(n, m) for n, m in require_cross_attention(unet, family) if recorder.settings.selects_layer(n)]
+    if not layers:
+        raise ValueError(f"no cross-attention layer name contains any of {list(recorder.settings.layers)}")
+    patched = model.clone()
+    existing = (
+        patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    )
+    for name, _ in layers:
+        key = attn2_patch_key(name)
+        patched.set_model_attn2_replace(ComfyCrossAttentionCapture(recorder, name, existing.get(key)), *key)
+    return patched
+
+
+def clip_position_labels(clip, prompt: str) -> list[str]:
+    """One label per conditioning position for this prompt, as ComfyUI's CLIP tokenizes it."""
+    tokens = clip.tokenize(prompt)
+    name, chunks = next(iter(tokens.items()))  # SDXL's g and l encoders see the same tokens
+    inner = getattr(clip.tokenizer, f"clip_{name}", None) or next(
+        t for t in vars(clip.tokenizer).values() if hasattr(t, "tokenizer")
+    )
+    ids = [int(tok[0]) for chunk in chunks for tok in chunk]
+    return position_labels(inner.tokenizer, ids, inner.start_token, inner.end_token, chunk=len(chunks[0]))
+
+
+def sample_prompts(
+    model,
+    clip,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int = 20,
+    cfg: float = 1.0,
+    sampler: str = "euler",
+    scheduler: str = "normal",
+    latent_hw: tuple[int, int] = (8, 8),
+) -> torch.Tensor:
+    """Latents for per-item prompts and seeds in one batch, through ComfyUI's sampler."""
+    cond = torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
+    uncond = clip.encode_from_tokens(clip.tokenize("")).repeat(len(prompts), 1, 1)
+    latent = torch.zeros(len(prompts), 4, *latent_hw)
+    noise = seeded_noise(latent, seeds)
+    return sample(model, noise, latent, cond, uncond, steps, cfg, sampler, scheduler, seed=seeds[0])
+
+
+class ComfyBackend:
+    """A ComfyUI MODEL and CLIP, sampled with ComfyUI's own sampler (capture through attn2 patches)."""
+
+    name = "comfy"
+
+    def __init__(
+        self,
+        model,
+        clip,
+        latent_hw: tuple[int, int] = (8, 8),
+        sampler: str = "euler",
+        scheduler: str = "normal",
+    ) -> None:
+        self.model, self.clip, self.latent_hw, self.sampler, self.scheduler = (
+            model,
+            clip,
+            latent_hw,
+            sampler,
+            scheduler,
+        )
+
+    def unet(self) -> torch.nn.Module:
+        """The denoiser module."""
+        return self.model.model.diffusion_model
+
+    def position_labels(self, prompt: str) -> list[str]:
+        """One label per conditioning position for this prompt."""
+        return clip_position_labels(self.clip, prompt)
+
+    def sample(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        steps: int = 20,
+        cfg: float = 1.0,
+        recorder: CrossAttentionRecorder | None = None,
+    ) -> torch.Tensor:
+        """Latents for per-item prompts and seeds in one batch, recording into recorder if given."""
+        model = attach_attention_recorder(self.model, recorder) if recorder is not None else self.model
+        return sample_prompts(
+            model, self.clip, prompts, seeds, steps, cfg, self.sampler, self.scheduler, self.latent_hw
+        )

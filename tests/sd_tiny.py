@@ -1,0 +1,136 @@
+"""Tiny SD1.x / SD2.x / SDXL-shaped models for both backends (random weights, real CLIP tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# ComfyUI UNetModel configs (SD15 forces 8 heads, SD20 forces 64-channel heads, as the real families do).
+COMFY_UNET: dict[str, dict] = {
+    "sd15": {
+        "image_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "num_res_blocks": [1, 1],
+        "channel_mult": [1, 2],
+        "transformer_depth": [1, 1],
+        "transformer_depth_middle": 1,
+        "transformer_depth_output": [1, 1, 1, 1],
+        "use_spatial_transformer": True,
+        "use_linear_in_transformer": False,
+        "legacy": False,
+        "context_dim": 32,
+        "adm_in_channels": None,
+        "use_checkpoint": False,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    },
+    "sd21": {
+        "image_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 64,
+        "num_res_blocks": [1, 1],
+        "channel_mult": [1, 2],
+        "transformer_depth": [1, 1],
+        "transformer_depth_middle": 1,
+        "transformer_depth_output": [1, 1, 1, 1],
+        "use_spatial_transformer": True,
+        "use_linear_in_transformer": True,
+        "legacy": False,
+        "context_dim": 48,
+        "adm_in_channels": None,
+        "use_checkpoint": False,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    },
+    "sdxl": {  # no attention at the top level, a 2-deep transformer below, as SDXL
+        "image_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "num_res_blocks": [1, 1],
+        "channel_mult": [1, 2],
+        "transformer_depth": [0, 2],
+        "transformer_depth_middle": 2,
+        "transformer_depth_output": [0, 0, 2, 2],
+        "use_spatial_transformer": True,
+        "use_linear_in_transformer": True,
+        "legacy": False,
+        "context_dim": 64,
+        "num_classes": "sequential",
+        "adm_in_channels": 32 + 6 * 256,  # pooled text (32) + six size/crop embeddings
+        "num_head_channels": 16,
+        "use_checkpoint": False,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    },
+}
+
+
+def comfy_conditioning(family: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Random cond / uncond contexts (77 tokens) and the extra conditioning the family needs."""
+    g = torch.Generator().manual_seed(seed)
+    dim = COMFY_UNET[family]["context_dim"]
+    cond, uncond = torch.randn(batch, 77, dim, generator=g), torch.randn(batch, 77, dim, generator=g)
+    extra = {"pooled_output": torch.randn(batch, 32, generator=g)} if family == "sdxl" else {}
+    return cond, uncond, extra
+
+
+def diffusers_backend(family: str, comfy_root: Path, seed: int = 0):
+    """A DiffusersBackend with a tiny UNet and one (SD1/SD2) or two (SDXL) tiny CLIP text encoders."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from backdoor_seal.core.backends.diffusers import DiffusersBackend
+
+    torch.manual_seed(seed)
+    common = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=32,
+    )
+    if family == "sdxl":
+        unet = UNet2DConditionModel(
+            **common,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+        )
+    else:
+        unet = UNet2DConditionModel(
+            **common,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8 if family == "sd15" else (2, 4),
+            use_linear_projection=family == "sd21",
+        )
+    text = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        projection_dim=32,
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(comfy_root / "comfy" / "sd1_tokenizer")
+    encoders = [CLIPTextModel(CLIPTextConfig(**text))]
+    if family == "sdxl":
+        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**text)))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    for module in [unet, *encoders]:
+        module.eval()
+    return DiffusersBackend(unet, encoders, [tokenizer] * len(encoders), scheduler)
