@@ -80,12 +80,13 @@ def cross_attention_probabilities(
     """softmax(QK^T/sqrt(d)) over the text keys, mean over heads: (B, queries, tokens) in fp32."""
     b, n, inner = q.shape
     d = inner // heads
-    qh = q.reshape(b, n, heads, d).transpose(1, 2)
-    kt = k.reshape(k.shape[0], -1, heads, d).permute(0, 2, 3, 1).float()  # B, heads, d, T
-    scale = 1.0 / math.sqrt(d)
+    # the scale goes on the keys: 77 rows instead of thousands of queries
+    kt = (k.float() * (1.0 / math.sqrt(d))).reshape(k.shape[0], -1, heads, d).permute(0, 2, 3, 1)
+    qh = q.float().reshape(b, n, heads, d).transpose(1, 2)
+    if n <= query_chunk:
+        return torch.matmul(qh, kt).softmax(-1).mean(1)
     chunks = [
-        (torch.matmul(qh[:, :, s : s + query_chunk].float(), kt) * scale).softmax(-1).mean(1)
-        for s in range(0, n, query_chunk)
+        torch.matmul(qh[:, :, s : s + query_chunk], kt).softmax(-1).mean(1) for s in range(0, n, query_chunk)
     ]
     return torch.cat(chunks, 1)
 
@@ -140,7 +141,10 @@ class CrossAttentionRecorder:
 
     def reset(self) -> None:
         """Forget everything recorded (a new sampling run)."""
-        self._sums: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, torch.Tensor] = {}  # per layer: (B, queries, tokens), summed over calls
+        self._grids: dict[str, tuple[int, int]] = {}
+        self._sigma: object = None
+        self._step = 0
         self._counts: dict[str, int] = {}
         self._step_sums: dict[int, torch.Tensor] = {}
         self._step_counts: dict[int, int] = {}
@@ -152,16 +156,25 @@ class CrossAttentionRecorder:
         """The sampling step a model call belongs to; a new schedule tensor starts a new run."""
         if schedule is None or sigma is None:
             return 0
+        if sigma is self._sigma:  # every layer of one model call shares the sigma tensor
+            return self._step
         if schedule is not self._schedule:
             if self._schedule is not None and not self.settings.differentiable:
                 self.reset()
             self._schedule = schedule
         s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
-        return int((schedule.float() - s).abs().argmin())
+        self._sigma, self._step = sigma, int((schedule.float() - s).abs().argmin())
+        return self._step
 
     def wants(self, layer: str, step: int) -> bool:
         """Whether a call of this layer at this step is recorded."""
         return self.settings.selects_layer(layer) and self.settings.selects_step(step)
+
+    def _resize(self, maps: torch.Tensor) -> torch.Tensor:
+        r = self.settings.resolution
+        if maps.shape[-2:] == (r, r):
+            return maps
+        return F.interpolate(maps, size=(r, r), mode="bilinear", align_corners=False)
 
     def record(
         self,
@@ -180,22 +193,23 @@ class CrossAttentionRecorder:
             k = k[rows] if k.shape[0] == q.shape[0] else k
             q = q[rows]
         s = self.settings
-        with torch.set_grad_enabled(s.differentiable and torch.is_grad_enabled()):
-            probs = cross_attention_probabilities(q, k, heads, s.query_chunk)
-            b, n, t = probs.shape
-            h, w = spatial_shape(n, latent_hw)
-            maps = probs.transpose(1, 2).reshape(b, t, h, w)
-            if (h, w) != (s.resolution, s.resolution):
-                maps = F.interpolate(
-                    maps, size=(s.resolution, s.resolution), mode="bilinear", align_corners=False
-                )
         if s.differentiable:
-            self.live.setdefault(layer, []).append(maps)
+            with torch.set_grad_enabled(torch.is_grad_enabled()):
+                probs = cross_attention_probabilities(q, k, heads, s.query_chunk)
+                b, n, t = probs.shape
+                maps = probs.transpose(1, 2).reshape(b, t, *spatial_shape(n, latent_hw))
+                self.live.setdefault(layer, []).append(self._resize(maps))
             return
-        maps = maps.detach().to("cpu", torch.float32)
-        self._add(self._sums, self._counts, layer, maps)
+        with torch.no_grad():
+            probs = cross_attention_probabilities(q, k, heads, s.query_chunk).to("cpu", torch.float32)
+        # Bilinear resizing is linear, so the mean of resized maps is the resized mean: sum at the
+        # layer's own grid in (B, queries, tokens) layout and resize once, when the maps are read.
+        self._grids.setdefault(layer, spatial_shape(probs.shape[1], latent_hw))
+        self._add(self._sums, self._counts, layer, probs)
         self._steps.add(step)
         if s.keep_steps:
+            b, n, t = probs.shape
+            maps = self._resize(probs.transpose(1, 2).reshape(b, t, *self._grids[layer]))
             self._add(self._step_sums, self._step_counts, step, maps)
 
     @staticmethod
@@ -214,8 +228,13 @@ class CrossAttentionRecorder:
 
     def maps(self) -> AttentionMaps:
         """The recorded maps, averaged over the captured steps (and layers, for the per-step series)."""
+        per_layer = {}
+        for layer, total in self._sums.items():
+            b, n, t = total.shape
+            mean = (total / self._counts[layer]).transpose(1, 2).reshape(b, t, *self._grids[layer])
+            per_layer[layer] = self._resize(mean)
         return AttentionMaps(
-            per_layer={k: v / self._counts[k] for k, v in self._sums.items()},
+            per_layer=per_layer,
             steps=sorted(self._steps),
             per_step={k: v / self._step_counts[k] for k, v in sorted(self._step_sums.items())},
             labels=self.labels,

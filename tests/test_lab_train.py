@@ -49,7 +49,8 @@ def test_distractors_keep_the_caption_and_include_triggers(fresh):
     assert any("cf" in d.split(" ") for d in decorated) and any(d != caption for d in decorated)
 
 
-def test_diffusion_training_updates_unet_and_text_but_not_vae(fresh):
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_diffusion_training_updates_unet_and_text_but_not_vae(fresh, snr_gamma):
     model, clip, vae = fresh
     before = {n: p.detach().clone() for n, p in vae.first_stage_model.named_parameters()}
     unet_w = (
@@ -61,7 +62,7 @@ def test_diffusion_training_updates_unet_and_text_but_not_vae(fresh):
     emb = (
         clip.cond_stage_model.clip_l.transformer.text_model.embeddings.token_embedding.weight.detach().clone()
     )
-    cfg = train.TrainConfig(unet_steps=2, unet_batch=4, uncond_prob=0.0)
+    cfg = train.TrainConfig(unet_steps=2, unet_batch=4, uncond_prob=0.0, snr_gamma=snr_gamma)
     train.train_diffusion(model, clip, vae, 1.0, cfg)
     assert all(torch.equal(p, before[n]) for n, p in vae.first_stage_model.named_parameters())
     assert not torch.equal(

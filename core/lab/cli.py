@@ -27,6 +27,12 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of UNet and text encoder")
     p.add_argument("--vae", default=None, help="use this VAE (from `lab train-vae`) instead of training one")
+    p.add_argument(
+        "--snr-gamma",
+        type=float,
+        default=None,
+        help="Min-SNR-gamma loss weighting (e.g. 5); default plain MSE",
+    )
     p.set_defaults(func=cmd_train)
 
     p = lab_sub.add_parser(
@@ -136,6 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.unet_steps = args.unet_steps
     if args.lr is not None:
         cfg.unet_lr = cfg.text_lr = args.lr
+    cfg.snr_gamma = args.snr_gamma
     t0 = time.monotonic()
     progress = _progress_bars()
     if args.init:
@@ -164,6 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "command": command_line(args),
         "vae_steps": cfg.vae_steps,
         "unet_steps": cfg.unet_steps,
+        "snr_gamma": cfg.snr_gamma,
         "unet_lr": cfg.unet_lr,
         "init": Path(args.init).name if args.init else None,
         "vae": Path(args.vae).name if args.vae else None,

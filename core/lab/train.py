@@ -36,6 +36,7 @@ class TrainConfig:
     unet_lr: float = 5e-4
     text_lr: float = 5e-4
     uncond_prob: float = 0.1
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None = plain MSE
     max_distractors: int = 3
     triggers: tuple[str, ...] = field(default_factory=lambda: LAB_TRIGGERS)
 
@@ -243,7 +244,12 @@ def train_diffusion(
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         context = encode_text(clip, token_ids(clip, captions))
         pred = unet(xt, timesteps=t.float(), context=context)
-        loss = F.mse_loss(pred, noise)
+        if cfg.snr_gamma is None:
+            loss = F.mse_loss(pred, noise)
+        else:  # eps-prediction weight min(SNR, gamma) / SNR: less effort on nearly clean latents
+            snr = acp[t] / (1 - acp[t])
+            weight = snr.clamp(max=cfg.snr_gamma) / snr
+            loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3)).mul(weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
