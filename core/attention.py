@@ -47,6 +47,16 @@ def require_cross_attention(
     return layers
 
 
+def selected_cross_attention(
+    model: torch.nn.Module, settings: CaptureSettings, family: str = "this model"
+) -> list[tuple[str, torch.nn.Module]]:
+    """The cross-attention layers the settings select, or a clear error when none match."""
+    layers = [(n, m) for n, m in require_cross_attention(model, family) if settings.selects_layer(n)]
+    if not layers:
+        raise ValueError(f"no cross-attention layer name contains any of {list(settings.layers)}")
+    return layers
+
+
 @dataclass(frozen=True)
 class CaptureSettings:
     """Which layers and sampling steps to record, and at what map resolution."""
@@ -117,11 +127,6 @@ class AttentionMaps:
         if not self.per_layer:
             raise ValueError("no attention was recorded: was the captured MODEL used for sampling?")
         return torch.stack(list(self.per_layer.values())).mean(0)
-
-    @property
-    def batch_size(self) -> int:
-        """How many (conditional) images the maps belong to."""
-        return next(iter(self.per_layer.values())).shape[0] if self.per_layer else 0
 
 
 class CrossAttentionRecorder:
@@ -194,11 +199,10 @@ class CrossAttentionRecorder:
             q = q[rows]
         s = self.settings
         if s.differentiable:
-            with torch.set_grad_enabled(torch.is_grad_enabled()):
-                probs = cross_attention_probabilities(q, k, heads, s.query_chunk)
-                b, n, t = probs.shape
-                maps = probs.transpose(1, 2).reshape(b, t, *spatial_shape(n, latent_hw))
-                self.live.setdefault(layer, []).append(self._resize(maps))
+            probs = cross_attention_probabilities(q, k, heads, s.query_chunk)
+            b, n, t = probs.shape
+            maps = probs.transpose(1, 2).reshape(b, t, *spatial_shape(n, latent_hw))
+            self.live.setdefault(layer, []).append(self._resize(maps))
             return
         with torch.no_grad():
             probs = cross_attention_probabilities(q, k, heads, s.query_chunk).to("cpu", torch.float32)
@@ -244,14 +248,6 @@ class CrossAttentionRecorder:
         """Differentiable mode: each layer's maps of the model calls since the last pop, stacked (calls x B x T x R x R)."""
         live, self.live = self.live, {}
         return {k: torch.stack(v) for k, v in live.items()}
-
-
-def select_tokens(maps: torch.Tensor, positions: list[int]) -> torch.Tensor:
-    """Min-max normalise each token's map (B x T x R x R -> B x len(positions) x R x R)."""
-    sel = maps[:, positions]
-    lo = sel.amin(dim=(-2, -1), keepdim=True)
-    hi = sel.amax(dim=(-2, -1), keepdim=True)
-    return (sel - lo) / (hi - lo).clamp_min(1e-12)
 
 
 @functools.cache

@@ -19,14 +19,8 @@ def display_label(label: str) -> str:
 
 def token_positions(labels: list[str], max_tokens: int, include_special: bool = False) -> list[int]:
     """Positions to show: the prompt's tokens (BOS..EOS exclusive), optionally BOS and EOS too."""
-    out = []
-    for i, lab in enumerate(labels):
-        if lab == "<pad>":
-            continue
-        if lab in SPECIAL and not include_special:
-            continue
-        out.append(i)
-    return out[:max_tokens]
+    hidden = ("<pad>",) if include_special else SPECIAL
+    return [i for i, lab in enumerate(labels) if lab not in hidden][:max_tokens]
 
 
 def _colormap(name: str):

@@ -91,6 +91,6 @@ class SealAttentionHeatmaps(io.ComfyNode):
     @classmethod
     def execute(cls, attention, images, max_tokens, include_bos_eos, opacity, colormap) -> io.NodeOutput:
         grid = overlay_grid(
-            attention.maps(), images.cpu(), max_tokens, opacity, colormap, include_special=include_bos_eos
+            attention.maps(), images, max_tokens, opacity, colormap, include_special=include_bos_eos
         )
         return io.NodeOutput(grid, ui=ui.PreviewImage(grid, cls=cls))

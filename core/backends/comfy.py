@@ -16,7 +16,7 @@ from ..attention import (
     CrossAttentionRecorder,
     UnsupportedModelError,
     find_cross_attention_layers,
-    require_cross_attention,
+    selected_cross_attention,
 )
 from ..lab.models import lab_config
 from ..safetensors_io import CONFIG_KEY, atomic_save, file_sha256, load_checkpoint
@@ -430,7 +430,10 @@ class ComfyCrossAttentionCapture:
     """
 
     def __init__(self, recorder: CrossAttentionRecorder, layer: str, inner=None) -> None:
+        from comfy.ldm.modules.attention import optimized_attention
+
         self.recorder, self.layer, self.inner = recorder, layer, inner
+        self._attention = optimized_attention
 
     def __deepcopy__(self, memo: dict) -> ComfyCrossAttentionCapture:
         return self
@@ -446,9 +449,7 @@ class ComfyCrossAttentionCapture:
             rec.record(self.layer, q, k, extra_options["n_heads"], (shape[-2], shape[-1]), step, rows)
         if self.inner is not None:  # another node's attn2 patch on this layer keeps working
             return self.inner(q, k, v, extra_options)
-        from comfy.ldm.modules.attention import optimized_attention
-
-        return optimized_attention(
+        return self._attention(
             q,
             k,
             v,
@@ -464,9 +465,7 @@ def attach_attention_recorder(model, recorder: CrossAttentionRecorder):
     family = type(model.model).__name__
     if unet is None:
         raise UnsupportedModelError(f"{family} has no diffusion_model to read cross-attention from")
-    layers = [(n, m) for n, m in require_cross_attention(unet, family) if recorder.settings.selects_layer(n)]
-    if not layers:
-        raise ValueError(f"no cross-attention layer name contains any of {list(recorder.settings.layers)}")
+    layers = selected_cross_attention(unet, recorder.settings, family)
     patched = model.clone()
     existing = (
         patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})

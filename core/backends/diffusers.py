@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..attention import CrossAttentionRecorder, fast_kernel, require_cross_attention
+from ..attention import CrossAttentionRecorder, fast_kernel, selected_cross_attention
 from ..tokens import position_labels
 
 
@@ -104,13 +104,7 @@ def recording(
     unet: torch.nn.Module, recorder: CrossAttentionRecorder, call: UNetCall, kernel: str
 ) -> Iterator[None]:
     """Swap recording processors into the selected cross-attention layers; restore the originals on exit."""
-    layers = [
-        (n, m)
-        for n, m in require_cross_attention(unet, type(unet).__name__)
-        if recorder.settings.selects_layer(n)
-    ]
-    if not layers:
-        raise ValueError(f"no cross-attention layer name contains any of {list(recorder.settings.layers)}")
+    layers = selected_cross_attention(unet, recorder.settings, type(unet).__name__)
     originals = [(m, m.processor) for _, m in layers]
     try:
         for name, module in layers:

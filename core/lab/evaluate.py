@@ -36,21 +36,15 @@ def sample_images(
     out: list[np.ndarray] = []
     for i in range(0, len(prompts), settings.batch):
         chunk, chunk_seeds = prompts[i : i + settings.batch], seeds[i : i + settings.batch]
-        cond = encode_prompts(clip, chunk)
-        uncond = encode_prompts(clip, [""]).repeat(len(chunk), 1, 1)
-        latent = torch.zeros(len(chunk), 4, 8, 8)
-        noise = backend.seeded_noise(latent, chunk_seeds)
-        samples = backend.sample(
+        samples = backend.sample_prompts(
             model,
-            noise,
-            latent,
-            cond,
-            uncond,
+            clip,
+            chunk,
+            chunk_seeds,
             settings.steps,
             settings.cfg,
             settings.sampler,
             settings.scheduler,
-            seed=chunk_seeds[0],
         )
         out.extend(tensor_to_images(vae.decode(samples)))
     return out
