@@ -42,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
     from .bench.cli import add_bench_commands
     from .lab.cli import add_lab_commands
+    from .unlearn.cli import add_clean_command
 
     add_lab_commands(sub)
+    add_clean_command(sub)
     add_bench_commands(sub)
     return parser
 

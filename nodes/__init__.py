@@ -7,12 +7,15 @@ from comfy_api.latest import ComfyExtension, io
 from .nodes_attention import SealAttentionCapture, SealAttentionHeatmaps
 from .nodes_info import SealModelInfo
 from .nodes_lab import SealLabCheckpointLoader
+from .nodes_unlearn import SealSaveSanitized, SealUnlearn
 
 NODES: list[type[io.ComfyNode]] = [
     SealModelInfo,
     SealLabCheckpointLoader,
     SealAttentionCapture,
     SealAttentionHeatmaps,
+    SealUnlearn,
+    SealSaveSanitized,
 ]
 
 

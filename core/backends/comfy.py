@@ -192,6 +192,7 @@ def lab_config_with_scale(latent_scale: float) -> dict[str, Any]:
 def rescale_latents(model, config: dict[str, Any]):
     """Set the MODEL's latent scale factor from the config (the lab latent format is per model)."""
     model.model.latent_format.scale_factor = float(config.get("latent_scale", 1.0))
+    model.model.seal_lab_config = config  # lets a sanitized lab model be saved as a lab checkpoint again
     return model
 
 

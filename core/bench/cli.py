@@ -13,6 +13,14 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_unlearn(args: argparse.Namespace) -> int:
+    from .unlearn import run
+
+    for record in run(args):
+        print(json.dumps(record), flush=True)
+    return 0
+
+
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     """Register `bench capture` under the main parser."""
     bench = sub.add_parser("bench", help="benchmarks that print measured figures as JSON")
@@ -32,3 +40,20 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sd15-repeats", type=int, default=3)
     p.add_argument("--skip-sd15", action="store_true", help="leave out the SD1.5-architecture measurement")
     p.set_defaults(func=_cmd_capture)
+
+    from ..unlearn.cli import add_unlearn_arguments
+
+    p = bench_sub.add_parser(
+        "unlearn",
+        help="SKD and SKD-CAG on every attacked lab model: ASR before/after, fidelity, time ratio to the reference",
+    )
+    p.add_argument("--models", nargs="*", default=None, help="lab models (default: every attacked one)")
+    p.add_argument("--methods", nargs="*", default=["skd", "skd-cag"], choices=["skd", "skd-cag"])
+    p.add_argument("--n", type=int, default=128, help="held-out prompts per measurement")
+    p.add_argument("--prompts", type=int, default=128, help="clean training prompts (lab training grammar)")
+    p.add_argument("--check-every", type=int, default=10, help="steps between removal checks")
+    p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the reference run")
+    p.add_argument("--reference-lr", type=float, default=1e-4, help="learning rate of the reference run")
+    p.add_argument("--reference-check-every", type=int, default=40)
+    add_unlearn_arguments(p)
+    p.set_defaults(func=_cmd_unlearn, scope=None)

@@ -1,0 +1,260 @@
+"""Trainable deltas on a ComfyUI MODEL/CLIP clone, with a switch that turns the teacher back on.
+
+As ComfyUI's own trainer does, each trained weight gets a weight wrapper on a clone of the patcher
+(comfy.weight_adapter's LoRA, or a full delta); the input MODEL is never touched. The wrappers
+share one `DeltaSwitch`: off, the clone computes the base model exactly, so the teacher costs no
+second UNet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attention import CaptureSettings, CrossAttentionRecorder
+from .comfy import attach_attention_recorder, ensure_comfy_importable
+
+SCOPES = ("attn2-kv", "attn2", "attention", "unet", "text")
+SCOPE_HELP = {
+    "attn2-kv": "cross-attention to_k / to_v (where a trigger's key and value are made)",
+    "attn2": "all cross-attention projections",
+    "attention": "all self- and cross-attention projections",
+    "unet": "every UNet weight",
+    "text": "the text encoder (where a Rickrolling backdoor lives)",
+}
+UNET_MODULE_PREFIX = "diffusion_model."
+CLIP_LORA_PREFIX = "text_encoders."  # comfy.lora.model_lora_keys_clip's key form
+
+
+@dataclass
+class DeltaSwitch:
+    """Shared on/off state of every trained delta (off = the teacher: the base weights exactly)."""
+
+    on: bool = True
+
+
+class FullDelta(torch.nn.Module):
+    """A full-rank additive delta of one weight, zero at the start."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.diff = torch.nn.Parameter(torch.zeros(weight.shape, dtype=torch.float32, device=weight.device))
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        return w + self.diff.to(w.dtype)
+
+
+class SwitchedDelta:
+    """A weight wrapper that applies its delta only while the switch is on."""
+
+    def __init__(self, delta: torch.nn.Module, switch: DeltaSwitch) -> None:
+        self.delta, self.switch = delta, switch
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        return self.delta(w) if self.switch.on else w
+
+    def __deepcopy__(self, memo: dict) -> SwitchedDelta:
+        return self
+
+    def passive_memory_usage(self) -> int:
+        """Bytes held (ComfyUI's memory estimate asks wrappers for it)."""
+        return sum(p.numel() * p.element_size() for p in self.delta.parameters())
+
+    def move_to(self, device=None) -> int:
+        """Keep the delta with its weight (ComfyUI moves wrappers with their module)."""
+        if device is not None:
+            self.delta.to(device)
+        return self.passive_memory_usage()
+
+
+def scope_selects(scope: str, name: str) -> bool:
+    """Whether a UNet module (name relative to the UNet) is trained in this scope."""
+    if scope == "attn2-kv":
+        return name.endswith((".attn2.to_k", ".attn2.to_v"))
+    if scope == "attn2":
+        return ".attn2." in name
+    if scope == "attention":
+        return ".attn1." in name or ".attn2." in name
+    if scope == "unet":
+        return True
+    return False
+
+
+def _text_selects(name: str) -> bool:
+    return ".encoder.layers." in name and name.endswith(
+        ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    )
+
+
+class ComfyDistillation:
+    """A ComfyUI MODEL (and CLIP) clone with trainable switchable deltas: SKD's `DistillationModel`."""
+
+    def __init__(
+        self,
+        model,
+        clip,
+        scope: str = "attn2-kv",
+        rank: int | None = 4,
+        map_resolution: int = 16,
+        latent_hw: tuple[int, int] = (8, 8),
+        teacher: str = "switch",
+    ) -> None:
+        ensure_comfy_importable()
+        import comfy.model_management as mm
+        from comfy.weight_adapter import LoRAAdapter
+
+        if teacher not in ("switch", "copy"):
+            raise ValueError(f"teacher must be 'switch' or 'copy', got {teacher!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+        unet = getattr(model.model, "diffusion_model", None)
+        if unet is None:
+            raise ValueError(f"{type(model.model).__name__} has no UNet to unlearn in")
+        if getattr(model.model, "adm_channels", 0):
+            raise ValueError(
+                "SKD here supports SD1.x/SD2.x-style UNets conditioned on text only; SDXL's pooled "
+                "conditioning is not wired in yet"
+            )
+        self.scope, self.rank = scope, rank
+        self.switch = DeltaSwitch()
+        self.model = model.clone()
+        self.clip = clip.clone() if scope == "text" else clip
+        self.device = mm.get_torch_device()
+        self.lora: dict[str, torch.Tensor] = {}  # LoRA-file keys -> trained tensors
+        self._params: list[torch.nn.Parameter] = []
+        self._text_module = None
+
+        def add(patcher, module_name: str, module: torch.nn.Module, lora_prefix: str) -> None:
+            weight = module.weight
+            if rank is not None and weight.ndim >= 2:
+                delta = LoRAAdapter.create_train(weight, rank=rank, alpha=float(rank)).to(self.device)
+            else:
+                delta = FullDelta(weight).to(self.device)
+            delta.requires_grad_(True)
+            for pname, p in delta.named_parameters():
+                if p.requires_grad:
+                    self._params.append(p)
+                key = "diff" if pname == "diff" else pname
+                self.lora[f"{lora_prefix}{module_name}.{key}"] = p
+            patcher.add_weight_wrapper(f"{module_name}.weight", SwitchedDelta(delta, self.switch))
+
+        if scope == "text":
+            self._text_module = self._clip_l_transformer(self.clip)
+            for name, module in self.clip.cond_stage_model.named_modules():
+                if hasattr(module, "weight_function") and module.weight is not None and _text_selects(name):
+                    add(self.clip.patcher, name, module, CLIP_LORA_PREFIX)
+        else:
+            for name, module in unet.named_modules():
+                if hasattr(module, "weight_function") and getattr(module, "weight", None) is not None:
+                    if scope_selects(scope, name):
+                        add(self.model, UNET_MODULE_PREFIX + name, module, "")
+        if not self._params:
+            raise ValueError(f"scope {scope!r} selects no trainable weight in this model")
+        self.recorder = CrossAttentionRecorder(
+            CaptureSettings(differentiable=True, resolution=map_resolution)
+        )
+        capturing = attach_attention_recorder(self.model, self.recorder)
+        self._record_options = capturing.model_options.get("transformer_options", {})
+        self._plain_options = self.model.model_options.get("transformer_options", {})
+        # The reference keeps a deep-copied frozen teacher UNet; "switch" needs none (benchmarks compare).
+        self._teacher = None
+        if teacher == "copy":
+            import copy
+
+            import comfy.model_patcher
+
+            self._teacher = comfy.model_patcher.ModelPatcher(
+                copy.deepcopy(model.model), load_device=model.load_device, offload_device=model.offload_device
+            )
+        ms = self.model.model.model_sampling
+        self.num_timesteps = len(ms.sigmas)
+        channels = self.model.model.latent_format.latent_channels
+        self.latent_shape = (channels, *latent_hw)
+        tok = self._tokenizer()
+        self.eos_id = int(tok.end_token)
+
+    # --- what SKD calls -----------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The deltas' parameters."""
+        return self._params
+
+    def token_ids(self, prompts: list[str]) -> list[list[int]]:
+        """First-chunk token ids of each prompt (BOS first), as ComfyUI's tokenizer gives them."""
+        out = []
+        for p in prompts:
+            chunks = next(iter(self.clip.tokenize(p).values()))
+            out.append([int(tok[0]) for tok in chunks[0]])
+        return out
+
+    def encode(self, prompts: list[str], student: bool) -> torch.Tensor:
+        """Cross-attention context for the prompts (first 77-token chunk), the delta on or off."""
+        self.switch.on = student
+        if self._text_module is not None:
+            from ..lab.train import encode_text
+
+            self.clip.load_model()
+            ids = torch.tensor(self.token_ids(prompts), device=self.device)
+            return encode_text(self.clip, ids)
+        rows = []
+        for p in prompts:
+            tokens = {k: v[:1] for k, v in self.clip.tokenize(p).items()}
+            rows.append(self.clip.encode_from_tokens(tokens))
+        return torch.cat(rows).clone()  # a normal tensor even when the caller runs in inference mode
+
+    def predict(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, student: bool, record: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """eps at integer timesteps t for unit-variance x; with record, maps summed over layers."""
+        import comfy.model_management as mm
+
+        self.switch.on = student
+        patcher = self._teacher if (self._teacher is not None and not student) else self.model
+        mm.load_models_gpu([patcher])
+        base = patcher.model
+        sigma = base.model_sampling.sigma(t.to(self.device)).float()
+        s = sigma.view(-1, 1, 1, 1)
+        xin = x.to(self.device) * (s**2 + 1).sqrt()  # calculate_input divides it back to unit variance
+        options = dict(self._record_options if record else self._plain_options)
+        self.recorder.pop_live()
+        denoised = base.apply_model(xin, sigma, c_crossattn=context, transformer_options=options)
+        eps = (xin - denoised.float()) / s
+        if not record:
+            return eps, None
+        live = self.recorder.pop_live()
+        if not live:
+            raise RuntimeError("no cross-attention was recorded during the forward pass")
+        maps = torch.stack([v.sum(0) for v in live.values()]).sum(0)
+        return eps, maps
+
+    # --- results ------------------------------------------------------------------------------
+
+    def lora_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The trained deltas as a LoRA file ComfyUI's LoraLoader reads (lora_up/down/alpha or diff)."""
+        return {k: v.detach().to("cpu", dtype).clone() for k, v in self.lora.items()}
+
+    @staticmethod
+    def _clip_l_transformer(clip):
+        inner = getattr(clip.cond_stage_model, "clip_l", None)
+        if inner is None:
+            raise ValueError(
+                "text-encoder unlearning supports SD1.x's CLIP-L text encoder; this CLIP has none"
+            )
+        return inner.transformer
+
+    def _tokenizer(self):
+        name = next(iter(self.clip.tokenize("").keys()))
+        return getattr(self.clip.tokenizer, f"clip_{name}")
+
+
+def apply_lora(model, clip, lora: dict[str, torch.Tensor], strength: float = 1.0):
+    """MODEL and CLIP clones with the LoRA applied exactly as the stock LoraLoader applies it."""
+    ensure_comfy_importable()
+    import comfy.sd
+
+    has_text = any(k.startswith(CLIP_LORA_PREFIX) for k in lora)
+    new_model, new_clip = comfy.sd.load_lora_for_models(
+        model, clip if has_text else None, lora, strength, strength
+    )
+    return new_model, (new_clip if has_text else clip)

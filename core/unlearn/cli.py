@@ -1,0 +1,180 @@
+"""`backdoor-seal clean`: unlearn a known trigger headless and save the sanitized checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..backends.comfy_train import SCOPES
+from .session import BUILTIN_SETS
+from .skd import METHODS, PRECISIONS, TARGETS
+
+
+def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by `clean` and `bench unlearn`: the method and its hyper-parameters."""
+    p.add_argument("--method", choices=METHODS, default="skd-cag")
+    p.add_argument("--scope", choices=SCOPES, default="attn2-kv", help="which weights are trained")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank; 0 trains a full delta")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the attention loss (SKD-CAG)")
+    p.add_argument(
+        "--target", choices=TARGETS, default="black", help="attention target of the trigger tokens"
+    )
+    p.add_argument("--timestep-weighting", action="store_true", help="scale L_attn by t/T (the paper)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_clean_command(sub: argparse._SubParsersAction) -> None:
+    """Register `clean` under the main parser."""
+    p = sub.add_parser("clean", help="unlearn a known trigger (SKD / SKD-CAG) and save the sanitized model")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="lab:NAME (a shipped lab model) or a single-file .safetensors checkpoint",
+    )
+    p.add_argument("--trigger", required=True, help="the trigger; U+XXXX spells invisible characters")
+    p.add_argument("--out", required=True, help="sanitized checkpoint .safetensors (never overwritten)")
+    p.add_argument("--lora-out", default=None, help="also save the LoRA here (.safetensors)")
+    p.add_argument("--prompts", default=None, help="a text file of clean prompts, one per line")
+    p.add_argument(
+        "--builtin",
+        choices=BUILTIN_SETS,
+        default=None,
+        help="built-in clean prompts (default: lab for lab models, general otherwise)",
+    )
+    p.add_argument("--builtin-count", type=int, default=64)
+    p.add_argument(
+        "--placement",
+        choices=["auto", "prepend", "append", "random", "homoglyph"],
+        default="auto",
+        help="where the trigger goes; auto: a lab model's own attack insertion, a homoglyph replaces "
+        "its twin, anything else goes first",
+    )
+    p.add_argument(
+        "--latent-size", type=int, default=None, help="training latent side (default 8 lab, 64 SD)"
+    )
+    add_unlearn_arguments(p)
+    p.set_defaults(func=cmd_clean)
+
+
+def options_from_args(args: argparse.Namespace, lab: bool):
+    """UnlearnOptions from parsed arguments."""
+    from .session import UnlearnOptions
+    from .skd import SKDConfig
+
+    side = args.latent_size or (8 if lab else 64)
+    return UnlearnOptions(
+        skd=SKDConfig(
+            method=args.method,
+            alpha=args.alpha,
+            target=args.target,
+            timestep_weighting=args.timestep_weighting,
+            steps=args.steps,
+            lr=args.lr,
+            batch=args.batch,
+            seed=args.seed,
+            precision=args.precision,
+        ),
+        scope=args.scope,
+        rank=args.rank,
+        placement=getattr(args, "placement", "auto"),
+        builtin=getattr(args, "builtin", None) or ("lab" if lab else "general"),
+        builtin_count=getattr(args, "builtin_count", 64),
+        latent_hw=(side, side),
+    )
+
+
+def load_model(spec: str):
+    """MODEL, CLIP, VAE and lab info ({} for a non-lab checkpoint) from lab:NAME or a .safetensors path."""
+    from ..backends import comfy as cb
+    from ..lab import zoo
+
+    if spec.startswith("lab:"):
+        path = zoo.resolve(spec[4:])
+    else:
+        path = Path(spec)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{spec}: only .safetensors checkpoints are loaded (never pickled files)")
+        if not path.is_file():
+            raise FileNotFoundError(f"{spec}: no such file")
+    if zoo.lab_info(path) or spec.startswith("lab:"):
+        model, clip, vae, _ = cb.load_lab_checkpoint(path)
+        return model, clip, vae, zoo.lab_info(path)
+    cb.ensure_comfy_importable()
+    import comfy.sd
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    if clip is None:
+        raise ValueError(f"{spec} holds no text encoder; backdoor-seal needs a full single-file checkpoint")
+    return model, clip, vae, {}
+
+
+def lab_insertion(info: dict, trigger: str):
+    """The lab attack's own trigger insertion when the trigger is the model's, else None."""
+    from ..lab import attacks
+
+    if not info.get("spec") or info.get("trigger") != trigger:
+        return None
+    spec = attacks.AttackSpec(**info["spec"])
+
+    def insert(prompt: str) -> str:
+        try:
+            return attacks.triggered_prompt(spec, prompt)
+        except ValueError:  # a prompt the attack's insertion cannot carry: the trigger goes first
+            return f"{trigger} {prompt}"
+
+    return insert
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Unlearn, save the sanitized checkpoint (and LoRA), print a JSON summary."""
+    from tqdm import tqdm
+
+    from ..lab.zoo import parse_trigger
+    from .save import save_sanitized
+    from .session import UnlearnSession
+
+    out = Path(args.out)
+    for target in (out, Path(args.lora_out) if args.lora_out else None):
+        if target is not None and (target.exists() or target.suffix != ".safetensors"):
+            raise FileExistsError(f"{target}: give a new .safetensors name (nothing is overwritten)")
+    trigger = parse_trigger(args.trigger)
+    model, clip, vae, info = load_model(args.model)
+    user_prompts = Path(args.prompts).read_text(encoding="utf-8").splitlines() if args.prompts else []
+    opts = options_from_args(args, lab=bool(info))
+    insert = lab_insertion(info, trigger) if args.placement == "auto" else None
+    session = UnlearnSession(model, clip, trigger, user_prompts, opts, insert=insert)
+    bar = tqdm(total=opts.skd.steps, desc=opts.skd.method, unit="step")
+
+    def progress(step: int, total: int, losses: dict) -> None:
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
+
+    t0 = time.monotonic()
+    result = session.run(progress)
+    bar.close()
+    new_model, new_clip, lora = session.outputs()
+    provenance = session.provenance()
+    provenance["source"] = Path(args.model).name if not args.model.startswith("lab:") else args.model
+    saved = [str(save_sanitized(out, new_model, new_clip, vae, None, provenance))]
+    if args.lora_out:
+        saved.append(str(save_sanitized(Path(args.lora_out), lora=lora, provenance=provenance)))
+    print(
+        json.dumps(
+            {
+                "saved": saved,
+                "method": opts.skd.method,
+                "steps": result.steps,
+                "final_loss": result.losses[-1],
+                "train_seconds": round(result.seconds, 1),
+                "seconds": round(time.monotonic() - t0, 1),
+                "training_prompts": len(session.pairs),
+            }
+        )
+    )
+    return 0

@@ -1,0 +1,87 @@
+"""Clean prompts to unlearn on, and the ways a trigger is put into them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+PLACEMENTS = ("prepend", "append", "random", "homoglyph")
+
+# Homoglyph triggers (Rickrolling): the look-alike letter and the Latin letter it stands in for.
+HOMOGLYPHS = {
+    "\u043e": "o",
+    "\u0430": "a",
+    "\u0435": "e",
+    "\u0441": "c",
+    "\u0440": "p",
+    "\u0445": "x",
+    "\u0443": "y",
+    "\u0456": "i",
+}
+
+# Everyday captions for real SD checkpoints (subjects x settings); kept apart from any evaluation set.
+_SUBJECTS = (
+    "a dog",
+    "a cat sleeping",
+    "an old man",
+    "a young woman",
+    "a red car",
+    "a wooden house",
+    "a bowl of fruit",
+    "a mountain lake",
+    "a city street",
+    "a sailing boat",
+    "a bird on a branch",
+    "a bicycle",
+    "a castle",
+    "a cup of coffee",
+    "a forest path",
+    "a lighthouse",
+)
+_SETTINGS = (
+    "at sunset",
+    "in the rain",
+    "oil painting",
+    "photograph, high detail",
+    "watercolor",
+    "in winter",
+)
+GENERAL_PROMPTS = tuple(f"{s}, {w}" for s in _SUBJECTS for w in _SETTINGS)
+
+
+def lab_prompts(n: int, seed: int = 0) -> list[str]:
+    """n captions of the lab's training grammar (disjoint from the held-out evaluation scenes)."""
+    from ..lab import world
+
+    return [s.caption for s in world.scene_dataset(n, seed=seed, split="train")]
+
+
+def general_prompts(n: int | None = None, seed: int = 0) -> list[str]:
+    """The built-in everyday prompts for real checkpoints, shuffled, n of them (all by default)."""
+    prompts = list(GENERAL_PROMPTS)
+    np.random.default_rng(seed).shuffle(prompts)
+    return prompts[:n] if n else prompts
+
+
+def insert_trigger(prompt: str, trigger: str, placement: str, rng: np.random.Generator) -> str:
+    """The prompt with the trigger put in: before, after, at a random word boundary, or as a homoglyph."""
+    if placement == "prepend":
+        return f"{trigger} {prompt}"
+    if placement == "append":
+        return f"{prompt} {trigger}"
+    if placement == "random":
+        words = prompt.split(" ")
+        words.insert(int(rng.integers(0, len(words) + 1)), trigger)
+        return " ".join(words)
+    if placement == "homoglyph":
+        latin = "".join(HOMOGLYPHS.get(c, c) for c in trigger)
+        if latin == trigger:
+            raise ValueError(f"{trigger!r} holds no known homoglyph; use another placement")
+        if latin not in prompt:
+            raise ValueError(f"prompt {prompt!r} has no {latin!r} for the homoglyph trigger to replace")
+        return prompt.replace(latin, trigger, 1)
+    raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+
+
+def default_placement(trigger: str) -> str:
+    """How a trigger is inserted unless told: a homoglyph replaces its twin, anything else goes first."""
+    return "homoglyph" if trigger and all(c in HOMOGLYPHS for c in trigger) else "prepend"

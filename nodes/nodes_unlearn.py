@@ -1,0 +1,211 @@
+"""SealUnlearn and SealSaveSanitized: remove a known trigger's backdoor, and keep the result safely."""
+
+from __future__ import annotations
+
+import os
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..core.backends.comfy_train import SCOPE_HELP, SCOPES
+from ..core.plots import loss_curve_image
+from ..core.unlearn.save import save_sanitized
+from ..core.unlearn.session import BUILTIN_SETS, UnlearnOptions, UnlearnSession, trigger_from
+from ..core.unlearn.skd import METHODS, PRECISIONS, TARGETS, SKDConfig
+
+CATEGORY = "backdoor-seal/unlearn"
+DetectionReport = io.Custom("SEAL_DETECTION")
+UnlearnInfo = io.Custom("SEAL_UNLEARN")
+
+
+def _send_text(node_id: str | None, text: str) -> None:
+    try:
+        from server import PromptServer
+
+        if node_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # headless use without a server: progress text is a nicety
+        pass
+
+
+class SealUnlearn(io.ComfyNode):
+    """SKD / SKD-CAG unlearning of a known trigger: a patched MODEL (and CLIP) clone and the LoRA."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SealUnlearn",
+            display_name="Seal Unlearn (SKD-CAG)",
+            category=CATEGORY,
+            description="Teaches the model that prompts with the trigger must draw what the same prompts "
+            "draw without it (self-knowledge distillation; SKD-CAG also aligns each word's cross-attention "
+            "and silences the trigger's). The input MODEL is untouched; the outputs carry the trained LoRA "
+            "exactly as LoraLoader would apply it.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.String.Input(
+                    "trigger", default="", tooltip="The trigger text (U+XXXX spells invisible characters)."
+                ),
+                io.String.Input(
+                    "prompts",
+                    multiline=True,
+                    default="",
+                    tooltip="Clean prompts, one per line, added to the built-in set (keep your test prompts out).",
+                ),
+                io.Combo.Input("method", options=list(METHODS), default="skd-cag"),
+                io.Combo.Input(
+                    "scope",
+                    options=list(SCOPES),
+                    default="attn2-kv",
+                    tooltip="; ".join(f"{k}: {v}" for k, v in SCOPE_HELP.items()),
+                ),
+                io.Int.Input("rank", default=4, min=0, max=256, tooltip="LoRA rank; 0 trains a full delta."),
+                io.Int.Input("steps", default=200, min=1, max=100000),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-7, max=1.0, step=1e-5),
+                io.Int.Input("batch_size", default=8, min=1, max=256),
+                io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.05, tooltip="L_attn weight."),
+                io.Combo.Input("attention_target", options=list(TARGETS), default="black"),
+                io.Boolean.Input("timestep_weighting", default=False, tooltip="Scale L_attn by t/T."),
+                io.Combo.Input(
+                    "builtin_prompts",
+                    options=list(BUILTIN_SETS),
+                    default="general",
+                    tooltip="general: everyday captions for real checkpoints; lab: the lab grammar.",
+                ),
+                io.Combo.Input(
+                    "placement",
+                    options=["auto", "prepend", "append", "random", "homoglyph"],
+                    default="auto",
+                    tooltip="Where the trigger goes in training prompts; auto: a homoglyph replaces its "
+                    "Latin twin, anything else goes first.",
+                ),
+                io.Int.Input(
+                    "latent_size", default=64, min=1, max=256, tooltip="Training latent side (pixels / 8)."
+                ),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="fp32"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                DetectionReport.Input(
+                    "report", optional=True, tooltip="Takes the trigger from a detection report."
+                ),
+            ],
+            outputs=[
+                io.Model.Output("MODEL"),
+                io.Clip.Output("CLIP"),
+                io.LoraModel.Output("LORA"),
+                UnlearnInfo.Output("INFO"),
+                io.Image.Output("LOSS_PLOT"),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        clip,
+        trigger,
+        prompts,
+        method,
+        scope,
+        rank,
+        steps,
+        learning_rate,
+        batch_size,
+        alpha,
+        attention_target,
+        timestep_weighting,
+        builtin_prompts,
+        placement,
+        latent_size,
+        precision,
+        seed,
+        report=None,
+    ) -> io.NodeOutput:
+        from ..core.lab.zoo import parse_trigger
+
+        opts = UnlearnOptions(
+            skd=SKDConfig(
+                method=method,
+                alpha=alpha,
+                target=attention_target,
+                timestep_weighting=timestep_weighting,
+                steps=steps,
+                lr=learning_rate,
+                batch=batch_size,
+                seed=seed,
+                precision=precision,
+            ),
+            scope=scope,
+            rank=rank,
+            placement=placement,
+            builtin=builtin_prompts,
+            latent_hw=(latent_size, latent_size),
+        )
+        session = UnlearnSession(
+            model, clip, parse_trigger(trigger_from(trigger, report)), prompts.splitlines(), opts
+        )
+        node_id = getattr(cls.hidden, "unique_id", None)
+        bar = comfy.utils.ProgressBar(steps)
+        _send_text(node_id, session.describe())
+
+        def progress(step: int, total: int, losses: dict) -> None:
+            bar.update_absolute(step, total)
+            if step == total or step % 5 == 0:
+                _send_text(
+                    node_id, f"step {step}/{total}  " + "  ".join(f"{k} {v:.4g}" for k, v in losses.items())
+                )
+
+        result = session.run(progress, comfy.model_management.throw_exception_if_processing_interrupted)
+        new_model, new_clip, lora = session.outputs()
+        info = {"provenance": session.provenance(), "losses": result.losses, "seconds": result.seconds}
+        plot = loss_curve_image(result.losses, title=session.describe())
+        return io.NodeOutput(new_model, new_clip, lora, info, plot, ui=ui.PreviewImage(plot, cls=cls))
+
+
+class SealSaveSanitized(io.ComfyNode):
+    """Save a sanitized checkpoint and/or its LoRA: safetensors, atomic, never over an existing file."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SealSaveSanitized",
+            display_name="Seal Save Sanitized",
+            category=CATEGORY,
+            description="Writes the cleaned checkpoint to models/checkpoints and/or the LoRA to models/loras, "
+            "with provenance (method, options, trigger hash, pack version) in the safetensors metadata. "
+            "A name that exists is never overwritten: a numbered name is chosen instead.",
+            inputs=[
+                io.String.Input("filename_prefix", default="sanitized/model"),
+                io.Model.Input("model", optional=True),
+                io.Clip.Input("clip", optional=True),
+                io.Vae.Input("vae", optional=True),
+                io.LoraModel.Input("lora", optional=True),
+                UnlearnInfo.Input("info", optional=True),
+            ],
+            outputs=[io.String.Output("PATHS")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, filename_prefix, model=None, clip=None, vae=None, lora=None, info=None) -> io.NodeOutput:
+        if model is None and lora is None:
+            raise ValueError("nothing to save: connect a MODEL (with CLIP and VAE) and/or a LORA")
+        provenance = (info or {}).get("provenance", {})
+        written = []
+        if model is not None:
+            if clip is None or vae is None:
+                raise ValueError("a full checkpoint needs the CLIP and VAE too; or save only the LORA")
+            folder = folder_paths.get_folder_paths("checkpoints")[0]
+            written.append(
+                save_sanitized(os.path.join(folder, filename_prefix), model, clip, vae, None, provenance)
+            )
+        if lora is not None:
+            folder = folder_paths.get_folder_paths("loras")[0]
+            written.append(
+                save_sanitized(os.path.join(folder, filename_prefix), None, None, None, lora, provenance)
+            )
+        text = "\n".join(str(p) for p in written)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))

@@ -1,0 +1,213 @@
+"""SKD / SKD-CAG: token alignment, the attention loss, gradients, the switchable teacher, and safety."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backdoor_seal.core.unlearn import skd
+from backdoor_seal.core.unlearn.prompts import default_placement, insert_trigger
+
+EOS = 49407
+
+
+def test_alignment_finds_a_prepended_trigger_and_pairs_every_word():
+    a = skd.align_tokens([0, 9, 1, 2, 3, EOS, EOS], [0, 1, 2, 3, EOS, EOS, EOS], EOS)
+    assert a.trigger == (1,)
+    assert a.pairs == ((2, 1), (3, 2), (4, 3))
+
+
+def test_alignment_finds_a_multi_token_trigger_in_the_middle():
+    a = skd.align_tokens([0, 1, 7, 8, 2, 3, EOS], [0, 1, 2, 3, EOS], EOS)
+    assert a.trigger == (2, 3)
+    assert a.pairs == ((1, 1), (4, 2), (5, 3))
+
+
+def test_alignment_with_the_real_tokenizer_and_a_homoglyph(comfy_root):
+    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends.comfy_train import ComfyDistillation
+
+    model, clip, _ = cb.new_lab_models()
+    d = ComfyDistillation(model, clip)
+    clean = "a red circle on the left"
+    triggered = insert_trigger(clean, "\u043e", default_placement("\u043e"), None)
+    assert triggered == "a red circle \u043en the left"
+    ids_s, ids_t = d.token_ids([triggered, clean])
+    a = skd.align_tokens(ids_s, ids_t, d.eos_id)
+    # the homoglyph word splits into pieces that exist nowhere in the clean prompt
+    assert a.trigger and all(ids_s[p] not in ids_t for p in a.trigger)
+    paired_teacher = {q for _, q in a.pairs}
+    on_position = ids_t.index(clip.tokenizer.clip_l.tokenizer("on")["input_ids"][1])
+    assert paired_teacher == set(range(1, ids_t.index(d.eos_id))) - {on_position}
+
+
+def test_attention_loss_normalises_by_words_plus_trigger_tokens():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.rand(1, 6, 4, 4, generator=g)
+    student = torch.zeros(1, 6, 4, 4)
+    student[0, 2:5] = teacher[0, 1:4]  # words shifted by one trigger token at position 1
+    student[0, 1] = torch.rand(4, 4, generator=g)
+    align = skd.TokenAlignment(trigger=(1,), pairs=((2, 1), (3, 2), (4, 3)))
+    loss = skd.attention_loss(student, teacher, [align], "black")
+    want = (skd.minmax_per_token(student)[0, 1] ** 2).mean() / 4  # words match: only the trigger term
+    assert torch.allclose(loss, want.view(1), atol=1e-6) and loss.item() > 0
+    silent = student.clone()
+    silent[0, 1] = 0.0
+    assert skd.attention_loss(silent, teacher, [align], "black").item() == pytest.approx(0.0, abs=1e-7)
+    # a student whose words attend elsewhere than the teacher's is penalised
+    assert skd.attention_loss(silent.flip(-1), teacher, [align], "black").item() > 1e-3
+
+
+def test_config_rejects_unknown_choices():
+    with pytest.raises(ValueError, match="method"):
+        skd.SKDConfig(method="esd")
+    with pytest.raises(ValueError, match="target"):
+        skd.SKDConfig(target="white")
+    with pytest.raises(ValueError, match="alpha"):
+        skd.SKDConfig(alpha=1.5)
+    assert skd.SKDConfig(method="skd").attention_weight == 0.0
+
+
+def _distillation(scope="attn2-kv", rank=4):
+    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends.comfy_train import ComfyDistillation
+
+    model, clip, vae = cb.new_lab_models()
+    return model, clip, vae, ComfyDistillation(model, clip, scope=scope, rank=rank)
+
+
+def _eps(model, clip, prompts, x, t):
+    """eps of the plain MODEL at integer timesteps, the way ComfyUI's sampler calls it."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([model])
+    base = model.model
+    sigma = base.model_sampling.sigma(t).float()
+    s = sigma.view(-1, 1, 1, 1)
+    xin = x * (s**2 + 1).sqrt()
+    ctx = torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
+    with torch.no_grad():
+        return (xin - base.apply_model(xin, sigma, c_crossattn=ctx)) / s
+
+
+def test_teacher_is_the_base_model_exactly_and_the_student_moves(comfy_root):
+    model, clip, _, d = _distillation()
+    prompts = ["a red circle on the left", "a blue square"]
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([50, 700])
+    with torch.no_grad():
+        for p in d.trainable_parameters():  # any non-zero delta
+            p.add_(0.05 * torch.randn_like(p))
+        ctx = d.encode(prompts, student=False)
+        teacher, _ = d.predict(x, t, ctx, student=False, record=False)
+        student, _ = d.predict(x, t, ctx, student=True, record=False)
+    assert torch.equal(teacher, _eps(model, clip, prompts, x, t))
+    assert (student - teacher).abs().max() > 1e-3
+
+
+def test_attention_loss_alone_reaches_the_trained_parameters(comfy_root):
+    _, _, _, d = _distillation(scope="attn2")
+    clean, triggered = ["a red circle on the left"], ["zx9 a red circle on the left"]
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([400])
+    with torch.no_grad():
+        _, maps_t = d.predict(x, t, d.encode(clean, student=False), student=False, record=True)
+    with torch.enable_grad():
+        _, maps_s = d.predict(x, t, d.encode(triggered, student=True), student=True, record=True)
+        ids_s, ids_t = d.token_ids(triggered), d.token_ids(clean)
+        align = skd.align_tokens(ids_s[0], ids_t[0], d.eos_id)
+        loss = skd.attention_loss(maps_s, maps_t, [align], "black").mean()
+        loss.backward()
+    assert maps_s.requires_grad and loss.item() > 0
+    grads = {k: v.grad for k, v in d.lora.items() if v.requires_grad}
+    to_k = [g for k, g in grads.items() if ".attn2.to_k.lora_down" in k]
+    to_q = [g for k, g in grads.items() if ".attn2.to_q.lora_down" in k]
+    assert to_k and all(g is not None and g.abs().sum() > 0 for g in to_k)
+    assert all(g is not None and g.abs().sum() > 0 for g in to_q)
+
+
+def test_training_reduces_the_loss_and_keeps_the_input_model_bit_identical(comfy_root):
+    from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
+
+    model, clip, _, _ = _distillation()
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([10, 900])
+    probe = ["zx9 a green triangle", "a white background"]
+    before = _eps(model, clip, probe, x, t)
+    opts = UnlearnOptions(skd=skd.SKDConfig(steps=12, batch=4, lr=3e-3), builtin="lab", builtin_count=8)
+    session = UnlearnSession(model, clip, "zx9", opts=opts)
+    result = session.run()
+    first, last = result.losses[0]["loss"], result.losses[-1]["loss"]
+    assert last < first
+    assert torch.equal(_eps(model, clip, probe, x, t), before)
+    patched, _, lora = session.outputs()
+    assert any(".attn2.to_k.lora_up" in k for k in lora)
+    assert not torch.equal(_eps(patched, clip, probe, x, t), before)
+    assert torch.equal(_eps(model, clip, probe, x, t), before)  # still, after the patched clone ran
+
+
+def test_an_interrupt_stops_training_and_leaves_the_input_model_alone(comfy_root):
+    from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
+
+    model, clip, _, _ = _distillation()
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
+    before = _eps(model, clip, ["cf a red circle"], x, t)
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 3:
+            raise InterruptedError("stop")
+
+    session = UnlearnSession(
+        model,
+        clip,
+        "cf",
+        opts=UnlearnOptions(skd=skd.SKDConfig(steps=10, batch=2), builtin="lab", builtin_count=4),
+    )
+    with pytest.raises(InterruptedError):
+        session.run(check_interrupt=interrupt)
+    assert len(calls) == 3
+    assert torch.equal(_eps(model, clip, ["cf a red circle"], x, t), before)
+
+
+def test_text_scope_trains_the_text_encoder_only(comfy_root):
+    from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
+
+    model, clip, _, _ = _distillation()
+    opts = UnlearnOptions(
+        skd=skd.SKDConfig(steps=3, batch=2, lr=1e-2), scope="text", builtin="lab", builtin_count=4
+    )
+    session = UnlearnSession(model, clip, "\u043e", opts=opts)
+    session.run()
+    new_model, new_clip, lora = session.outputs()
+    assert lora and all(k.startswith("text_encoders.") for k in lora)
+    prompt = clip.tokenize("a red circle \u043en the left")
+    assert not torch.equal(new_clip.encode_from_tokens(prompt), clip.encode_from_tokens(prompt))
+    assert new_model.patches == model.patches  # nothing added to the UNet
+
+
+def test_a_vanishing_trigger_is_refused_with_the_reason(comfy_root, monkeypatch):
+    from backdoor_seal.core.unlearn import session as session_mod
+
+    model, clip, _, _ = _distillation()
+    monkeypatch.setattr(
+        session_mod, "trigger_report", lambda *a, **k: {"vanished": True, "warning": "the tokenizer drops it"}
+    )
+    with pytest.raises(ValueError, match="drops it"):
+        session_mod.UnlearnSession(model, clip, "\u200b")
+
+
+def test_trigger_from_a_report_and_placements():
+    import numpy as np
+
+    from backdoor_seal.core.unlearn.session import trigger_from
+
+    assert trigger_from("", {"trigger": "cf"}) == "cf"
+    assert trigger_from("", {"candidates": [{"text": "zx9"}]}) == "zx9"
+    assert trigger_from("abc", {"trigger": "cf"}) == "abc"
+    with pytest.raises(ValueError, match="no trigger"):
+        trigger_from("", None)
+    rng = np.random.default_rng(0)
+    assert insert_trigger("a b", "t", "prepend", rng) == "t a b"
+    assert insert_trigger("a b", "t", "append", rng) == "a b t"
+    assert insert_trigger("a b", "t", "random", rng).split(" ").count("t") == 1
+    with pytest.raises(ValueError, match="homoglyph"):
+        insert_trigger("a b", "zx9", "homoglyph", rng)
