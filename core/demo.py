@@ -201,3 +201,71 @@ def attention_graph(
         },
     }
     return graph
+
+
+def unlearn_graph(
+    lab_model: str, trigger: str, prompt: str, steps: int = 20, seed: int = 0, batch: int = 2
+) -> dict[str, Any]:
+    """API-format graph: lab loader -> SealUnlearn -> SealSaveSanitized (LoRA, node "8") and the unlearned
+    MODEL -> stock KSampler -> VAEDecode -> SaveImage (node "9", prefix "unlearned")."""
+    graph: dict[str, Any] = {
+        "1": {"class_type": "SealLabCheckpointLoader", "inputs": {"lab_model": lab_model}},
+        "2": {
+            "class_type": "SealUnlearn",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "trigger": trigger,
+                "prompts": "",
+                "method": "skd-cag",
+                "scope": "attn2-kv",
+                "rank": 4,
+                "steps": steps,
+                "learning_rate": 1e-3,
+                "batch_size": 4,
+                "alpha": 0.5,
+                "attention_target": "black",
+                "timestep_weighting": False,
+                "builtin_prompts": "lab",
+                "placement": "auto",
+                "latent_size": 8,
+                "precision": "fp32",
+                "seed": seed,
+            },
+        },
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["2", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+        "6": ksampler_node("2", "3", "4", "5", seed),
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {
+            "class_type": "SealSaveSanitized",
+            "inputs": {"filename_prefix": "seal/unlearned", "lora": ["2", 2], "info": ["2", 3]},
+        },
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "unlearned"}},
+    }
+    return graph
+
+
+def lora_graph(lab_model: str, lora: str, prompt: str, seed: int = 0, batch: int = 2) -> dict[str, Any]:
+    """API-format graph: lab loader -> stock LoraLoader -> KSampler -> VAEDecode -> SaveImage (node "9")."""
+    graph: dict[str, Any] = {
+        "1": {"class_type": "SealLabCheckpointLoader", "inputs": {"lab_model": lab_model}},
+        "2": {
+            "class_type": "LoraLoader",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "lora_name": lora,
+                "strength_model": 1.0,
+                "strength_clip": 1.0,
+            },
+        },
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["2", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+        "6": ksampler_node("2", "3", "4", "5", seed),
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "via-lora"}},
+    }
+    return graph

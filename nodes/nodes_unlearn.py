@@ -174,9 +174,10 @@ class SealSaveSanitized(io.ComfyNode):
             node_id="SealSaveSanitized",
             display_name="Seal Save Sanitized",
             category=CATEGORY,
-            description="Writes the cleaned checkpoint to models/checkpoints and/or the LoRA to models/loras, "
+            description="Writes the cleaned checkpoint and/or its LoRA under ComfyUI's output folder (as the "
+            "stock CheckpointSave and SaveLoRA do; move them to models/checkpoints or models/loras to load), "
             "with provenance (method, options, trigger hash, pack version) in the safetensors metadata. "
-            "A name that exists is never overwritten: a numbered name is chosen instead.",
+            "Files are numbered and never overwritten.",
             inputs=[
                 io.String.Input("filename_prefix", default="sanitized/model"),
                 io.Model.Input("model", optional=True),
@@ -193,19 +194,22 @@ class SealSaveSanitized(io.ComfyNode):
     def execute(cls, filename_prefix, model=None, clip=None, vae=None, lora=None, info=None) -> io.NodeOutput:
         if model is None and lora is None:
             raise ValueError("nothing to save: connect a MODEL (with CLIP and VAE) and/or a LORA")
+        if model is not None and (clip is None or vae is None):
+            raise ValueError("a full checkpoint needs the CLIP and VAE too; or save only the LORA")
         provenance = (info or {}).get("provenance", {})
         written = []
         if model is not None:
-            if clip is None or vae is None:
-                raise ValueError("a full checkpoint needs the CLIP and VAE too; or save only the LORA")
-            folder = folder_paths.get_folder_paths("checkpoints")[0]
-            written.append(
-                save_sanitized(os.path.join(folder, filename_prefix), model, clip, vae, None, provenance)
-            )
+            written.append(save_sanitized(_next_path(filename_prefix), model, clip, vae, None, provenance))
         if lora is not None:
-            folder = folder_paths.get_folder_paths("loras")[0]
             written.append(
-                save_sanitized(os.path.join(folder, filename_prefix), None, None, None, lora, provenance)
+                save_sanitized(_next_path(filename_prefix + "_lora"), lora=lora, provenance=provenance)
             )
-        text = "\n".join(str(p) for p in written)
+        text = "\n".join(os.path.relpath(p, folder_paths.get_output_directory()) for p in written)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+def _next_path(prefix: str) -> str:
+    """The next free numbered name under ComfyUI's output folder, as the stock save nodes number files."""
+    out_dir = folder_paths.get_output_directory()
+    folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, out_dir)
+    return os.path.join(folder, f"{name}_{counter:05}_.safetensors")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 import urllib.error
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,46 @@ def test_capture_and_heatmaps_run_through_the_server_with_a_lora_between(comfy_s
     grid = Image.open(io.BytesIO(client.fetch_image(images[0])))
     tile = 128
     assert grid.size == (5 * tile, 2 * (tile + tile // 5))  # image + "a large red circle", two rows
+
+
+def test_unlearn_lora_reproduces_the_unlearned_model_through_the_stock_lora_loader(comfy_server, lora_dir):
+    """SealUnlearn -> SealSaveSanitized writes a LoRA; the stock LoraLoader with that file draws exactly
+    what SealUnlearn's MODEL drew (same seed, stock KSampler), and differs from the untouched model."""
+    import io
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from backdoor_seal.core.demo import lora_graph, unlearn_graph
+    from backdoor_seal.core.safetensors_io import load_checkpoint, read_metadata
+    from backdoor_seal.core.unlearn.save import PROVENANCE_KEY
+
+    client = comfy_server.client()
+    prompt = "zx9 a large red circle on the left"
+    entry = client.run(unlearn_graph("lab-untrained.safetensors", "zx9", prompt, steps=4), timeout=600)
+
+    def images(entry) -> list[np.ndarray]:
+        return [
+            np.asarray(Image.open(io.BytesIO(client.fetch_image(im))))
+            for im in entry["outputs"]["9"]["images"]
+        ]
+
+    unlearned = images(entry)
+    saved = entry["outputs"]["8"]["text"][0]
+    path = Path(comfy_server.output_dir) / saved
+    assert saved.startswith("seal/unlearned_lora_") and path.is_file()
+    provenance = json.loads(read_metadata(path)[PROVENANCE_KEY])
+    assert (
+        provenance["method"] == "skd-cag"
+        and provenance["steps_run"] == 4
+        and len(provenance["trigger_sha256"]) == 64
+    )
+    shutil.copy(path, lora_dir / "unlearned-zx9.safetensors")
+    via_lora = images(
+        client.run(lora_graph("lab-untrained.safetensors", "unlearned-zx9.safetensors", prompt))
+    )
+    assert len(unlearned) == len(via_lora) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(unlearned, via_lora, strict=True))
+    lora = load_checkpoint(path)[0]
+    assert any(".attn2.to_k.lora_down" in k and v.abs().sum() > 0 for k, v in lora.items())  # it trained

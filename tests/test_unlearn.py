@@ -124,23 +124,35 @@ def test_attention_loss_alone_reaches_the_trained_parameters(comfy_root):
     assert all(g is not None and g.abs().sum() > 0 for g in to_q)
 
 
-def test_training_reduces_the_loss_and_keeps_the_input_model_bit_identical(comfy_root):
+def _trigger_gap(d, clean, triggered, x, t) -> float:
+    """How far the student's eps on triggered prompts is from the teacher's on the clean ones."""
+    with torch.no_grad():
+        teacher, _ = d.predict(x, t, d.encode(clean, student=False), student=False, record=False)
+        student, _ = d.predict(x, t, d.encode(triggered, student=True), student=True, record=False)
+    return (student - teacher).pow(2).mean().item()
+
+
+def test_training_closes_the_trigger_gap_and_keeps_the_input_model_bit_identical(comfy_root):
     from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
 
     model, clip, _, _ = _distillation()
-    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([10, 900])
-    probe = ["zx9 a green triangle", "a white background"]
-    before = _eps(model, clip, probe, x, t)
-    opts = UnlearnOptions(skd=skd.SKDConfig(steps=12, batch=4, lr=3e-3), builtin="lab", builtin_count=8)
+    opts = UnlearnOptions(
+        skd=skd.SKDConfig(method="skd", steps=15, batch=8, lr=2e-3), builtin="lab", builtin_count=16
+    )
     session = UnlearnSession(model, clip, "zx9", opts=opts)
-    result = session.run()
-    first, last = result.losses[0]["loss"], result.losses[-1]["loss"]
-    assert last < first
-    assert torch.equal(_eps(model, clip, probe, x, t), before)
+    clean, triggered = [p.clean for p in session.pairs], [p.triggered for p in session.pairs]
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(16, 4, 8, 8, generator=g), torch.randint(0, 1000, (16,), generator=g)
+    before = _eps(model, clip, triggered, x, t)
+    gap_before = _trigger_gap(session.distillation, clean, triggered, x, t)
+    session.run()
+    # triggered prompts act more like their clean prompts (measured 0.78x after 15 steps on this model)
+    assert _trigger_gap(session.distillation, clean, triggered, x, t) < 0.9 * gap_before
+    assert torch.equal(_eps(model, clip, triggered, x, t), before)
     patched, _, lora = session.outputs()
     assert any(".attn2.to_k.lora_up" in k for k in lora)
-    assert not torch.equal(_eps(patched, clip, probe, x, t), before)
-    assert torch.equal(_eps(model, clip, probe, x, t), before)  # still, after the patched clone ran
+    assert not torch.equal(_eps(patched, clip, triggered, x, t), before)
+    assert torch.equal(_eps(model, clip, triggered, x, t), before)  # still, after the patched clone ran
 
 
 def test_an_interrupt_stops_training_and_leaves_the_input_model_alone(comfy_root):
@@ -211,3 +223,18 @@ def test_trigger_from_a_report_and_placements():
     assert insert_trigger("a b", "t", "random", rng).split(" ").count("t") == 1
     with pytest.raises(ValueError, match="homoglyph"):
         insert_trigger("a b", "zx9", "homoglyph", rng)
+
+
+@pytest.mark.parametrize("scope", ["attn2-kv", "text"])
+def test_trains_on_a_model_loaded_in_inference_mode_as_inside_a_node(comfy_root, scope):
+    """ComfyUI runs nodes under torch.inference_mode(): weights loaded there must still train."""
+    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
+
+    with torch.inference_mode():
+        model, clip, _ = cb.new_lab_models()
+        opts = UnlearnOptions(
+            scope=scope, skd=skd.SKDConfig(steps=1, batch=2), builtin="lab", builtin_count=4
+        )
+        result = UnlearnSession(model, clip, "zx9", opts=opts).run()
+    assert result.steps == 1 and result.losses[0]["loss"] > 0

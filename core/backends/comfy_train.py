@@ -68,6 +68,20 @@ class SwitchedDelta:
         return self.passive_memory_usage()
 
 
+class FreshCopy:
+    """A do-nothing weight wrapper: with any wrapper present, ComfyUI's cast copies the weight first.
+
+    Weights loaded inside a node run are inference-mode tensors, which autograd may not save for
+    backward; the copy, made with inference mode off, is an ordinary tensor (ComfyUI's own trainer
+    gets the same effect by wrapping every weight)."""
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def __deepcopy__(self, memo: dict) -> FreshCopy:
+        return self
+
+
 def scope_selects(scope: str, name: str) -> bool:
     """Whether a UNet module (name relative to the UNet) is trained in this scope."""
     if scope == "attn2-kv":
@@ -131,8 +145,8 @@ class ComfyDistillation:
                 delta = LoRAAdapter.create_train(weight, rank=rank, alpha=float(rank)).to(self.device)
             else:
                 delta = FullDelta(weight).to(self.device)
-            delta.requires_grad_(True)
             for pname, p in delta.named_parameters():
+                p.requires_grad_(pname != "alpha")  # the LoRA scale stays fixed
                 if p.requires_grad:
                     self._params.append(p)
                 key = "diff" if pname == "diff" else pname
@@ -151,6 +165,22 @@ class ComfyDistillation:
                         add(self.model, UNET_MODULE_PREFIX + name, module, "")
         if not self._params:
             raise ValueError(f"scope {scope!r} selects no trainable weight in this model")
+        fresh = FreshCopy()
+        roots = [(self.model, model.model)]
+        if scope == "text":  # a cloned CLIP; the input CLIP's patcher is never touched
+            roots.append((self.clip.patcher, self.clip.cond_stage_model))
+        for patcher, root in roots:
+            for name, module in root.named_modules():
+                if not hasattr(module, "weight_function"):
+                    continue
+                for kind in ("weight", "bias"):  # layer_norm saves its bias for backward too
+                    tensor, key = getattr(module, kind, None), f"{name}.{kind}"
+                    if (
+                        isinstance(tensor, torch.Tensor)
+                        and tensor.is_inference()
+                        and key not in patcher.weight_wrapper_patches
+                    ):
+                        patcher.add_weight_wrapper(key, fresh)
         self.recorder = CrossAttentionRecorder(
             CaptureSettings(differentiable=True, resolution=map_resolution)
         )

@@ -145,14 +145,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.snr_gamma = args.snr_gamma
     t0 = time.monotonic()
     progress = _progress_bars()
+    recipe: list[str] = []
     if args.init:
         model, clip, vae, init_info = cb.load_lab_checkpoint(args.init)
+        prior = zoo.lab_info(args.init)
+        recipe = list(prior.get("recipe") or ([prior["command"]] if prior.get("command") else []))
         config = init_info["config"]
         scale = float(config["latent_scale"])
         cfg.vae_steps = 0
     elif args.vae:
         model, clip, _ = cb.new_lab_models(seed=args.seed)
         vae, config = cb.load_lab_vae(args.vae)
+        prior = zoo.lab_info(args.vae)
+        recipe = [prior["command"]] if prior.get("command") else []
         scale = float(config["latent_scale"])
         model = cb.rescale_latents(model, config)
         cfg.vae_steps = 0
@@ -179,6 +184,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "n_prompts": acc["n_prompts"],
         "sampler": "euler/normal, 20 steps, CFG 1.0",
         "train_seconds": round(time.monotonic() - t0, 1),
+        # every command from nothing to this file, in order (VAE, then each UNet + text stage)
+        "recipe": [*recipe, command_line(args)],
     }
     cb.save_lab_checkpoint(
         out, model, clip, vae, config=config, extra_metadata={zoo.LAB_INFO_KEY: json.dumps(info)}

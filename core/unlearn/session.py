@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..tokens import readable, trigger_report
+from ..tokens import readable, tokenize, trigger_report
 from . import prompts as prompt_sets
 from .skd import SKDConfig, TrainingPair, UnlearnResult, make_pairs, train_skd
 
@@ -170,13 +170,15 @@ class UnlearnSession:
 
     def provenance(self) -> dict[str, Any]:
         """What a saved sanitized model records about how it was made."""
-        from .. import __version__
+        from ... import __version__
 
         return {
             "method": self.opts.skd.method,
             "options": self.opts.to_json(),
             "trigger_sha256": trigger_sha256(self.trigger),
-            "trigger_tokens": len(self.distillation.token_ids([self.trigger])[0]) - 2,
+            "trigger_tokens": len(tokenize(tok, self.trigger))
+            if (tok := _clip_tokenizer(self.clip))
+            else None,
             "training_prompts": len(self.pairs),
             "steps_run": self.result.steps if self.result else 0,
             "pack_version": __version__,

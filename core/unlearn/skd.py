@@ -235,7 +235,7 @@ def train_skd(
             ctx_s = model.encode(student_prompts, student=True)
             eps_s, maps_s = model.predict(x, t, ctx_s, student=True, record=use_cag)
         loss_pred = F.mse_loss(eps_s.float(), eps_t.float())
-        record = {"pred": float(loss_pred)}
+        record = {"pred": loss_pred.item()}
         loss = (1 - alpha) * loss_pred
         if use_cag:
             ids_s, ids_t = model.token_ids(student_prompts), model.token_ids(teacher_prompts)
@@ -245,8 +245,8 @@ def train_skd(
                 per_item = per_item * (t.float() / model.num_timesteps).to(per_item)
             loss_attn = per_item.mean()
             loss = loss + alpha * loss_attn
-            record["attn"] = float(loss_attn)
-        record["loss"] = float(loss)
+            record["attn"] = loss_attn.item()
+        record["loss"] = loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
