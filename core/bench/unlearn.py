@@ -67,9 +67,12 @@ class RemovalClock:
 
 
 def _images(model, clip, vae, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+    import torch
+
     from ..lab.evaluate import sample_images
 
-    return sample_images(model, clip, vae, prompts, seeds)
+    with torch.no_grad():  # a training clone's deltas require grad; sampling must not build a graph
+        return sample_images(model, clip, vae, prompts, seeds)
 
 
 def _asr(spec, images, scenes) -> float:
