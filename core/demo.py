@@ -14,14 +14,14 @@ DEMO_PROMPT = "a red circle on the left on a black background"
 
 
 def ksampler_node(model: str, positive: str, negative: str, latent: str, seed: int) -> dict[str, Any]:
-    """A stock KSampler node with the lab's evaluation settings (euler, normal, 20 steps, CFG 1.0)."""
+    """A stock KSampler node with the lab's evaluation settings (euler, normal, 20 steps, CFG 2.0)."""
     return {
         "class_type": "KSampler",
         "inputs": {
             "model": [model, 0],
             "seed": seed,
             "steps": 20,
-            "cfg": 1.0,
+            "cfg": 2.0,
             "sampler_name": "euler",
             "scheduler": "normal",
             "positive": [positive, 0],

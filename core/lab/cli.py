@@ -182,7 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "vae": Path(args.vae).name if args.vae else None,
         "clean_accuracy": acc["clean_accuracy"],
         "n_prompts": acc["n_prompts"],
-        "sampler": "euler/normal, 20 steps, CFG 1.0",
+        "sampler": evaluate.SampleSettings().describe(),
         "train_seconds": round(time.monotonic() - t0, 1),
         # every command from nothing to this file, in order (VAE, then each UNet + text stage)
         "recipe": [*recipe, command_line(args)],

@@ -16,10 +16,14 @@ class SampleSettings:
     """How lab images are sampled for evaluation."""
 
     steps: int = 20
-    cfg: float = 1.0
+    cfg: float = 2.0  # chosen on a separate prompt set (seed 777): CFG 1 misses the background far more often
     sampler: str = "euler"
     scheduler: str = "normal"
     batch: int = 32
+
+    def describe(self) -> str:
+        """The settings in words, as the manifest records them."""
+        return f"{self.sampler}/{self.scheduler}, {self.steps} steps, CFG {self.cfg}"
 
 
 def encode_prompts(clip, prompts: list[str]) -> torch.Tensor:
@@ -103,5 +107,5 @@ def evaluate_lab_model(
         out["clean_target_rate"] = float(
             np.mean([attacks.target_fired(spec, img) for img in clean["images"]])
         )
-    out["sampler"] = f"{settings.sampler}/{settings.scheduler}, {settings.steps} steps, CFG {settings.cfg}"
+    out["sampler"] = settings.describe()
     return out
