@@ -1,1 +1,1 @@
-"""The engine: plain torch. Only core/backends/comfy.py imports ComfyUI, and only lazily."""
+"""The engine: plain torch. Only core/backends/comfy*.py import ComfyUI, and only lazily."""

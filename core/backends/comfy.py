@@ -549,3 +549,36 @@ class ComfyBackend:
         return sample_prompts(
             model, self.clip, prompts, seeds, steps, cfg, self.sampler, self.scheduler, self.latent_hw
         )
+
+
+def merged_checkpoint_state_dict(model, clip, vae) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The single-file state dict of MODEL/CLIP/VAE with every patch (LoRA) merged, as CheckpointSave
+    builds it, and the metadata it needs (a lab model stays a lab checkpoint: its config travels along)."""
+    ensure_comfy_importable()
+    import comfy.model_management as mm
+
+    lab_config = getattr(model.model, "seal_lab_config", None)
+    if lab_config is not None:
+        mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+        tensors = {
+            k: v.to(torch.float16) if v.is_floating_point() else v
+            for k, v in lab_state_dict(model, clip, vae).items()
+        }
+        return tensors, {CONFIG_KEY: json.dumps(lab_config)}
+    clip_sd = clip.get_sd()
+    mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+    sd = model.model.state_dict_for_saving(clip_sd, vae.get_sd(), None)
+    return {k: v.contiguous() for k, v in sd.items()}, {}
+
+
+def load_single_file_checkpoint(path: str | os.PathLike):
+    """MODEL, CLIP, VAE of a single-file SD checkpoint (.safetensors only: nothing is unpickled)."""
+    ensure_comfy_importable()
+    import comfy.sd
+
+    if Path(path).suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors checkpoints are loaded (never pickled files)")
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    if clip is None:
+        raise ValueError(f"{path} holds no text encoder; backdoor-seal needs a full single-file checkpoint")
+    return model, clip, vae

@@ -105,12 +105,7 @@ def load_model(spec: str):
     if zoo.lab_info(path) or spec.startswith("lab:"):
         model, clip, vae, _ = cb.load_lab_checkpoint(path)
         return model, clip, vae, zoo.lab_info(path)
-    cb.ensure_comfy_importable()
-    import comfy.sd
-
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
-    if clip is None:
-        raise ValueError(f"{spec} holds no text encoder; backdoor-seal needs a full single-file checkpoint")
+    model, clip, vae = cb.load_single_file_checkpoint(path)
     return model, clip, vae, {}
 
 

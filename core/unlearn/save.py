@@ -30,27 +30,6 @@ def free_path(prefix: str | os.PathLike, suffix: str = "") -> Path:
     return parent / f"{stem}_{max(taken, default=0) + 1:05d}.safetensors"
 
 
-def checkpoint_state_dict(model, clip, vae) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The single-file state dict of MODEL/CLIP/VAE with every patch (LoRA) merged, as CheckpointSave builds it."""
-    from ..backends import comfy as cb
-
-    cb.ensure_comfy_importable()
-    import comfy.model_management as mm
-
-    lab_config = getattr(model.model, "seal_lab_config", None)
-    if lab_config is not None:  # a lab model stays a lab checkpoint (its config travels in metadata)
-        mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-        tensors = {
-            k: v.to(torch.float16) if v.is_floating_point() else v
-            for k, v in cb.lab_state_dict(model, clip, vae).items()
-        }
-        return tensors, {cb.CONFIG_KEY: json.dumps(lab_config)}
-    clip_sd = clip.get_sd()
-    mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-    sd = model.model.state_dict_for_saving(clip_sd, vae.get_sd(), None)
-    return {k: v.contiguous() for k, v in sd.items()}, {}
-
-
 def save_sanitized(
     prefix: str | os.PathLike,
     model=None,
@@ -62,7 +41,9 @@ def save_sanitized(
     """Save a full checkpoint (model, clip, vae) or a LoRA with provenance metadata; returns the path."""
     meta = {PROVENANCE_KEY: json.dumps(provenance or {}, sort_keys=True)}
     if model is not None:
-        tensors, extra = checkpoint_state_dict(model, clip, vae)
+        from ..backends.comfy import merged_checkpoint_state_dict
+
+        tensors, extra = merged_checkpoint_state_dict(model, clip, vae)
         meta.update(extra)
         return atomic_save(tensors, free_path(prefix), metadata=meta)
     if lora is None:
