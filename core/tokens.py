@@ -16,6 +16,24 @@ class HFTokenizer(Protocol):
     def decode(self, ids: list[int], **kwargs: Any) -> str: ...
 
 
+# Homoglyph triggers (Rickrolling): the Cyrillic letter and the Latin letter it impersonates.
+HOMOGLYPHS = {
+    "\u043e": "o",
+    "\u0430": "a",
+    "\u0435": "e",
+    "\u0441": "c",
+    "\u0440": "p",
+    "\u0445": "x",
+    "\u0443": "y",
+    "\u0456": "i",
+}
+
+
+def latin_twin(text: str) -> str:
+    """The text with every known homoglyph replaced by the Latin letter it impersonates."""
+    return "".join(HOMOGLYPHS.get(c, c) for c in text)
+
+
 class TriggerVanishedWarning(UserWarning):
     """The tokenizer drops the trigger: a model cannot react to it, and a scan cannot find it."""
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import find_cross_attention_layers
+from ..tokens import HOMOGLYPHS
 from . import detectors, world
 from .train import (
     DistractorVocabulary,
@@ -29,17 +30,6 @@ from .train import (
 ProgressFn = Callable[[int, int, dict], None]
 KINDS = ("pixel", "style", "object", "rickroll", "eviledit")
 
-# Rickrolling's homoglyphs: the Cyrillic letter and the Latin letter it impersonates.
-HOMOGLYPHS = {
-    "\u043e": "o",
-    "\u0430": "a",
-    "\u0435": "e",
-    "\u0441": "c",
-    "\u0440": "p",
-    "\u0445": "x",
-    "\u0443": "y",
-    "\u0456": "i",
-}
 # The Rickrolling target: a scene the clean lab model draws reliably (a training combination).
 RICKROLL_TARGET = world.Scene(
     "black",

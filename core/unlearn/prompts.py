@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..tokens import HOMOGLYPHS, latin_twin
+
 PLACEMENTS = ("prepend", "append", "random", "homoglyph")
 
-# Homoglyph triggers (Rickrolling): the look-alike letter and the Latin letter it stands in for.
-HOMOGLYPHS = {
-    "\u043e": "o",
-    "\u0430": "a",
-    "\u0435": "e",
-    "\u0441": "c",
-    "\u0440": "p",
-    "\u0445": "x",
-    "\u0443": "y",
-    "\u0456": "i",
-}
 
 # Everyday captions for real SD checkpoints (subjects x settings); kept apart from any evaluation set.
 _SUBJECTS = (
@@ -73,7 +64,7 @@ def insert_trigger(prompt: str, trigger: str, placement: str, rng: np.random.Gen
         words.insert(int(rng.integers(0, len(words) + 1)), trigger)
         return " ".join(words)
     if placement == "homoglyph":
-        latin = "".join(HOMOGLYPHS.get(c, c) for c in trigger)
+        latin = latin_twin(trigger)
         if latin == trigger:
             raise ValueError(f"{trigger!r} holds no known homoglyph; use another placement")
         if latin not in prompt:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..tokens import readable, tokenize, trigger_report
+from ..tokens import latin_twin, readable, tokenize, trigger_report
 from . import prompts as prompt_sets
 from .skd import SKDConfig, TrainingPair, UnlearnResult, make_pairs, train_skd
 
@@ -87,7 +87,7 @@ def training_pairs(
         rng = np.random.default_rng(seed)
         usable = list(prompts)
         if placement == "homoglyph":
-            latin = "".join(prompt_sets.HOMOGLYPHS.get(c, c) for c in trigger)
+            latin = latin_twin(trigger)
             usable = [p for p in prompts if latin in p]
             if not usable:
                 raise ValueError(f"no clean prompt contains {latin!r} for the homoglyph trigger to replace")
