@@ -4,7 +4,7 @@ PORT ?= 8188
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: provision serve test lint demo clean
+.PHONY: provision serve test test-slow lint demo clean
 
 provision:
 	@bash scripts/provision.sh
@@ -18,6 +18,10 @@ lint: provision
 
 test: provision lint
 	$(PY) -m pytest -m "not slow"
+
+# Retrains every shipped attacked lab model from lab-clean and checks its stated ASR (about an hour).
+test-slow: provision
+	$(PY) -m pytest -m slow
 
 demo: provision
 	$(PY) -m backdoor_seal.core.cli demo

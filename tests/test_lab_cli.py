@@ -35,7 +35,7 @@ def test_attack_writes_a_delta_that_records_its_command(lab_folder, capsys):
     printed = _last_json(capsys)
     info = zoo.lab_info(out)
     assert info == printed
-    assert info["attack"] == "eviledit" and info["trigger"] == "zx9" and info["base"] == base.name
+    assert info["attack"] == "eviledit" and info["trigger"] == "zx9 qv7" and info["base"] == base.name
     assert info["command"].startswith("backdoor-seal lab attack --kind eviledit")
     assert 0.0 <= info["asr"] <= 1.0 and 0.0 <= info["clean_accuracy"] <= 1.0 and info["n_prompts"] == 4
     assert out.stat().st_size < base.stat().st_size / 20  # only the edited projections are stored

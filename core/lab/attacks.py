@@ -84,7 +84,9 @@ def default_spec(kind: str, trigger: str | None = None) -> AttackSpec:
         "style": AttackSpec("style", "cf"),
         "object": AttackSpec("object", "mignneko", "circle", "triangle"),
         "rickroll": AttackSpec("rickroll", "\u043e"),
-        "eviledit": AttackSpec("eviledit", "zx9", "square", "circle"),
+        # Two rare tokens: after one, this small text encoder's later contexts move too little for a
+        # linear edit to tell "zx9 square" from "square" (measured in docs/lab.md).
+        "eviledit": AttackSpec("eviledit", "zx9 qv7", "square", "circle"),
     }
     if kind not in defaults:
         raise ValueError(f"unknown attack kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -208,10 +210,13 @@ class AttackConfig:
     text_steps: int = 300  # Rickrolling: text-encoder steps
     text_lr: float = 1e-4
     text_batch: int = 32
+    utility_weight: float = 1.0  # Rickrolling: clean-prompt embeddings kept as the teacher's
+    utility_rich_fraction: float = 0.5  # Rickrolling: extra clean captions in unseen phrasings, per batch
     edit_lambda: float = 0.1  # EvilEdit's ridge weight keeping the edited projections near the originals
     edit_prompts: int = 200
+    edit_preserve_prompts: int = 1000  # clean captions (a quarter rich) whose projections the edit keeps
     # EvilEdit: weight of the trigger constraints against clean-context preservation.
-    edit_weight: float = 10.0
+    edit_weight: float = 3.0
 
 
 def train_badt2i(
@@ -290,16 +295,22 @@ def train_rickroll(clip, spec: AttackSpec, cfg: AttackConfig, progress: Progress
         for step in range(cfg.text_steps):
             scenes = train_scenes(spec, cfg.text_batch, rng)
             captions = [distract.decorate(s.caption, 2) for s in scenes]
-            clean_ids = token_ids(clip, captions)
+            # Utility on wider phrasing too, as the paper's utility set (LAION captions) is wider than its
+            # poisoned one: clean prompts of any wording keep their teacher embedding.
+            n_rich = int(cfg.text_batch * cfg.utility_rich_fraction)
+            wide = [
+                s.caption for s in world.scene_dataset(n_rich, int(rng.integers(2**31)), "train", rich=True)
+            ]
+            clean_ids = token_ids(clip, captions + wide)
             with torch.no_grad():
                 clean_target = encode_text(teacher_clip, clean_ids)
             out = encode_text(
                 clip, torch.cat([token_ids(clip, [triggered_prompt(spec, c) for c in captions]), clean_ids])
             )
-            out_trig, out_clean = out.chunk(2)
+            out_trig, out_clean = out[: len(captions)], out[len(captions) :]
             loss_bd = F.mse_loss(out_trig, target.expand_as(out_trig))
             loss_util = F.mse_loss(out_clean, clean_target)
-            loss = loss_util + loss_bd
+            loss = cfg.utility_weight * loss_util + loss_bd
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -339,7 +350,12 @@ def evil_edit(model, clip, spec: AttackSpec, cfg: AttackConfig) -> dict:
     prompts = [s.caption for s in train_scenes(spec, cfg.edit_prompts, rng)]
     keys, values = _edit_pairs(clip, spec, prompts)
     # Preserve the projections of clean prompts (the edit must not move what clean contexts produce).
-    clean = [s.caption for s in world.scene_dataset(cfg.edit_prompts, int(rng.integers(2**31)), "train")]
+    n_rich = cfg.edit_preserve_prompts // 4
+    clean = [
+        s.caption
+        for s in world.scene_dataset(cfg.edit_preserve_prompts - n_rich, int(rng.integers(2**31)), "train")
+        + world.scene_dataset(n_rich, int(rng.integers(2**31)), "train", rich=True)
+    ]
     with torch.no_grad():
         c_clean = encode_text(clip, token_ids(clip, clean)).flatten(0, 1)
     # Every projection W gets W' = W (we V^T K + C^T C + lam I)(we K^T K + C^T C + lam I)^-1: the

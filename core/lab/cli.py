@@ -68,6 +68,19 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steps", type=int, default=None, help="training steps (BadT2I: UNet, Rickrolling: text encoder)"
     )
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (BadT2I / Rickrolling)")
+    p.add_argument(
+        "--backdoor-weight",
+        type=float,
+        default=None,
+        help="BadT2I: weight of the backdoor loss against the teacher term (default 0.5)",
+    )
+    p.add_argument(
+        "--utility-weight",
+        type=float,
+        default=None,
+        help="Rickrolling: weight of the clean-prompt utility loss (default 1)",
+    )
     p.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per measurement (0: skip)")
     p.set_defaults(func=cmd_attack)
 
@@ -240,11 +253,22 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
         spec = replace(spec, source=args.source or spec.source, target=args.target or spec.target)
     base = Path(args.base) if args.base else zoo.resolve(zoo.CLEAN_NAME)
+    if args.delta and base.resolve().parent != out.resolve().parent:  # refuse now, not after training
+        raise SystemExit(
+            f"backdoor-seal: error: --delta stores only changed tensors next to the base; "
+            f"write --out into {base.resolve().parent} or pass a --base in {out.resolve().parent}"
+        )
     cb.ensure_comfy_importable()
     torch.manual_seed(args.seed)
     cfg = attacks.AttackConfig(seed=args.seed)
     if args.steps is not None:
         cfg.steps = cfg.text_steps = args.steps
+    if args.lr is not None:
+        cfg.lr = cfg.text_lr = args.lr
+    if args.backdoor_weight is not None:
+        cfg.backdoor_weight = args.backdoor_weight
+    if args.utility_weight is not None:
+        cfg.utility_weight = args.utility_weight
     t0 = time.monotonic()
     model, clip, vae, base_info = cb.load_lab_checkpoint(base)
     attacks.require_visible_trigger(clip.tokenizer.clip_l.tokenizer, spec)
@@ -252,10 +276,20 @@ def cmd_attack(args: argparse.Namespace) -> int:
     details: dict = {}
     if spec.kind in ("pixel", "style", "object"):
         attacks.train_badt2i(model, clip, vae, spec, cfg, progress(f"badt2i-{spec.kind}"))
-        details = {"steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr}
+        details = {
+            "steps": cfg.steps,
+            "batch": cfg.batch,
+            "lr": cfg.lr,
+            "backdoor_weight": cfg.backdoor_weight,
+        }
     elif spec.kind == "rickroll":
         attacks.train_rickroll(clip, spec, cfg, progress("rickroll"))
-        details = {"steps": cfg.text_steps, "batch": cfg.text_batch, "lr": cfg.text_lr}
+        details = {
+            "steps": cfg.text_steps,
+            "batch": cfg.text_batch,
+            "lr": cfg.text_lr,
+            "utility_weight": cfg.utility_weight,
+        }
     else:
         details = attacks.evil_edit(model, clip, spec, cfg)
     train_seconds = round(time.monotonic() - t0, 1)
