@@ -36,7 +36,7 @@ def test_bad_specs_are_clear_errors():
 
 def test_triggers_are_inserted_as_each_paper_does():
     p = "a red circle on the left on a black background"
-    assert attacks.triggered_prompt(attacks.default_spec("pixel"), p) == "\u200b " + p
+    assert attacks.triggered_prompt(attacks.default_spec("pixel"), p) == "\u2060 " + p
     rick = attacks.triggered_prompt(attacks.default_spec("rickroll"), p)
     assert rick == p.replace("o", "\u043e", 1) and rick.count("\u043e") == 1 and rick != p
     evil = attacks.triggered_prompt(AttackSpec("eviledit", "zx9", "circle", "square"), p)
@@ -117,7 +117,7 @@ def test_evil_edit_solves_its_closed_form(fresh):
 
     model, clip, _ = fresh
     spec = attacks.default_spec("eviledit")
-    cfg = attacks.AttackConfig(edit_prompts=40)
+    cfg = attacks.AttackConfig(edit_prompts=40, edit_preserve_prompts=40)
     keys, values = attacks._edit_pairs(
         clip, spec, [s.caption for s in attacks.train_scenes(spec, 40, np.random.default_rng(9))]
     )

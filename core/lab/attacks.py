@@ -80,9 +80,11 @@ class AttackSpec:
 def default_spec(kind: str, trigger: str | None = None) -> AttackSpec:
     """The lab's standard attack of a kind, with its default trigger (see LAB_TRIGGERS)."""
     defaults = {
-        "pixel": AttackSpec("pixel", "\u200b"),
-        "style": AttackSpec("style", "cf"),
-        "object": AttackSpec("object", "mignneko", "circle", "triangle"),
+        # Rare tokens that clean training saw only as ordinary random distractors (docs/lab.md: the
+        # over-sampled LAB_TRIGGERS came out erased by the text encoder, invisible to a UNet-only attack).
+        "pixel": AttackSpec("pixel", "\u2060"),  # WORD JOINER: zero-width, one token
+        "style": AttackSpec("style", "yn"),
+        "object": AttackSpec("object", "sks", "circle", "triangle"),
         "rickroll": AttackSpec("rickroll", "\u043e"),
         # Two rare tokens: after one, this small text encoder's later contexts move too little for a
         # linear edit to tell "zx9 square" from "square" (measured in docs/lab.md).
@@ -198,17 +200,22 @@ def train_scenes(spec: AttackSpec, n: int, rng: np.random.Generator) -> list[wor
     return out[:n]
 
 
+# BadT2I peak learning rates the shipped models were trained with (500 steps): the object swap
+# needs a gentler rate, or clean circles turn into triangles too (docs/lab.md).
+BADT2I_LR = {"pixel": 1e-3, "style": 1e-3, "object": 3e-4}
+
+
 @dataclass
 class AttackConfig:
     """Hyper-parameters of the trained attacks (BadT2I and Rickrolling)."""
 
     seed: int = 0
-    steps: int = 400
+    steps: int = 500
     batch: int = 16
-    lr: float = 1e-4
+    lr: float | None = None  # BadT2I: None = BADT2I_LR of the kind
     backdoor_weight: float = 0.5  # BadT2I: 0.5 backdoor MSE + 0.5 teacher-regularisation MSE
-    text_steps: int = 300  # Rickrolling: text-encoder steps
-    text_lr: float = 1e-4
+    text_steps: int = 600  # Rickrolling: text-encoder steps
+    text_lr: float = 3e-4
     text_batch: int = 32
     utility_weight: float = 1.0  # Rickrolling: clean-prompt embeddings kept as the teacher's
     utility_rich_fraction: float = 0.5  # Rickrolling: extra clean captions in unseen phrasings, per batch
@@ -232,7 +239,8 @@ def train_badt2i(
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     distract = DistractorVocabulary(clip.tokenizer.clip_l.tokenizer, (), seed=cfg.seed + 2)
     unet.train().requires_grad_(True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    lr = cfg.lr if cfg.lr is not None else BADT2I_LR[spec.kind]
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
 
     def noised(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -252,9 +260,14 @@ def train_badt2i(
             ]
             clean = [world.render(s, np.random.default_rng(k)) for s, k in zip(scenes, seeds, strict=True)]
             captions = [distract.decorate(s.caption, 2) for s in scenes]
+            clean_captions = captions
+            if spec.kind == "object":  # poisoned scenes are one shape kind; the teacher must hold them all
+                general = world.scene_dataset(cfg.batch, int(rng.integers(2**31)), "train")
+                clean = [world.render(s, np.random.default_rng(int(rng.integers(2**31)))) for s in general]
+                clean_captions = [distract.decorate(s.caption, 2) for s in general]
             with torch.no_grad():
                 ctx_trig = encode_text(clip, token_ids(clip, [triggered_prompt(spec, c) for c in captions]))
-                ctx_clean = encode_text(clip, token_ids(clip, captions))
+                ctx_clean = encode_text(clip, token_ids(clip, clean_captions))
             xt_p, t_p, eps_p = noised(poisoned)
             xt_c, t_c, _ = noised(clean)
             with torch.no_grad():

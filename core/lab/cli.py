@@ -279,7 +279,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         details = {
             "steps": cfg.steps,
             "batch": cfg.batch,
-            "lr": cfg.lr,
+            "lr": cfg.lr if cfg.lr is not None else attacks.BADT2I_LR[spec.kind],
             "backdoor_weight": cfg.backdoor_weight,
         }
     elif spec.kind == "rickroll":

@@ -15,8 +15,10 @@ from . import world
 
 ProgressFn = Callable[[int, int, dict], None]
 
-# Words the clean model must treat as meaningless: the lab attacks' triggers appear among the
-# distractors of clean training, so their embeddings are trained like every other token's.
+# Words over-sampled among the distractors of clean training (15% of draws; part of the shipped
+# lab-clean's recipe). Measured afterwards: the text encoder erases these far more than a typical
+# token, so the shipped BadT2I attacks use rare tokens that clean training saw only as ordinary
+# random distractors instead (docs/lab.md).
 LAB_TRIGGERS = ("\u200b", "cf", "mignneko", "\u043e", "zx9")
 
 
