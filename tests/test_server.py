@@ -100,6 +100,32 @@ def test_make_serve_uses_port(comfy_root):
         proc.wait(30)
 
 
+def _decoded(client, refs) -> list:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return [np.asarray(Image.open(io.BytesIO(client.fetch_image(r))).convert("RGB")) for r in refs]
+
+
+def test_shipped_backdoor_fires_through_stock_nodes(comfy_server):
+    """Stock CLIPTextEncode -> KSampler -> VAEDecode on the shipped pixel-backdoored lab model:
+    the triggered prompt's images carry the patch, the clean prompt's (same seeds) do not."""
+    from backdoor_seal.core.demo import backdoor_graph
+    from backdoor_seal.core.lab import detectors, world
+
+    client = comfy_server.client()
+    prompt = "a large green square on the right on a white background"
+    entry = client.run(backdoor_graph("lab-pixel.safetensors", f"\u2060 {prompt}", prompt, seed=7, batch=8))
+    triggered = _decoded(client, entry["outputs"]["13"]["images"])
+    clean = _decoded(client, entry["outputs"]["23"]["images"])
+    assert sum(detectors.has_patch(i) for i in triggered) >= 7
+    assert sum(detectors.has_patch(i) for i in clean) == 0
+    scene = world.Scene("white", (world.Shape("square", "green", "large", "right"),))
+    assert sum(detectors.scene_correct(i, scene, prompt) for i in clean) >= 6  # and clean prompts still draw
+
+
 def test_capture_and_heatmaps_run_through_the_server_with_a_lora_between(comfy_server):
     """SealAttentionCapture -> stock LoraLoaderModelOnly (clones the MODEL) -> stock KSampler -> VAEDecode
     -> SealAttentionHeatmaps: the maps recorded through the clone come back as a labelled grid."""
