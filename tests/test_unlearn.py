@@ -238,3 +238,20 @@ def test_trains_on_a_model_loaded_in_inference_mode_as_inside_a_node(comfy_root,
         )
         result = UnlearnSession(model, clip, "zx9", opts=opts).run()
     assert result.steps == 1 and result.losses[0]["loss"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "unlearn", "--models", "lab-eviledit", "--steps", "3", "--no-reference"],
+        ["clean", "--model", "lab:lab-eviledit", "--trigger", "zx9", "--out", "x.safetensors"],
+    ],
+)
+def test_both_commands_build_unlearn_options(argv):
+    """`bench unlearn` and `clean` share the option parsing; each parser yields complete options."""
+    from backdoor_seal.core.cli import build_parser
+    from backdoor_seal.core.unlearn.cli import options_from_args
+
+    args = build_parser().parse_args(argv)
+    opts = options_from_args(args, lab=True)
+    assert opts.latent_hw == (8, 8) and opts.skd.method == "skd-cag"

@@ -67,7 +67,7 @@ def options_from_args(args: argparse.Namespace, lab: bool):
     from .session import UnlearnOptions
     from .skd import SKDConfig
 
-    side = args.latent_size or (8 if lab else 64)
+    side = getattr(args, "latent_size", None) or (8 if lab else 64)
     return UnlearnOptions(
         skd=SKDConfig(
             method=args.method,
