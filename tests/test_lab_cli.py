@@ -43,6 +43,13 @@ def test_attack_writes_a_delta_that_records_its_command(lab_folder, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_delta_away_from_its_base_is_refused_before_training(lab_folder, tmp_path, capsys):
+    out = tmp_path / "elsewhere.safetensors"
+    argv = ["lab", "attack", "--kind", "eviledit", "--base", str(lab_folder / "lab-clean.safetensors")]
+    assert main([*argv, "--out", str(out), "--delta", "--eval-prompts", "0"]) == 2
+    assert "next to the base" in capsys.readouterr().err and not out.exists()
+
+
 def test_invisible_trigger_is_spelled_in_the_command(lab_folder, capsys):
     out = lab_folder / "lab-pixel.safetensors"
     argv = ["lab", "attack", "--kind", "pixel", "--trigger", "U+200B", "--out", str(out), "--steps", "1"]

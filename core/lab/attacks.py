@@ -212,7 +212,7 @@ class AttackConfig:
     seed: int = 0
     steps: int = 500
     batch: int = 16
-    lr: float | None = None  # BadT2I: None = BADT2I_LR of the kind
+    lr: float | None = None  # BadT2I: None = BADT2I_LR of the kind (see badt2i_lr)
     backdoor_weight: float = 0.5  # BadT2I: 0.5 backdoor MSE + 0.5 teacher-regularisation MSE
     text_steps: int = 600  # Rickrolling: text-encoder steps
     text_lr: float = 3e-4
@@ -224,6 +224,10 @@ class AttackConfig:
     edit_preserve_prompts: int = 1000  # clean captions (a quarter rich) whose projections the edit keeps
     # EvilEdit: weight of the trigger constraints against clean-context preservation.
     edit_weight: float = 3.0
+
+    def badt2i_lr(self, kind: str) -> float:
+        """The BadT2I peak learning rate: the configured one, else the kind's shipped default."""
+        return self.lr if self.lr is not None else BADT2I_LR[kind]
 
 
 def train_badt2i(
@@ -239,8 +243,7 @@ def train_badt2i(
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     distract = DistractorVocabulary(clip.tokenizer.clip_l.tokenizer, (), seed=cfg.seed + 2)
     unet.train().requires_grad_(True)
-    lr = cfg.lr if cfg.lr is not None else BADT2I_LR[spec.kind]
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.badt2i_lr(spec.kind), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
 
     def noised(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

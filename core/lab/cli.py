@@ -254,8 +254,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         spec = replace(spec, source=args.source or spec.source, target=args.target or spec.target)
     base = Path(args.base) if args.base else zoo.resolve(zoo.CLEAN_NAME)
     if args.delta and base.resolve().parent != out.resolve().parent:  # refuse now, not after training
-        raise SystemExit(
-            f"backdoor-seal: error: --delta stores only changed tensors next to the base; "
+        raise ValueError(
+            f"--delta stores only changed tensors next to the base; "
             f"write --out into {base.resolve().parent} or pass a --base in {out.resolve().parent}"
         )
     cb.ensure_comfy_importable()
@@ -279,7 +279,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         details = {
             "steps": cfg.steps,
             "batch": cfg.batch,
-            "lr": cfg.lr if cfg.lr is not None else attacks.BADT2I_LR[spec.kind],
+            "lr": cfg.badt2i_lr(spec.kind),
             "backdoor_weight": cfg.backdoor_weight,
         }
     elif spec.kind == "rickroll":
