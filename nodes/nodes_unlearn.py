@@ -87,6 +87,15 @@ class SealUnlearn(io.ComfyNode):
                 ),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="fp32"),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Float.Input(
+                    "retain",
+                    default=0.0,
+                    min=0.0,
+                    max=0.9,
+                    step=0.05,
+                    tooltip="Share of batch items that distil a clean prompt onto itself, which keeps clean "
+                    "outputs closer to the original (an addition to the paper).",
+                ),
                 DetectionReport.Input(
                     "report", optional=True, tooltip="Takes the trigger from a detection report."
                 ),
@@ -122,6 +131,7 @@ class SealUnlearn(io.ComfyNode):
         latent_size,
         precision,
         seed,
+        retain=0.0,
         report=None,
     ) -> io.NodeOutput:
         from ..core.lab.zoo import parse_trigger
@@ -137,6 +147,7 @@ class SealUnlearn(io.ComfyNode):
                 batch=batch_size,
                 seed=seed,
                 precision=precision,
+                retain=retain,
             ),
             scope=scope,
             rank=rank,

@@ -170,3 +170,13 @@ def test_attack_refuses_a_trigger_the_tokenizer_drops(comfy_root):
     attacks.require_visible_trigger(tok, attacks.default_spec("pixel"))  # U+200B survives (ftfy present)
     with pytest.raises(ValueError, match="drops the trigger"):
         attacks.require_visible_trigger(tok, AttackSpec("pixel", "\u3000"))
+
+
+def test_min_snr_weighting_only_lightens_nearly_clean_timesteps():
+    acp = torch.linspace(0.999, 0.01, 1000)
+    pred, target = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    noisy = torch.tensor([990, 995])  # SNR far below gamma: weight 1, plain MSE
+    assert attacks._weighted_mse(pred, target, noisy, acp, 5.0).item() == pytest.approx(1.0)
+    clean_ish = torch.tensor([0, 1])  # SNR in the hundreds: weight gamma / SNR
+    assert attacks._weighted_mse(pred, target, clean_ish, acp, 5.0).item() < 0.05
+    assert attacks._weighted_mse(pred, target, clean_ish, acp, None).item() == pytest.approx(1.0)

@@ -68,6 +68,42 @@ def test_config_rejects_unknown_choices():
     assert skd.SKDConfig(method="skd").attention_weight == 0.0
 
 
+class _PromptRecorder:
+    """A minimal DistillationModel that remembers what the student was shown."""
+
+    num_timesteps, latent_shape, device, eos_id = 1000, (1, 2, 2), torch.device("cpu"), EOS
+
+    def __init__(self) -> None:
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.student_prompts: list[str] = []
+
+    def token_ids(self, prompts):
+        return [[0, *(hash(w) % 1000 + 1 for w in p.split()), EOS] for p in prompts]
+
+    def encode(self, prompts, student):
+        if student:
+            self.student_prompts += prompts
+        return torch.tensor([[float(len(p))] for p in prompts])
+
+    def predict(self, x, t, context, student, record):
+        scale = self.weight if student else 1.0
+        return x * context.view(-1, 1, 1, 1) * scale, None
+
+    def trainable_parameters(self):
+        return [self.weight]
+
+
+@pytest.mark.parametrize("retain", [0.0, 0.5])
+def test_retain_shows_the_student_clean_prompts_in_that_share(retain):
+    pairs = skd.make_pairs([f"a red circle number {i}" for i in range(8)], lambda p: f"zz {p}")
+    rec = _PromptRecorder()
+    skd.train_skd(rec, pairs, skd.SKDConfig(method="skd", steps=50, batch=4, retain=retain))
+    clean_share = sum(not p.startswith("zz ") for p in rec.student_prompts) / len(rec.student_prompts)
+    assert clean_share == pytest.approx(retain, abs=0.1)
+    with pytest.raises(ValueError, match="retain"):
+        skd.SKDConfig(retain=1.0)
+
+
 def _distillation(scope="attn2-kv", rank=4):
     from backdoor_seal.core.backends import comfy as cb
     from backdoor_seal.core.backends.comfy_train import ComfyDistillation

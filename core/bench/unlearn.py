@@ -177,6 +177,7 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
             "seconds": round(seconds, 2),
             "time_to_removal_s": None if clock.removed_at_s is None else round(clock.removed_at_s, 2),
             "removal_step": clock.removed_at_step,
+            "check_history": clock.history,  # (step, training seconds, ASR on the check prompts)
             "n_prompts": args.n,
         }
         if method == args.methods[-1]:

@@ -70,10 +70,19 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (BadT2I / Rickrolling)")
     p.add_argument(
+        "--batch", type=int, default=None, help="BadT2I: poisoned (and as many clean) images per step (16)"
+    )
+    p.add_argument(
         "--backdoor-weight",
         type=float,
         default=None,
         help="BadT2I: weight of the backdoor loss against the teacher term (default 0.5)",
+    )
+    p.add_argument(
+        "--snr-gamma",
+        type=float,
+        default=None,
+        help="BadT2I: Min-SNR-gamma loss weighting, as lab-clean was trained (default: plain MSE)",
     )
     p.add_argument(
         "--utility-weight",
@@ -269,6 +278,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
         cfg.backdoor_weight = args.backdoor_weight
     if args.utility_weight is not None:
         cfg.utility_weight = args.utility_weight
+    cfg.snr_gamma = getattr(args, "snr_gamma", None)
+    if getattr(args, "batch", None) is not None:
+        cfg.batch = args.batch
     t0 = time.monotonic()
     model, clip, vae, base_info = cb.load_lab_checkpoint(base)
     attacks.require_visible_trigger(clip.tokenizer.clip_l.tokenizer, spec)
@@ -281,6 +293,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             "batch": cfg.batch,
             "lr": cfg.badt2i_lr(spec.kind),
             "backdoor_weight": cfg.backdoor_weight,
+            **({"snr_gamma": cfg.snr_gamma} if cfg.snr_gamma is not None else {}),
         }
     elif spec.kind == "rickroll":
         attacks.train_rickroll(clip, spec, cfg, progress("rickroll"))

@@ -25,6 +25,12 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
         "--target", choices=TARGETS, default="black", help="attention target of the trigger tokens"
     )
     p.add_argument("--timestep-weighting", action="store_true", help="scale L_attn by t/T (the paper)")
+    p.add_argument(
+        "--retain",
+        type=float,
+        default=0.0,
+        help="share of batch items that distil a clean prompt onto itself (keeps clean outputs; not in the paper)",
+    )
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--seed", type=int, default=0)
 
@@ -79,6 +85,7 @@ def options_from_args(args: argparse.Namespace, lab: bool):
             batch=args.batch,
             seed=args.seed,
             precision=args.precision,
+            retain=getattr(args, "retain", 0.0),
         ),
         scope=args.scope,
         rank=args.rank,

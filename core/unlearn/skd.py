@@ -40,6 +40,7 @@ class SKDConfig:
     seed: int = 0
     precision: str = "fp32"
     grad_clip: float = 1.0
+    retain: float = 0.0  # share of batch items whose student sees the clean prompt (not in the paper)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -50,6 +51,8 @@ class SKDConfig:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.retain < 1.0:
+            raise ValueError(f"retain must lie in [0, 1), got {self.retain}")
         if self.steps < 1 or self.batch < 1 or self.lr <= 0:
             raise ValueError("steps and batch must be at least 1 and lr positive")
 
@@ -226,7 +229,13 @@ def train_skd(
             teacher_prompts, word_positions = _with_random_words(model, batch, random_words, rng)
         t = torch.randint(0, model.num_timesteps, (len(batch),), generator=gen)
         x = torch.randn((len(batch), *model.latent_shape), generator=gen)
-        student_prompts = [p.triggered for p in batch]
+        # Retain items teach the delta to leave clean prompts alone: the student sees the clean prompt.
+        keep = rng.random(len(batch)) < cfg.retain if cfg.retain else np.zeros(len(batch), bool)
+        student_prompts = [p.clean if k else p.triggered for p, k in zip(batch, keep, strict=True)]
+        if use_cag and cfg.target == "random-words":
+            student_prompts = [
+                tp if k else sp for tp, sp, k in zip(teacher_prompts, student_prompts, keep, strict=True)
+            ]
         device = model.device.type
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16), torch.no_grad():
             ctx_t = model.encode(teacher_prompts, student=False)
