@@ -19,7 +19,7 @@ lint: provision
 test: provision lint
 	$(PY) -m pytest -m "not slow"
 
-# Retrains every shipped attacked lab model from lab-clean and checks its stated ASR (about an hour).
+# Retrains every shipped attacked lab model from lab-clean and checks its stated ASR (about 1.5 hours).
 test-slow: provision
 	$(PY) -m pytest -m slow
 
