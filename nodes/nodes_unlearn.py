@@ -93,6 +93,7 @@ class SealUnlearn(io.ComfyNode):
                     min=0.0,
                     max=0.9,
                     step=0.05,
+                    optional=True,  # graphs saved before this input existed still validate
                     tooltip="Share of batch items that distil a clean prompt onto itself, which keeps clean "
                     "outputs closer to the original (an addition to the paper).",
                 ),
