@@ -13,7 +13,7 @@ from ..core.backends.comfy_train import SCOPE_HELP, SCOPES
 from ..core.plots import loss_curve_image
 from ..core.unlearn.save import save_sanitized
 from ..core.unlearn.session import BUILTIN_SETS, UnlearnOptions, UnlearnSession, trigger_from
-from ..core.unlearn.skd import METHODS, PRECISIONS, TARGETS, SKDConfig
+from ..core.unlearn.skd import INPUTS, METHODS, PRECISIONS, TARGETS, SKDConfig
 
 CATEGORY = "backdoor-seal/unlearn"
 DetectionReport = io.Custom("SEAL_DETECTION")
@@ -97,6 +97,14 @@ class SealUnlearn(io.ComfyNode):
                     tooltip="Share of batch items that distil a clean prompt onto itself, which keeps clean "
                     "outputs closer to the original (an addition to the paper).",
                 ),
+                io.Combo.Input(
+                    "inputs",
+                    options=list(INPUTS),
+                    default="noise",
+                    optional=True,
+                    tooltip="x_t the model is distilled on: pure noise (the paper) or states of the "
+                    "teacher's own sampling of the clean prompts.",
+                ),
                 DetectionReport.Input(
                     "report", optional=True, tooltip="Takes the trigger from a detection report."
                 ),
@@ -133,6 +141,7 @@ class SealUnlearn(io.ComfyNode):
         precision,
         seed,
         retain=0.0,
+        inputs="noise",
         report=None,
     ) -> io.NodeOutput:
         from ..core.lab.zoo import parse_trigger
@@ -149,6 +158,7 @@ class SealUnlearn(io.ComfyNode):
                 seed=seed,
                 precision=precision,
                 retain=retain,
+                inputs=inputs,
             ),
             scope=scope,
             rank=rank,

@@ -72,6 +72,7 @@ class _PromptRecorder:
     """A minimal DistillationModel that remembers what the student was shown."""
 
     num_timesteps, latent_shape, device, eos_id = 1000, (1, 2, 2), torch.device("cpu"), EOS
+    alphas_cumprod = torch.linspace(0.999, 0.005, 1000)
 
     def __init__(self) -> None:
         self.weight = torch.nn.Parameter(torch.ones(()))
@@ -102,6 +103,21 @@ def test_retain_shows_the_student_clean_prompts_in_that_share(retain):
     assert clean_share == pytest.approx(retain, abs=0.1)
     with pytest.raises(ValueError, match="retain"):
         skd.SKDConfig(retain=1.0)
+
+
+def test_trajectory_inputs_run_the_teachers_ddim_and_train_on_its_states():
+    rec = _PromptRecorder()
+    gen = torch.Generator().manual_seed(0)
+    traj = skd.teacher_trajectories(rec, ["a b", "a b c"], steps=5, gen=gen, batch=1)
+    assert traj.states.shape == (2, 5, 1, 2, 2) and traj.timesteps.tolist() == [999, 749, 500, 250, 0]
+    # eps = x * len(prompt): every DDIM step rescales deterministically, so states differ per prompt
+    assert not torch.allclose(traj.states[0, 1:], traj.states[1, 1:])
+    assert torch.isfinite(traj.states).all()
+    pairs = skd.make_pairs(["a b", "a b c"], lambda p: f"zz {p}")
+    out = skd.train_skd(rec, pairs, skd.SKDConfig(method="skd", steps=3, batch=2, inputs="trajectory"))
+    assert out.steps == 3 and rec.weight.grad is not None
+    with pytest.raises(ValueError, match="inputs"):
+        skd.SKDConfig(inputs="images")
 
 
 def _distillation(scope="attn2-kv", rank=4):

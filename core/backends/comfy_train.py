@@ -199,6 +199,7 @@ class ComfyDistillation:
             )
         ms = self.model.model.model_sampling
         self.num_timesteps = len(ms.sigmas)
+        self.alphas_cumprod = 1.0 / (1.0 + ms.sigmas.float().cpu() ** 2)  # VP: sigma^2 = (1 - a) / a
         channels = self.model.model.latent_format.latent_channels
         self.latent_shape = (channels, *latent_hw)
         tok = self._tokenizer()

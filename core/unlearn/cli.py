@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..backends.comfy_train import SCOPES
 from .session import BUILTIN_SETS
-from .skd import METHODS, PRECISIONS, TARGETS
+from .skd import INPUTS, METHODS, PRECISIONS, TARGETS
 
 
 def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,6 +30,12 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="share of batch items that distil a clean prompt onto itself (keeps clean outputs; not in the paper)",
+    )
+    p.add_argument(
+        "--inputs",
+        choices=INPUTS,
+        default="noise",
+        help="x_t: pure noise (the paper) or states of the teacher's own sampling of the clean prompts",
     )
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--seed", type=int, default=0)
@@ -86,6 +92,7 @@ def options_from_args(args: argparse.Namespace, lab: bool):
             seed=args.seed,
             precision=args.precision,
             retain=getattr(args, "retain", 0.0),
+            inputs=getattr(args, "inputs", "noise"),
         ),
         scope=args.scope,
         rank=args.rank,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 METHODS = ("skd", "skd-cag")
 TARGETS = ("noise", "black", "random-words")
+INPUTS = ("noise", "trajectory")
 PRECISIONS = ("fp32", "bf16")
 
 ProgressFn = Callable[[int, int, dict], None]
@@ -41,6 +42,8 @@ class SKDConfig:
     precision: str = "fp32"
     grad_clip: float = 1.0
     retain: float = 0.0  # share of batch items whose student sees the clean prompt (not in the paper)
+    inputs: str = "noise"  # x_t: pure noise (the paper) or states of the teacher's own clean sampling
+    trajectory_steps: int = 10  # DDIM steps per prompt when inputs = "trajectory"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -51,6 +54,8 @@ class SKDConfig:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
+        if self.inputs not in INPUTS:
+            raise ValueError(f"unknown inputs {self.inputs!r}; choose one of {', '.join(INPUTS)}")
         if not 0.0 <= self.retain < 1.0:
             raise ValueError(f"retain must lie in [0, 1), got {self.retain}")
         if self.steps < 1 or self.batch < 1 or self.lr <= 0:
@@ -70,6 +75,7 @@ class DistillationModel(Protocol):
     """What SKD needs from a diffusion model holding a switchable trainable delta."""
 
     num_timesteps: int
+    alphas_cumprod: torch.Tensor  # (num_timesteps,) cumulative alpha of the VP schedule
     latent_shape: tuple[int, int, int]  # (C, H, W) of the UNet input
     device: torch.device
     eos_id: int
@@ -216,19 +222,30 @@ def train_skd(
     losses: list[dict] = []
     order: list[int] = []
     t0 = time.monotonic()
+    trajectories = None
+    if cfg.inputs == "trajectory":
+        trajectories = teacher_trajectories(
+            model, [p.clean for p in pairs], cfg.trajectory_steps, gen, cfg.batch
+        )
     for step in range(cfg.steps):
         if check_interrupt:
             check_interrupt()
         if len(order) < cfg.batch:  # epochs over the prompt set in a shuffled order
             order += list(rng.permutation(len(pairs)))
-        batch = [pairs[i] for i in order[: cfg.batch]]
+        picked = order[: cfg.batch]
+        batch = [pairs[i] for i in picked]
         del order[: cfg.batch]
         teacher_prompts = [p.clean for p in batch]
         word_positions = None
         if use_cag and cfg.target == "random-words":
             teacher_prompts, word_positions = _with_random_words(model, batch, random_words, rng)
-        t = torch.randint(0, model.num_timesteps, (len(batch),), generator=gen)
-        x = torch.randn((len(batch), *model.latent_shape), generator=gen)
+        if trajectories is None:
+            t = torch.randint(0, model.num_timesteps, (len(batch),), generator=gen)
+            x = torch.randn((len(batch), *model.latent_shape), generator=gen)
+        else:  # a random state of each item's own clean trajectory
+            k = torch.randint(0, len(trajectories.timesteps), (len(batch),), generator=gen)
+            t = trajectories.timesteps[k]
+            x = trajectories.states[torch.as_tensor(picked), k]
         # Retain items teach the delta to leave clean prompts alone: the student sees the clean prompt.
         keep = rng.random(len(batch)) < cfg.retain if cfg.retain else np.zeros(len(batch), bool)
         student_prompts = [p.clean if k else p.triggered for p, k in zip(batch, keep, strict=True)]
@@ -267,6 +284,42 @@ def train_skd(
         if on_step and on_step(step + 1):
             return UnlearnResult(losses, time.monotonic() - t0, step + 1, stopped_early=True)
     return UnlearnResult(losses, time.monotonic() - t0, cfg.steps)
+
+
+@dataclass
+class Trajectories:
+    """States x_t of the teacher's deterministic sampling of each clean prompt (pure noise first)."""
+
+    timesteps: torch.Tensor  # (K,) integer timesteps, descending
+    states: torch.Tensor  # (N, K, C, H, W) unit-variance inputs, one row per training pair
+
+
+@torch.no_grad()
+def teacher_trajectories(
+    model: DistillationModel, prompts: Sequence[str], steps: int, gen: torch.Generator, batch: int = 8
+) -> Trajectories:
+    """DDIM (eta 0, no guidance) with the delta off: where real sampling of clean prompts passes.
+
+    The paper trains on pure noise only; a backdoor that fires on partly drawn images (a patch
+    next to a similar colour) is then never shown to the student."""
+    acp = model.alphas_cumprod.float()
+    ts = torch.linspace(model.num_timesteps - 1, 0, steps).round().long()
+    rows = []
+    for start in range(0, len(prompts), batch):
+        chunk = list(prompts[start : start + batch])
+        ctx = model.encode(chunk, student=False)
+        x = torch.randn((len(chunk), *model.latent_shape), generator=gen)
+        states = []
+        for i, t in enumerate(ts):
+            states.append(x.cpu())
+            a = acp[t]
+            eps, _ = model.predict(x, t.repeat(len(chunk)), ctx, student=False, record=False)
+            eps = eps.float().cpu()
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            a_next = acp[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        rows.append(torch.stack(states, 1))
+    return Trajectories(ts, torch.cat(rows))
 
 
 def _with_random_words(
