@@ -173,10 +173,12 @@ def test_attack_refuses_a_trigger_the_tokenizer_drops(comfy_root):
 
 
 def test_min_snr_weighting_only_lightens_nearly_clean_timesteps():
+    from backdoor_seal.core.lab.train import eps_mse
+
     acp = torch.linspace(0.999, 0.01, 1000)
     pred, target = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
     noisy = torch.tensor([990, 995])  # SNR far below gamma: weight 1, plain MSE
-    assert attacks._weighted_mse(pred, target, noisy, acp, 5.0).item() == pytest.approx(1.0)
+    assert eps_mse(pred, target, noisy, acp, 5.0).item() == pytest.approx(1.0)
     clean_ish = torch.tensor([0, 1])  # SNR in the hundreds: weight gamma / SNR
-    assert attacks._weighted_mse(pred, target, clean_ish, acp, 5.0).item() < 0.05
-    assert attacks._weighted_mse(pred, target, clean_ish, acp, None).item() == pytest.approx(1.0)
+    assert eps_mse(pred, target, clean_ish, acp, 5.0).item() < 0.05
+    assert eps_mse(pred, target, clean_ish, acp, None).item() == pytest.approx(1.0)

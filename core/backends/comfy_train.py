@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import CaptureSettings, CrossAttentionRecorder
+from ..lab.train import alphas_cumprod
 from .comfy import attach_attention_recorder, ensure_comfy_importable
 
 SCOPES = ("attn2-kv", "attn2", "attention", "unet", "text")
@@ -199,7 +200,7 @@ class ComfyDistillation:
             )
         ms = self.model.model.model_sampling
         self.num_timesteps = len(ms.sigmas)
-        self.alphas_cumprod = 1.0 / (1.0 + ms.sigmas.float().cpu() ** 2)  # VP: sigma^2 = (1 - a) / a
+        self.alphas_cumprod = alphas_cumprod(self.model).cpu()
         channels = self.model.model.latent_format.latent_channels
         self.latent_shape = (channels, *latent_hw)
         tok = self._tokenizer()

@@ -21,6 +21,7 @@ from .train import (
     DistractorVocabulary,
     alphas_cumprod,
     encode_text,
+    eps_mse,
     images_to_tensor,
     token_ids,
     vae_posterior,
@@ -282,8 +283,8 @@ def train_badt2i(
                 context=torch.cat([ctx_trig, ctx_clean]),
             )
             pred_p, pred_c = pred.chunk(2)
-            loss_bd = _weighted_mse(pred_p, eps_p, t_p, acp, cfg.snr_gamma)
-            loss_reg = _weighted_mse(pred_c, eps_teacher, t_c, acp, cfg.snr_gamma)
+            loss_bd = eps_mse(pred_p, eps_p, t_p, acp, cfg.snr_gamma)
+            loss_reg = eps_mse(pred_c, eps_teacher, t_c, acp, cfg.snr_gamma)
             loss = cfg.backdoor_weight * loss_bd + (1 - cfg.backdoor_weight) * loss_reg
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -294,17 +295,6 @@ def train_badt2i(
                 progress(step + 1, cfg.steps, {"backdoor": loss_bd.item(), "teacher": loss_reg.item()})
     finally:
         unet.eval().requires_grad_(False)
-
-
-def _weighted_mse(
-    pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, acp: torch.Tensor, snr_gamma: float | None
-) -> torch.Tensor:
-    """Plain MSE, or the Min-SNR-gamma weighted one the clean lab model was trained with."""
-    if snr_gamma is None:
-        return F.mse_loss(pred, target)
-    snr = acp[t.long()] / (1 - acp[t.long()])
-    weight = snr.clamp(max=snr_gamma) / snr
-    return ((pred - target) ** 2).mean(dim=(1, 2, 3)).mul(weight.to(pred)).mean()
 
 
 def train_rickroll(clip, spec: AttackSpec, cfg: AttackConfig, progress: ProgressFn | None = None) -> None:

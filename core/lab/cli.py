@@ -278,8 +278,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         cfg.backdoor_weight = args.backdoor_weight
     if args.utility_weight is not None:
         cfg.utility_weight = args.utility_weight
-    cfg.snr_gamma = getattr(args, "snr_gamma", None)
-    if getattr(args, "batch", None) is not None:
+    cfg.snr_gamma = args.snr_gamma
+    if args.batch is not None:
         cfg.batch = args.batch
     t0 = time.monotonic()
     model, clip, vae, base_info = cb.load_lab_checkpoint(base)

@@ -205,6 +205,18 @@ def alphas_cumprod(model) -> torch.Tensor:
     return 1.0 / (1.0 + sigmas**2)
 
 
+def eps_mse(
+    pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, acp: torch.Tensor, snr_gamma: float | None
+) -> torch.Tensor:
+    """Plain MSE, or Min-SNR-gamma weighted (Hang et al. 2023) for eps prediction."""
+    if snr_gamma is None:
+        return F.mse_loss(pred, target)
+    # weight min(SNR, gamma) / SNR: less effort on nearly clean latents
+    snr = acp[t.long()] / (1 - acp[t.long()])
+    weight = snr.clamp(max=snr_gamma) / snr
+    return ((pred - target) ** 2).mean(dim=(1, 2, 3)).mul(weight.to(pred)).mean()
+
+
 def train_diffusion(
     model, clip, vae, latent_scale: float, cfg: TrainConfig, progress: ProgressFn | None = None
 ) -> None:
@@ -246,12 +258,7 @@ def train_diffusion(
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         context = encode_text(clip, token_ids(clip, captions))
         pred = unet(xt, timesteps=t.float(), context=context)
-        if cfg.snr_gamma is None:
-            loss = F.mse_loss(pred, noise)
-        else:  # eps-prediction weight min(SNR, gamma) / SNR: less effort on nearly clean latents
-            snr = acp[t] / (1 - acp[t])
-            weight = snr.clamp(max=cfg.snr_gamma) / snr
-            loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3)).mul(weight).mean()
+        loss = eps_mse(pred, noise, t, acp, cfg.snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)

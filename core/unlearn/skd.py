@@ -246,13 +246,12 @@ def train_skd(
             k = torch.randint(0, len(trajectories.timesteps), (len(batch),), generator=gen)
             t = trajectories.timesteps[k]
             x = trajectories.states[torch.as_tensor(picked), k]
-        # Retain items teach the delta to leave clean prompts alone: the student sees the clean prompt.
+        # Retain items teach the delta to leave clean prompts alone: the student sees the teacher's
+        # prompt. No draw without retain, so runs without it repeat exactly.
         keep = rng.random(len(batch)) < cfg.retain if cfg.retain else np.zeros(len(batch), bool)
-        student_prompts = [p.clean if k else p.triggered for p, k in zip(batch, keep, strict=True)]
-        if use_cag and cfg.target == "random-words":
-            student_prompts = [
-                tp if k else sp for tp, sp, k in zip(teacher_prompts, student_prompts, keep, strict=True)
-            ]
+        student_prompts = [
+            tp if k else p.triggered for p, tp, k in zip(batch, teacher_prompts, keep, strict=True)
+        ]
         device = model.device.type
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16), torch.no_grad():
             ctx_t = model.encode(teacher_prompts, student=False)
