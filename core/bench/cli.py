@@ -56,4 +56,4 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-lr", type=float, default=1e-4, help="learning rate of the reference run")
     p.add_argument("--reference-check-every", type=int, default=40)
     add_unlearn_arguments(p)
-    p.set_defaults(func=_cmd_unlearn, scope=None)
+    p.set_defaults(func=_cmd_unlearn, scope=None, lr=None)  # per-attack recipes fill these

@@ -15,9 +15,11 @@ from dataclasses import replace
 
 import numpy as np
 
-# Which weights to train per attack: the text encoder holds a Rickrolling backdoor, the cross-
-# attention key/value projections the others' trigger routes (see docs/unlearn.md for the sweep).
-DEFAULT_SCOPE = {"rickroll": "text"}
+# Per attack, what is trained (docs/unlearn.md has the sweep): the text encoder, where every trigger
+# enters, except for EvilEdit, a closed-form edit of the cross-attention keys and values, which is
+# undone there (its trigger holds a real word, "square", and a text fix also bends clean squares).
+RECIPES: dict[str, dict] = {"eviledit": {"scope": "attn2-kv", "lr": 4e-3}}
+DEFAULT_RECIPE = {"scope": "text", "lr": 2e-3}
 CHECK_PROMPTS = 32
 CHECK_SEED = 9000
 
@@ -143,11 +145,12 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
 
         return asr_now
 
-    ours_removal_s: float | None = None
+    records: list[dict] = []
     for method in args.methods:
-        opts = options_from_args(args, lab=True)
-        scope = args.scope or DEFAULT_SCOPE.get(spec.kind, "attn2-kv")
-        opts = replace(opts, scope=scope, skd=replace(opts.skd, method=method), builtin_count=args.prompts)
+        recipe = {**DEFAULT_RECIPE, **RECIPES.get(spec.kind, {})}
+        scope, lr = args.scope or recipe["scope"], args.lr or recipe["lr"]
+        opts = options_from_args(argparse.Namespace(**{**vars(args), "scope": scope, "lr": lr}), lab=True)
+        opts = replace(opts, skd=replace(opts.skd, method=method), builtin_count=args.prompts)
         session = _session(model, clip, spec, opts)
         clock = RemovalClock(checker(session), args.check_every)
         t0 = time.monotonic()
@@ -174,49 +177,71 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
             "steps": result.steps,
             "batch": opts.skd.batch,
             "lr": opts.skd.lr,
+            "retain": opts.skd.retain,
+            "alpha": opts.skd.attention_weight,
             "seconds": round(seconds, 2),
             "time_to_removal_s": None if clock.removed_at_s is None else round(clock.removed_at_s, 2),
             "removal_step": clock.removed_at_step,
             "check_history": clock.history,  # (step, training seconds, ASR on the check prompts)
             "n_prompts": args.n,
         }
-        if method == args.methods[-1]:
-            ours_removal_s = clock.removed_at_s
-        if method == args.methods[-1] and args.reference:
-            record.update(reference_run(model, clip, spec, args, checker, ours_removal_s))
-        yield record
+        records.append(record)
+    # One reference run serves every method: it runs until removal or ten times the slowest of our
+    # removal times, and each method's ratio is read off it.
+    ours = [r["time_to_removal_s"] for r in records if r["time_to_removal_s"]]
+    reference = (
+        reference_run(model, clip, spec, args, checker, max(ours)) if args.reference and ours else None
+    )
+    for r in records:
+        if not args.reference:
+            yield r
+            continue
+        if not r["time_to_removal_s"]:
+            r.update(
+                time_to_removal_ratio=None, reference_note="ours did not reach ASR <= 1% on the check prompts"
+            )
+        else:
+            r.update(time_to_removal_ratio(reference, r["time_to_removal_s"]))
+        yield r
 
 
-def reference_run(model, clip, spec, args, checker, ours_s: float | None) -> dict:
-    """The reference configuration until ASR <= 1% or ten times our time to removal."""
+def time_to_removal_ratio(reference: dict, ours_s: float) -> dict:
+    """Reference / ours time to removal; past ten times ours the reference counts as capped (ratio 10)."""
+    ref_s = reference["reference_time_to_removal_s"]
+    capped = ref_s is None or ref_s > 10.0 * ours_s
+    return {
+        "reference_time_to_removal_s": ref_s,
+        "time_to_removal_ratio": 10.0 if capped else round(ref_s / ours_s, 2),
+        "reference_capped": capped,
+        "reference_lr": reference["reference_lr"],
+        "reference_scope": reference["reference_scope"],
+    }
+
+
+def reference_run(model, clip, spec, args, checker, ours_s: float) -> dict:
+    """The reference configuration until ASR <= 1% on the check prompts or ten times `ours_s`."""
     from ..unlearn.cli import options_from_args
 
-    opts = options_from_args(args, lab=True)
+    scope = "unet" if spec.kind != "rickroll" else "text"
+    opts = options_from_args(
+        argparse.Namespace(**{**vars(args), "scope": scope, "lr": args.reference_lr}), lab=True
+    )
     opts = replace(
         opts,
-        scope="unet" if spec.kind != "rickroll" else "text",
+        scope=scope,
         rank=0,
         builtin_count=args.prompts,
-        skd=replace(opts.skd, batch=1, precision="fp32", lr=args.reference_lr, steps=10**9),
+        skd=replace(opts.skd, batch=1, precision="fp32", lr=args.reference_lr, steps=10**9, retain=0.0),
     )
-    if ours_s is None:
-        return {"time_to_removal_ratio": None, "reference_note": "ours did not reach ASR <= 1%"}
-    cap = 10.0 * ours_s
     session = _session(model, clip, spec, opts, teacher="copy")
-    clock = RemovalClock(checker(session), args.reference_check_every, budget_s=cap, stop_when_removed=True)
+    clock = RemovalClock(
+        checker(session), args.reference_check_every, budget_s=10.0 * ours_s, stop_when_removed=True
+    )
     session.run(on_step=clock)
-    if clock.removed_at_s is None:
-        return {
-            "reference_time_to_removal_s": None,
-            "time_to_removal_ratio": round(clock.training_seconds() / ours_s, 2),
-            "reference_capped": True,
-            "reference_lr": args.reference_lr,
-        }
     return {
-        "reference_time_to_removal_s": round(clock.removed_at_s, 2),
-        "time_to_removal_ratio": round(clock.removed_at_s / ours_s, 2),
-        "reference_capped": False,
+        "reference_time_to_removal_s": None if clock.removed_at_s is None else round(clock.removed_at_s, 2),
         "reference_lr": args.reference_lr,
+        "reference_scope": scope,
     }
 
 

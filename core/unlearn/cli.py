@@ -15,10 +15,10 @@ from .skd import INPUTS, METHODS, PRECISIONS, TARGETS
 def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by `clean` and `bench unlearn`: the method and its hyper-parameters."""
     p.add_argument("--method", choices=METHODS, default="skd-cag")
-    p.add_argument("--scope", choices=SCOPES, default="attn2-kv", help="which weights are trained")
+    p.add_argument("--scope", choices=SCOPES, default="text", help="which weights are trained")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank; 0 trains a full delta")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the attention loss (SKD-CAG)")
     p.add_argument(
@@ -28,7 +28,7 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--retain",
         type=float,
-        default=0.0,
+        default=0.25,
         help="share of batch items that distil a clean prompt onto itself (keeps clean outputs; not in the paper)",
     )
     p.add_argument(
@@ -91,7 +91,7 @@ def options_from_args(args: argparse.Namespace, lab: bool):
             batch=args.batch,
             seed=args.seed,
             precision=args.precision,
-            retain=getattr(args, "retain", 0.0),
+            retain=getattr(args, "retain", 0.25),
             inputs=getattr(args, "inputs", "noise"),
         ),
         scope=args.scope,

@@ -34,14 +34,14 @@ class SKDConfig:
     alpha: float = 0.5  # weight of L_attn against L_pred (the paper's best)
     target: str = "black"  # what the trigger tokens' maps are pushed to
     timestep_weighting: bool = False  # scale L_attn by t/T, as the paper writes it
-    steps: int = 200
-    lr: float = 1e-3
+    steps: int = 600
+    lr: float = 2e-3
     weight_decay: float = 0.01
     batch: int = 8
     seed: int = 0
     precision: str = "fp32"
     grad_clip: float = 1.0
-    retain: float = 0.0  # share of batch items whose student sees the clean prompt (not in the paper)
+    retain: float = 0.25  # share of batch items whose student sees the clean prompt (not in the paper)
     inputs: str = "noise"  # x_t: pure noise (the paper) or states of the teacher's own clean sampling
     trajectory_steps: int = 10  # DDIM steps per prompt when inputs = "trajectory"
 
