@@ -307,3 +307,49 @@ def test_both_commands_build_unlearn_options(argv):
     args = build_parser().parse_args(argv)
     opts = options_from_args(args, lab=True)
     assert opts.latent_hw == (8, 8) and opts.skd.method == "skd-cag"
+
+
+def test_time_to_removal_ratio_caps_the_reference_at_ten_times_ours():
+    from backdoor_seal.core.bench.unlearn import RemovalClock, time_to_removal_ratio
+
+    ref = {"reference_lr": 1e-4, "reference_scope": "unet"}
+    done = time_to_removal_ratio({**ref, "reference_time_to_removal_s": 60.0}, 12.0)
+    assert done["time_to_removal_ratio"] == 5.0 and not done["reference_capped"]
+    # The one reference run served a slower method too: past ten times this method's time it is capped.
+    slow = time_to_removal_ratio({**ref, "reference_time_to_removal_s": 60.0}, 5.0)
+    assert slow["time_to_removal_ratio"] == 10.0 and slow["reference_capped"]
+    never = time_to_removal_ratio({**ref, "reference_time_to_removal_s": None}, 5.0)
+    assert never["time_to_removal_ratio"] == 10.0 and never["reference_capped"]
+
+    asr = iter([0.5, 0.25, 0.0, 0.0])
+    clock = RemovalClock(lambda: next(asr), every=2, stop_when_removed=True)
+    stops = [clock(step) for step in range(1, 9)]
+    assert clock.removed_at_step == 6 and stops.index(True) == 5
+    assert [h[0] for h in clock.history] == [2, 4, 6]
+
+
+def test_step_seconds_alternates_the_configurations_and_takes_medians():
+    import time
+
+    from backdoor_seal.core.bench.unlearn import step_seconds
+
+    calls = []
+
+    class FakeSession:
+        def __init__(self, name, delay):
+            self.name, self.delay = name, delay
+
+        def run(self, on_step):
+            step = 0
+            while True:
+                step += 1
+                time.sleep(self.delay)
+                if on_step(step):
+                    calls.append((self.name, step))
+                    return
+
+    costs = step_seconds(
+        {"ours": FakeSession("ours", 0.001), "ref": FakeSession("ref", 0.004)}, rounds=3, steps=4
+    )
+    assert [c[0] for c in calls] == ["ours", "ref"] * 3 and all(c[1] == 4 for c in calls)
+    assert costs["ref"] > 2 * costs["ours"] > 0

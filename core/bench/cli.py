@@ -54,6 +54,6 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check-every", type=int, default=10, help="steps between removal checks")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the reference run")
     p.add_argument("--reference-lr", type=float, default=1e-4, help="learning rate of the reference run")
-    p.add_argument("--reference-check-every", type=int, default=40)
+    p.add_argument("--reference-check-every", type=int, default=50)
     add_unlearn_arguments(p)
     p.set_defaults(func=_cmd_unlearn, scope=None, lr=None)  # per-attack recipes fill these

@@ -40,11 +40,11 @@ class RemovalClock:
         asr_of: Callable[[], float],
         every: int,
         threshold: float = 0.01,
-        budget_s: float | None = None,
         stop_when_removed: bool = False,
+        budget_steps: int | None = None,
     ) -> None:
         self.asr_of, self.every, self.threshold = asr_of, every, threshold
-        self.budget_s, self.stop_when_removed = budget_s, stop_when_removed
+        self.stop_when_removed, self.budget_steps = stop_when_removed, budget_steps
         self.t0 = time.monotonic()
         self.check_s = 0.0
         self.removed_at_s: float | None = None
@@ -65,7 +65,21 @@ class RemovalClock:
             if asr <= self.threshold:
                 self.removed_at_s, self.removed_at_step = trained, step
                 return self.stop_when_removed
-        return self.budget_s is not None and self.training_seconds() >= self.budget_s
+        return self.budget_steps is not None and step >= self.budget_steps
+
+
+def step_seconds(sessions: dict, rounds: int = 5, steps: int = 10) -> dict[str, float]:
+    """Median seconds per training step of each session, measured in alternating rounds.
+
+    The machine's speed drifts by several times within a run; alternating short rounds lets the
+    drift hit every configuration alike, so the ratio of the medians is what the run can trust."""
+    times: dict[str, list[float]] = {key: [] for key in sessions}
+    for _ in range(rounds):
+        for key, session in sessions.items():
+            t0 = time.monotonic()
+            session.run(on_step=lambda step: step >= steps)
+            times[key].append((time.monotonic() - t0) / steps)
+    return {key: float(np.median(v)) for key, v in times.items()}
 
 
 def _images(model, clip, vae, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
@@ -146,11 +160,13 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
         return asr_now
 
     records: list[dict] = []
+    options = {}
     for method in args.methods:
         recipe = {**DEFAULT_RECIPE, **RECIPES.get(spec.kind, {})}
         scope, lr = args.scope or recipe["scope"], args.lr or recipe["lr"]
         opts = options_from_args(argparse.Namespace(**{**vars(args), "scope": scope, "lr": lr}), lab=True)
         opts = replace(opts, skd=replace(opts.skd, method=method), builtin_count=args.prompts)
+        options[method] = opts
         session = _session(model, clip, spec, opts)
         clock = RemovalClock(checker(session), args.check_every)
         t0 = time.monotonic()
@@ -180,23 +196,38 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
             "retain": opts.skd.retain,
             "alpha": opts.skd.attention_weight,
             "seconds": round(seconds, 2),
-            "time_to_removal_s": None if clock.removed_at_s is None else round(clock.removed_at_s, 2),
+            "time_to_removal_s": None,  # removal step x median seconds per step (filled with the reference)
+            "wall_time_to_removal_s": None if clock.removed_at_s is None else round(clock.removed_at_s, 2),
             "removal_step": clock.removed_at_step,
             "check_history": clock.history,  # (step, training seconds, ASR on the check prompts)
             "n_prompts": args.n,
         }
         records.append(record)
-    # One reference run serves every method: it runs until removal or ten times the slowest of our
-    # removal times, and each method's ratio is read off it.
-    ours = [r["time_to_removal_s"] for r in records if r["time_to_removal_s"]]
-    reference = (
-        reference_run(model, clip, spec, args, checker, max(ours)) if args.reference and ours else None
-    )
+    # Time to removal = the step at which the check prompts came clean x the configuration's median
+    # seconds per step, measured alternately with the reference's (the raw clock is kept too).
+    if args.reference:
+        ref_opts = reference_options(args, spec)
+        costs = step_seconds(
+            {
+                **{m: _session(model, clip, spec, o) for m, o in options.items()},
+                "reference": _session(model, clip, spec, ref_opts, teacher="copy"),
+            }
+        )
+        for r in records:
+            r["step_seconds"] = round(costs[r["method"]], 4)
+            if r["removal_step"] is not None:
+                r["time_to_removal_s"] = round(r["removal_step"] * costs[r["method"]], 2)
+        ours = [r["time_to_removal_s"] for r in records if r["removal_step"] is not None]
+        reference = (
+            reference_run(model, clip, spec, ref_opts, args, checker, costs["reference"], max(ours))
+            if ours
+            else None
+        )
     for r in records:
         if not args.reference:
             yield r
             continue
-        if not r["time_to_removal_s"]:
+        if r["removal_step"] is None:
             r.update(
                 time_to_removal_ratio=None, reference_note="ours did not reach ASR <= 1% on the check prompts"
             )
@@ -210,38 +241,47 @@ def time_to_removal_ratio(reference: dict, ours_s: float) -> dict:
     ref_s = reference["reference_time_to_removal_s"]
     capped = ref_s is None or ref_s > 10.0 * ours_s
     return {
-        "reference_time_to_removal_s": ref_s,
+        **{k: v for k, v in reference.items() if k.startswith("reference_")},
         "time_to_removal_ratio": 10.0 if capped else round(ref_s / ours_s, 2),
         "reference_capped": capped,
-        "reference_lr": reference["reference_lr"],
-        "reference_scope": reference["reference_scope"],
     }
 
 
-def reference_run(model, clip, spec, args, checker, ours_s: float) -> dict:
-    """The reference configuration until ASR <= 1% on the check prompts or ten times `ours_s`."""
+def reference_options(args: argparse.Namespace, spec):
+    """The reference configuration: full UNet (the text encoder for Rickrolling), fp32, batch 1, no retain."""
     from ..unlearn.cli import options_from_args
 
     scope = "unet" if spec.kind != "rickroll" else "text"
     opts = options_from_args(
         argparse.Namespace(**{**vars(args), "scope": scope, "lr": args.reference_lr}), lab=True
     )
-    opts = replace(
+    return replace(
         opts,
         scope=scope,
         rank=0,
         builtin_count=args.prompts,
         skd=replace(opts.skd, batch=1, precision="fp32", lr=args.reference_lr, steps=10**9, retain=0.0),
     )
+
+
+def reference_run(model, clip, spec, opts, args, checker, step_s: float, ours_s: float) -> dict:
+    """The reference until ASR <= 1% on the check prompts, or the steps ten times `ours_s` buys it."""
+    budget = int(np.ceil(10.0 * ours_s / step_s))
     session = _session(model, clip, spec, opts, teacher="copy")
     clock = RemovalClock(
-        checker(session), args.reference_check_every, budget_s=10.0 * ours_s, stop_when_removed=True
+        checker(session), args.reference_check_every, budget_steps=budget, stop_when_removed=True
     )
     session.run(on_step=clock)
+    step = clock.removed_at_step
     return {
-        "reference_time_to_removal_s": None if clock.removed_at_s is None else round(clock.removed_at_s, 2),
+        "reference_removal_step": step,
+        "reference_step_seconds": round(step_s, 4),
+        "reference_time_to_removal_s": None if step is None else round(step * step_s, 2),
+        "reference_wall_time_to_removal_s": None
+        if clock.removed_at_s is None
+        else round(clock.removed_at_s, 2),
         "reference_lr": args.reference_lr,
-        "reference_scope": scope,
+        "reference_scope": opts.scope,
     }
 
 
