@@ -1,0 +1,71 @@
+"""`backdoor-seal bench table`: the README's results tables, written from saved benchmark output.
+
+Benchmarks print JSON lines; saved under docs/results/, they are the record. This renders them as
+markdown between marker comments in a file, so no figure in the README is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+TARGET_REMOVAL = {"pixel": 0.99, "style": 0.97}  # the issue's targets; 0.95 for the others
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """JSON objects, one per non-empty line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def unlearn_table(records: list[dict]) -> str:
+    """One markdown row per (model, method) of `bench unlearn` output, with the targets beside."""
+    head = (
+        "| model | method | scope | ASR before (floor) | removal (target) | clean SSIM | clean accuracy (before) "
+        "| time to removal: ours / reference s | ratio |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in records:
+        ratio = r.get("time_to_removal_ratio")
+        ratio_text = (
+            ""
+            if ratio is None
+            else (f">= {ratio:.0f} (capped)" if r.get("reference_capped") else f"{ratio:.2f}")
+        )
+        ref_s = r.get("reference_time_to_removal_s")
+        timing = f"{_fmt(r.get('time_to_removal_s'), 1) or 'not reached'} / {_fmt(ref_s, 1) or 'not reached'}"
+        rows.append(
+            f"| {r['model']} | {r['method']} | {r['scope']} "
+            f"| {_fmt(r['asr_before'])} ({_fmt(r.get('asr_floor'))}) "
+            f"| {_fmt(r['removal_accuracy'])} ({TARGET_REMOVAL.get(r['attack'], 0.95)}) "
+            f"| {_fmt(r['clean_fidelity_ssim'])} | {_fmt(r['clean_accuracy'])} ({_fmt(r['clean_accuracy_before'])}) "
+            f"| {timing} | {ratio_text} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def replace_between(text: str, name: str, body: str) -> str:
+    """text with the part between <!-- results:name --> and <!-- /results:name --> replaced by body."""
+    start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    if start not in text or end not in text:
+        raise ValueError(f"no {start} ... {end} markers to fill")
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    return f"{before}{start}\n{body}{end}{after}"
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    """Fill the README's marked results sections from saved benchmark output."""
+    target = Path(args.readme)
+    text = target.read_text()
+    text = replace_between(text, "unlearn", unlearn_table(read_records(args.unlearn)))
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)  # atomic: a reader sees the old README or the new one
+    print(f"wrote {target}")
+    return 0

@@ -1,0 +1,63 @@
+"""The README's results tables are written from saved benchmark output, never typed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backdoor_seal.core.bench.table import replace_between, unlearn_table
+from backdoor_seal.core.cli import main
+
+RECORD = {
+    "model": "lab-pixel",
+    "method": "skd-cag",
+    "attack": "pixel",
+    "scope": "text",
+    "asr_before": 1.0,
+    "asr_floor": 0.0,
+    "removal_accuracy": 0.9921875,
+    "clean_fidelity_ssim": 0.975,
+    "clean_accuracy": 0.977,
+    "clean_accuracy_before": 0.977,
+    "time_to_removal_s": 12.5,
+    "reference_time_to_removal_s": None,
+    "time_to_removal_ratio": 10.0,
+    "reference_capped": True,
+}
+
+
+def test_unlearn_rows_show_measured_figures_targets_and_a_capped_ratio_as_a_bound():
+    table = unlearn_table(
+        [
+            RECORD,
+            {
+                **RECORD,
+                "attack": "object",
+                "model": "lab-object",
+                "reference_capped": False,
+                "time_to_removal_ratio": 3.21,
+                "reference_time_to_removal_s": 40.1,
+            },
+        ]
+    )
+    rows = table.strip().splitlines()
+    assert len(rows) == 4
+    assert "| lab-pixel | skd-cag | text | 1.000 (0.000) | 0.992 (0.99) |" in rows[2]
+    assert rows[2].endswith("| 12.5 / not reached | >= 10 (capped) |")
+    assert "(0.95)" in rows[3] and rows[3].endswith("| 12.5 / 40.1 | 3.21 |")
+
+
+def test_bench_table_fills_only_the_marked_section(tmp_path):
+    saved = tmp_path / "unlearn.jsonl"
+    saved.write_text(json.dumps(RECORD) + "\n\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:unlearn -->\nold row\n<!-- /results:unlearn -->\nafter\n")
+    assert main(["bench", "table", "--unlearn", str(saved), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- results:unlearn -->\n| model |") and text.endswith(
+        "<!-- /results:unlearn -->\nafter\n"
+    )
+    assert "old row" not in text and "lab-pixel" in text
+    with pytest.raises(ValueError, match="markers"):
+        replace_between("no markers here", "unlearn", "x")
