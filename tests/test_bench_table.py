@@ -24,6 +24,7 @@ RECORD = {
     "reference_time_to_removal_s": None,
     "time_to_removal_ratio": 10.0,
     "reference_capped": True,
+    "check_every": 10,
 }
 
 
@@ -44,8 +45,8 @@ def test_unlearn_rows_show_measured_figures_targets_and_a_capped_ratio_as_a_boun
     rows = table.strip().splitlines()
     assert len(rows) == 4
     assert "| lab-pixel | skd-cag | text | 1.000 (0.000) | 0.992 (0.99) |" in rows[2]
-    assert rows[2].endswith("| 12.5 / not reached | >= 10 (capped) |")
-    assert "(0.95)" in rows[3] and rows[3].endswith("| 12.5 / 40.1 | 3.21 |")
+    assert rows[2].endswith("| 12.5 / not reached (10 steps) | >= 10 (capped) |")
+    assert "(0.95)" in rows[3] and rows[3].endswith("| 12.5 / 40.1 (10 steps) | 3.21 |")
 
 
 def test_bench_table_fills_only_the_marked_section(tmp_path):

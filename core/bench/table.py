@@ -27,7 +27,7 @@ def unlearn_table(records: list[dict]) -> str:
     """One markdown row per (model, method) of `bench unlearn` output, with the targets beside."""
     head = (
         "| model | method | scope | ASR before (floor) | removal (target) | clean SSIM | clean accuracy (before) "
-        "| time to removal: ours / reference s | ratio |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| time to removal: ours / reference s (check every) | ratio |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in records:
@@ -39,6 +39,8 @@ def unlearn_table(records: list[dict]) -> str:
         )
         ref_s = r.get("reference_time_to_removal_s")
         timing = f"{_fmt(r.get('time_to_removal_s'), 1) or 'not reached'} / {_fmt(ref_s, 1) or 'not reached'}"
+        if r.get("check_every"):
+            timing += f" ({r['check_every']} steps)"
         rows.append(
             f"| {r['model']} | {r['method']} | {r['scope']} "
             f"| {_fmt(r['asr_before'])} ({_fmt(r.get('asr_floor'))}) "

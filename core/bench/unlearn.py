@@ -214,6 +214,7 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
             "removal_step": clock.removed_at_step,
             "check_history": clock.history,  # (step, training seconds, ASR on the check prompts)
             "n_prompts": args.n,
+            "check_every": args.check_every,
         }
         records.append(record)
     # Time to removal = the step at which the check prompts came clean x the configuration's median
