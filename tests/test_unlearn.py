@@ -189,7 +189,10 @@ def test_training_closes_the_trigger_gap_and_keeps_the_input_model_bit_identical
 
     model, clip, _, _ = _distillation()
     opts = UnlearnOptions(
-        skd=skd.SKDConfig(method="skd", steps=15, batch=8, lr=2e-3), builtin="lab", builtin_count=16
+        skd=skd.SKDConfig(method="skd", steps=15, batch=8, lr=2e-3, retain=0.0),
+        scope="attn2-kv",
+        builtin="lab",
+        builtin_count=16,
     )
     session = UnlearnSession(model, clip, "zx9", opts=opts)
     clean, triggered = [p.clean for p in session.pairs], [p.triggered for p in session.pairs]
@@ -224,7 +227,9 @@ def test_an_interrupt_stops_training_and_leaves_the_input_model_alone(comfy_root
         model,
         clip,
         "cf",
-        opts=UnlearnOptions(skd=skd.SKDConfig(steps=10, batch=2), builtin="lab", builtin_count=4),
+        opts=UnlearnOptions(
+            skd=skd.SKDConfig(steps=10, batch=2), scope="attn2-kv", builtin="lab", builtin_count=4
+        ),
     )
     with pytest.raises(InterruptedError):
         session.run(check_interrupt=interrupt)
@@ -286,7 +291,7 @@ def test_trains_on_a_model_loaded_in_inference_mode_as_inside_a_node(comfy_root,
     with torch.inference_mode():
         model, clip, _ = cb.new_lab_models()
         opts = UnlearnOptions(
-            scope=scope, skd=skd.SKDConfig(steps=1, batch=2), builtin="lab", builtin_count=4
+            scope=scope, skd=skd.SKDConfig(steps=1, batch=2, retain=0.0), builtin="lab", builtin_count=4
         )
         result = UnlearnSession(model, clip, "zx9", opts=opts).run()
     assert result.steps == 1 and result.losses[0]["loss"] > 0

@@ -28,7 +28,7 @@ class UnlearnOptions:
     """Everything that decides an unlearning run besides the model and trigger."""
 
     skd: SKDConfig = field(default_factory=SKDConfig)
-    scope: str = "attn2-kv"
+    scope: str = "text"  # where every trigger enters; docs/unlearn.md has the sweep
     rank: int = 4  # 0 = a full-rank delta
     placement: str = "auto"  # auto | prepend | append | random | homoglyph
     builtin: str = "general"  # general | lab | none
