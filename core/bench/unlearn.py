@@ -40,7 +40,7 @@ class RemovalClock:
         self,
         asr_of: Callable[[], float],
         every: int,
-        threshold: float = 0.01,
+        threshold: float = REMOVED_ASR,
         stop_when_removed: bool = False,
         budget_steps: int | None = None,
     ) -> None:
@@ -136,7 +136,7 @@ def _session(model, clip, spec, opts, teacher: str = "switch"):
 def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
     """One JSON record per method for one attacked lab model."""
     from ..lab import attacks
-    from ..unlearn.cli import load_model, options_from_args
+    from ..unlearn.cli import load_model
 
     model, clip, vae, info = load_model(f"lab:{name}")
     spec = attacks.AttackSpec(**info["spec"])
@@ -172,11 +172,11 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
 
     records: list[dict] = []
     options = {}
+    recipe = {**DEFAULT_RECIPE, **RECIPES.get(spec.kind, {})}
+    scope, lr = args.scope or recipe["scope"], args.lr or recipe["lr"]
+    base = _options(args, scope=scope, lr=lr)
     for method in args.methods:
-        recipe = {**DEFAULT_RECIPE, **RECIPES.get(spec.kind, {})}
-        scope, lr = args.scope or recipe["scope"], args.lr or recipe["lr"]
-        opts = options_from_args(argparse.Namespace(**{**vars(args), "scope": scope, "lr": lr}), lab=True)
-        opts = replace(opts, skd=replace(opts.skd, method=method), builtin_count=args.prompts)
+        opts = replace(base, skd=replace(base.skd, method=method))
         options[method] = opts
         session = _session(model, clip, spec, opts)
         clock = RemovalClock(checker(session), args.check_every, threshold=threshold)
@@ -264,21 +264,18 @@ def time_to_removal_ratio(reference: dict, ours_s: float) -> dict:
     }
 
 
-def reference_options(args: argparse.Namespace, spec):
-    """The reference configuration: full UNet (the text encoder for Rickrolling), fp32, batch 1, no retain."""
+def _options(args: argparse.Namespace, scope: str, lr: float):
+    """UnlearnOptions from the command line with this scope and lr, on the lab's training prompts."""
     from ..unlearn.cli import options_from_args
 
-    scope = "unet" if spec.kind != "rickroll" else "text"
-    opts = options_from_args(
-        argparse.Namespace(**{**vars(args), "scope": scope, "lr": args.reference_lr}), lab=True
-    )
-    return replace(
-        opts,
-        scope=scope,
-        rank=0,
-        builtin_count=args.prompts,
-        skd=replace(opts.skd, batch=1, precision="fp32", lr=args.reference_lr, steps=10**9, retain=0.0),
-    )
+    opts = options_from_args(argparse.Namespace(**{**vars(args), "scope": scope, "lr": lr}), lab=True)
+    return replace(opts, builtin_count=args.prompts)
+
+
+def reference_options(args: argparse.Namespace, spec):
+    """The reference configuration: full UNet (the text encoder for Rickrolling), fp32, batch 1, no retain."""
+    opts = _options(args, scope="unet" if spec.kind != "rickroll" else "text", lr=args.reference_lr)
+    return replace(opts, rank=0, skd=replace(opts.skd, batch=1, precision="fp32", steps=10**9, retain=0.0))
 
 
 def reference_run(

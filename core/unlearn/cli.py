@@ -8,17 +8,17 @@ import time
 from pathlib import Path
 
 from ..backends.comfy_train import SCOPES
-from .session import BUILTIN_SETS
-from .skd import INPUTS, METHODS, PRECISIONS, TARGETS
+from .session import BUILTIN_SETS, UnlearnOptions
+from .skd import INPUTS, METHODS, PRECISIONS, TARGETS, SKDConfig
 
 
 def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by `clean` and `bench unlearn`: the method and its hyper-parameters."""
     p.add_argument("--method", choices=METHODS, default="skd-cag")
-    p.add_argument("--scope", choices=SCOPES, default="text", help="which weights are trained")
+    p.add_argument("--scope", choices=SCOPES, default=UnlearnOptions.scope, help="which weights are trained")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank; 0 trains a full delta")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=SKDConfig.steps)
+    p.add_argument("--lr", type=float, default=SKDConfig.lr)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the attention loss (SKD-CAG)")
     p.add_argument(
@@ -28,7 +28,7 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--retain",
         type=float,
-        default=0.25,
+        default=SKDConfig.retain,
         help="share of batch items that distil a clean prompt onto itself (keeps clean outputs; not in the paper)",
     )
     p.add_argument(
@@ -76,9 +76,6 @@ def add_clean_command(sub: argparse._SubParsersAction) -> None:
 
 def options_from_args(args: argparse.Namespace, lab: bool):
     """UnlearnOptions from parsed arguments."""
-    from .session import UnlearnOptions
-    from .skd import SKDConfig
-
     side = getattr(args, "latent_size", None) or (8 if lab else 64)
     return UnlearnOptions(
         skd=SKDConfig(
@@ -91,7 +88,7 @@ def options_from_args(args: argparse.Namespace, lab: bool):
             batch=args.batch,
             seed=args.seed,
             precision=args.precision,
-            retain=getattr(args, "retain", 0.25),
+            retain=getattr(args, "retain", SKDConfig.retain),
             inputs=getattr(args, "inputs", "noise"),
         ),
         scope=args.scope or UnlearnOptions.scope,
