@@ -41,11 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")
     p.set_defaults(func=_cmd_demo)
     from .bench.cli import add_bench_commands
+    from .detect.cli import add_detect_commands
     from .lab.cli import add_lab_commands
     from .unlearn.cli import add_clean_command
 
     add_lab_commands(sub)
     add_clean_command(sub)
+    add_detect_commands(sub)
     add_bench_commands(sub)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 import warnings
 from dataclasses import asdict, dataclass
@@ -142,3 +143,8 @@ def position_labels(tokenizer: HFTokenizer, ids: list[int], bos: int, eos: int, 
             text = readable(piece.removesuffix("</w>") if "\ufffd" in text or not text else text)
             labels.append(text if piece.endswith("</w>") else f"{text}-")
     return labels
+
+
+def from_readable(text: str) -> str:
+    """Undo readable(): <U+XXXX> back to the character it names."""
+    return re.sub(r"<U\+([0-9A-Fa-f]{4,6})>", lambda m: chr(int(m.group(1), 16)), text)

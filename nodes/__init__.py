@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes_attention import SealAttentionCapture, SealAttentionHeatmaps
+from .nodes_detect import SealDetectPrompt, SealScanModel
 from .nodes_info import SealModelInfo
 from .nodes_lab import SealLabCheckpointLoader
 from .nodes_unlearn import SealSaveSanitized, SealUnlearn
@@ -14,6 +15,8 @@ NODES: list[type[io.ComfyNode]] = [
     SealLabCheckpointLoader,
     SealAttentionCapture,
     SealAttentionHeatmaps,
+    SealDetectPrompt,
+    SealScanModel,
     SealUnlearn,
     SealSaveSanitized,
 ]

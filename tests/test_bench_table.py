@@ -62,3 +62,22 @@ def test_bench_table_fills_only_the_marked_section(tmp_path):
     assert "old row" not in text and "lab-pixel" in text
     with pytest.raises(ValueError, match="markers"):
         replace_between("no markers here", "unlearn", "x")
+
+
+def test_detect_rows_show_each_detector_localisation_and_the_scan():
+    from backdoor_seal.core.bench.table import detect_table
+
+    record = {
+        "model": "lab-pixel",
+        "auroc": {"masking-unet": 0.61, "transplant": 1.0, "scan": 0.99},
+        "f1": {"masking-unet": 0.2, "transplant": 0.97, "scan": 0.9},
+        "localisation_accuracy": 1.0,
+        "scan_rank": 8,
+        "scan_flagged": 0,
+        "scan_seconds": 512.3,
+        "false_positive_rate": {"transplant": 0.03},
+    }
+    rows = detect_table([record, {"model": "lab-clean", "false_positive_rate": {"transplant": 0.05}}]).splitlines()
+    assert rows[0].count("|") == rows[1].count("|") == rows[2].count("|")
+    assert "| 0.610 / 0.20 |  | 1.000 / 0.97 |  | 0.990 / 0.90 | 1.00 | 8 | 0 | 512 | 0.03 |" in rows[2]
+    assert rows[3].startswith("| lab-clean |") and rows[3].endswith("| 0.05 |")

@@ -51,6 +51,30 @@ def unlearn_table(records: list[dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def detect_table(records: list[dict]) -> str:
+    """One markdown row per lab model of `bench detect` output: AUROC / F1 per detector, localisation, scan."""
+    detectors = ("masking-unet", "masking-text", "transplant", "ftt", "scan")
+    head = (
+        "| model | "
+        + " | ".join(f"{d} AUROC / F1" for d in detectors)
+        + " | localisation (best) | scan rank | scan flagged | scan s | FPR clean (transplant) |\n"
+        + "|---" * (len(detectors) + 6)
+        + "|\n"
+    )
+    rows = []
+    for r in records:
+        auc, f1 = r.get("auroc", {}), r.get("f1", {})
+        cells = [f"{_fmt(auc.get(d))} / {_fmt(f1.get(d), 2)}" if d in auc else "" for d in detectors]
+        loc = r.get("localisation_accuracy")
+        rows.append(
+            f"| {r['model']} | "
+            + " | ".join(cells)
+            + f" | {_fmt(loc, 2)} | {r.get('scan_rank', '') or ''} | {r.get('scan_flagged', '')} "
+            f"| {_fmt(r.get('scan_seconds'), 0)} | {_fmt(r.get('false_positive_rate', {}).get('transplant'), 2)} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
 def replace_between(text: str, name: str, body: str) -> str:
     """text with the part between <!-- results:name --> and <!-- /results:name --> replaced by body."""
     start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
@@ -66,6 +90,8 @@ def cmd_table(args: argparse.Namespace) -> int:
     target = Path(args.readme)
     text = target.read_text()
     text = replace_between(text, "unlearn", unlearn_table(read_records(args.unlearn)))
+    if "<!-- results:detect -->" in text and Path(args.detect).exists():
+        text = replace_between(text, "detect", detect_table(read_records(args.detect)))
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, target)  # atomic: a reader sees the old README or the new one

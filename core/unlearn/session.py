@@ -52,6 +52,11 @@ def trigger_from(text: str | None, report: Any = None) -> str:
     if text:
         return text
     if isinstance(report, dict):
+        if report.get("poisoned") is False:
+            raise ValueError(
+                "the connected detection report found no trigger above its threshold; type the trigger to "
+                "unlearn one anyway"
+            )
         candidate = report.get("trigger") or next(iter(report.get("candidates") or []), {}).get("text")
         if candidate:
             return str(candidate)

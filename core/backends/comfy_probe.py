@@ -1,0 +1,96 @@
+"""One batched UNet step on token-id variants of prompts, recording every cross-attention block's output.
+
+What the detectors need from a ComfyUI MODEL/CLIP: contexts for explicit token-id sequences (one
+CLIP call for a whole group of variants) and the per-layer responses of one denoising step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .comfy import ensure_comfy_importable
+
+
+class Attn2OutputRecorder:
+    """An attn2_output_patch that keeps each cross-attention block's output (B x queries x C) of one forward."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def __call__(self, n: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        block = extra_options.get("block") or ("?", 0)
+        key = f"{block[0]}.{block[1]}.{extra_options.get('block_index', 0)}"
+        self.outputs[key] = n.detach().float().cpu()
+        return n
+
+    def __deepcopy__(self, memo):  # ComfyUI deep-copies model options on every clone
+        return self
+
+
+class ComfyProbe:
+    """Token ids in, contexts and per-layer attn2 outputs of one denoising step out (no training)."""
+
+    def __init__(self, model, clip, latent_hw: tuple[int, int] = (8, 8)) -> None:
+        ensure_comfy_importable()
+        self.recorder = Attn2OutputRecorder()
+        self.model = model.clone()
+        self.model.set_model_attn2_output_patch(self.recorder)
+        self.clip = clip
+        self.latent_hw = latent_hw
+        self.clip_name = next(iter(clip.tokenize("").keys()))
+        inner = getattr(clip.tokenizer, f"clip_{self.clip_name}")
+        self.tokenizer = inner.tokenizer
+        self.bos, self.eos = int(inner.start_token), int(inner.end_token)
+        self.pad = int(getattr(inner, "pad_token", None) or self.eos)
+        self.length = int(inner.max_length)
+        self.num_timesteps = len(model.model.model_sampling.sigmas)
+
+    def token_ids(self, prompt: str) -> list[int]:
+        """The prompt's first-chunk ids (BOS ... EOS, padded to the chunk length) as ComfyUI tokenizes it."""
+        chunk = self.clip.tokenize(prompt)[self.clip_name][0]
+        return [int(t[0]) for t in chunk]
+
+    @torch.no_grad()
+    def encode_ids(self, rows: list[list[int]]) -> torch.Tensor:
+        """Contexts (B x length x C) for explicit id sequences, in one batched CLIP call."""
+        tokens = {self.clip_name: [[(i, 1.0) for i in row] for row in rows]}
+        out = self.clip.encode_from_tokens(tokens)  # sections come back side by side along the sequence
+        return out.reshape(len(rows), self.length, -1).float()
+
+    def vocabulary_size(self) -> int:
+        """How many token ids the tokenizer has (49,408 for CLIP)."""
+        return len(self.tokenizer.get_vocab())
+
+    def token_text(self, token_id: int) -> str:
+        """A token id as readable text (byte-level pieces decoded; '</w>' ends a word)."""
+        return self.tokenizer.decode([token_id])
+
+    @torch.no_grad()
+    def x0(self, context: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """The model's denoised prediction of one step at timestep t (what the image is heading to)."""
+        eps, _ = self.step(context, noise, t)
+        import comfy.model_management as mm
+
+        sigma = self.model.model.model_sampling.sigma(torch.tensor([t], device=mm.get_torch_device()))
+        s = float(sigma.cpu())
+        return noise * (s**2 + 1) ** 0.5 - s * eps
+
+    @torch.no_grad()
+    def step(
+        self, context: torch.Tensor, noise: torch.Tensor, t: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """eps and each attn2 block's output for unit-variance noise (broadcast over the batch) at timestep t."""
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([self.model])
+        base = self.model.model
+        device = mm.get_torch_device()
+        b = context.shape[0]
+        sigma = base.model_sampling.sigma(torch.full((b,), t, device=device)).float()
+        s = sigma.view(-1, 1, 1, 1)
+        x = noise.to(device).expand(b, *noise.shape[1:]) * (s**2 + 1).sqrt()
+        self.recorder.outputs = {}
+        options = self.model.model_options.get("transformer_options", {})
+        denoised = base.apply_model(x, sigma, c_crossattn=context.to(device), transformer_options=options)
+        eps = ((x - denoised.float()) / s).cpu()
+        return eps, dict(self.recorder.outputs)

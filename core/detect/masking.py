@@ -1,0 +1,141 @@
+"""Token masking in the manner of NaviT2I: how much does the UNet react when one token is masked?
+
+For a prompt, every content token is masked in turn (replaced by the padding token) and the prompt
+and all its masked variants go through ONE denoising step as one batch. A trigger token moves the
+UNet far more than its share of the text embedding explains: the per-layer change of the cross-
+attention outputs, divided by the change of the text embedding, is the token's UNet score. A
+text-encoder backdoor (Rickrolling) instead hijacks the other tokens' embeddings: how much the
+rest of the context changes when the token is masked is its text score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+class ProbeModel(Protocol):
+    """What the masking detector needs (core/backends/comfy_probe.ComfyProbe is one)."""
+
+    bos: int
+    eos: int
+    pad: int
+    num_timesteps: int
+
+    def token_ids(self, prompt: str) -> list[int]:
+        """First-chunk ids, BOS first, padded."""
+        ...
+
+    def encode_ids(self, rows: list[list[int]]) -> torch.Tensor:
+        """Contexts (B x length x C) for explicit id sequences."""
+        ...
+
+    def step(
+        self, context: torch.Tensor, noise: torch.Tensor, t: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """eps and each cross-attention block's output for one denoising step."""
+        ...
+
+
+@dataclass
+class MaskingSettings:
+    """One step at timestep `t_fraction` of the schedule from `seeds` noise draws (scores averaged)."""
+
+    t_fraction: float = 0.9
+    seeds: tuple[int, ...] = (0,)
+    latent_shape: tuple[int, int, int] = (4, 8, 8)
+    group: int = 32  # variants per UNet call
+
+    def timestep(self, num_timesteps: int) -> int:
+        """The integer timestep probed."""
+        return min(num_timesteps - 1, max(0, round(self.t_fraction * (num_timesteps - 1))))
+
+
+@dataclass
+class TokenScores:
+    """Per content token of one prompt: its UNet score (layer change / embedding change) and text score."""
+
+    prompt: str
+    positions: list[int]
+    ids: list[int]
+    unet: torch.Tensor  # (n,)
+    text: torch.Tensor  # (n,)
+    extra: dict = field(default_factory=dict)
+
+    def prompt_score(self, kind: str) -> float:
+        """The prompt's statistic for one signal: its most reactive token's score."""
+        return float(self.unet.max() if kind == "unet" else self.text.max())
+
+
+def content_positions(ids: list[int], bos: int, eos: int) -> list[int]:
+    """Positions of the prompt's own tokens (after BOS, before the first EOS)."""
+    end = ids.index(eos, 1) if eos in ids[1:] else len(ids)
+    return [i for i in range(1, end) if ids[i] != bos]
+
+
+def masked_variants(ids: list[int], positions: list[int], pad: int) -> list[list[int]]:
+    """The prompt itself, then one copy per position with that token replaced by padding."""
+    rows = [list(ids)]
+    for p in positions:
+        row = list(ids)
+        row[p] = pad
+        rows.append(row)
+    return rows
+
+
+def relative_change(reference: torch.Tensor, variants: torch.Tensor) -> torch.Tensor:
+    """||variant - reference|| / ||reference|| per variant (norms over every non-batch dim)."""
+    diff = (variants - reference.unsqueeze(0)).flatten(1).norm(dim=1)
+    return diff / reference.flatten().norm().clamp_min(1e-12)
+
+
+def text_hijack(context: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """Per masked token: how much the OTHER positions' embeddings change (context: (1 + n) x L x C)."""
+    ref, var = context[0], context[1:]
+    out = []
+    for k, p in enumerate(positions):
+        keep = torch.ones(ref.shape[0], dtype=torch.bool)
+        keep[0] = False  # BOS never changes
+        keep[p] = False
+        out.append(relative_change(ref[keep], var[k : k + 1, keep])[0])
+    return torch.stack(out)
+
+
+def unet_ratio(context: torch.Tensor, layers: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per masked token: mean over layers of the output's relative change, over the embedding's."""
+    emb = relative_change(context[0], context[1:]).clamp_min(1e-6)
+    per_layer = torch.stack([relative_change(out[0], out[1:]) for out in layers.values()])
+    return per_layer.mean(0) / emb
+
+
+def score_prompt(probe: ProbeModel, prompt: str, settings: MaskingSettings | None = None) -> TokenScores:
+    """Mask every content token of the prompt and score each (groups of variants per UNet call)."""
+    settings = settings or MaskingSettings()
+    ids = probe.token_ids(prompt)
+    positions = content_positions(ids, probe.bos, probe.eos)
+    if not positions:
+        raise ValueError(f"prompt {prompt!r} has no tokens to mask")
+    rows = masked_variants(ids, positions, probe.pad)
+    context = probe.encode_ids(rows)
+    t = settings.timestep(probe.num_timesteps)
+    unet = torch.zeros(len(positions))
+    for seed in settings.seeds:
+        noise = torch.randn((1, *settings.latent_shape), generator=torch.Generator().manual_seed(seed))
+        layers: dict[str, list[torch.Tensor]] = {}
+        # The unmasked prompt rides in every group so each group's changes have their own reference.
+        for start in range(1, len(rows), settings.group):
+            idx = [0, *range(start, min(len(rows), start + settings.group))]
+            _, outs = probe.step(context[idx], noise, t)
+            for name, out in outs.items():
+                layers.setdefault(name, []).append(out if start == 1 else out[1:])
+        merged = {name: torch.cat(parts) for name, parts in layers.items()}
+        unet += unet_ratio(context, merged)
+    return TokenScores(
+        prompt=prompt,
+        positions=positions,
+        ids=[ids[p] for p in positions],
+        unet=unet / len(settings.seeds),
+        text=text_hijack(context, positions),
+    )

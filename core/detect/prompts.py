@@ -1,0 +1,245 @@
+"""Input-level detection: is this prompt triggering a backdoor, and which token is the trigger?
+
+Three detectors, each with a per-model threshold calibrated on clean prompts (stored as JSON):
+
+- `masking-unet` (NaviT2I): the prompt's most reactive token, UNet change over embedding change.
+- `masking-text`: the prompt's most hijacking token (how much the OTHER words' embeddings change when
+  it is masked) over the prompt's median token: a text-encoder backdoor rewrites the whole prompt.
+- `ftt` (T2IShield): assimilation of the cross-attention maps over a full sampling; a LOW FTT means
+  the trigger has made every token's map alike, so the score is -FTT.
+- `transplant`: each of the prompt's tokens is put in front of clean probe prompts (one batched step
+  per probe); the score is the x0 change the probes share times how alike they point (the scan's
+  second stage). A backdoor's target does not depend on the prompt; an ordinary word's effect does.
+- `scan` (optional): the strongest blind-scan z-score among the prompt's tokens; a lookup, no UNet call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..tokens import from_readable, readable, tokenize
+from .masking import MaskingSettings, ProbeModel, TokenScores, score_prompt
+
+DETECTORS = ("masking-unet", "masking-text", "transplant", "ftt", "scan")
+CALIBRATION_QUANTILE = 0.95  # a threshold at the clean prompts' 95th percentile: 5% false positives by design
+
+
+def masking_signals(scores: TokenScores) -> dict[str, float]:
+    """The prompt-level statistics of the masking detector."""
+    text = scores.text
+    return {
+        "masking-unet": float(scores.unet.max()),
+        "masking-text": float(text.max() / text.median().clamp_min(1e-9)),
+    }
+
+
+def transplant_scores(scanner, token_ids: Sequence[int]) -> np.ndarray:
+    """Per token: shared x0 change x agreement over the scanner's clean probes (VocabularyScanner.stage2)."""
+    return scanner.stage2(list(token_ids), lambda n: None)
+
+
+def ftt_statistic(maps: torch.Tensor) -> float:
+    """T2IShield's FTT: mean Frobenius distance of each token's (sum-normalised) map to the mean map."""
+    m = maps / maps.flatten(1).sum(1).view(-1, 1, 1).clamp_min(1e-9)
+    return float((m - m.mean(0, keepdim=True)).flatten(1).norm(dim=1).mean())
+
+
+def ftt_scores(
+    backend, prompts: Sequence[str], seeds: Sequence[int], steps: int = 20, cfg: float = 2.0
+) -> list[float]:
+    """-FTT per prompt from one full sampling with cross-attention capture (backend: ComfyBackend)."""
+    from ..attention import CaptureSettings, capture
+
+    _, maps = capture(
+        backend, list(prompts), list(seeds), CaptureSettings(resolution=8), steps=steps, cfg=cfg
+    )
+    combined = maps.combined()
+    out = []
+    for b, labels in enumerate(maps.labels):
+        content = [i for i, label in enumerate(labels) if not label.startswith("<") and i < combined.shape[1]]
+        out.append(-ftt_statistic(combined[b, content]) if content else 0.0)
+    return out
+
+
+@dataclass
+class Calibration:
+    """Per-detector thresholds of one model, from its scores on clean prompts."""
+
+    model: str
+    thresholds: dict[str, float]
+    clean_scores: dict[str, list[float]]
+    quantile: float = CALIBRATION_QUANTILE
+    settings: dict = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically (never pickle); an existing file is replaced only once the new one is complete."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f, indent=1)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Calibration:
+        """Read a calibration written by save()."""
+        data = json.loads(Path(path).read_text())
+        return cls(**data)
+
+    def flags(self, scores: dict[str, float]) -> dict[str, bool]:
+        """Which detectors call these prompt scores triggered."""
+        return {k: v > self.thresholds[k] for k, v in scores.items() if k in self.thresholds}
+
+
+def transplant_scanner(
+    probe, probe_prompts: Sequence[str], latent_shape: tuple[int, int, int], probes: int = 8
+):
+    """The VocabularyScanner whose second stage the transplant detector runs (one noise draw, `probes` probes)."""
+    from .scan import ScanSettings, VocabularyScanner
+
+    settings = ScanSettings(stage1_probes=1, stage2_probes=probes, stage2_seeds=1, latent_shape=latent_shape)
+    return VocabularyScanner(probe, probe_prompts, settings)
+
+
+def calibrate_on(
+    probe,
+    prompts: Sequence[str],
+    settings: MaskingSettings,
+    transplant=None,
+    name: str = "MODEL",
+    progress=None,
+) -> Calibration:
+    """Score clean prompts with every input-level detector and calibrate the thresholds on them."""
+    scores = []
+    for p in prompts:
+        scores.append(detect_prompt(probe, p, None, settings, transplant=transplant).scores)
+        if progress:
+            progress()
+    return calibrate(name, {k: [s[k] for s in scores] for k in scores[0]})
+
+
+def calibrate(
+    model_name: str, clean_scores: dict[str, list[float]], quantile: float = CALIBRATION_QUANTILE
+) -> Calibration:
+    """Thresholds at a quantile of each detector's scores on clean prompts."""
+    thresholds = {k: float(np.quantile(v, quantile)) for k, v in clean_scores.items() if len(v)}
+    return Calibration(
+        model_name, thresholds, {k: list(map(float, v)) for k, v in clean_scores.items()}, quantile
+    )
+
+
+@dataclass
+class TokenVerdict:
+    """One prompt token: its readable text, the word it belongs to and its detector scores."""
+
+    position: int
+    token_id: int
+    text: str
+    word: str
+    unet: float
+    hijack: float
+    transplant: float | None = None
+
+
+@dataclass
+class PromptReport:
+    """A prompt's detector scores, flags, per-token scores and the most likely trigger token and word."""
+
+    prompt: str
+    scores: dict[str, float]
+    flagged: dict[str, bool]
+    tokens: list[TokenVerdict]
+    trigger_token: str
+    trigger_word: str
+    localised_by: str
+
+    def to_dict(self) -> dict:
+        """JSON-ready, the shape the nodes pass on (`trigger` is the suspected trigger's word)."""
+        d = asdict(self)
+        d["kind"] = "prompt"
+        d["poisoned"] = any(self.flagged.values())
+        d["trigger"] = from_readable(self.trigger_word) if d["poisoned"] else None
+        return d
+
+
+def _word_map(tokenizer, prompt: str) -> dict[int, tuple[str, str]]:
+    """Sequence position -> (token text, word text) for the prompt's tokens."""
+    pieces = tokenize(tokenizer, prompt)
+    words: dict[int, list[str]] = {}
+    for p in pieces:
+        words.setdefault(p.word, []).append(p.text)
+    return {p.position: (p.text, "".join(words[p.word])) for p in pieces}
+
+
+def localise(scores: TokenScores, signal: str) -> int:
+    """Index (into scores.positions) of the token the signal blames."""
+    values = scores.text if signal == "masking-text" else scores.unet
+    return int(values.argmax())
+
+
+def detect_prompt(
+    probe: ProbeModel,
+    prompt: str,
+    calibration: Calibration | None = None,
+    settings: MaskingSettings | None = None,
+    scan_scores: dict[int, float] | None = None,
+    tokenizer=None,
+    transplant=None,
+) -> PromptReport:
+    """Score one prompt (masking; transplant when given a VocabularyScanner; the scan lookup when given
+    its scores), flag it against the calibration and localise the trigger token."""
+    token_scores = score_prompt(probe, prompt, settings)
+    scores = masking_signals(token_scores)
+    moved = transplant_scores(transplant, token_scores.ids) if transplant is not None else None
+    if moved is not None:
+        scores["transplant"] = float(moved.max())
+    if scan_scores is not None:
+        scores["scan"] = max(scan_scores.get(i, 0.0) for i in token_scores.ids)
+    flagged = calibration.flags(scores) if calibration else {}
+    # Each signal blames its own strongest token; the first flagged one in this order names the trigger.
+    blame = {
+        "transplant": (lambda: int(np.argmax(moved))) if moved is not None else None,
+        "scan": (lambda: int(np.argmax([scan_scores.get(i, -np.inf) for i in token_scores.ids])))
+        if scan_scores is not None
+        else None,
+        "masking-text": lambda: localise(token_scores, "masking-text"),
+        "masking-unet": lambda: localise(token_scores, "masking-unet"),
+    }
+    signal = next(
+        (k for k, f in blame.items() if f and flagged.get(k)),
+        "transplant" if moved is not None else "masking-unet",
+    )
+    best = blame[signal]()
+    words = _word_map(tokenizer or probe.tokenizer, prompt)
+    tokens = []
+    for k, pos in enumerate(token_scores.positions):
+        text, word = words.get(pos, (str(token_scores.ids[k]), str(token_scores.ids[k])))
+        tokens.append(
+            TokenVerdict(
+                pos,
+                token_scores.ids[k],
+                text,
+                word,
+                float(token_scores.unet[k]),
+                float(token_scores.text[k]),
+                None if moved is None else float(moved[k]),
+            )
+        )
+    return PromptReport(
+        prompt=readable(prompt),
+        scores=scores,
+        flagged=flagged,
+        tokens=tokens,
+        trigger_token=tokens[best].text,
+        trigger_word=tokens[best].word,
+        localised_by=signal,
+    )
