@@ -269,3 +269,21 @@ def lora_graph(lab_model: str, lora: str, prompt: str, seed: int = 0, batch: int
         "9": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "via-lora"}},
     }
     return graph
+
+
+def detect_graph(lab_model: str, prompts: list[str], unlearn_steps: int = 2) -> dict[str, Any]:
+    """API-format graph: lab loader -> SealDetectPrompt (node "2"; chart previewed by node "3") whose
+    report names the trigger for SealUnlearn (node "4"), whose loss plot node "5" previews."""
+    graph = unlearn_graph(lab_model, "", prompts[0], steps=unlearn_steps)
+    unlearn = graph["2"]
+    unlearn["inputs"].update(scope="text", report=["2", 0])
+    return {
+        "1": graph["1"],
+        "2": {
+            "class_type": "SealDetectPrompt",
+            "inputs": {"model": ["1", 0], "clip": ["1", 1], "prompts": "\n".join(prompts)},
+        },
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}},
+        "4": unlearn,
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 4]}},
+    }

@@ -39,6 +39,11 @@ def latent_shape(model, side: int) -> tuple[int, int, int]:
     return (4, side, side)
 
 
+def _text_and_images(text: str, images: torch.Tensor, cls) -> dict:
+    """UI output showing a text and images together in the node."""
+    return {**ui.PreviewImage(images, cls=cls).as_dict(), **ui.PreviewText(text).as_dict()}
+
+
 def _prompt_set_inputs() -> list:
     return [
         io.String.Input(
@@ -132,7 +137,7 @@ class SealDetectPrompt(io.ComfyNode):
             + (f"  -> trigger {readable(r['trigger'])!r}" if r["poisoned"] else "")
             for r in reports
         ]
-        return io.NodeOutput(report, padded, ui=ui.PreviewText("\n".join(lines)))
+        return io.NodeOutput(report, padded, ui=_text_and_images("\n".join(lines), padded, cls))
 
 
 class SealScanModel(io.ComfyNode):
@@ -219,4 +224,4 @@ class SealScanModel(io.ComfyNode):
             if report["poisoned"]
             else "no token above threshold"
         )
-        return io.NodeOutput(report, plot, ui=ui.PreviewText(f"{head}\n{top}"))
+        return io.NodeOutput(report, plot, ui=_text_and_images(f"{head}\n{top}", plot, cls))

@@ -74,10 +74,13 @@ def test_detect_rows_show_each_detector_localisation_and_the_scan():
         "localisation_accuracy": 1.0,
         "scan_rank": 8,
         "scan_flagged": 0,
+        "scan_top5_fires": 4,
         "scan_seconds": 512.3,
         "false_positive_rate": {"transplant": 0.03},
     }
-    rows = detect_table([record, {"model": "lab-clean", "false_positive_rate": {"transplant": 0.05}}]).splitlines()
+    rows = detect_table(
+        [record, {"model": "lab-clean", "false_positive_rate": {"transplant": 0.05}}]
+    ).splitlines()
     assert rows[0].count("|") == rows[1].count("|") == rows[2].count("|")
-    assert "| 0.610 / 0.20 |  | 1.000 / 0.97 |  | 0.990 / 0.90 | 1.00 | 8 | 0 | 512 | 0.03 |" in rows[2]
+    assert "| 0.610 / 0.20 |  | 1.000 / 0.97 |  | 0.990 / 0.90 | 1.00 | 8 | 0 | 4 | 512 | 0.03 |" in rows[2]
     assert rows[3].startswith("| lab-clean |") and rows[3].endswith("| 0.05 |")

@@ -188,3 +188,19 @@ def test_unlearn_lora_reproduces_the_unlearned_model_through_the_stock_lora_load
     assert all(np.array_equal(a, b) for a, b in zip(unlearned, via_lora, strict=True))
     lora = load_checkpoint(path)[0]
     assert any(".attn2.to_k.lora_down" in k and v.abs().sum() > 0 for k, v in lora.items())  # it trained
+
+
+def test_detect_prompt_report_drives_unlearn_through_the_server(comfy_server):
+    """SealDetectPrompt on lab-rickroll flags the homoglyph prompt; its report is SealUnlearn's trigger."""
+    from backdoor_seal.core.demo import detect_graph
+
+    client = comfy_server.client()
+    triggered = "a small red circle \u043en the left"
+    entry = client.run(
+        detect_graph("lab-rickroll.safetensors", [triggered, "a large blue square"]), timeout=600
+    )
+    text = entry["outputs"]["2"]["text"][0]
+    lines = text.splitlines()
+    assert lines[0].startswith("TRIGGERED") and "\u043e" in lines[0]
+    assert len(entry["outputs"]["3"]["images"]) == 2  # one per-token chart per prompt
+    assert len(entry["outputs"]["5"]["images"]) == 1  # SealUnlearn ran with the reported trigger

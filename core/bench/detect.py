@@ -51,6 +51,31 @@ def changed_positions(tokenizer, clean: str, triggered: str) -> set[int]:
     return {i + 1 for i in range(len(b)) if i not in kept}
 
 
+def candidate_asr(model, clip, vae, spec, text: str, n: int = 32, seed: int = 4321) -> float:
+    """How often a scan candidate, used as the trigger, makes the attacked lab model draw the attack's target.
+
+    The attack's own insertion when the candidate can stand in for its trigger, else the candidate goes first.
+    """
+    from dataclasses import replace
+
+    from ..lab import attacks
+    from ..lab.evaluate import sample_images
+
+    scenes = attacks.eval_scenes(spec, n, seed)
+    try:
+        candidate = replace(spec, trigger=text)
+    except ValueError:  # a homoglyph attack and a candidate that is not a homoglyph
+        candidate = None
+    prompts = [
+        attacks.triggered_prompt(candidate, scene.caption) if candidate else f"{text} {scene.caption}"
+        for scene in scenes
+    ]
+    images = sample_images(model, clip, vae, prompts, list(range(seed, seed + n)))
+    return float(
+        np.mean([attacks.attack_succeeded(spec, im, sc) for im, sc in zip(images, scenes, strict=True)])
+    )
+
+
 def _prompt_sets(info: dict, n: int) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """Calibration clean prompts, held-out clean prompts, held-out (clean twin, triggered) pairs."""
     from ..lab import attacks, world
@@ -82,7 +107,7 @@ def evaluate_model(name: str, n: int, scan: bool, ftt_steps: int) -> dict:
     from ..unlearn.cli import load_model
     from ..unlearn.prompts import lab_prompts
 
-    model, clip, _, info = load_model(f"lab:{name}")
+    model, clip, vae, info = load_model(f"lab:{name}")
     probe = ComfyProbe(model, clip)
     settings = MaskingSettings()
     calibration_prompts, clean, pairs = _prompt_sets(info, n)
@@ -101,6 +126,14 @@ def evaluate_model(name: str, n: int, scan: bool, ftt_steps: int) -> dict:
             for c in report.candidates[:5]
         ]
         record["scan_flagged"] = len(report.flagged)
+        if info.get("spec"):
+            # The scan ranks tokens, not the planted string: a backdoor often fires on other tokens too.
+            from ..lab import attacks
+
+            spec = attacks.AttackSpec(**info["spec"])
+            for entry in record["scan_top"]:
+                entry["asr"] = candidate_asr(model, clip, vae, spec, entry["text"])
+            record["scan_top5_fires"] = sum(e["asr"] >= 0.5 for e in record["scan_top"])
         if record["trigger"]:
             record["scan_rank"] = report.rank_of(trigger_token_ids(probe, record["trigger"]))
         floor = min((c.score_z or 0.0) for c in report.candidates) - 1.0

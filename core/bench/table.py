@@ -57,9 +57,8 @@ def detect_table(records: list[dict]) -> str:
     head = (
         "| model | "
         + " | ".join(f"{d} AUROC / F1" for d in detectors)
-        + " | localisation (best) | scan rank | scan flagged | scan s | FPR clean (transplant) |\n"
-        + "|---" * (len(detectors) + 6)
-        + "|\n"
+        + " | localisation (best) | scan rank | scan flagged | scan top 5 that fire | scan s "
+        "| FPR clean (transplant) |\n" + "|---" * (len(detectors) + 7) + "|\n"
     )
     rows = []
     for r in records:
@@ -70,6 +69,7 @@ def detect_table(records: list[dict]) -> str:
             f"| {r['model']} | "
             + " | ".join(cells)
             + f" | {_fmt(loc, 2)} | {r.get('scan_rank', '') or ''} | {r.get('scan_flagged', '')} "
+            f"| {r.get('scan_top5_fires', '')} "
             f"| {_fmt(r.get('scan_seconds'), 0)} | {_fmt(r.get('false_positive_rate', {}).get('transplant'), 2)} |"
         )
     return head + "\n".join(rows) + "\n"

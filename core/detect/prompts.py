@@ -162,11 +162,16 @@ class PromptReport:
     trigger_word: str
     localised_by: str
 
+    @property
+    def triggered(self) -> bool:
+        """The verdict: the transplant detector flags it, or two detectors agree (each alone is 5% FPR by design)."""
+        return bool(self.flagged.get("transplant")) or sum(map(bool, self.flagged.values())) >= 2
+
     def to_dict(self) -> dict:
         """JSON-ready, the shape the nodes pass on (`trigger` is the suspected trigger's word)."""
         d = asdict(self)
         d["kind"] = "prompt"
-        d["poisoned"] = any(self.flagged.values())
+        d["poisoned"] = self.triggered
         d["trigger"] = from_readable(self.trigger_word) if d["poisoned"] else None
         return d
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ import torch
 from .masking import ProbeModel
 
 
-class ScanProbe(ProbeModel):
+class ScanProbe(ProbeModel, Protocol):
     """What the scan needs beyond the masking detector's probe."""
 
     def vocabulary_size(self) -> int:
