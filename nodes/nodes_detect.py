@@ -67,7 +67,7 @@ def _prompt_set_inputs() -> list:
 
 
 class SealDetectPrompt(io.ComfyNode):
-    """Scores prompts for a trigger (token masking, one batched UNet step each) and names the token."""
+    """Scores prompts for a trigger (token masking; each token transplanted into clean probes) and names it."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
