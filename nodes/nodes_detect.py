@@ -8,7 +8,13 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..core.detect.masking import MaskingSettings
-from ..core.detect.prompts import calibrate_on, detect_prompt, transplant_scanner
+from ..core.detect.prompts import (
+    builtin_clean_prompts,
+    calibrate_on,
+    detect_prompt,
+    probe_latent_shape,
+    transplant_scanner,
+)
 from ..core.detect.report import scan_image, token_scores_image
 from ..core.detect.scan import ScanSettings, VocabularyScanner
 from ..core.tokens import readable
@@ -25,18 +31,14 @@ def is_lab_model(model) -> bool:
 
 def calibration_prompts(model, text: str, builtin: str, n: int, seed: int = 1) -> list[str]:
     """The user's clean prompts followed by the built-in set (auto: the lab grammar for lab models)."""
-    from ..core.unlearn.prompts import general_prompts, lab_prompts
-
-    if builtin == "auto":
-        builtin = "lab" if is_lab_model(model) else "general"
+    lab = is_lab_model(model) if builtin == "auto" else builtin == "lab"
     own = [p.strip() for p in text.splitlines() if p.strip()]
-    return own + (lab_prompts(n, seed) if builtin == "lab" else general_prompts(n, seed))
+    return own + builtin_clean_prompts(lab, n, seed)
 
 
 def latent_shape(model, side: int) -> tuple[int, int, int]:
     """Probe latent: the given side, or 8 for lab models and 64 for real ones when 0."""
-    side = side or (8 if is_lab_model(model) else 64)
-    return (4, side, side)
+    return probe_latent_shape(is_lab_model(model), side)
 
 
 def _text_and_images(text: str, images: torch.Tensor, cls) -> dict:
@@ -89,7 +91,6 @@ class SealDetectPrompt(io.ComfyNode):
                 *_prompt_set_inputs(),
             ],
             outputs=[DetectionReport.Output("REPORT"), io.Image.Output("TOKEN_SCORES")],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -151,7 +152,8 @@ class SealScanModel(io.ComfyNode):
             category=CATEGORY,
             description="Puts every token of the tokenizer's vocabulary in front of clean prompts, takes one "
             "denoising step and ranks the tokens by how far they move the image; the strongest are re-scored "
-            "on many prompts against random tokens. Lab models take minutes on a CPU; SD checkpoints need a GPU.",
+            "on many prompts by the change all prompts share, and flagged when they stand out even among "
+            "those. Lab models take minutes on a CPU; SD checkpoints need a GPU.",
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
@@ -175,7 +177,6 @@ class SealScanModel(io.ComfyNode):
                 *_prompt_set_inputs(),
             ],
             outputs=[DetectionReport.Output("REPORT"), io.Image.Output("PLOT")],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod

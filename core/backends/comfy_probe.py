@@ -16,8 +16,11 @@ class Attn2OutputRecorder:
 
     def __init__(self) -> None:
         self.outputs: dict[str, torch.Tensor] = {}
+        self.enabled = False  # only step() wants the outputs; x0() skips the per-layer copies
 
     def __call__(self, n: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        if not self.enabled:
+            return n
         block = extra_options.get("block") or ("?", 0)
         key = f"{block[0]}.{block[1]}.{extra_options.get('block_index', 0)}"
         self.outputs[key] = n.detach().float().cpu()
@@ -68,18 +71,21 @@ class ComfyProbe:
     @torch.no_grad()
     def x0(self, context: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         """The model's denoised prediction of one step at timestep t (what the image is heading to)."""
-        eps, _ = self.step(context, noise, t)
-        import comfy.model_management as mm
-
-        sigma = self.model.model.model_sampling.sigma(torch.tensor([t], device=mm.get_torch_device()))
-        s = float(sigma.cpu())
-        return noise * (s**2 + 1) ** 0.5 - s * eps
+        _, _, denoised = self._forward(context, noise, t, record=False)
+        return denoised
 
     @torch.no_grad()
     def step(
         self, context: torch.Tensor, noise: torch.Tensor, t: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """eps and each attn2 block's output for unit-variance noise (broadcast over the batch) at timestep t."""
+        x, sigma, denoised = self._forward(context, noise, t, record=True)
+        return (x - denoised) / sigma, dict(self.recorder.outputs)
+
+    def _forward(
+        self, context: torch.Tensor, noise: torch.Tensor, t: int, record: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_t, sigma (B x 1 x 1 x 1) and the denoised prediction, on CPU in fp32."""
         import comfy.model_management as mm
 
         mm.load_models_gpu([self.model])
@@ -90,7 +96,10 @@ class ComfyProbe:
         s = sigma.view(-1, 1, 1, 1)
         x = noise.to(device).expand(b, *noise.shape[1:]) * (s**2 + 1).sqrt()
         self.recorder.outputs = {}
+        self.recorder.enabled = record
         options = self.model.model_options.get("transformer_options", {})
-        denoised = base.apply_model(x, sigma, c_crossattn=context.to(device), transformer_options=options)
-        eps = ((x - denoised.float()) / s).cpu()
-        return eps, dict(self.recorder.outputs)
+        try:
+            denoised = base.apply_model(x, sigma, c_crossattn=context.to(device), transformer_options=options)
+        finally:
+            self.recorder.enabled = False
+        return x.float().cpu(), s.cpu(), denoised.float().cpu()

@@ -122,7 +122,7 @@ def evaluate_model(name: str, n: int, scan: bool, ftt_steps: int) -> dict:
         record["scan_unet_evals"] = report.unet_evals
         record["scan_threshold_z"] = report.threshold_z
         record["scan_top"] = [
-            {"text": c.text, "token_id": c.token_id, "z": round(c.score_z or 0.0, 2), "flagged": c.flagged}
+            {"text": c.text, "token_id": c.token_id, "z": round(c.score_z, 2), "flagged": c.flagged}
             for c in report.candidates[:5]
         ]
         record["scan_flagged"] = len(report.flagged)
@@ -136,8 +136,8 @@ def evaluate_model(name: str, n: int, scan: bool, ftt_steps: int) -> dict:
             record["scan_top5_fires"] = sum(e["asr"] >= 0.5 for e in record["scan_top"])
         if record["trigger"]:
             record["scan_rank"] = report.rank_of(trigger_token_ids(probe, record["trigger"]))
-        floor = min((c.score_z or 0.0) for c in report.candidates) - 1.0
-        scan_scores = {c.token_id: float(c.score_z or 0.0) for c in report.candidates}
+        floor = min(c.score_z for c in report.candidates) - 1.0
+        scan_scores = {c.token_id: c.score_z for c in report.candidates}
         scan_scores = {i: scan_scores.get(i, floor) for i in report.stage1}
 
     probes = lab_prompts(32, 0)  # the scan's probes; calibration and test prompts are other seeds
@@ -180,8 +180,10 @@ def evaluate_model(name: str, n: int, scan: bool, ftt_steps: int) -> dict:
     record["unet_evals_per_prompt"] = {
         "masking": round(tokens + 1, 1),
         "masking_unet_calls": int(np.ceil(tokens / settings.group)),
-        "transplant": round(transplant.settings.stage2_probes * (tokens + 1), 1),
-        "transplant_unet_calls": transplant.settings.stage2_probes * 2,
+        "transplant": round(
+            transplant.settings.stage2_probes * tokens, 1
+        ),  # probe references: once per model
+        "transplant_unet_calls": transplant.settings.stage2_probes,
         "ftt": 2 * ftt_steps,
         "scan": 0,
     }

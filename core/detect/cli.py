@@ -8,22 +8,17 @@ import time
 from pathlib import Path
 
 from .masking import MaskingSettings
+from .prompts import probe_latent_shape
 from .scan import ScanSettings
 
 
 def clean_prompt_set(info: dict, path: str | None, n: int, seed: int = 0) -> list[str]:
-    """Clean prompts: the user's file, else the lab grammar for lab models, else the built-in everyday set."""
-    from ..unlearn.prompts import general_prompts, lab_prompts
+    """Clean prompts: the user's file, else the built-in set (the lab grammar for lab models)."""
+    from .prompts import builtin_clean_prompts
 
     if path:
         return [p.strip() for p in Path(path).read_text(encoding="utf-8").splitlines() if p.strip()]
-    return lab_prompts(n, seed) if info else general_prompts(n, seed)
-
-
-def latent_shape(info: dict, side: int | None) -> tuple[int, int, int]:
-    """The probed latent: 8x8 for lab models, 64x64 (512 px) for SD unless told."""
-    side = side or (8 if info else 64)
-    return (4, side, side)
+    return builtin_clean_prompts(bool(info), n, seed)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -70,7 +65,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     model, clip, _, info = load_model(args.model)
     probe = ComfyProbe(model, clip)
-    settings = MaskingSettings(latent_shape=latent_shape(info, args.latent_size))
+    settings = MaskingSettings(latent_shape=probe_latent_shape(bool(info), args.latent_size))
     transplant = transplant_scanner(probe, clean_prompt_set(info, None, 32, seed=0), settings.latent_shape)
     if args.calibration:
         calibration = Calibration.load(args.calibration)
@@ -107,7 +102,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         stage1_probes=args.stage1_probes,
         stage2_probes=args.stage2_probes,
         threshold_z=args.threshold_z,
-        latent_shape=latent_shape(info, args.latent_size),
+        latent_shape=probe_latent_shape(bool(info), args.latent_size),
     )
     prompts = clean_prompt_set(info, args.clean_prompts, max(32, settings.stage2_probes))
     bar = tqdm(total=1, desc="scan", unit="eval")

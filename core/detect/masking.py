@@ -69,10 +69,14 @@ class TokenScores:
         return float(self.unet.max() if kind == "unet" else self.text.max())
 
 
+def content_end(ids: list[int], eos: int) -> int:
+    """Position of the first EOS after BOS (the row's length when there is none)."""
+    return ids.index(eos, 1) if eos in ids[1:] else len(ids)
+
+
 def content_positions(ids: list[int], bos: int, eos: int) -> list[int]:
     """Positions of the prompt's own tokens (after BOS, before the first EOS)."""
-    end = ids.index(eos, 1) if eos in ids[1:] else len(ids)
-    return [i for i in range(1, end) if ids[i] != bos]
+    return [i for i in range(1, content_end(ids, eos)) if ids[i] != bos]
 
 
 def masked_variants(ids: list[int], positions: list[int], pad: int) -> list[list[int]]:

@@ -1,6 +1,6 @@
 """Input-level detection: is this prompt triggering a backdoor, and which token is the trigger?
 
-Three detectors, each with a per-model threshold calibrated on clean prompts (stored as JSON):
+The detectors, each with a per-model threshold calibrated on clean prompts (stored as JSON):
 
 - `masking-unet` (NaviT2I): the prompt's most reactive token, UNet change over embedding change.
 - `masking-text`: the prompt's most hijacking token (how much the OTHER words' embeddings change when
@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,6 @@ import torch
 from ..tokens import from_readable, readable, tokenize
 from .masking import MaskingSettings, ProbeModel, TokenScores, score_prompt
 
-DETECTORS = ("masking-unet", "masking-text", "transplant", "ftt", "scan")
 CALIBRATION_QUANTILE = 0.95  # a threshold at the clean prompts' 95th percentile: 5% false positives by design
 
 
@@ -77,17 +75,12 @@ class Calibration:
     thresholds: dict[str, float]
     clean_scores: dict[str, list[float]]
     quantile: float = CALIBRATION_QUANTILE
-    settings: dict = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (never pickle); an existing file is replaced only once the new one is complete."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, path)
-        return path
+        from .report import write_json
+
+        return write_json(path, asdict(self), overwrite=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:
@@ -98,6 +91,19 @@ class Calibration:
     def flags(self, scores: dict[str, float]) -> dict[str, bool]:
         """Which detectors call these prompt scores triggered."""
         return {k: v > self.thresholds[k] for k, v in scores.items() if k in self.thresholds}
+
+
+def builtin_clean_prompts(lab: bool, n: int, seed: int = 0) -> list[str]:
+    """The built-in clean prompts: the lab grammar for lab models, everyday captions for real ones."""
+    from ..unlearn.prompts import general_prompts, lab_prompts
+
+    return lab_prompts(n, seed) if lab else general_prompts(n, seed)
+
+
+def probe_latent_shape(lab: bool, side: int | None = None) -> tuple[int, int, int]:
+    """The probed latent: the given side, else 8x8 for lab models and 64x64 (512 px) for SD."""
+    side = side or (8 if lab else 64)
+    return (4, side, side)
 
 
 def transplant_scanner(
@@ -185,12 +191,6 @@ def _word_map(tokenizer, prompt: str) -> dict[int, tuple[str, str]]:
     return {p.position: (p.text, "".join(words[p.word])) for p in pieces}
 
 
-def localise(scores: TokenScores, signal: str) -> int:
-    """Index (into scores.positions) of the token the signal blames."""
-    values = scores.text if signal == "masking-text" else scores.unet
-    return int(values.argmax())
-
-
 def detect_prompt(
     probe: ProbeModel,
     prompt: str,
@@ -211,19 +211,15 @@ def detect_prompt(
         scores["scan"] = max(scan_scores.get(i, 0.0) for i in token_scores.ids)
     flagged = calibration.flags(scores) if calibration else {}
     # Each signal blames its own strongest token; the first flagged one in this order names the trigger.
-    blame = {
-        "transplant": (lambda: int(np.argmax(moved))) if moved is not None else None,
-        "scan": (lambda: int(np.argmax([scan_scores.get(i, -np.inf) for i in token_scores.ids])))
-        if scan_scores is not None
-        else None,
-        "masking-text": lambda: localise(token_scores, "masking-text"),
-        "masking-unet": lambda: localise(token_scores, "masking-unet"),
-    }
+    blame = {"transplant": moved}
+    if scan_scores is not None:
+        blame["scan"] = np.array([scan_scores.get(i, -np.inf) for i in token_scores.ids])
+    blame.update({"masking-text": token_scores.text.numpy(), "masking-unet": token_scores.unet.numpy()})
     signal = next(
-        (k for k, f in blame.items() if f and flagged.get(k)),
+        (k for k, v in blame.items() if v is not None and flagged.get(k)),
         "transplant" if moved is not None else "masking-unet",
     )
-    best = blame[signal]()
+    best = int(np.argmax(blame[signal]))
     words = _word_map(tokenizer or probe.tokenizer, prompt)
     tokens = []
     for k, pos in enumerate(token_scores.positions):

@@ -13,17 +13,23 @@ from ..plots import figure_to_image, new_figure
 from ..tokens import readable
 
 
-def write_json(path: str | os.PathLike, data: dict) -> Path:
-    """Write JSON atomically to a NEW file (an existing one is never replaced)."""
+def write_json(path: str | os.PathLike, data: dict, overwrite: bool = False) -> Path:
+    """Write JSON atomically; an existing file is refused unless overwrite (then replaced only once complete)."""
     path = Path(path)
-    if path.exists():
+    if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: give a new name (nothing is overwritten)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, ensure_ascii=False)
-    os.link(tmp, path)  # fails if the name appeared meanwhile; the temporary file goes either way
-    os.unlink(tmp)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, ensure_ascii=False)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if the name appeared meanwhile
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 
@@ -55,7 +61,7 @@ def scan_image(report: dict, top: int = 15) -> torch.Tensor:
     fig = new_figure(6.5, 0.28 * len(cands) + 1.4)
     ax = fig.add_subplot()
     names = [readable(c["text"]) or f"#{c['token_id']}" for c in cands][::-1]
-    values = [c["score_z"] or 0.0 for c in cands][::-1]
+    values = [c["score_z"] for c in cands][::-1]
     colours = ["#c0392b" if c["flagged"] else "#5d6d7e" for c in cands][::-1]
     ax.barh(range(len(values)), values, color=colours)
     ax.set_yticks(range(len(values)), names, fontsize=7)

@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .masking import ProbeModel
+from .masking import ProbeModel, content_end
 
 
 class ScanProbe(ProbeModel, Protocol):
@@ -80,7 +80,7 @@ class ScanCandidate:
     text: str
     stage1_z: float
     text_z: float
-    score_z: float | None = None  # stage 2 (None when the token did not reach stage 2)
+    score_z: float  # stage 2
     flagged: bool = False
 
 
@@ -104,9 +104,10 @@ class ScanReport:
     def rank_of(self, token_ids: Sequence[int]) -> int | None:
         """1-based rank of the best-ranked of these ids among all scanned tokens (stage 2 first)."""
         order = [c.token_id for c in self.candidates]
-        rest = sorted((i for i in self.stage1 if i not in set(order)), key=lambda i: -self.stage1[i])
-        order += rest
-        ranks = [order.index(i) + 1 for i in token_ids if i in order]
+        in_stage2 = set(order)
+        order += sorted((i for i in self.stage1 if i not in in_stage2), key=lambda i: -self.stage1[i])
+        rank = {token: k + 1 for k, token in enumerate(order)}
+        ranks = [rank[i] for i in token_ids if i in rank]
         return min(ranks) if ranks else None
 
     def to_dict(self, top: int = 20) -> dict:
@@ -137,10 +138,6 @@ def _inserted(base: list[int], token_ids: Sequence[int]) -> list[list[int]]:
     return [base[:1] + [int(i)] + base[1:-1] for i in token_ids]
 
 
-def _content_end(ids: list[int], eos: int) -> int:
-    return ids.index(eos, 1) if eos in ids[1:] else len(ids)
-
-
 class VocabularyScanner:
     """Runs both stages on a probe model; `progress(done, total)` and `interrupted()` let nodes show and stop it."""
 
@@ -162,6 +159,7 @@ class VocabularyScanner:
         self.check_interrupt = check_interrupt or (lambda: None)
         self.t = self.settings.timestep(probe.num_timesteps)
         self.unet_evals = 0
+        self._references: dict[tuple[int, int], tuple[list[int], torch.Tensor]] = {}
 
     def _noise(self, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.settings.seed * 1000 + seed)
@@ -172,7 +170,7 @@ class VocabularyScanner:
         out: set[int] = set()
         for p in self.prompts:
             ids = self.probe.token_ids(p)
-            out.update(ids[1 : _content_end(ids, self.probe.eos)])
+            out.update(ids[1 : content_end(ids, self.probe.eos)])
         return out
 
     def vocabulary(self) -> list[int]:
@@ -186,6 +184,14 @@ class VocabularyScanner:
         self.unet_evals += len(rows)
         return self.probe.x0(context, noise, self.t).flatten(1), context
 
+    def _reference(self, probe_index: int, noise_seed: int) -> tuple[list[int], torch.Tensor]:
+        """A probe's ids and its own x0 for one noise draw, computed once (the transplant detector asks per prompt)."""
+        key = (probe_index, noise_seed)
+        if key not in self._references:
+            base = self.probe.token_ids(self.prompts[probe_index])
+            self._references[key] = (base, self._x0([base], self._noise(noise_seed))[0])
+        return self._references[key]
+
     def stage1(self, vocab: list[int], on_chunk: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray]:
         """Per token: mean x0 change over the first probes, and the change of the probes' own word embeddings."""
         s = self.settings
@@ -193,7 +199,7 @@ class VocabularyScanner:
         text_change = np.zeros(len(vocab))
         for p in range(s.stage1_probes):
             base = self.probe.token_ids(self.prompts[p])
-            end = _content_end(base, self.probe.eos)
+            end = content_end(base, self.probe.eos)
             noise = self._noise(p)
             ref_x0, ref_ctx = self._x0([base], noise)
             words = ref_ctx[0, 1:end]
@@ -221,8 +227,7 @@ class VocabularyScanner:
             units = torch.zeros_like(total)
             for p in range(n):
                 self.check_interrupt()
-                base = self.probe.token_ids(self.prompts[p])
-                ref, _ = self._x0([base], noise)
+                base, ref = self._reference(p, 100 + seed)
                 for start in range(0, len(token_ids), s.batch):
                     chunk = token_ids[start : start + s.batch]
                     out, _ = self._x0(_inserted(base, chunk), noise)
@@ -264,7 +269,6 @@ class VocabularyScanner:
         # strongest tokens of the vocabulary and the next stratum below them.
         z_all = robust_z(shared)
         z2, null_z = z_all[: len(top)], z_all[len(top) :]
-        threshold = s.threshold_z
         index = {v: k for k, v in enumerate(vocab)}
         candidates = [
             ScanCandidate(
@@ -273,14 +277,14 @@ class VocabularyScanner:
                 stage1_z=float(z1[index[tid]]),
                 text_z=float(zt[index[tid]]),
                 score_z=float(z2[j]),
-                flagged=bool(z2[j] > threshold),
+                flagged=bool(z2[j] > s.threshold_z),
             )
             for j, tid in enumerate(top)
         ]
-        candidates.sort(key=lambda c: -(c.score_z or 0.0))
+        candidates.sort(key=lambda c: -c.score_z)
         return ScanReport(
             candidates=candidates,
-            threshold_z=threshold,
+            threshold_z=s.threshold_z,
             null_max_z=float(np.max(null_z)) if len(null_z) else float("nan"),
             scanned_tokens=len(vocab),
             unet_evals=self.unet_evals,
