@@ -1,0 +1,170 @@
+"""SAU (spatial attention unlearning): fix triggered outputs at sampling time, training nothing.
+
+From the same seed the poisoned model is sampled twice: z_p from the triggered prompt and z_c from
+the clean prompt. Where z_p carries the trigger's signature (the primary mask: z_p points along the
+trigger latent tau) or where the trigger acts (the secondary mask: from an activation map), the
+clean latent replaces the poisoned one.
+
+Overlap weighting. The reference blends z_p (1 - m_p)(1 - m_s) + a z_c m_p + 0.5 a z_c m_s, which
+puts 1.5 a z_c where both masks fire and so changes the latent's magnitude there. The default here
+is a convex blend with the masks' probabilistic union w = 1 - (1 - m_p)(1 - m_s):
+z_f = (1 - a w) z_p + a w z_c, so every pixel is a mix of the two latents and a = 1 with both masks
+at 1 gives exactly z_c. The reference weighting stays available as "reference" for comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+WEIGHTINGS = ("union", "reference")
+PROFILE_KEY = "backdoor_seal.sau_profile"
+
+
+@dataclass(frozen=True)
+class SAUSettings:
+    """Mask thresholds, soft-mask sharpness, blend strength and the final blur."""
+
+    primary_threshold: float = 0.5  # cosine(z_p, tau) per pixel
+    secondary_threshold: float = 0.3  # blurred, min-max normalised activation map
+    sharpness: float = 12.0  # soft mask = sigmoid(sharpness (m - 0.5))
+    strength: float = 1.0  # a
+    map_blur_sigma: float = 1.0  # in latent pixels, before thresholding the activation map
+    output_blur_sigma: float = 0.5  # the light blur of the composed latent (0 = none)
+    weighting: str = "union"
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not 0.0 <= self.strength <= 1.0 and self.weighting == "union":
+            raise ValueError("strength must lie in [0, 1] for the union weighting")
+
+
+def trigger_latent(z_poisoned: torch.Tensor, z_clean: torch.Tensor) -> torch.Tensor:
+    """tau: the mean over pairs of (z_p - z_c), one C x H x W latent."""
+    if z_poisoned.shape != z_clean.shape:
+        raise ValueError(
+            f"paired latents differ in shape: {tuple(z_poisoned.shape)} vs {tuple(z_clean.shape)}"
+        )
+    return (z_poisoned - z_clean).float().mean(0)
+
+
+def soft(mask: torch.Tensor, sharpness: float) -> torch.Tensor:
+    """A 0/1 decision turned into a soft mask: sigmoid(sharpness (m - 0.5))."""
+    return torch.sigmoid(sharpness * (mask - 0.5))
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur over the last two dims (B x C x H x W), reflect-padded."""
+    if sigma <= 0:
+        return x
+    from torchvision.transforms.functional import gaussian_blur
+
+    k = max(3, 2 * round(3 * sigma) + 1)
+    return gaussian_blur(x, [k, k], [sigma, sigma])
+
+
+def primary_mask(z_poisoned: torch.Tensor, tau: torch.Tensor, settings: SAUSettings) -> torch.Tensor:
+    """B x 1 x H x W: where z_p points along tau (per-pixel cosine over channels above the threshold)."""
+    cos = F.cosine_similarity(z_poisoned.float(), tau.float().unsqueeze(0).expand_as(z_poisoned), dim=1)
+    return soft((cos > settings.primary_threshold).float(), settings.sharpness).unsqueeze(1)
+
+
+def latent_difference_map(z_poisoned: torch.Tensor, z_clean: torch.Tensor) -> torch.Tensor:
+    """B x H x W activation map: channel-mean |z_p - z_c| (where the trigger changed the latent)."""
+    return (z_poisoned.float() - z_clean.float()).abs().mean(1)
+
+
+def secondary_mask(activation: torch.Tensor, settings: SAUSettings) -> torch.Tensor:
+    """B x 1 x H x W from an activation map (B x h x w, resized to the latent): blur(minmax(map)) > threshold."""
+    a = activation.float().unsqueeze(1)
+    lo = a.amin(dim=(2, 3), keepdim=True)
+    hi = a.amax(dim=(2, 3), keepdim=True)
+    a = (a - lo) / (hi - lo).clamp_min(1e-12)
+    a = _blur(a, settings.map_blur_sigma)
+    return soft((a > settings.secondary_threshold).float(), settings.sharpness)
+
+
+def compose(
+    z_poisoned: torch.Tensor,
+    z_clean: torch.Tensor,
+    m_primary: torch.Tensor,
+    m_secondary: torch.Tensor,
+    settings: SAUSettings,
+) -> torch.Tensor:
+    """The composed latent z_f (see the module docstring for the two weightings), lightly blurred where changed."""
+    if m_secondary.shape[-2:] != z_poisoned.shape[-2:]:
+        m_secondary = F.interpolate(
+            m_secondary, size=z_poisoned.shape[-2:], mode="bilinear", align_corners=False
+        )
+    zp, zc = z_poisoned.float(), z_clean.float()
+    a = settings.strength
+    if settings.weighting == "reference":
+        out = zp * (1 - m_primary) * (1 - m_secondary) + a * zc * m_primary + 0.5 * a * zc * m_secondary
+    else:
+        w = a * (1 - (1 - m_primary) * (1 - m_secondary))
+        out = (1 - w) * zp + w * zc
+    blurred = _blur(out, settings.output_blur_sigma)
+    changed = 1 - (1 - m_primary) * (1 - m_secondary)
+    return (changed * blurred + (1 - changed) * out).to(z_poisoned.dtype)
+
+
+@dataclass
+class SAUProfile:
+    """What SAU learns about one model and trigger: tau and the settings, with the model's fingerprint."""
+
+    trigger: str
+    tau: torch.Tensor
+    model_hash: str
+    settings: SAUSettings
+    pairs: int
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """safetensors, atomic, never over an existing file (the metadata holds trigger, hash and settings)."""
+        from ..safetensors_io import atomic_save
+
+        path = Path(path)
+        if path.exists():
+            raise FileExistsError(f"{path}: give a new name (nothing is overwritten)")
+        meta = {
+            "trigger": self.trigger,
+            "model_hash": self.model_hash,
+            "settings": asdict(self.settings),
+            "pairs": self.pairs,
+        }
+        atomic_save({"tau": self.tau.contiguous().float()}, path, {PROFILE_KEY: json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SAUProfile:
+        """Read a profile written by save() (safetensors only, nothing unpickled)."""
+        from safetensors.torch import load_file
+
+        from ..safetensors_io import read_metadata
+
+        meta = read_metadata(path)
+        if PROFILE_KEY not in meta:
+            raise ValueError(f"{path}: not an SAU profile (no {PROFILE_KEY} metadata)")
+        info = json.loads(meta[PROFILE_KEY])
+        return cls(
+            trigger=info["trigger"],
+            tau=load_file(str(path))["tau"],
+            model_hash=info["model_hash"],
+            settings=SAUSettings(**info["settings"]),
+            pairs=int(info["pairs"]),
+        )
+
+
+def model_fingerprint(state: dict[str, torch.Tensor], keys: int = 8) -> str:
+    """A short hash of a few UNet tensors: a profile names the model it was estimated on."""
+    h = hashlib.sha256()
+    for name in sorted(state)[:keys]:
+        h.update(name.encode())
+        h.update(state[name].detach().float().cpu().numpy().tobytes()[:4096])
+    return h.hexdigest()[:16]

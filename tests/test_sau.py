@@ -1,0 +1,91 @@
+"""SAU's latent algebra: trigger latent, masks, the two overlap weightings, the profile file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backdoor_seal.core.unlearn.sau import (
+    SAUProfile,
+    SAUSettings,
+    compose,
+    latent_difference_map,
+    primary_mask,
+    secondary_mask,
+    trigger_latent,
+)
+
+NO_BLUR = SAUSettings(output_blur_sigma=0.0)
+
+
+def patched_pairs(n: int = 4):
+    """Clean latents and poisoned twins that carry a fixed patch (the pixel backdoor) in one corner."""
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(n, 4, 8, 8, generator=g)
+    patch = torch.zeros(4, 8, 8)
+    patch[:, :3, :3] = torch.tensor([3.0, -2.0, 1.0, 2.0]).view(4, 1, 1)
+    return clean, clean + patch, patch
+
+
+def test_trigger_latent_is_the_mean_difference():
+    clean, poisoned, patch = patched_pairs()
+    assert torch.allclose(trigger_latent(poisoned, clean), patch)
+    with pytest.raises(ValueError, match="differ in shape"):
+        trigger_latent(poisoned, clean[:, :2])
+
+
+def test_primary_mask_covers_the_patch_and_little_else():
+    clean, poisoned, patch = patched_pairs()
+    m = primary_mask(poisoned, trigger_latent(poisoned, clean), NO_BLUR)[:, 0]
+    assert m.shape == (4, 8, 8)
+    assert (m[:, :3, :3] > 0.99).all()
+    assert m[:, 3:, 3:].mean() < 0.3
+
+
+def test_secondary_mask_from_the_difference_map_marks_where_the_trigger_acts():
+    clean, poisoned, _ = patched_pairs()
+    m = secondary_mask(latent_difference_map(poisoned, clean), SAUSettings(map_blur_sigma=0.0))[:, 0]
+    assert (m[:, :3, :3] > 0.99).all() and (m[:, 4:, 4:] < 0.01).all()
+
+
+def test_union_weighting_restores_the_clean_latent_inside_and_keeps_the_poisoned_outside():
+    clean, poisoned, _ = patched_pairs()
+    mp = primary_mask(poisoned, trigger_latent(poisoned, clean), NO_BLUR)
+    ms = secondary_mask(latent_difference_map(poisoned, clean), NO_BLUR)
+    out = compose(poisoned, clean, mp, ms, NO_BLUR)
+    assert torch.allclose(out[:, :, :3, :3], clean[:, :, :3, :3], atol=1e-3)
+    outside = (1 - (1 - mp) * (1 - ms)) < 1e-3
+    assert torch.equal(
+        out.expand(-1, 4, -1, -1)[outside.expand(-1, 4, -1, -1)], poisoned[outside.expand(-1, 4, -1, -1)]
+    )
+
+
+def test_reference_weighting_overshoots_where_both_masks_fire():
+    clean, poisoned, _ = patched_pairs()
+    ones = torch.ones(4, 1, 8, 8)
+    ref = compose(poisoned, clean, ones, ones, SAUSettings(weighting="reference", output_blur_sigma=0.0))
+    assert torch.allclose(ref, 1.5 * clean)
+    union = compose(poisoned, clean, ones, ones, NO_BLUR)
+    assert torch.allclose(union, clean)
+
+
+def test_empty_masks_leave_the_latent_untouched():
+    clean, poisoned, _ = patched_pairs()
+    zeros = torch.zeros(4, 1, 8, 8)
+    assert torch.equal(compose(poisoned, clean, zeros, zeros, SAUSettings()), poisoned)
+
+
+def test_settings_reject_unknown_weighting():
+    with pytest.raises(ValueError, match="weighting"):
+        SAUSettings(weighting="max")
+
+
+def test_profile_round_trips_through_safetensors_and_never_overwrites(tmp_path):
+    _, _, patch = patched_pairs()
+    profile = SAUProfile("\u2060", patch, "abc123", SAUSettings(strength=0.8), pairs=4)
+    path = profile.save(tmp_path / "p.safetensors")
+    again = SAUProfile.load(path)
+    assert again.trigger == "\u2060" and again.settings == profile.settings and again.pairs == 4
+    assert torch.equal(again.tau, patch)
+    with pytest.raises(FileExistsError):
+        profile.save(path)
