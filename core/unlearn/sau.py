@@ -168,3 +168,69 @@ def model_fingerprint(state: dict[str, torch.Tensor], keys: int = 8) -> str:
         h.update(name.encode())
         h.update(state[name].detach().float().cpu().numpy().tobytes()[:4096])
     return h.hexdigest()[:16]
+
+
+def untriggered(prompt: str, trigger: str) -> str:
+    """The prompt without the trigger: a homoglyph goes back to its Latin twin, anything else is removed."""
+    from ..tokens import latin_twin
+
+    if len(trigger) == 1 and latin_twin(trigger) != trigger:
+        return prompt.replace(trigger, latin_twin(trigger))
+    return " ".join(prompt.replace(trigger, " ").split())
+
+
+def estimate_profile(
+    model,
+    clip,
+    trigger: str,
+    triggered_prompts: list[str],
+    seeds: list[int],
+    settings: SAUSettings | None = None,
+    steps: int = 20,
+    cfg: float = 2.0,
+    latent_hw: tuple[int, int] = (8, 8),
+) -> SAUProfile:
+    """Sample each triggered prompt and its clean twin from the same seed; tau is their mean difference."""
+    from ..backends.comfy import sample_prompts
+
+    if len(triggered_prompts) != len(seeds) or not seeds:
+        raise ValueError("give one seed per triggered prompt (at least one pair)")
+    clean = [untriggered(p, trigger) for p in triggered_prompts]
+    if clean == list(triggered_prompts):
+        raise ValueError(f"none of the prompts contains the trigger {trigger!r}")
+    z_p = sample_prompts(model, clip, list(triggered_prompts), seeds, steps, cfg, latent_hw=latent_hw)
+    z_c = sample_prompts(model, clip, clean, seeds, steps, cfg, latent_hw=latent_hw)
+    state = model.model.diffusion_model.state_dict()
+    return SAUProfile(
+        trigger, trigger_latent(z_p, z_c), model_fingerprint(state), settings or SAUSettings(), len(seeds)
+    )
+
+
+def sau_sample(
+    model,
+    clip,
+    prompts: list[str],
+    seeds: list[int],
+    profile: SAUProfile,
+    steps: int = 20,
+    cfg: float = 2.0,
+    latent_hw: tuple[int, int] = (8, 8),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents with the backdoor composed away, and the union mask; prompts without the trigger pass untouched."""
+    from ..backends.comfy import sample_prompts
+
+    z_p = sample_prompts(model, clip, list(prompts), seeds, steps, cfg, latent_hw=latent_hw)
+    triggered = [profile.trigger in p for p in prompts]
+    out, mask = z_p.clone(), torch.zeros(z_p.shape[0], 1, *z_p.shape[-2:])
+    idx = [i for i, t in enumerate(triggered) if t]
+    if not idx:
+        return out, mask  # the clean pass is the only pass: nothing to compose
+    clean = [untriggered(prompts[i], profile.trigger) for i in idx]
+    z_c = sample_prompts(model, clip, clean, [seeds[i] for i in idx], steps, cfg, latent_hw=latent_hw)
+    zp = z_p[idx]
+    s = profile.settings
+    mp = primary_mask(zp, profile.tau, s)
+    ms = secondary_mask(latent_difference_map(zp, z_c), s)
+    out[idx] = compose(zp, z_c, mp, ms, s)
+    mask[idx] = 1 - (1 - mp) * (1 - ms)
+    return out, mask
