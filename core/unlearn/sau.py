@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 WEIGHTINGS = ("union", "reference")
+SIGNALS = ("attention", "latent")  # what the secondary mask is made from
 PROFILE_KEY = "backdoor_seal.sau_profile"
 
 
@@ -38,8 +39,11 @@ class SAUSettings:
     map_blur_sigma: float = 1.0  # in latent pixels, before thresholding the activation map
     output_blur_sigma: float = 0.5  # the light blur of the composed latent (0 = none)
     weighting: str = "union"
+    signal: str = "latent"
 
     def __post_init__(self) -> None:
+        if self.signal not in SIGNALS:
+            raise ValueError(f"signal must be one of {SIGNALS}, got {self.signal!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not 0.0 <= self.strength <= 1.0 and self.weighting == "union":
@@ -179,6 +183,18 @@ def untriggered(prompt: str, trigger: str) -> str:
     return " ".join(prompt.replace(trigger, " ").split())
 
 
+def trigger_attention(clip, prompt: str, trigger: str, maps: torch.Tensor) -> torch.Tensor:
+    """Sum of the trigger tokens' cross-attention maps (tokens x R x R) of one prompt: where the trigger acts."""
+    from ..tokens import trigger_positions
+
+    name = next(iter(clip.tokenize("").keys()))
+    tokenizer = getattr(clip.tokenizer, f"clip_{name}").tokenizer
+    positions = [p for p in trigger_positions(tokenizer, prompt, trigger) if p < maps.shape[0]]
+    if not positions:
+        raise ValueError(f"the trigger {trigger!r} has no token in {prompt!r}")
+    return maps[positions].sum(0)
+
+
 def estimate_profile(
     model,
     clip,
@@ -219,7 +235,19 @@ def sau_sample(
     """Latents with the backdoor composed away, and the union mask; prompts without the trigger pass untouched."""
     from ..backends.comfy import sample_prompts
 
-    z_p = sample_prompts(model, clip, list(prompts), seeds, steps, cfg, latent_hw=latent_hw)
+    s = profile.settings
+    maps = None
+    if s.signal == "attention":
+        from ..attention import CaptureSettings, capture
+        from ..backends.comfy import ComfyBackend
+
+        backend = ComfyBackend(model, clip, latent_hw=latent_hw)
+        z_p, captured = capture(
+            backend, list(prompts), seeds, CaptureSettings(resolution=latent_hw[0]), steps, cfg
+        )
+        maps = captured.combined()
+    else:
+        z_p = sample_prompts(model, clip, list(prompts), seeds, steps, cfg, latent_hw=latent_hw)
     triggered = [profile.trigger in p for p in prompts]
     out, mask = z_p.clone(), torch.zeros(z_p.shape[0], 1, *z_p.shape[-2:])
     idx = [i for i, t in enumerate(triggered) if t]
@@ -228,9 +256,12 @@ def sau_sample(
     clean = [untriggered(prompts[i], profile.trigger) for i in idx]
     z_c = sample_prompts(model, clip, clean, [seeds[i] for i in idx], steps, cfg, latent_hw=latent_hw)
     zp = z_p[idx]
-    s = profile.settings
     mp = primary_mask(zp, profile.tau, s)
-    ms = secondary_mask(latent_difference_map(zp, z_c), s)
+    if maps is not None:
+        activation = torch.stack([trigger_attention(clip, prompts[i], profile.trigger, maps[i]) for i in idx])
+    else:
+        activation = latent_difference_map(zp, z_c)
+    ms = secondary_mask(activation, s)
     out[idx] = compose(zp, z_c, mp, ms, s)
     mask[idx] = 1 - (1 - mp) * (1 - ms)
     return out, mask
