@@ -33,6 +33,7 @@ class SAUSettings:
     """Mask thresholds, soft-mask sharpness, blend strength and the final blur."""
 
     primary_threshold: float = 0.5  # cosine(z_p, tau) per pixel
+    tau_floor: float = 0.2  # ignore pixels where |tau| is below this share of its maximum (0 = the paper)
     secondary_threshold: float = 0.3  # blurred, min-max normalised activation map
     sharpness: float = 12.0  # soft mask = sigmoid(sharpness (m - 0.5))
     strength: float = 1.0  # a
@@ -75,9 +76,14 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def primary_mask(z_poisoned: torch.Tensor, tau: torch.Tensor, settings: SAUSettings) -> torch.Tensor:
-    """B x 1 x H x W: where z_p points along tau (per-pixel cosine over channels above the threshold)."""
+    """B x 1 x H x W: where z_p points along tau (per-pixel cosine over channels above the threshold),
+    only where tau itself is not negligible (settings.tau_floor; 0 gives the paper's mask)."""
     cos = F.cosine_similarity(z_poisoned.float(), tau.float().unsqueeze(0).expand_as(z_poisoned), dim=1)
-    return soft((cos > settings.primary_threshold).float(), settings.sharpness).unsqueeze(1)
+    hit = cos > settings.primary_threshold
+    if settings.tau_floor > 0:  # a direction where tau is ~0 is noise: the cosine alone fires there at random
+        size = tau.float().norm(dim=0)
+        hit = hit & (size >= settings.tau_floor * size.max()).unsqueeze(0)
+    return soft(hit.float(), settings.sharpness).unsqueeze(1)
 
 
 def latent_difference_map(z_poisoned: torch.Tensor, z_clean: torch.Tensor) -> torch.Tensor:
