@@ -287,3 +287,58 @@ def detect_graph(lab_model: str, prompts: list[str], unlearn_steps: int = 2) -> 
         "4": unlearn,
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 4]}},
     }
+
+
+def sau_graph(
+    lab_model: str, trigger: str, text: str, seed: int = 0, batch: int = 4, pairs: int = 8
+) -> dict[str, Any]:
+    """API-format graph: lab loader -> SealSAUProfile -> SealSAUSampler (in place of KSampler), decoded by
+    the stock VAEDecode (saved by node "6") and by SealSAUDecode (saved by node "8")."""
+    sampling = {"steps": 20, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal"}
+    return {
+        "1": {"class_type": "SealLabCheckpointLoader", "inputs": {"lab_model": lab_model}},
+        "2": {
+            "class_type": "SealSAUProfile",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "trigger": trigger,
+                "prompts": "",
+                "builtin_prompts": "auto",
+                "pairs": pairs,
+                "latent_size": 0,
+                "seed": 77,
+                "signal": "latent",
+                "weighting": "union",
+                "strength": 1.0,
+                "save_name": "",
+                **sampling,
+            },
+        },
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+        "5": {
+            "class_type": "SealSAUSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "profile": ["2", 0],
+                "text": text,
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": seed,
+                "denoise": 1.0,
+                **sampling,
+            },
+        },
+        "6": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["7", 0], "filename_prefix": "backdoor-seal-sau-vaedecode"},
+        },
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "8": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["9", 0], "filename_prefix": "backdoor-seal-sau"},
+        },
+        "9": {"class_type": "SealSAUDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+    }

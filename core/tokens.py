@@ -90,6 +90,15 @@ def trigger_positions(tokenizer: HFTokenizer, prompt: str, trigger: str) -> list
     return sorted(found)
 
 
+def trigger_token_positions(tokenizer: HFTokenizer, prompt: str, trigger: str) -> list[int]:
+    """The trigger's own token positions, else those of the tokens it merged into (a homoglyph inside a word)."""
+    exact = trigger_positions(tokenizer, prompt, trigger)
+    if exact:
+        return exact
+    marks = [readable(c) for c in set(trigger) if ord(c) > 127]  # rare characters mark the merged tokens
+    return [t.position for t in tokenize(tokenizer, prompt) if any(m in t.text for m in marks)]
+
+
 def trigger_report(
     tokenizer: HFTokenizer, trigger: str, prompt: str | None = None, warn: bool = True
 ) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from .nodes_attention import SealAttentionCapture, SealAttentionHeatmaps
 from .nodes_detect import SealDetectPrompt, SealScanModel
 from .nodes_info import SealModelInfo
 from .nodes_lab import SealLabCheckpointLoader
+from .nodes_sau import SealLoadSAUProfile, SealSAUDecode, SealSAUProfile, SealSAUSampler
 from .nodes_unlearn import SealSaveSanitized, SealUnlearn
 
 NODES: list[type[io.ComfyNode]] = [
@@ -19,6 +20,10 @@ NODES: list[type[io.ComfyNode]] = [
     SealScanModel,
     SealUnlearn,
     SealSaveSanitized,
+    SealSAUProfile,
+    SealLoadSAUProfile,
+    SealSAUSampler,
+    SealSAUDecode,
 ]
 
 

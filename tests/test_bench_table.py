@@ -84,3 +84,28 @@ def test_detect_rows_show_each_detector_localisation_and_the_scan():
     assert rows[0].count("|") == rows[1].count("|") == rows[2].count("|")
     assert "| 0.610 / 0.20 |  | 1.000 / 0.97 |  | 0.990 / 0.90 | 1.00 | 8 | 0 | 4 | 512 | 0.03 |" in rows[2]
     assert rows[3].startswith("| lab-clean |") and rows[3].endswith("| 0.05 |")
+
+
+def test_sau_rows_show_each_variant_with_both_decoders_and_mark_the_default():
+    from backdoor_seal.core.bench.table import sau_table
+
+    variant = {
+        "mask_fraction": 0.13,
+        "pixel": {"removal_accuracy": 1.0, "fidelity_ssim_outside_mask": 0.99, "scene_accuracy": 0.9},
+        "latent": {"removal_accuracy": 0.98, "fidelity_ssim_outside_mask": 0.81, "scene_accuracy": 0.92},
+        "cost_ratio": 1.8,
+    }
+    record = {
+        "model": "lab-pixel",
+        "signal": "attention",
+        "asr_plain": 1.0,
+        "scene_accuracy_plain": 0.92,
+        "clean_prompts_unchanged": "16/16",
+        "variants": {"latent": variant, "attention": variant},
+    }
+    rows = sau_table([record]).strip().splitlines()
+    assert len(rows) == 4
+    assert rows[3].startswith(
+        "| lab-pixel | attention (default) | 1.000 | 1.000 / 0.980 | 0.990 / 0.810 | 0.13 |"
+    )
+    assert rows[3].endswith("| 16/16 | 1.80 |") and rows[2].endswith("|  | 1.80 |")

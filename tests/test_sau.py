@@ -89,3 +89,54 @@ def test_profile_round_trips_through_safetensors_and_never_overwrites(tmp_path):
     assert torch.equal(again.tau, patch)
     with pytest.raises(FileExistsError):
         profile.save(path)
+
+
+def test_compose_pair_needs_attention_maps_for_the_attention_signal_and_resizes_them():
+    from backdoor_seal.core.unlearn.sau import compose_pair
+
+    clean, poisoned, patch = patched_pairs()
+    tau = trigger_latent(poisoned, clean)
+    with pytest.raises(ValueError, match="attention maps"):
+        compose_pair(poisoned, clean, tau, SAUSettings(signal="attention"))
+    attention = torch.zeros(4, 16, 16)
+    attention[:, :6, :6] = 1.0  # the trigger attends to the patch corner, at twice the latent's resolution
+    out, mask = compose_pair(
+        poisoned, clean, tau, SAUSettings(signal="attention", output_blur_sigma=0.0), attention
+    )
+    assert mask.shape == (4, 1, 8, 8) and (mask[:, :, :3, :3] > 0.99).all()
+    assert torch.allclose(out[:, :, :3, :3], clean[:, :, :3, :3], atol=1e-2)
+
+
+def test_a_profile_estimated_at_another_size_is_resized_to_the_latent():
+    from backdoor_seal.core.unlearn.sau import compose_pair
+
+    clean, poisoned, _ = patched_pairs()
+    small_tau = trigger_latent(poisoned, clean)[:, ::2, ::2]  # as if estimated at 4x4
+    _, mask = compose_pair(poisoned, clean, small_tau, NO_BLUR)
+    assert mask.shape == (4, 1, 8, 8) and (mask[:, :, :2, :2] > 0.99).all()
+
+
+def test_reference_settings_blur_the_whole_latent_ours_only_where_changed():
+    clean, poisoned, _ = patched_pairs()
+    zeros = torch.zeros(4, 1, 8, 8)
+    assert not torch.equal(compose(poisoned, clean, zeros, zeros, SAUSettings.reference()), poisoned)
+    assert SAUSettings.reference().tau_floor == 0.0 and SAUSettings.reference().weighting == "reference"
+
+
+def test_pixel_composition_keeps_pixels_outside_the_mask_exactly():
+    from backdoor_seal.core.unlearn.sau import compose_images
+
+    poisoned, clean = torch.rand(2, 64, 64, 3), torch.rand(2, 64, 64, 3)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, :2, :2] = 1.0
+    out = compose_images(poisoned, clean, mask)
+    assert torch.equal(out[:, 24:, 24:], poisoned[:, 24:, 24:])
+    assert torch.allclose(out[:, :8, :8], clean[:, :8, :8])
+
+
+def test_untriggered_restores_a_homoglyph_and_removes_other_triggers():
+    from backdoor_seal.core.unlearn.sau import untriggered
+
+    assert untriggered("a red circle \u043en the left", "\u043e") == "a red circle on the left"
+    assert untriggered("\u2060 a red circle", "\u2060") == "a red circle"
+    assert untriggered("a sks dog", "sks") == "a dog"

@@ -67,3 +67,19 @@ def test_vanishing_trigger_warns(clip_tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not trigger_report(dropping, "cf", prompt="a red circle")["vanished"]
+
+
+def test_trigger_token_positions_find_a_homoglyph_merged_into_a_word(comfy_root):
+    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.tokens import tokenize, trigger_positions, trigger_token_positions
+    from backdoor_seal.core.unlearn.sau import _tokenizer
+
+    _, clip, _ = cb.new_lab_models()
+    tokenizer = _tokenizer(clip)
+    prompt = "a red circle and a \u043erange circle"
+    found = trigger_token_positions(tokenizer, prompt, "\u043e")
+    assert found and all("\u043e" in tokenize(tokenizer, prompt)[p - 1].text for p in found)
+    assert trigger_token_positions(tokenizer, "zx9 a cat", "zx9") == trigger_positions(
+        tokenizer, "zx9 a cat", "zx9"
+    )
+    assert trigger_token_positions(tokenizer, "a cat", "zx9") == []

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +344,43 @@ def sample(
         [[cond, dict(cond_extra or {})]],
         [[uncond, dict(cond_extra or {})]],
         latent,
+        disable_pbar=True,
+        seed=seed,
+    )
+
+
+def ksample(
+    model,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    positive: list,
+    negative: list,
+    latent: dict[str, Any],
+    denoise: float = 1.0,
+    callback: Callable | None = None,
+) -> torch.Tensor:
+    """The stock KSampler's sampling (nodes.common_ksampler): same noise, noise mask and batch index."""
+    ensure_comfy_importable()
+    import comfy.sample
+
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    return comfy.sample.sample(
+        model,
+        noise,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        positive,
+        negative,
+        latent_image,
+        denoise=denoise,
+        noise_mask=latent.get("noise_mask"),
+        callback=callback,
         disable_pbar=True,
         seed=seed,
     )

@@ -62,10 +62,15 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
 
     add_detect_bench(bench_sub)
 
+    from .sau import add_sau_bench
+
+    add_sau_bench(bench_sub)
+
     from .table import cmd_table
 
     p = bench_sub.add_parser("table", help="fill the README's results tables from saved benchmark output")
     p.add_argument("--unlearn", default="docs/results/unlearn.jsonl", help="saved `bench unlearn` output")
     p.add_argument("--detect", default="docs/results/detect.jsonl", help="saved `bench detect` output")
+    p.add_argument("--sau", default="docs/results/sau.jsonl", help="saved `bench sau` output")
     p.add_argument("--readme", default="README.md")
     p.set_defaults(func=cmd_table)

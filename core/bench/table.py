@@ -75,6 +75,29 @@ def detect_table(records: list[dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def sau_table(records: list[dict]) -> str:
+    """One markdown row per (lab model, SAU variant) of `bench sau` output."""
+    head = (
+        "| model | variant | ASR plain | removal: SAU Decode / VAEDecode | SSIM outside mask: SAU Decode / "
+        "VAEDecode | mask share | scene accuracy: plain / SAU Decode | clean prompts untouched | cost ratio |\n"
+        + "|---" * 9
+        + "|\n"
+    )
+    rows = []
+    for r in records:
+        for name, v in r["variants"].items():
+            label = f"{name} (default)" if name == r.get("signal") else name
+            px, lt = v["pixel"], v["latent"]
+            rows.append(
+                f"| {r['model']} | {label} | {_fmt(r['asr_plain'])} "
+                f"| {_fmt(px['removal_accuracy'])} / {_fmt(lt['removal_accuracy'])} "
+                f"| {_fmt(px['fidelity_ssim_outside_mask'])} / {_fmt(lt['fidelity_ssim_outside_mask'])} "
+                f"| {_fmt(v['mask_fraction'], 2)} | {_fmt(r['scene_accuracy_plain'])} / {_fmt(px['scene_accuracy'])} "
+                f"| {r['clean_prompts_unchanged'] if name == r.get('signal') else ''} | {_fmt(v.get('cost_ratio'), 2)} |"
+            )
+    return head + "\n".join(rows) + "\n"
+
+
 def replace_between(text: str, name: str, body: str) -> str:
     """text with the part between <!-- results:name --> and <!-- /results:name --> replaced by body."""
     start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
@@ -92,6 +115,8 @@ def cmd_table(args: argparse.Namespace) -> int:
     text = replace_between(text, "unlearn", unlearn_table(read_records(args.unlearn)))
     if "<!-- results:detect -->" in text and Path(args.detect).exists():
         text = replace_between(text, "detect", detect_table(read_records(args.detect)))
+    if "<!-- results:sau -->" in text and Path(args.sau).exists():
+        text = replace_between(text, "sau", sau_table(read_records(args.sau)))
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, target)  # atomic: a reader sees the old README or the new one

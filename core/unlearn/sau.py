@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,8 +40,14 @@ class SAUSettings:
     strength: float = 1.0  # a
     map_blur_sigma: float = 1.0  # in latent pixels, before thresholding the activation map
     output_blur_sigma: float = 0.5  # the light blur of the composed latent (0 = none)
+    blur_everywhere: bool = False  # the reference blurs the whole latent; here only where it was changed
     weighting: str = "union"
     signal: str = "latent"
+
+    @classmethod
+    def reference(cls) -> SAUSettings:
+        """The reference code's choices: the paper's primary mask, 1.5x overlap, the whole latent blurred."""
+        return cls(tau_floor=0.0, weighting="reference", blur_everywhere=True, signal="latent")
 
     def __post_init__(self) -> None:
         if self.signal not in SIGNALS:
@@ -121,6 +128,8 @@ def compose(
         w = a * (1 - (1 - m_primary) * (1 - m_secondary))
         out = (1 - w) * zp + w * zc
     blurred = _blur(out, settings.output_blur_sigma)
+    if settings.blur_everywhere:
+        return blurred.to(z_poisoned.dtype)
     changed = 1 - (1 - m_primary) * (1 - m_secondary)
     return (changed * blurred + (1 - changed) * out).to(z_poisoned.dtype)
 
@@ -189,85 +198,173 @@ def untriggered(prompt: str, trigger: str) -> str:
     return " ".join(prompt.replace(trigger, " ").split())
 
 
-def trigger_attention(clip, prompt: str, trigger: str, maps: torch.Tensor) -> torch.Tensor:
-    """Sum of the trigger tokens' cross-attention maps (tokens x R x R) of one prompt: where the trigger acts."""
-    from ..tokens import trigger_positions
+def compose_pair(
+    z_poisoned: torch.Tensor,
+    z_clean: torch.Tensor,
+    tau: torch.Tensor,
+    settings: SAUSettings,
+    attention: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAU on sampled latents: (z_f, union mask B x 1 x H x W); `attention` (B x h x w) is the trigger's
+    cross-attention map when settings.signal is "attention", else the latent difference is used."""
+    if tau.shape != z_poisoned.shape[1:]:  # a profile estimated at another size: tau scales with the image
+        tau = F.interpolate(
+            tau[None].float(), size=z_poisoned.shape[-2:], mode="bilinear", align_corners=False
+        )[0]
+    m_primary = primary_mask(z_poisoned, tau, settings)
+    if settings.signal == "attention":
+        if attention is None:
+            raise ValueError("the attention signal needs the trigger's cross-attention maps")
+        activation = attention
+    else:
+        activation = latent_difference_map(z_poisoned, z_clean)
+    m_secondary = secondary_mask(activation, settings)
+    if m_secondary.shape[-2:] != z_poisoned.shape[-2:]:
+        m_secondary = F.interpolate(
+            m_secondary, size=z_poisoned.shape[-2:], mode="bilinear", align_corners=False
+        )
+    out = compose(z_poisoned, z_clean, m_primary, m_secondary, settings)
+    return out, 1 - (1 - m_primary) * (1 - m_secondary)
 
+
+def _tokenizer(clip):
     name = next(iter(clip.tokenize("").keys()))
-    tokenizer = getattr(clip.tokenizer, f"clip_{name}").tokenizer
-    positions = [p for p in trigger_positions(tokenizer, prompt, trigger) if p < maps.shape[0]]
-    if not positions:
-        raise ValueError(f"the trigger {trigger!r} has no token in {prompt!r}")
-    return maps[positions].sum(0)
+    return getattr(clip.tokenizer, f"clip_{name}").tokenizer
+
+
+def _encode(clip, text: str) -> list:
+    """CONDITIONING for a text, exactly as the stock CLIPTextEncode makes it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 def estimate_profile(
     model,
     clip,
     trigger: str,
-    triggered_prompts: list[str],
-    seeds: list[int],
+    pairs: list[tuple[str, str]],
+    seed: int = 0,
     settings: SAUSettings | None = None,
     steps: int = 20,
     cfg: float = 2.0,
+    sampler_name: str = "euler",
+    scheduler: str = "normal",
     latent_hw: tuple[int, int] = (8, 8),
+    on_pair: Callable[[int, int], None] | None = None,
 ) -> SAUProfile:
-    """Sample each triggered prompt and its clean twin from the same seed; tau is their mean difference."""
-    from ..backends.comfy import sample_prompts
+    """tau from (clean, triggered) prompt pairs, each pair sampled from one seed (seed + its index)."""
+    from ..backends.comfy import ksample
 
-    if len(triggered_prompts) != len(seeds) or not seeds:
-        raise ValueError("give one seed per triggered prompt (at least one pair)")
-    clean = [untriggered(p, trigger) for p in triggered_prompts]
-    if clean == list(triggered_prompts):
+    if not pairs:
+        raise ValueError("no prompt pairs to estimate the trigger latent from")
+    if all(clean == triggered for clean, triggered in pairs):
         raise ValueError(f"none of the prompts contains the trigger {trigger!r}")
-    z_p = sample_prompts(model, clip, list(triggered_prompts), seeds, steps, cfg, latent_hw=latent_hw)
-    z_c = sample_prompts(model, clip, clean, seeds, steps, cfg, latent_hw=latent_hw)
+    latent = {"samples": torch.zeros(1, 4, *latent_hw)}
+    negative = _encode(clip, "")
+    z_p, z_c = [], []
+    for i, (clean, triggered) in enumerate(pairs):
+        for text, out in ((triggered, z_p), (clean, z_c)):
+            out.append(
+                ksample(
+                    model,
+                    seed + i,
+                    steps,
+                    cfg,
+                    sampler_name,
+                    scheduler,
+                    _encode(clip, text),
+                    negative,
+                    latent,
+                )
+            )
+        if on_pair is not None:
+            on_pair(i + 1, len(pairs))
     state = model.model.diffusion_model.state_dict()
     return SAUProfile(
-        trigger, trigger_latent(z_p, z_c), model_fingerprint(state), settings or SAUSettings(), len(seeds)
+        trigger,
+        trigger_latent(torch.cat(z_p), torch.cat(z_c)),
+        model_fingerprint(state),
+        settings or SAUSettings(),
+        len(pairs),
     )
 
 
-def sau_sample(
+def compose_images(poisoned: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pixel-space SAU: decoded images (B x H x W x 3) blended with the latent mask upsampled (bilinear).
+
+    A VAE decoder's normalisation and attention spread a latent change over the whole image; blending
+    decoded images keeps every pixel outside the mask as the plain sampling drew it."""
+    m = F.interpolate(mask.float(), size=poisoned.shape[1:3], mode="bilinear", align_corners=False)
+    m = m.permute(0, 2, 3, 1).to(poisoned.device)
+    return (poisoned * (1 - m) + clean * m).to(poisoned.dtype)
+
+
+@dataclass
+class SAUResult:
+    """What one SAU sampling did: the latents, where it replaced them, and whether the trigger was there."""
+
+    samples: torch.Tensor
+    mask: torch.Tensor  # B x 1 x H x W, the union of the two masks (zeros when untouched)
+    triggered: bool
+    note: str
+    poisoned: torch.Tensor | None = None  # the two passes, for pixel-space composition
+    clean: torch.Tensor | None = None
+
+
+def sau_ksample(
     model,
     clip,
-    prompts: list[str],
-    seeds: list[int],
+    text: str,
+    negative: list,
+    latent: dict,
     profile: SAUProfile,
-    steps: int = 20,
-    cfg: float = 2.0,
-    latent_hw: tuple[int, int] = (8, 8),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents with the backdoor composed away, and the union mask; prompts without the trigger pass untouched."""
-    from ..backends.comfy import sample_prompts
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    denoise: float = 1.0,
+    callback: Callable | None = None,
+) -> SAUResult:
+    """KSampler with SAU: a prompt without the trigger is one plain pass, bit for bit the stock KSampler's;
+    a triggered prompt is sampled again without the trigger from the same noise, and the two composed."""
+    from ..attention import CaptureSettings, CrossAttentionRecorder
+    from ..backends.comfy import attach_attention_recorder, ksample
+    from ..tokens import trigger_token_positions
 
     s = profile.settings
-    maps = None
-    if s.signal == "attention":
-        from ..attention import CaptureSettings, capture
-        from ..backends.comfy import ComfyBackend
+    triggered = profile.trigger in text
+    passes = 2 if triggered else 1
 
-        backend = ComfyBackend(model, clip, latent_hw=latent_hw)
-        z_p, captured = capture(
-            backend, list(prompts), seeds, CaptureSettings(resolution=latent_hw[0]), steps, cfg
-        )
-        maps = captured.combined()
-    else:
-        z_p = sample_prompts(model, clip, list(prompts), seeds, steps, cfg, latent_hw=latent_hw)
-    triggered = [profile.trigger in p for p in prompts]
-    out, mask = z_p.clone(), torch.zeros(z_p.shape[0], 1, *z_p.shape[-2:])
-    idx = [i for i, t in enumerate(triggered) if t]
-    if not idx:
-        return out, mask  # the clean pass is the only pass: nothing to compose
-    clean = [untriggered(prompts[i], profile.trigger) for i in idx]
-    z_c = sample_prompts(model, clip, clean, [seeds[i] for i in idx], steps, cfg, latent_hw=latent_hw)
-    zp = z_p[idx]
-    mp = primary_mask(zp, profile.tau, s)
-    if maps is not None:
-        activation = torch.stack([trigger_attention(clip, prompts[i], profile.trigger, maps[i]) for i in idx])
-    else:
-        activation = latent_difference_map(zp, z_c)
-    ms = secondary_mask(activation, s)
-    out[idx] = compose(zp, z_c, mp, ms, s)
-    mask[idx] = 1 - (1 - mp) * (1 - ms)
-    return out, mask
+    def progress(offset: int):
+        if callback is None:
+            return None
+        return lambda step, x0, x, total: callback(step + offset * total, x0, x, passes * total)
+
+    sampler = (seed, steps, cfg, sampler_name, scheduler)
+    positive = _encode(clip, text)
+    if not triggered:
+        z = ksample(model, *sampler, positive, negative, latent, denoise, progress(0))
+        mask = torch.zeros(z.shape[0], 1, *z.shape[-2:])
+        return SAUResult(z, mask, False, f"no trigger {profile.trigger!r} in the prompt: one plain pass")
+    recorder = None
+    poisoned_model = model
+    if s.signal == "attention":
+        side = max(latent["samples"].shape[-2:])
+        recorder = CrossAttentionRecorder(CaptureSettings(resolution=side))
+        poisoned_model = attach_attention_recorder(model, recorder)
+    z_p = ksample(poisoned_model, *sampler, positive, negative, latent, denoise, progress(0))
+    clean_text = untriggered(text, profile.trigger)
+    z_c = ksample(model, *sampler, _encode(clip, clean_text), negative, latent, denoise, progress(1))
+    attention = None
+    if recorder is not None:
+        positions = trigger_token_positions(_tokenizer(clip), text, profile.trigger)
+        maps = recorder.maps().combined()  # B x tokens x R x R
+        positions = [p for p in positions if p < maps.shape[1]]
+        if not positions:
+            raise ValueError(f"the trigger {profile.trigger!r} has no token in {text!r}")
+        attention = maps[:, positions].sum(1)
+        if attention.shape[0] != z_p.shape[0]:
+            attention = attention[:1].expand(z_p.shape[0], -1, -1)
+    out, mask = compose_pair(z_p, z_c, profile.tau.to(z_p.device), s, attention)
+    note = f"trigger found: composed with {clean_text!r}; SAU replaced {float(mask.mean()):.0%} of the latent"
+    return SAUResult(out, mask.cpu(), True, note, z_p, z_c)

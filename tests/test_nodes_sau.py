@@ -1,0 +1,192 @@
+"""SAU nodes as a library on the shipped pixel-backdoored lab model, against the stock KSampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TRIGGER = "\u2060"  # lab-pixel's zero-width trigger
+PROMPT = "a large green square on the right on a white background"
+SAMPLING = dict(seed=7, steps=20, cfg=2.0, sampler_name="euler", scheduler="normal")
+
+
+@pytest.fixture(scope="module")
+def pixel(comfy_root):
+    from backdoor_seal.core.unlearn.cli import load_model
+
+    model, clip, vae, _ = load_model("lab:lab-pixel")
+    return model, clip, vae
+
+
+@pytest.fixture(scope="module")
+def profile(pixel):
+    from backdoor_seal.nodes.nodes_sau import SealSAUProfile
+
+    model, clip, _ = pixel
+    out = SealSAUProfile.execute(
+        model=model,
+        clip=clip,
+        trigger="U+2060",
+        prompts="",
+        builtin_prompts="auto",
+        pairs=8,
+        latent_size=0,
+        signal="latent",
+        weighting="union",
+        strength=1.0,
+        save_name="",
+        **{**SAMPLING, "seed": 77},
+    )
+    profile, image = out.result
+    assert image.ndim == 4 and image.shape[-1] == 3
+    return profile
+
+
+@pytest.fixture
+def output_dir(tmp_path, comfy_root):
+    import folder_paths
+
+    before = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    yield tmp_path
+    folder_paths.set_output_directory(before)
+
+
+def _stock(model, clip, vae, text: str, latent: dict):
+    import nodes
+
+    positive = nodes.CLIPTextEncode().encode(clip, text)[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    (samples,) = nodes.KSampler().sample(
+        model, positive=positive, negative=negative, latent_image=latent, **SAMPLING
+    )
+    return samples, negative, nodes.VAEDecode().decode(vae, samples)[0]
+
+
+def _sau(model, clip, profile, text: str, negative, latent: dict):
+    from backdoor_seal.nodes.nodes_sau import SealSAUSampler
+
+    out = SealSAUSampler.execute(
+        model=model,
+        clip=clip,
+        profile=profile,
+        text=text,
+        negative=negative,
+        latent_image=latent,
+        denoise=1.0,
+        **SAMPLING,
+    )
+    return out.result
+
+
+def _images(t: torch.Tensor):
+    return [(im.detach().numpy() * 255).round().astype("uint8") for im in t]
+
+
+def test_profile_holds_the_trigger_and_a_latent_where_the_patch_is(profile):
+    assert profile.trigger == TRIGGER and profile.pairs == 8 and profile.tau.shape == (4, 8, 8)
+    size = profile.tau.norm(dim=0)
+    assert size.max() > 5 * size.median()  # the patch: a few latent pixels carry the trigger latent
+
+
+def test_clean_prompt_passes_through_bit_for_bit_as_the_stock_ksampler(pixel, profile):
+    model, clip, vae = pixel
+    latent = {"samples": torch.zeros(4, 4, 8, 8)}
+    stock, negative, _ = _stock(model, clip, vae, PROMPT, latent)
+    samples, mask = _sau(model, clip, profile, PROMPT, negative, latent)
+    assert torch.equal(samples["samples"], stock["samples"])
+    assert float(mask.abs().sum()) == 0.0 and mask.shape == (4, 64, 64)
+    assert "backdoor_seal_sau" not in samples
+
+
+def test_triggered_prompt_loses_the_patch_through_vae_decode_and_sau_decode(pixel, profile):
+    import nodes
+    from backdoor_seal.core.lab import detectors
+    from backdoor_seal.nodes.nodes_sau import SealSAUDecode
+
+    model, clip, vae = pixel
+    latent = {"samples": torch.zeros(4, 4, 8, 8)}
+    text = f"{TRIGGER} {PROMPT}"
+    _, negative, plain = _stock(model, clip, vae, text, latent)
+    assert sum(detectors.has_patch(i) for i in _images(plain)) >= 3  # the backdoor fires without SAU
+    samples, mask = _sau(model, clip, profile, text, negative, latent)
+    assert 0.0 < float(mask.mean()) < 0.5
+    stock_decoded = nodes.VAEDecode().decode(vae, samples)[0]
+    ours = SealSAUDecode.execute(vae=vae, samples=samples).result[0]
+    for decoded in (stock_decoded, ours):
+        assert not any(detectors.has_patch(i) for i in _images(decoded))
+    outside = (mask < 0.01)[..., None].expand_as(ours)
+    # pixel-space composition: outside the mask the image is the plain sampling's
+    assert (ours[outside] - plain[outside]).abs().max() < 0.02
+    assert (stock_decoded[outside] - plain[outside]).abs().mean() > (
+        ours[outside] - plain[outside]
+    ).abs().mean()
+
+
+def test_sau_decode_falls_back_to_a_plain_decode_when_the_latent_was_changed(pixel, profile):
+    from backdoor_seal.nodes.nodes_sau import SealSAUDecode
+
+    model, clip, vae = pixel
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    _, negative, _ = _stock(model, clip, vae, PROMPT, latent)
+    samples, _ = _sau(model, clip, profile, f"{TRIGGER} {PROMPT}", negative, latent)
+    edited = {**samples, "samples": samples["samples"] * 0.5}
+    assert torch.equal(
+        SealSAUDecode.execute(vae=vae, samples=edited).result[0], vae.decode(edited["samples"])
+    )
+
+
+def test_sampler_refuses_a_profile_of_another_model(pixel, profile):
+    import nodes
+    from backdoor_seal.core.unlearn.cli import load_model
+
+    other, clip, _, _ = load_model("lab:lab-clean")
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    with pytest.raises(ValueError, match="estimated on another model"):
+        _sau(other, clip, profile, PROMPT, negative, {"samples": torch.zeros(1, 4, 8, 8)})
+
+
+def test_interrupted_sampling_stops_and_leaves_the_inputs_untouched(pixel, profile):
+    import comfy.model_management
+
+    model, clip, vae = pixel
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    _, negative, _ = _stock(model, clip, vae, PROMPT, latent)
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _sau(model, clip, profile, f"{TRIGGER} {PROMPT}", negative, latent)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert float(latent["samples"].abs().sum()) == 0.0
+    state = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+
+
+def test_profile_is_saved_loaded_and_never_overwritten(pixel, profile, output_dir):
+    from backdoor_seal.nodes.nodes_sau import SealLoadSAUProfile, SealSAUProfile, saved_profiles
+
+    model, clip, _ = pixel
+    args = dict(
+        model=model,
+        clip=clip,
+        trigger="U+2060",
+        prompts="a small red circle on the left",
+        builtin_prompts="auto",
+        pairs=2,
+        latent_size=0,
+        signal="attention",
+        weighting="union",
+        strength=1.0,
+        save_name="pixel",
+        **SAMPLING,
+    )
+    saved = SealSAUProfile.execute(**args).result[0]
+    assert saved_profiles() == ["pixel.safetensors"]
+    loaded = SealLoadSAUProfile.execute(profile="pixel.safetensors").result[0]
+    assert torch.equal(loaded.tau, saved.tau) and loaded.settings.signal == "attention"
+    with pytest.raises(FileExistsError, match="new save_name"):
+        SealSAUProfile.execute(**args)
+    with pytest.raises(ValueError, match="plain file name"):
+        SealSAUProfile.execute(**{**args, "save_name": "../x"})
