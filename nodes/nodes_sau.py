@@ -47,14 +47,19 @@ def saved_profiles() -> list[str]:
     return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
 
 
-def tau_image(profile: SAUProfile) -> torch.Tensor:
-    """The trigger latent's per-pixel size, where the backdoor writes, as an IMAGE."""
-    fig = new_figure(4, 3.4)
-    ax = fig.add_subplot()
-    shown = ax.imshow(profile.tau.float().norm(dim=0).numpy(), cmap="magma")
-    fig.colorbar(shown, ax=ax, fraction=0.046)
-    ax.set_title(f"|tau| for {readable(profile.trigger)} ({profile.pairs} pairs)", fontsize=9)
-    ax.set_axis_off()
+def profile_image(profile: SAUProfile) -> torch.Tensor:
+    """Where the backdoor writes (|tau| per latent pixel) and where it acts (the mean activation map), as an IMAGE."""
+    panels = [("|tau|", profile.tau.float().norm(dim=0))]
+    if profile.activation is not None:
+        panels.append((f"{profile.settings.signal} map", profile.activation.float()))
+    fig = new_figure(3.4 * len(panels), 3.4)
+    for i, (title, values) in enumerate(panels, 1):
+        ax = fig.add_subplot(1, len(panels), i)
+        shown = ax.imshow(values.numpy(), cmap="magma")
+        fig.colorbar(shown, ax=ax, fraction=0.046)
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(f"SAU profile for {readable(profile.trigger)} ({profile.pairs} pairs)", fontsize=10)
     fig.tight_layout()
     return figure_to_image(fig)
 
@@ -142,7 +147,7 @@ class SealSAUProfile(io.ComfyNode):
                 ),
                 DetectionReport.Input("report", optional=True, tooltip="Takes the trigger from a report."),
             ],
-            outputs=[Profile.Output("PROFILE"), io.Image.Output("TRIGGER_LATENT")],
+            outputs=[Profile.Output("PROFILE"), io.Image.Output("PREVIEW")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -210,7 +215,7 @@ class SealSAUProfile(io.ComfyNode):
             os.makedirs(profile_dir(), exist_ok=True)
             profile.save(path)
             text += f"\nsaved: {os.path.relpath(path, folder_paths.get_output_directory())}"
-        image = tau_image(profile)
+        image = profile_image(profile)
         return io.NodeOutput(
             profile,
             image,
@@ -289,8 +294,7 @@ class SealSAUSampler(io.ComfyNode):
         denoise,
     ) -> io.NodeOutput:
         _check_model(model, profile)
-        passes = 2 if profile.trigger in text else 1
-        callback = latent_preview.prepare_callback(model, passes * steps)
+        callback = latent_preview.prepare_callback(model, steps)  # each update passes its own total
         result = sau_ksample(
             model,
             clip,

@@ -190,3 +190,40 @@ def test_profile_is_saved_loaded_and_never_overwritten(pixel, profile, output_di
         SealSAUProfile.execute(**args)
     with pytest.raises(ValueError, match="plain file name"):
         SealSAUProfile.execute(**{**args, "save_name": "../x"})
+
+
+def test_profile_preview_and_mean_activation_map_point_at_the_patch_corner(profile):
+    from backdoor_seal.nodes.nodes_sau import profile_image
+
+    assert profile.activation.shape == (8, 8)
+    tau_peak = divmod(int(profile.tau.norm(dim=0).argmax()), 8)
+    map_peak = divmod(int(profile.activation.argmax()), 8)
+    assert max(abs(tau_peak[0] - map_peak[0]), abs(tau_peak[1] - map_peak[1])) <= 1
+    image = profile_image(profile)
+    assert image.shape[0] == 1 and image.shape[2] > image.shape[1]  # two panels side by side
+
+
+def test_batched_passes_match_two_separate_samplings(pixel, profile):
+    from dataclasses import replace
+
+    from backdoor_seal.core.unlearn.sau import SAUSettings, sau_ksample
+
+    model, clip, vae = pixel
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    _, negative, _ = _stock(model, clip, vae, PROMPT, latent)
+    text = f"{TRIGGER} {PROMPT}"
+    runs = [
+        sau_ksample(
+            model,
+            clip,
+            text,
+            negative,
+            latent,
+            replace(profile, settings=SAUSettings(batch_passes=b)),
+            **SAMPLING,
+        )
+        for b in (True, False)
+    ]
+    assert torch.allclose(runs[0].poisoned, runs[1].poisoned, atol=1e-4)
+    assert torch.allclose(runs[0].clean, runs[1].clean, atol=1e-4)
+    assert not torch.allclose(runs[0].poisoned, runs[0].clean, atol=1e-2)  # the two passes differ

@@ -86,7 +86,7 @@ def test_profile_round_trips_through_safetensors_and_never_overwrites(tmp_path):
     path = profile.save(tmp_path / "p.safetensors")
     again = SAUProfile.load(path)
     assert again.trigger == "\u2060" and again.settings == profile.settings and again.pairs == 4
-    assert torch.equal(again.tau, patch)
+    assert torch.equal(again.tau, patch) and again.activation is None
     with pytest.raises(FileExistsError):
         profile.save(path)
 

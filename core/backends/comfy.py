@@ -386,6 +386,57 @@ def ksample(
     )
 
 
+def ksample_pair(
+    model,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    positive_a: list,
+    positive_b: list,
+    negative: list,
+    latent: dict[str, Any],
+    denoise: float = 1.0,
+    callback: Callable | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two prompts from the same noise in one sampler call of twice the batch (rows a, then b), or None
+    when the conditionings carry more than a text embedding and a pooled output (sample them apart)."""
+    ensure_comfy_importable()
+    import comfy.sample
+
+    if len(positive_a) != 1 or len(positive_b) != 1:
+        return None
+    (cond_a, extra_a), (cond_b, extra_b) = positive_a[0], positive_b[0]
+    if set(extra_a) != set(extra_b) or not set(extra_a) <= {"pooled_output"} or cond_a.shape[0] != 1:
+        return None
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    b = latent_image.shape[0]
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    rows = lambda x, y: torch.cat([x.expand(b, *x.shape[1:]), y.expand(b, *y.shape[1:])])  # noqa: E731
+    extra = {k: rows(extra_a[k], extra_b[k]) for k in extra_a}
+    mask = latent.get("noise_mask")
+    if mask is not None and mask.shape[0] == b and b > 1:
+        mask = torch.cat([mask, mask])
+    out = comfy.sample.sample(
+        model,
+        torch.cat([noise, noise]),
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        [[rows(cond_a, cond_b), extra]],
+        negative,
+        torch.cat([latent_image, latent_image]),
+        denoise=denoise,
+        noise_mask=mask,
+        callback=callback,
+        disable_pbar=True,
+        seed=seed,
+    )
+    return out[:b], out[b:]
+
+
 def seeded_noise(latent: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """Per-item initial noise, each item as ComfyUI would make it from its own seed."""
     ensure_comfy_importable()

@@ -19,15 +19,17 @@ import torch
 STEPS, CFG, SAMPLER, SCHEDULER = 20, 2.0, "euler", "normal"  # the lab's evaluation sampling
 
 
-def variants() -> dict[str, object]:
+def variants(names: list[str] | None = None) -> dict[str, object]:
     """The settings compared: ours with each secondary-mask signal, and the reference's."""
     from ..unlearn.sau import SAUSettings
 
-    return {
+    every = {
         "latent": SAUSettings(signal="latent"),
         "attention": SAUSettings(signal="attention"),
+        "both": SAUSettings(signal="both"),
         "reference": SAUSettings.reference(),
     }
+    return {k: v for k, v in every.items() if not names or k in names}
 
 
 def ssim_outside(a: np.ndarray, b: np.ndarray, outside: np.ndarray) -> float | None:
@@ -87,7 +89,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     )
 
     results: dict[str, dict] = {}
-    for label, settings in variants().items():
+    for label, settings in variants(args.variants and [*args.variants, args.signal]).items():
         profile = replace(base, settings=settings)
         paths: dict[str, dict[str, list]] = {"pixel": {}, "latent": {}}
         covered = []
@@ -163,7 +165,10 @@ def cost_ratios(model, clip, negative, latent, prompts, seeds, base, args) -> di
 
     runs = {
         "plain": lambda p, s: ksample(model, s, *sampler, _encode(clip, p), negative, latent),
-        **{label: with_sau(settings) for label, settings in variants().items()},
+        **{
+            label: with_sau(settings)
+            for label, settings in variants(args.variants and [*args.variants, args.signal]).items()
+        },
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
@@ -209,5 +214,10 @@ def add_sau_bench(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clean", type=int, default=16, help="clean prompts checked for bit-exact pass-through")
     p.add_argument("--cost-prompts", type=int, default=8, help="prompts per timing round")
     p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
-    p.add_argument("--signal", choices=["latent", "attention"], default="latent", help="the reported default")
+    p.add_argument(
+        "--signal", choices=["latent", "attention", "both"], default="latent", help="the reported default"
+    )
+    p.add_argument(
+        "--variants", nargs="*", default=None, help="latent, attention, both, reference (default: all)"
+    )
     p.set_defaults(func=_cmd)

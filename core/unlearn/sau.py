@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 WEIGHTINGS = ("union", "reference")
-SIGNALS = ("attention", "latent")  # what the secondary mask is made from
+SIGNALS = ("attention", "latent", "both")  # what the secondary mask is made from ("both": their product)
 PROFILE_KEY = "backdoor_seal.sau_profile"
 
 
@@ -41,13 +41,17 @@ class SAUSettings:
     map_blur_sigma: float = 1.0  # in latent pixels, before thresholding the activation map
     output_blur_sigma: float = 0.5  # the light blur of the composed latent (0 = none)
     blur_everywhere: bool = False  # the reference blurs the whole latent; here only where it was changed
+    batch_passes: bool = True  # both passes in one sampler call of twice the batch (the reference: two calls)
     weighting: str = "union"
     signal: str = "latent"
 
     @classmethod
     def reference(cls) -> SAUSettings:
-        """The reference code's choices: the paper's primary mask, 1.5x overlap, the whole latent blurred."""
-        return cls(tau_floor=0.0, weighting="reference", blur_everywhere=True, signal="latent")
+        """The reference code's choices: the paper's primary mask, 1.5x overlap, the whole latent blurred,
+        the two passes sampled one after the other."""
+        return cls(
+            tau_floor=0.0, weighting="reference", blur_everywhere=True, signal="latent", batch_passes=False
+        )
 
     def __post_init__(self) -> None:
         if self.signal not in SIGNALS:
@@ -143,6 +147,9 @@ class SAUProfile:
     model_hash: str
     settings: SAUSettings
     pairs: int
+    activation: torch.Tensor | None = (
+        None  # H x W: the mean normalised activation map of the estimation pairs
+    )
 
     def save(self, path: str | os.PathLike) -> Path:
         """safetensors, atomic, never over an existing file (the metadata holds trigger, hash and settings)."""
@@ -157,7 +164,10 @@ class SAUProfile:
             "settings": asdict(self.settings),
             "pairs": self.pairs,
         }
-        atomic_save({"tau": self.tau.contiguous().float()}, path, {PROFILE_KEY: json.dumps(meta)})
+        tensors = {"tau": self.tau.contiguous().float()}
+        if self.activation is not None:
+            tensors["activation"] = self.activation.contiguous().float()
+        atomic_save(tensors, path, {PROFILE_KEY: json.dumps(meta)})
         return path
 
     @classmethod
@@ -171,12 +181,14 @@ class SAUProfile:
         if PROFILE_KEY not in meta:
             raise ValueError(f"{path}: not an SAU profile (no {PROFILE_KEY} metadata)")
         info = json.loads(meta[PROFILE_KEY])
+        tensors = load_file(str(path))
         return cls(
             trigger=info["trigger"],
-            tau=load_file(str(path))["tau"],
+            tau=tensors["tau"],
             model_hash=info["model_hash"],
             settings=SAUSettings(**info["settings"]),
             pairs=int(info["pairs"]),
+            activation=tensors.get("activation"),
         )
 
 
@@ -198,6 +210,20 @@ def untriggered(prompt: str, trigger: str) -> str:
     return " ".join(prompt.replace(trigger, " ").split())
 
 
+def activation_map(
+    signal: str, z_poisoned: torch.Tensor, z_clean: torch.Tensor, attention: torch.Tensor | None
+) -> torch.Tensor:
+    """Where the trigger acts, B x H x W: its cross-attention, the latent difference, or (both) their product."""
+    if signal == "latent":
+        return latent_difference_map(z_poisoned, z_clean)
+    if attention is None:
+        raise ValueError(f"the {signal} signal needs the trigger's cross-attention maps")
+    if signal == "attention":
+        return attention
+    size = tuple(z_poisoned.shape[-2:])
+    return normalised(attention, size) * normalised(latent_difference_map(z_poisoned, z_clean), size)
+
+
 def compose_pair(
     z_poisoned: torch.Tensor,
     z_clean: torch.Tensor,
@@ -206,19 +232,13 @@ def compose_pair(
     attention: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SAU on sampled latents: (z_f, union mask B x 1 x H x W); `attention` (B x h x w) is the trigger's
-    cross-attention map when settings.signal is "attention", else the latent difference is used."""
+    cross-attention map, needed unless settings.signal is "latent"."""
     if tau.shape != z_poisoned.shape[1:]:  # a profile estimated at another size: tau scales with the image
         tau = F.interpolate(
             tau[None].float(), size=z_poisoned.shape[-2:], mode="bilinear", align_corners=False
         )[0]
     m_primary = primary_mask(z_poisoned, tau, settings)
-    if settings.signal == "attention":
-        if attention is None:
-            raise ValueError("the attention signal needs the trigger's cross-attention maps")
-        activation = attention
-    else:
-        activation = latent_difference_map(z_poisoned, z_clean)
-    m_secondary = secondary_mask(activation, settings)
+    m_secondary = secondary_mask(activation_map(settings.signal, z_poisoned, z_clean, attention), settings)
     if m_secondary.shape[-2:] != z_poisoned.shape[-2:]:
         m_secondary = F.interpolate(
             m_secondary, size=z_poisoned.shape[-2:], mode="bilinear", align_corners=False
@@ -252,30 +272,32 @@ def estimate_profile(
     on_pair: Callable[[int, int], None] | None = None,
 ) -> SAUProfile:
     """tau from (clean, triggered) prompt pairs, each pair sampled from one seed (seed + its index)."""
-    from ..backends.comfy import ksample
 
     if not pairs:
         raise ValueError("no prompt pairs to estimate the trigger latent from")
     if all(clean == triggered for clean, triggered in pairs):
         raise ValueError(f"none of the prompts contains the trigger {trigger!r}")
+    s = settings or SAUSettings()
     latent = {"samples": torch.zeros(1, 4, *latent_hw)}
     negative = _encode(clip, "")
-    z_p, z_c = [], []
+    z_p, z_c, maps = [], [], []
     for i, (clean, triggered) in enumerate(pairs):
-        for text, out in ((triggered, z_p), (clean, z_c)):
-            out.append(
-                ksample(
-                    model,
-                    seed + i,
-                    steps,
-                    cfg,
-                    sampler_name,
-                    scheduler,
-                    _encode(clip, text),
-                    negative,
-                    latent,
-                )
-            )
+        zp, zc, attention = two_passes(
+            model,
+            clip,
+            trigger,
+            triggered,
+            clean,
+            negative,
+            latent,
+            s,
+            (seed + i, steps, cfg, sampler_name, scheduler),
+        )
+        z_p.append(zp)
+        z_c.append(zc)
+        maps.append(
+            normalised(attention if attention is not None else latent_difference_map(zp, zc), latent_hw)
+        )
         if on_pair is not None:
             on_pair(i + 1, len(pairs))
     state = model.model.diffusion_model.state_dict()
@@ -283,9 +305,61 @@ def estimate_profile(
         trigger,
         trigger_latent(torch.cat(z_p), torch.cat(z_c)),
         model_fingerprint(state),
-        settings or SAUSettings(),
+        s,
         len(pairs),
+        torch.cat(maps).mean(0),
     )
+
+
+def normalised(activation: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """B x H x W activation maps at the latent size, min-max normalised per map."""
+    a = F.interpolate(activation.float().unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+    lo, hi = a.amin(dim=(1, 2), keepdim=True), a.amax(dim=(1, 2), keepdim=True)
+    return (a - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def two_passes(
+    model,
+    clip,
+    trigger: str,
+    text: str,
+    clean_text: str,
+    negative: list,
+    latent: dict,
+    settings: SAUSettings,
+    sampler: tuple,
+    denoise: float = 1.0,
+    progress: Callable[[int, int], Callable | None] = lambda _, __: None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """z_p (the prompt) and z_c (its clean twin) from the same noise; with the attention signal also the
+    trigger tokens' cross-attention (B x R x R) recorded during the first pass."""
+    from ..attention import CaptureSettings, CrossAttentionRecorder
+    from ..backends.comfy import attach_attention_recorder, ksample, ksample_pair
+    from ..tokens import trigger_token_positions
+
+    recorder, first = None, model
+    if settings.signal != "latent":
+        recorder = CrossAttentionRecorder(CaptureSettings(resolution=max(latent["samples"].shape[-2:])))
+        first = attach_attention_recorder(model, recorder)
+    positive, clean = _encode(clip, text), _encode(clip, clean_text)
+    pair = None
+    if settings.batch_passes:
+        pair = ksample_pair(first, *sampler, positive, clean, negative, latent, denoise, progress(0, 1))
+    if pair is not None:  # one call of twice the batch: on most hardware well under twice the time
+        z_p, z_c = pair
+    else:
+        z_p = ksample(first, *sampler, positive, negative, latent, denoise, progress(0, 2))
+        z_c = ksample(model, *sampler, clean, negative, latent, denoise, progress(1, 2))
+    if recorder is None:
+        return z_p, z_c, None
+    maps = recorder.maps().combined()[: z_p.shape[0]]  # B x tokens x R x R (the triggered rows come first)
+    positions = [p for p in trigger_token_positions(_tokenizer(clip), text, trigger) if p < maps.shape[1]]
+    if not positions:
+        raise ValueError(f"no token of {text!r} carries the trigger; is it in the prompt?")
+    attention = maps[:, positions].sum(1)
+    if attention.shape[0] != z_p.shape[0]:
+        attention = attention[:1].expand(z_p.shape[0], -1, -1)
+    return z_p, z_c, attention
 
 
 def compose_images(poisoned: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -327,44 +401,25 @@ def sau_ksample(
 ) -> SAUResult:
     """KSampler with SAU: a prompt without the trigger is one plain pass, bit for bit the stock KSampler's;
     a triggered prompt is sampled again without the trigger from the same noise, and the two composed."""
-    from ..attention import CaptureSettings, CrossAttentionRecorder
-    from ..backends.comfy import attach_attention_recorder, ksample
-    from ..tokens import trigger_token_positions
+    from ..backends.comfy import ksample
 
     s = profile.settings
     triggered = profile.trigger in text
-    passes = 2 if triggered else 1
 
-    def progress(offset: int):
+    def progress(offset: int, passes: int):
         if callback is None:
             return None
         return lambda step, x0, x, total: callback(step + offset * total, x0, x, passes * total)
 
     sampler = (seed, steps, cfg, sampler_name, scheduler)
-    positive = _encode(clip, text)
     if not triggered:
-        z = ksample(model, *sampler, positive, negative, latent, denoise, progress(0))
+        z = ksample(model, *sampler, _encode(clip, text), negative, latent, denoise, progress(0, 1))
         mask = torch.zeros(z.shape[0], 1, *z.shape[-2:])
         return SAUResult(z, mask, False, f"no trigger {profile.trigger!r} in the prompt: one plain pass")
-    recorder = None
-    poisoned_model = model
-    if s.signal == "attention":
-        side = max(latent["samples"].shape[-2:])
-        recorder = CrossAttentionRecorder(CaptureSettings(resolution=side))
-        poisoned_model = attach_attention_recorder(model, recorder)
-    z_p = ksample(poisoned_model, *sampler, positive, negative, latent, denoise, progress(0))
     clean_text = untriggered(text, profile.trigger)
-    z_c = ksample(model, *sampler, _encode(clip, clean_text), negative, latent, denoise, progress(1))
-    attention = None
-    if recorder is not None:
-        positions = trigger_token_positions(_tokenizer(clip), text, profile.trigger)
-        maps = recorder.maps().combined()  # B x tokens x R x R
-        positions = [p for p in positions if p < maps.shape[1]]
-        if not positions:
-            raise ValueError(f"the trigger {profile.trigger!r} has no token in {text!r}")
-        attention = maps[:, positions].sum(1)
-        if attention.shape[0] != z_p.shape[0]:
-            attention = attention[:1].expand(z_p.shape[0], -1, -1)
+    z_p, z_c, attention = two_passes(
+        model, clip, profile.trigger, text, clean_text, negative, latent, s, sampler, denoise, progress
+    )
     out, mask = compose_pair(z_p, z_c, profile.tau.to(z_p.device), s, attention)
     note = f"trigger found: composed with {clean_text!r}; SAU replaced {float(mask.mean()):.0%} of the latent"
     return SAUResult(out, mask.cpu(), True, note, z_p, z_c)
