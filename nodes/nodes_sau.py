@@ -21,6 +21,7 @@ from ..core.unlearn.sau import (
     SAUSettings,
     compose_images,
     estimate_profile,
+    image_mask,
     model_fingerprint,
     sau_ksample,
 )
@@ -321,7 +322,7 @@ class SealSAUSampler(io.ComfyNode):
             }
         _send_text(getattr(cls.hidden, "unique_id", None), result.note)
         h, w = result.samples.shape[-2:]
-        mask = torch.nn.functional.interpolate(result.mask, size=(8 * h, 8 * w), mode="bilinear")[:, 0]
+        mask = image_mask(result.mask, (8 * h, 8 * w))  # the region Seal SAU Decode blends
         return io.NodeOutput(out, mask, ui=ui.PreviewText(result.note))
 
 

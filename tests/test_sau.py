@@ -130,8 +130,8 @@ def test_pixel_composition_keeps_pixels_outside_the_mask_exactly():
     mask = torch.zeros(2, 1, 8, 8)
     mask[:, :, :2, :2] = 1.0
     out = compose_images(poisoned, clean, mask)
-    assert torch.equal(out[:, 24:, 24:], poisoned[:, 24:, 24:])
-    assert torch.allclose(out[:, :8, :8], clean[:, :8, :8])
+    assert torch.equal(out[:, 24:, 24:], poisoned[:, 24:, 24:])  # the cells, grown half a cell and feathered
+    assert torch.allclose(out[:, :16, :16], clean[:, :16, :16], atol=1e-5)  # the whole of the masked cells
 
 
 def test_untriggered_restores_a_homoglyph_and_removes_other_triggers():

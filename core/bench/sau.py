@@ -42,12 +42,6 @@ def ssim_outside(a: np.ndarray, b: np.ndarray, outside: np.ndarray) -> float | N
     return float(full.mean(2)[outside].mean())
 
 
-def pixel_mask(mask: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """A latent mask (1 x H x W) at image size, nearest-neighbour."""
-    up = torch.nn.functional.interpolate(mask[None].float(), size=size, mode="nearest")
-    return up[0, 0].numpy()
-
-
 def bench_model(name: str, args: argparse.Namespace) -> dict:
     """The record of one attacked lab model."""
     from dataclasses import replace
@@ -56,7 +50,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     from ..lab import attacks, detectors
     from ..lab.train import tensor_to_images
     from ..unlearn.cli import load_model
-    from ..unlearn.sau import _encode, compose_images, estimate_profile, sau_ksample
+    from ..unlearn.sau import _encode, compose_images, estimate_profile, image_mask, sau_ksample
 
     model, clip, vae, info = load_model(f"lab:{name}")
     spec = attacks.AttackSpec(**info["spec"])
@@ -101,7 +95,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
                     compose_images(vae.decode(r.poisoned), vae.decode(r.clean), r.mask)
                 )[0],
             }
-            outside = pixel_mask(r.mask[0], before.shape[:2]) < 0.5
+            outside = image_mask(r.mask, before.shape[:2])[0].numpy() < 0.5  # as SealSAUDecode blends
             covered.append(float(r.mask.mean()))
             for path, image in images.items():
                 got = paths[path]

@@ -362,13 +362,25 @@ def two_passes(
     return z_p, z_c, attention
 
 
+def image_mask(
+    mask: torch.Tensor, size: tuple[int, int], grow: float = 0.5, feather: float = 0.125
+) -> torch.Tensor:
+    """The latent mask (B x 1 x h x w) at image size (B x H x W): each latent pixel's cell, grown by `grow`
+    of a cell and feathered by `feather` of a cell, so a blend covers what the trigger drew up to the
+    cell's edge (a bilinear upsampling reaches only halfway into the edge cells)."""
+    cell = size[0] / mask.shape[-2]
+    m = F.interpolate(mask.float(), size=size, mode="nearest")
+    r = max(1, round(grow * cell))
+    m = F.max_pool2d(m, 2 * r + 1, stride=1, padding=r)
+    return _blur(m, feather * cell)[:, 0].clamp(0, 1)
+
+
 def compose_images(poisoned: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Pixel-space SAU: decoded images (B x H x W x 3) blended with the latent mask upsampled (bilinear).
+    """Pixel-space SAU: decoded images (B x H x W x 3) blended with image_mask(mask).
 
     A VAE decoder's normalisation and attention spread a latent change over the whole image; blending
     decoded images keeps every pixel outside the mask as the plain sampling drew it."""
-    m = F.interpolate(mask.float(), size=poisoned.shape[1:3], mode="bilinear", align_corners=False)
-    m = m.permute(0, 2, 3, 1).to(poisoned.device)
+    m = image_mask(mask, tuple(poisoned.shape[1:3])).unsqueeze(-1).to(poisoned.device)
     return (poisoned * (1 - m) + clean * m).to(poisoned.dtype)
 
 
