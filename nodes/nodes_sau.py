@@ -27,12 +27,29 @@ from ..core.unlearn.sau import (
 )
 from ..core.unlearn.session import training_pairs, trigger_from
 from .nodes_detect import PROMPT_SETS, calibration_prompts, latent_shape
-from .nodes_unlearn import DetectionReport, _send_text
+from .nodes_unlearn import DetectionReport, _send_text, placement_input, trigger_input
 
 CATEGORY = "backdoor-seal/sau"
 Profile = io.Custom("SEAL_SAU_PROFILE")
 PROFILE_FOLDER = "backdoor_seal/sau"  # under ComfyUI's output folder
 SAU_KEY = "backdoor_seal_sau"  # the two passes, carried in the LATENT dict for SealSAUDecode
+
+
+def sampling_inputs(control_after_generate: bool = False) -> list:
+    """KSampler's seed, steps, cfg, sampler and scheduler widgets, with its defaults (profile and sampler match)."""
+    return [
+        io.Int.Input(
+            "seed",
+            default=0,
+            min=0,
+            max=0xFFFFFFFFFFFFFFFF,
+            control_after_generate=control_after_generate or None,
+        ),
+        io.Int.Input("steps", default=20, min=1, max=10000),
+        io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+        io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
+        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
+    ]
 
 
 def profile_dir() -> str:
@@ -89,9 +106,7 @@ class SealSAUProfile(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
-                io.String.Input(
-                    "trigger", default="", tooltip="The trigger text (U+XXXX spells invisible characters)."
-                ),
+                trigger_input(),
                 io.String.Input(
                     "prompts",
                     multiline=True,
@@ -113,11 +128,7 @@ class SealSAUProfile(io.ComfyNode):
                     max=256,
                     tooltip="Latent side (pixels / 8); 0: 8 for lab models, 64 for SD1.x.",
                 ),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
-                io.Int.Input("steps", default=20, min=1, max=10000),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
+                *sampling_inputs(),
                 io.Combo.Input(
                     "signal",
                     options=list(SIGNALS),
@@ -138,14 +149,7 @@ class SealSAUProfile(io.ComfyNode):
                     default="",
                     tooltip="Saves the profile as output/backdoor_seal/sau/NAME.safetensors (never over a file).",
                 ),
-                io.Combo.Input(
-                    "placement",
-                    options=["auto", "prepend", "append", "random", "homoglyph"],
-                    default="auto",
-                    optional=True,
-                    tooltip="Where the trigger goes; auto: a homoglyph replaces its Latin twin, anything "
-                    "else goes first.",
-                ),
+                placement_input(optional=True),
                 DetectionReport.Input("report", optional=True, tooltip="Takes the trigger from a report."),
             ],
             outputs=[Profile.Output("PROFILE"), io.Image.Output("PREVIEW")],
@@ -267,11 +271,7 @@ class SealSAUSampler(io.ComfyNode):
                 io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The positive prompt."),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=20, min=1, max=10000),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
+                *sampling_inputs(control_after_generate=True),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
             ],
             outputs=[io.Latent.Output("LATENT"), io.Mask.Output("MASK")],

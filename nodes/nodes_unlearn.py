@@ -11,6 +11,7 @@ from comfy_api.latest import io, ui
 
 from ..core.backends.comfy_train import SCOPE_HELP, SCOPES
 from ..core.plots import loss_curve_image
+from ..core.unlearn.prompts import PLACEMENTS
 from ..core.unlearn.save import save_sanitized
 from ..core.unlearn.session import BUILTIN_SETS, UnlearnOptions, UnlearnSession, trigger_from
 from ..core.unlearn.skd import INPUTS, METHODS, PRECISIONS, TARGETS, SKDConfig
@@ -18,6 +19,25 @@ from ..core.unlearn.skd import INPUTS, METHODS, PRECISIONS, TARGETS, SKDConfig
 CATEGORY = "backdoor-seal/unlearn"
 DetectionReport = io.Custom("SEAL_DETECTION")
 UnlearnInfo = io.Custom("SEAL_UNLEARN")
+
+
+def trigger_input() -> io.String.Input:
+    """The trigger text widget shared by every node that acts on a known trigger."""
+    return io.String.Input(
+        "trigger", default="", tooltip="The trigger text (U+XXXX spells invisible characters)."
+    )
+
+
+def placement_input(optional: bool = False) -> io.Combo.Input:
+    """Where a trigger goes in clean prompts."""
+    return io.Combo.Input(
+        "placement",
+        options=["auto", *PLACEMENTS],
+        default="auto",
+        optional=optional,
+        tooltip="Where the trigger goes in the clean prompts; auto: a homoglyph replaces its Latin twin, "
+        "anything else goes first.",
+    )
 
 
 def _send_text(node_id: str | None, text: str) -> None:
@@ -46,9 +66,7 @@ class SealUnlearn(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
-                io.String.Input(
-                    "trigger", default="", tooltip="The trigger text (U+XXXX spells invisible characters)."
-                ),
+                trigger_input(),
                 io.String.Input(
                     "prompts",
                     multiline=True,
@@ -75,13 +93,7 @@ class SealUnlearn(io.ComfyNode):
                     default="general",
                     tooltip="general: everyday captions for real checkpoints; lab: the lab grammar.",
                 ),
-                io.Combo.Input(
-                    "placement",
-                    options=["auto", "prepend", "append", "random", "homoglyph"],
-                    default="auto",
-                    tooltip="Where the trigger goes in training prompts; auto: a homoglyph replaces its "
-                    "Latin twin, anything else goes first.",
-                ),
+                placement_input(),
                 io.Int.Input(
                     "latent_size", default=64, min=1, max=256, tooltip="Training latent side (pixels / 8)."
                 ),

@@ -17,6 +17,17 @@ def comfy_root() -> Path:
     return ensure_comfy_importable()
 
 
+@pytest.fixture
+def output_dir(tmp_path, comfy_root):
+    """ComfyUI's output folder pointed at a fresh temporary folder for one test."""
+    import folder_paths
+
+    before = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    yield tmp_path
+    folder_paths.set_output_directory(before)
+
+
 @pytest.fixture(scope="session")
 def lab_dir(tmp_path_factory, comfy_root) -> Path:
     """A folder holding an untrained lab checkpoint (trained ones are covered by the lab tests)."""

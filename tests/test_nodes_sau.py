@@ -8,6 +8,18 @@ import torch
 TRIGGER = "\u2060"  # lab-pixel's zero-width trigger
 PROMPT = "a large green square on the right on a white background"
 SAMPLING = dict(seed=7, steps=20, cfg=2.0, sampler_name="euler", scheduler="normal")
+PROFILE_ARGS = dict(
+    trigger="U+2060",
+    prompts="",
+    builtin_prompts="auto",
+    pairs=8,
+    latent_size=0,
+    signal="latent",
+    weighting="union",
+    strength=1.0,
+    save_name="",
+    **{**SAMPLING, "seed": 77},
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,33 +35,10 @@ def profile(pixel):
     from backdoor_seal.nodes.nodes_sau import SealSAUProfile
 
     model, clip, _ = pixel
-    out = SealSAUProfile.execute(
-        model=model,
-        clip=clip,
-        trigger="U+2060",
-        prompts="",
-        builtin_prompts="auto",
-        pairs=8,
-        latent_size=0,
-        signal="latent",
-        weighting="union",
-        strength=1.0,
-        save_name="",
-        **{**SAMPLING, "seed": 77},
-    )
+    out = SealSAUProfile.execute(model=model, clip=clip, **PROFILE_ARGS)
     profile, image = out.result
     assert image.ndim == 4 and image.shape[-1] == 3
     return profile
-
-
-@pytest.fixture
-def output_dir(tmp_path, comfy_root):
-    import folder_paths
-
-    before = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(tmp_path))
-    yield tmp_path
-    folder_paths.set_output_directory(before)
 
 
 def _stock(model, clip, vae, text: str, latent: dict):
@@ -169,18 +158,13 @@ def test_profile_is_saved_loaded_and_never_overwritten(pixel, profile, output_di
 
     model, clip, _ = pixel
     args = dict(
+        PROFILE_ARGS,
         model=model,
         clip=clip,
-        trigger="U+2060",
         prompts="a small red circle on the left",
-        builtin_prompts="auto",
         pairs=2,
-        latent_size=0,
         signal="attention",
-        weighting="union",
-        strength=1.0,
         save_name="pixel",
-        **SAMPLING,
     )
     saved = SealSAUProfile.execute(**args).result[0]
     assert saved_profiles() == ["pixel.safetensors"]

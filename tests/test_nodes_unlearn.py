@@ -27,16 +27,6 @@ NODE_ARGS = dict(
 )
 
 
-@pytest.fixture
-def output_dir(tmp_path, comfy_root):
-    import folder_paths
-
-    before = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(tmp_path))
-    yield tmp_path
-    folder_paths.set_output_directory(before)
-
-
 def _unlearn(comfy_root, **overrides):
     from backdoor_seal.core.backends import comfy as cb
     from backdoor_seal.nodes.nodes_unlearn import SealUnlearn

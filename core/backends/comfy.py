@@ -349,6 +349,31 @@ def sample(
     )
 
 
+def _ksampler_call(
+    model, noise, latent_image, seed, sampler: tuple, positive, negative, denoise, mask, callback
+):
+    """comfy.sample.sample as common_ksampler calls it; sampler = (steps, cfg, sampler_name, scheduler)."""
+    import comfy.sample
+
+    steps, cfg, sampler_name, scheduler = sampler
+    return comfy.sample.sample(
+        model,
+        noise,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        positive,
+        negative,
+        latent_image,
+        denoise=denoise,
+        noise_mask=mask,
+        callback=callback,
+        disable_pbar=True,
+        seed=seed,
+    )
+
+
 def ksample(
     model,
     seed: int,
@@ -368,21 +393,18 @@ def ksample(
 
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
-    return comfy.sample.sample(
+    sampler = (steps, cfg, sampler_name, scheduler)
+    return _ksampler_call(
         model,
         noise,
-        steps,
-        cfg,
-        sampler_name,
-        scheduler,
+        latent_image,
+        seed,
+        sampler,
         positive,
         negative,
-        latent_image,
-        denoise=denoise,
-        noise_mask=latent.get("noise_mask"),
-        callback=callback,
-        disable_pbar=True,
-        seed=seed,
+        denoise,
+        latent.get("noise_mask"),
+        callback,
     )
 
 
@@ -418,21 +440,17 @@ def ksample_pair(
     mask = latent.get("noise_mask")
     if mask is not None and mask.shape[0] == b and b > 1:
         mask = torch.cat([mask, mask])
-    out = comfy.sample.sample(
+    out = _ksampler_call(
         model,
         torch.cat([noise, noise]),
-        steps,
-        cfg,
-        sampler_name,
-        scheduler,
+        torch.cat([latent_image, latent_image]),
+        seed,
+        (steps, cfg, sampler_name, scheduler),
         [[rows(cond_a, cond_b), extra]],
         negative,
-        torch.cat([latent_image, latent_image]),
-        denoise=denoise,
-        noise_mask=mask,
-        callback=callback,
-        disable_pbar=True,
-        seed=seed,
+        denoise,
+        mask,
+        callback,
     )
     return out[:b], out[b:]
 

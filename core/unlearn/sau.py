@@ -291,7 +291,7 @@ def estimate_profile(
             negative,
             latent,
             s,
-            (seed + i, steps, cfg, sampler_name, scheduler),
+            ((seed + i) % 2**64, steps, cfg, sampler_name, scheduler),
         )
         z_p.append(zp)
         z_c.append(zc)
