@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .nodes_attention import SealAttentionCapture, SealAttentionHeatmaps
 from .nodes_detect import SealDetectPrompt, SealScanModel
+from .nodes_evaluate import SealEvaluate
 from .nodes_info import SealModelInfo
 from .nodes_lab import SealLabCheckpointLoader
 from .nodes_sau import SealLoadSAUProfile, SealSAUDecode, SealSAUProfile, SealSAUSampler
@@ -24,6 +25,7 @@ NODES: list[type[io.ComfyNode]] = [
     SealLoadSAUProfile,
     SealSAUSampler,
     SealSAUDecode,
+    SealEvaluate,
 ]
 
 

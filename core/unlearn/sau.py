@@ -435,3 +435,38 @@ def sau_ksample(
     out, mask = compose_pair(z_p, z_c, profile.tau.to(z_p.device), s, attention)
     note = f"trigger found: composed with {clean_text!r}; SAU replaced {float(mask.mean()):.0%} of the latent"
     return SAUResult(out, mask.cpu(), True, note, z_p, z_c)
+
+
+def sau_drawer(
+    model,
+    clip,
+    vae,
+    profile: SAUProfile,
+    latent_hw: tuple[int, int],
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    pixel_blend: bool = True,
+) -> Callable[[list[str], list[int]], list]:
+    """Images drawn with SAU (one prompt and seed at a time), decoded as Seal SAU Decode does or as VAEDecode."""
+    from ..lab.train import tensor_to_images
+
+    negative = _encode(clip, "")
+    latent = {"samples": torch.zeros(1, 4, *latent_hw)}
+
+    def draw(prompts: list[str], seeds: list[int]) -> list:
+        out = []
+        with torch.inference_mode():
+            for prompt, seed in zip(prompts, seeds, strict=True):
+                r = sau_ksample(
+                    model, clip, prompt, negative, latent, profile, seed, steps, cfg, sampler_name, scheduler
+                )
+                if r.triggered and pixel_blend:
+                    image = compose_images(vae.decode(r.poisoned), vae.decode(r.clean), r.mask)
+                else:
+                    image = vae.decode(r.samples)
+                out.extend(tensor_to_images(image))
+        return out
+
+    return draw
