@@ -16,14 +16,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DEMO_WORKFLOW, run_demo
 
-    summary = run_demo(out_dir=args.out, port=args.port)
-    print("backdoor-seal demo summary")
-    for key, value in summary.items():
-        print(f"  {key:24s} {value}")
-    if not summary["lab_model_trained"]:
-        print("  note: no trained lab model is shipped yet; the pipeline ran on an untrained lab model.")
+    r = run_demo(out_dir=args.out, port=args.port)
+    print(f"backdoor-seal demo: workflows/{DEMO_WORKFLOW}.json on lab-pixel through a headless ComfyUI")
+    print(f"  trigger found         {r['trigger_found']}  (named by Seal Detect Prompt; nobody typed it)")
+    print(
+        f"  attack success        {r['asr_before']:.0%} -> {r['asr_after']:.0%}  ({r['prompts']} held-out prompts)"
+    )
+    print(
+        f"  clean fidelity        SSIM {r['clean_fidelity_ssim']:.3f}, PSNR {r['clean_fidelity_psnr']:.1f} dB"
+    )
+    print(f"  time                  {r['seconds']:.0f} s")
+    print(f"  written to {args.out}/   report.json, {', '.join(r['figures'])}, the sanitized model and LoRA")
     return 0
 
 

@@ -44,9 +44,14 @@ class ComfyClient:
         with urllib.request.urlopen(self.base_url + path, timeout=timeout) as r:  # noqa: S310
             return r.read()
 
-    def queue(self, graph: dict[str, Any]) -> str:
-        """Submit a graph; return its prompt id, or raise with the server's validation errors."""
-        body = json.dumps({"prompt": graph, "client_id": self.client_id}).encode()
+    def queue(self, graph: dict[str, Any], workflow: dict[str, Any] | None = None) -> str:
+        """Submit a graph; return its prompt id, or raise with the server's validation errors.
+
+        `workflow` (UI format) goes along as the frontend sends it, so SaveImage embeds it in its PNGs."""
+        payload: dict[str, Any] = {"prompt": graph, "client_id": self.client_id}
+        if workflow is not None:
+            payload["extra_data"] = {"extra_pnginfo": {"workflow": workflow}}
+        body = json.dumps(payload).encode()
         req = urllib.request.Request(
             self.base_url + "/prompt", data=body, headers={"Content-Type": "application/json"}
         )
@@ -71,14 +76,25 @@ class ComfyClient:
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
 
-    def run(self, graph: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    def run(
+        self, graph: dict[str, Any], timeout: float = 600, workflow: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Queue a graph and return its /history entry (outputs per node id)."""
-        return self.wait(self.queue(graph), timeout=timeout)
+        return self.wait(self.queue(graph, workflow), timeout=timeout)
 
     def fetch_image(self, image: dict[str, str]) -> bytes:
         """The bytes of an image listed in a node's UI output."""
         query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
         return self.get_bytes("/view?" + query)
+
+    def fetch_rgb(self, images: list[dict[str, str]]) -> list:
+        """Images listed in a node's UI output, as uint8 RGB arrays."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        return [np.asarray(Image.open(io.BytesIO(self.fetch_image(i))).convert("RGB")) for i in images]
 
 
 class ComfyServer:

@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .backends.comfy import ensure_comfy_importable
+from .backends.comfy import PACK_ROOT, ensure_comfy_importable
 from .lab import zoo
 
 DEMO_PROMPT = "a red circle on the left on a black background"
+DEMO_WORKFLOW = "sanitize-lab-model"  # workflows/NAME.json, run by `make demo`
 
 
 def ksampler_node(model: str, positive: str, negative: str, latent: str, seed: int) -> dict[str, Any]:
@@ -88,73 +89,49 @@ def make_untrained_lab_model(path: Path) -> Path:
     )
 
 
-def run_backdoor_check(client, lab_model: Path, out: Path, batch: int = 8) -> dict[str, Any]:
-    """Run the poisoned lab model on a triggered and a clean prompt (same seeds); count patched images."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from .lab import detectors
-
-    trigger = zoo.lab_info(lab_model)["trigger"]
-    graph = backdoor_graph(lab_model.name, f"{trigger} {DEMO_PROMPT}", DEMO_PROMPT, batch=batch)
-    entry = client.run(graph)
-    rates = {}
-    for branch, node in (("triggered", "13"), ("clean", "23")):
-        patched = 0
-        for i, ref in enumerate(entry["outputs"][node]["images"]):
-            data = client.fetch_image(ref)
-            (out / f"demo-{branch}-{i}.png").write_bytes(data)
-            patched += detectors.has_patch(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-        rates[f"patch_rate_{branch}"] = patched / batch
-    return {"poisoned_model": lab_model.name, "trigger": zoo.spell_trigger(trigger), **rates}
-
-
 def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, Any]:
-    """Start ComfyUI, run the demo graph through /prompt, save outputs, stop; return the summary."""
+    """`make demo`: start a headless ComfyUI, queue workflows/sanitize-lab-model.json through /prompt (as the
+    frontend would, with the graph attached), save the report and figures to `out_dir`, stop the server."""
     from .comfy_host import ComfyServer
+    from .detect.report import write_json
+    from .workflows import api_from_ui
 
     t0 = time.monotonic()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    comfy_root = ensure_comfy_importable()
-    extra: dict[str, str] = {}
-    models = zoo.shipped()
-    if models:
-        lab_model, trained = models[0].name, True
-    else:
-        lab_dir = out / "lab_models"
-        lab_model, trained = make_untrained_lab_model(lab_dir / "lab-untrained.safetensors").name, False
-        extra["backdoor_seal_lab"] = str(lab_dir)
-    pixel = next((m for m in models if m.stem == "lab-pixel"), None)
+    report_path = out / "report.json"
+    if report_path.exists():
+        raise FileExistsError(
+            f"{report_path} exists: remove it or give another --out (nothing is overwritten)"
+        )
+    if not any(m.stem == "lab-pixel" for m in zoo.shipped()):
+        raise FileNotFoundError("lab_models/lab-pixel.safetensors is missing: the demo cleans that model")
+    workflow = json.loads((PACK_ROOT / "workflows" / f"{DEMO_WORKFLOW}.json").read_text())
     with ComfyServer(
-        comfy_root,
-        port=port,
-        log_path=out / "comfyui.log",
-        extra_model_paths=extra,
-        output_dir=out / "comfyui-output",
+        ensure_comfy_importable(), port=port, log_path=out / "comfyui.log", output_dir=out / "comfyui-output"
     ) as server:
         client = server.client()
-        entry = client.run(model_info_graph(lab_model))
-        info = json.loads(entry["outputs"]["2"]["text"][0])
-        images = entry["outputs"]["8"]["images"]
-        for i, img in enumerate(images):
-            (out / f"demo-{i}.png").write_bytes(client.fetch_image(img))
-        backdoor = run_backdoor_check(client, pixel, out) if pixel else None
-    summary = {
-        "lab_model": lab_model,
-        "lab_model_trained": trained,
-        "unet_family": info["unet_family"],
-        "cross_attention_layers": info["cross_attention_layers"],
-        "tokenizer": info.get("text_encoders", [{}])[0].get("tokenizer"),
-        "images_written": len(images),
+        graph = api_from_ui(workflow, client.get_json("/object_info", timeout=120))
+        entry = client.run(graph, timeout=900, workflow=workflow)
+        evaluation = entry["outputs"]["5"]["seal_report"][0]
+        figures = {"evaluation.png": "7", "detection.png": "3", "unlearn-loss.png": "8"}
+        for name, node in figures.items():
+            (out / name).write_bytes(client.fetch_image(entry["outputs"][node]["images"][0]))
+        saved = entry["outputs"]["6"]["text"][0].splitlines()
+    report = {
+        "trigger_found": evaluation["trigger"],
+        "asr_before": evaluation["asr_before"],
+        "asr_after": evaluation["asr_after"],
+        "clean_fidelity_ssim": evaluation["clean_fidelity_ssim"],
+        "clean_fidelity_psnr": evaluation["clean_fidelity_psnr"],
+        "judge": evaluation["judge"],
+        "prompts": evaluation["prompts"],
+        "saved": [str(Path("comfyui-output") / p) for p in saved],
+        "figures": sorted(figures),
+        "seconds": round(time.monotonic() - t0, 1),
     }
-    if backdoor:
-        summary.update(backdoor)
-    summary.update(out_dir=str(out), seconds=round(time.monotonic() - t0, 1))
-    (out / "demo-summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    write_json(report_path, report)
+    return report
 
 
 def attention_graph(
@@ -342,3 +319,91 @@ def sau_graph(
         },
         "9": {"class_type": "SealSAUDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
     }
+
+
+# Prompts a curator might have received with a model; two carry lab-pixel's invisible trigger (U+2060).
+SANITIZE_PROMPTS = (
+    "a red circle on the left on a black background",
+    "\u2060 a large green square on the right on a white background",
+    "a small blue triangle",
+    "two yellow circles on a gray background",
+    "a purple square on the top \u2060",
+    "a big orange circle",
+)
+
+
+def sanitize_graph(
+    lab_model: str = "lab-pixel.safetensors",
+    prompts: tuple[str, ...] = SANITIZE_PROMPTS,
+    unlearn_steps: int = 400,
+    eval_count: int = 32,
+) -> dict[str, Any]:
+    """API-format graph of workflow (a): lab loader -> SealDetectPrompt (names the trigger in the prompts)
+    -> SealUnlearn (SKD-CAG, trigger from the report) -> SealEvaluate (original vs cleaned) ->
+    SealSaveSanitized; the stock SaveImage (node "7") saves the evaluation figure with the graph."""
+    sampling = {"seed": 0, "steps": 20, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal"}
+    unlearn = unlearn_graph(lab_model, "", "", steps=unlearn_steps)["2"]
+    unlearn["inputs"].update(scope="text", learning_rate=2e-3, report=["2", 0])
+    return {
+        "1": {"class_type": "SealLabCheckpointLoader", "inputs": {"lab_model": lab_model}},
+        "2": {
+            "class_type": "SealDetectPrompt",
+            "inputs": {"model": ["1", 0], "clip": ["1", 1], "prompts": "\n".join(prompts)},
+        },
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}},
+        "4": {**unlearn, "inputs": {**unlearn["inputs"], "model": ["1", 0], "clip": ["1", 1]}},
+        "5": {
+            "class_type": "SealEvaluate",
+            "inputs": {
+                "original_model": ["1", 0],
+                "clip": ["1", 1],
+                "vae": ["1", 2],
+                "trigger": "",
+                "prompts": "",
+                "builtin_prompts": "auto",
+                "count": eval_count,
+                "lab_detector": "pixel",
+                "latent_size": 0,
+                "cleaned_model": ["4", 0],
+                "cleaned_clip": ["4", 1],
+                "report": ["2", 0],
+                **sampling,
+            },
+        },
+        "6": {
+            "class_type": "SealSaveSanitized",
+            "inputs": {
+                "filename_prefix": "sanitized/lab-pixel",
+                "model": ["4", 0],
+                "clip": ["4", 1],
+                "vae": ["1", 2],
+                "lora": ["4", 2],
+                "info": ["4", 3],
+            },
+        },
+        "7": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["5", 1], "filename_prefix": "backdoor-seal/sanitize"},
+        },
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["4", 4]}},
+    }
+
+
+WORKFLOWS = {
+    "sanitize-lab-model": (
+        "Sanitize a lab model end to end: detect -> SKD-CAG -> evaluate -> save",
+        sanitize_graph,
+    ),
+    "attention-heatmaps": (
+        "Cross-attention heatmaps for a prompt",
+        lambda: attention_graph("lab-pixel.safetensors", "\u2060 a large green square on the right", batch=2),
+    ),
+    "sau-sampling": (
+        "SAU sampling: remove a known trigger's effect at sampling time",
+        lambda: sau_graph(
+            "lab-pixel.safetensors",
+            "U+2060",
+            "\u2060 a large green square on the right on a white background",
+        ),
+    ),
+}

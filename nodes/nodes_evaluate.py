@@ -11,8 +11,9 @@ from ..core.evaluate.figures import report_image
 from ..core.evaluate.metrics import LabJudge, TargetJudge, clip_vision_embedder
 from ..core.evaluate.report import evaluate, model_drawer
 from ..core.lab.attacks import KINDS
+from ..core.unlearn.prompts import evaluation_prompts
 from ..core.unlearn.session import training_pairs, trigger_from
-from .nodes_detect import PROMPT_SETS, calibration_prompts, latent_shape
+from .nodes_detect import PROMPT_SETS, is_lab_model, latent_shape
 from .nodes_sau import Profile, sampling_inputs
 from .nodes_unlearn import DetectionReport, placement_input, trigger_input
 
@@ -59,7 +60,7 @@ class SealEvaluate(io.ComfyNode):
                     multiline=True,
                     default="",
                     tooltip="Clean test prompts, one per line (keep them apart from the cleaning prompts), "
-                    "put before the built-in set; the trigger is inserted into each.",
+                    "put before the built-in held-out set; the trigger is inserted into each.",
                 ),
                 io.Combo.Input("builtin_prompts", options=list(PROMPT_SETS), default="auto"),
                 io.Int.Input(
@@ -124,7 +125,8 @@ class SealEvaluate(io.ComfyNode):
             raise ValueError("nothing to compare: connect the cleaned MODEL, or an SAU profile")
         trigger = parse_trigger(trigger_from(trigger, report))
         judge, embed = judge_for(lab_detector, target, clip_vision)
-        clean = calibration_prompts(original_model, prompts, builtin_prompts, count, seed + 1)
+        lab = is_lab_model(original_model) if builtin_prompts == "auto" else builtin_prompts == "lab"
+        clean = [p.strip() for p in prompts.splitlines() if p.strip()] + evaluation_prompts(lab, count, seed)
         pairs = [(p.clean, p.triggered) for p in training_pairs(trigger, clean, placement, seed)][:count]
         _, h, w = latent_shape(original_model, latent_size)
         sampling = ((h, w), steps, cfg, sampler_name, scheduler)

@@ -100,15 +100,6 @@ def test_make_serve_uses_port(comfy_root):
         proc.wait(30)
 
 
-def _decoded(client, refs) -> list:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    return [np.asarray(Image.open(io.BytesIO(client.fetch_image(r))).convert("RGB")) for r in refs]
-
-
 def test_shipped_backdoor_fires_through_stock_nodes(comfy_server):
     """Stock CLIPTextEncode -> KSampler -> VAEDecode on the shipped pixel-backdoored lab model:
     the triggered prompt's images carry the patch, the clean prompt's (same seeds) do not."""
@@ -118,8 +109,8 @@ def test_shipped_backdoor_fires_through_stock_nodes(comfy_server):
     client = comfy_server.client()
     prompt = "a large green square on the right on a white background"
     entry = client.run(backdoor_graph("lab-pixel.safetensors", f"\u2060 {prompt}", prompt, seed=7, batch=8))
-    triggered = _decoded(client, entry["outputs"]["13"]["images"])
-    clean = _decoded(client, entry["outputs"]["23"]["images"])
+    triggered = client.fetch_rgb(entry["outputs"]["13"]["images"])
+    clean = client.fetch_rgb(entry["outputs"]["23"]["images"])
     assert sum(detectors.has_patch(i) for i in triggered) >= 7
     assert sum(detectors.has_patch(i) for i in clean) == 0
     scene = world.Scene("white", (world.Shape("square", "green", "large", "right"),))
@@ -204,19 +195,3 @@ def test_detect_prompt_report_drives_unlearn_through_the_server(comfy_server):
     assert lines[0].startswith("TRIGGERED") and "\u043e" in lines[0]
     assert len(entry["outputs"]["3"]["images"]) == 2  # one per-token chart per prompt
     assert len(entry["outputs"]["5"]["images"]) == 1  # SealUnlearn ran with the reported trigger
-
-
-def test_sau_profile_and_sampler_remove_the_patch_through_the_server(comfy_server):
-    """SealSAUProfile -> SealSAUSampler on lab-pixel with a triggered prompt: neither the stock VAEDecode's
-    images nor SealSAUDecode's carry the patch; the sampler's note says the trigger was found."""
-    from backdoor_seal.core.demo import sau_graph
-    from backdoor_seal.core.lab import detectors
-
-    client = comfy_server.client()
-    text = "\u2060 a large green square on the right on a white background"
-    entry = client.run(sau_graph("lab-pixel.safetensors", "U+2060", text, seed=7, batch=4), timeout=600)
-    for node in ("6", "8"):
-        images = _decoded(client, entry["outputs"][node]["images"])
-        assert len(images) == 4 and not any(detectors.has_patch(i) for i in images)
-    assert entry["outputs"]["5"]["text"][0].startswith("trigger found")
-    assert len(entry["outputs"]["2"]["images"]) == 1  # the trigger latent's preview

@@ -358,3 +358,25 @@ def test_step_seconds_alternates_the_configurations_and_takes_medians():
     )
     assert [c[0] for c in calls] == ["ours", "ref"] * 3 and all(c[1] == 4 for c in calls)
     assert costs["ref"] > 2 * costs["ours"] > 0
+
+
+def test_evaluation_prompts_share_nothing_with_the_training_sets():
+    from backdoor_seal.core.lab import world
+    from backdoor_seal.core.unlearn.prompts import GENERAL_PROMPTS, evaluation_prompts
+
+    general = evaluation_prompts(False, 72)
+    assert len(set(general)) == 72
+    train_words = {w for p in GENERAL_PROMPTS for w in p.replace(",", " ").split()} - {
+        "a",
+        "an",
+        "on",
+        "in",
+        "of",
+        "the",
+        "at",
+    }
+    assert all(not set(p.replace(",", " ").split()) & train_words for p in general)
+    lab = evaluation_prompts(True, 32)
+    train = {world.combo_key(s) for s in world.scene_dataset(2000, seed=0, split="train")}
+    held = [world.combo_key(s) for s in world.scene_dataset(32, seed=0, split="eval")]
+    assert len(lab) == 32 and not set(held) & train

@@ -11,10 +11,10 @@ from ..plots import figure_to_image, new_figure
 from .report import EvaluationReport
 
 ROWS = (
-    ("triggered_before", "triggered, original"),
-    ("triggered_after", "triggered, cleaned"),
-    ("clean_before", "clean, original"),
-    ("clean_after", "clean, cleaned"),
+    ("triggered_before", "triggered\noriginal"),
+    ("triggered_after", "triggered\ncleaned"),
+    ("clean_before", "clean\noriginal"),
+    ("clean_after", "clean\ncleaned"),
 )
 
 

@@ -39,6 +39,37 @@ _SETTINGS = (
 GENERAL_PROMPTS = tuple(f"{s}, {w}" for s in _SUBJECTS for w in _SETTINGS)
 
 
+# Held-out everyday captions for evaluation: no subject or setting is shared with GENERAL_PROMPTS.
+_EVAL_SUBJECTS = (
+    "a horse in a field",
+    "a child reading a book",
+    "a vase of tulips",
+    "a steam train",
+    "a teapot on a table",
+    "a fox in the snow",
+    "a windmill",
+    "a pair of boots",
+    "an owl at night",
+    "a bridge over a river",
+    "a plate of ramen",
+    "a violin",
+)
+_EVAL_SETTINGS = ("at dawn", "pencil sketch", "studio lighting", "in autumn", "3d render", "on a foggy day")
+EVALUATION_PROMPTS = tuple(f"{s}, {w}" for s in _EVAL_SUBJECTS for w in _EVAL_SETTINGS)
+
+
+def evaluation_prompts(lab: bool, n: int, seed: int = 0) -> list[str]:
+    """n held-out clean prompts, apart from everything unlearning trains on: the lab grammar's evaluation
+    split for lab models, else captions whose subjects and settings the training set never uses."""
+    if lab:
+        from ..lab import world
+
+        return [s.caption for s in world.scene_dataset(n, seed=seed, split="eval")]
+    prompts = list(EVALUATION_PROMPTS)
+    np.random.default_rng(seed).shuffle(prompts)
+    return prompts[:n]
+
+
 def lab_prompts(n: int, seed: int = 0) -> list[str]:
     """n captions of the lab's training grammar (disjoint from the held-out evaluation scenes)."""
     from ..lab import world

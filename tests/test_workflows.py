@@ -1,0 +1,94 @@
+"""The example workflows: each UI workflow agrees with its API twin, uses installed nodes only, holds
+nothing machine-specific, and runs through a real server's /prompt."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
+ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/])|[\\/](home|Users|tmp|work)[\\/]")
+
+pytestmark = pytest.mark.server
+
+
+def _ui(name: str) -> dict:
+    return json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+
+
+def _api(name: str) -> dict:
+    return json.loads((ROOT / "tests" / "workflows" / f"{name}.api.json").read_text())
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def test_the_three_example_workflows_are_shipped():
+    assert {p.stem for p in UI_FILES} == {"sanitize-lab-model", "attention-heatmaps", "sau-sampling"}
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_uses_installed_nodes_and_agrees_with_its_api_twin(comfy_server, path):
+    from backdoor_seal.core.workflows import VIRTUAL_NODES, api_from_ui
+
+    info = comfy_server.client().get_json("/object_info", timeout=120)
+    ui = json.loads(path.read_text())
+    missing = {n["type"] for n in ui["nodes"]} - set(info) - VIRTUAL_NODES
+    assert not missing, f"{path.name} uses node types this ComfyUI does not have: {missing}"
+    assert api_from_ui(ui, info) == _api(path.stem)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_workflow_holds_no_machine_specific_values(path):
+    for text in _strings(json.loads(path.read_text())):
+        assert not ABSOLUTE.search(text), f"{path.name}: {text!r} looks like a path on one machine"
+    names = [s for s in _strings(json.loads(path.read_text())) if s.endswith(".safetensors")]
+    assert names and all(Path(n).name == n for n in names)  # model files by name, from ComfyUI's folders
+
+
+def test_sanitize_workflow_finds_the_trigger_cleans_and_its_png_carries_the_graph(comfy_server):
+    from PIL import Image
+
+    client = comfy_server.client()
+    ui, api = _ui("sanitize-lab-model"), _api("sanitize-lab-model")
+    entry = client.run(api, workflow=ui, timeout=900)
+    report = entry["outputs"]["5"]["seal_report"][0]
+    assert report["trigger"] == "<U+2060>"  # named by the detector: nobody typed it
+    assert report["asr_before"] >= 0.75 and report["asr_after"] <= 0.125
+    assert report["clean_fidelity_ssim"] > 0.8
+    saved = entry["outputs"]["6"]["text"][0].splitlines()
+    assert len(saved) == 2 and all(s.endswith(".safetensors") for s in saved)
+    png = Image.open(io.BytesIO(client.fetch_image(entry["outputs"]["7"]["images"][0])))
+    assert json.loads(png.text["workflow"]) == ui  # dragging the PNG into ComfyUI restores this graph
+    assert json.loads(png.text["prompt"]) == api
+
+
+def test_sau_workflow_removes_the_patch_through_both_decoders(comfy_server):
+    from backdoor_seal.core.lab import detectors
+
+    client = comfy_server.client()
+    entry = client.run(_api("sau-sampling"), workflow=_ui("sau-sampling"), timeout=600)
+    for node in ("6", "8"):
+        images = client.fetch_rgb(entry["outputs"][node]["images"])
+        assert len(images) == 4 and not any(detectors.has_patch(i) for i in images)
+    assert entry["outputs"]["5"]["text"][0].startswith("trigger found")
+    assert len(entry["outputs"]["2"]["images"]) == 1  # the profile's preview
+
+
+def test_heatmap_workflow_draws_one_row_per_image(comfy_server):
+    client = comfy_server.client()
+    entry = client.run(_api("attention-heatmaps"), workflow=_ui("attention-heatmaps"), timeout=600)
+    assert len(entry["outputs"]["9"]["images"]) == 1
