@@ -4,7 +4,7 @@ PORT ?= 8188
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: provision serve test test-slow lint demo clean
+.PHONY: provision provision-browser serve test test-slow lint demo screenshot clean
 
 provision:
 	@bash scripts/provision.sh
@@ -16,8 +16,16 @@ lint: provision
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: provision lint
+# Chromium from the distribution's packages, for the browser test (tests/test_browser.py).
+provision-browser:
+	@bash scripts/provision_browser.sh
+
+test: provision provision-browser lint
 	$(PY) -m pytest -m "not slow"
+
+# Re-take the README's screenshot of the sanitize workflow in the real frontend.
+screenshot: provision provision-browser
+	BACKDOOR_SEAL_SCREENSHOT=docs/images/sanitize-workflow.png $(PY) -m pytest tests/test_browser.py
 
 # Retrains every shipped attacked lab model from lab-clean and checks its stated ASR (about 1.5 hours).
 test-slow: provision

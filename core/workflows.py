@@ -26,8 +26,12 @@ def is_widget(spec: list) -> bool:
     return (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput")
 
 
-def _control(spec: list) -> bool:
-    return len(spec) > 1 and isinstance(spec[1], dict) and bool(spec[1].get("control_after_generate"))
+def _control(name: str, spec: list) -> bool:
+    """Whether the frontend puts a "control after generate" widget after this one: flagged INTs, and
+    INTs named seed or noise_seed unless flagged off."""
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    flag = options.get("control_after_generate")
+    return spec[0] == "INT" and (bool(flag) if flag is not None else name in ("seed", "noise_seed"))
 
 
 def _default(spec: list) -> Any:
@@ -60,7 +64,7 @@ def api_from_ui(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[s
         for name, spec in _specs(object_info[kind]):
             if is_widget(spec):
                 inputs[name] = next(values)
-                if _control(spec):
+                if _control(name, spec):
                     next(values)  # the "control after generate" mode the frontend keeps beside the value
         for slot in node.get("inputs", []):
             if slot.get("link") is not None:
@@ -85,11 +89,23 @@ def _depths(prompt: dict[str, Any]) -> dict[str, int]:
     return depth
 
 
+def _height(info: dict[str, Any], inputs: list, values: list) -> int:
+    """A node's height, roughly as the frontend draws it: sockets, widgets, and room for image previews."""
+    sockets = max(len([i for i in inputs if "widget" not in i]), len(info["output"]))
+    multiline = sum(
+        1
+        for _, spec in _specs(info)
+        if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("multiline")
+    )
+    shows_images = info.get("output_node") or "IMAGE" in info["output"]
+    return 40 + 22 * sockets + 24 * len(values) + 60 * multiline + (260 if shows_images else 0)
+
+
 def ui_from_api(prompt: dict[str, Any], object_info: dict[str, Any], title: str = "") -> dict[str, Any]:
     """A UI-format workflow for an API-format prompt: every widget shown with its value (defaults for
     the ones the prompt leaves out), sockets linked, nodes laid out left to right by dependency."""
     depth = _depths(prompt)
-    rows: dict[int, int] = {}
+    rows: dict[int, int] = {}  # per column, where the next node goes
     nodes, links = [], []
     outgoing: dict[tuple[str, int], list[int]] = {}
     for node_id, node in prompt.items():
@@ -99,7 +115,7 @@ def ui_from_api(prompt: dict[str, Any], object_info: dict[str, Any], title: str 
             given = node["inputs"].get(name)
             if is_widget(spec) and not isinstance(given, list):
                 values.append(_default(spec) if given is None else given)
-                if _control(spec):
+                if _control(name, spec):
                     values.append("fixed")
                 continue
             link = None
@@ -114,14 +130,15 @@ def ui_from_api(prompt: dict[str, Any], object_info: dict[str, Any], title: str 
                 entry["widget"] = {"name": name}
             inputs.append(entry)
         column = depth[node_id]
-        row = rows.get(column, 0)
-        rows[column] = row + 1
+        height = _height(info, inputs, values)
+        top = rows.get(column, 40)
+        rows[column] = top + height + 60
         nodes.append(
             {
                 "id": int(node_id),
                 "type": node["class_type"],
-                "pos": [40 + 400 * column, 40 + 330 * row],
-                "size": [360, 290],
+                "pos": [40 + 420 * column, top],
+                "size": [380, height],
                 "flags": {},
                 "order": 0,
                 "mode": 0,

@@ -1,0 +1,82 @@
+"""The real ComfyUI frontend in headless Chromium, served by the test server: our web extension loads
+without console errors of its own, the frontend turns each example workflow into exactly its API twin,
+the sanitize workflow runs from the UI, and Seal Evaluate's report shows as a table in the node.
+Set BACKDOOR_SEAL_SCREENSHOT=PATH to keep the screenshot (the README's picture)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = ("/extensions/backdoor_seal/", "backdoor_seal", "seal_report")
+pytestmark = pytest.mark.server
+
+
+def chromium() -> str:
+    """The distribution's Chromium (make provision installs it)."""
+    path = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    assert path, (
+        "the browser test needs Chromium from the distribution: apt-get install chromium (make provision does)"
+    )
+    return path
+
+
+def test_frontend_loads_the_extension_runs_the_sanitize_workflow_and_shows_the_report(comfy_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []  # console errors and uncaught exceptions that come from our extension
+
+    def on_console(message) -> None:
+        where = f"{message.text} {message.location.get('url', '')}"
+        if message.type == "error" and any(mark in where for mark in OURS):
+            errors.append(where)
+
+    shot = tmp_path / "sanitize-workflow.png"
+    assert "/extensions/backdoor_seal/js/seal_report.js" in comfy_server.client().get_json("/extensions")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1900, "height": 1000})
+        page.on("console", on_console)
+        page.on(
+            "pageerror",
+            lambda e: errors.append(f"{e} {e.stack}") if any(m in str(e.stack) for m in OURS) else None,
+        )
+        page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+        page.wait_for_function(
+            "() => window.app?.extensions?.some((e) => e.name === 'backdoor_seal.report')", timeout=180_000
+        )
+        page.evaluate(
+            "(wf) => window.app.loadGraphData(wf)",
+            json.loads((ROOT / "workflows" / "sanitize-lab-model.json").read_text()),
+        )
+        page.evaluate("() => window.app.queuePrompt(0)")
+        page.wait_for_selector(".seal-report table", state="attached", timeout=600_000)
+        # frame the graph at a zoom where the frontend draws widgets (and our table) in full
+        page.evaluate(
+            "() => { const c = window.app.canvas; c.ds.scale = 0.7; c.ds.offset = [20, 20]; c.setDirty(true, true); }"
+        )
+        page.wait_for_timeout(1500)
+        assert page.is_visible(".seal-report table")
+        text = page.text_content(".seal-report")
+        page.screenshot(path=str(shot))
+        for path in sorted((ROOT / "workflows").glob("*.json")):
+            workflow = json.loads(path.read_text())
+            page.evaluate("(wf) => window.app.loadGraphData(wf)", workflow)
+            queued = json.loads(
+                page.evaluate("async () => JSON.stringify((await window.app.graphToPrompt()).output)")
+            )
+            for node in queued.values():
+                node.pop("_meta", None)
+            twin = json.loads((ROOT / "tests" / "workflows" / f"{path.stem}.api.json").read_text())
+            assert queued == twin, f"the frontend queues {path.name} differently from its API twin"
+        browser.close()
+    assert "<U+2060>" in text and "attack success, cleaned" in text and "0%" in text
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("BACKDOOR_SEAL_SCREENSHOT"):
+        shutil.copy(shot, os.environ["BACKDOOR_SEAL_SCREENSHOT"])
+    assert not errors, "console errors from our extension:\n" + "\n".join(errors)
