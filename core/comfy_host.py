@@ -39,6 +39,16 @@ class ComfyClient:
         with urllib.request.urlopen(self.base_url + path, timeout=timeout) as r:  # noqa: S310 (loopback)
             return json.loads(r.read())
 
+    def post_json(self, path: str, value: Any, timeout: float = 30) -> None:
+        """POST a JSON value (e.g. a frontend setting)."""
+        req = urllib.request.Request(
+            self.base_url + path,
+            data=json.dumps(value).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=timeout):  # noqa: S310 (loopback)
+            pass
+
     def get_bytes(self, path: str, timeout: float = 30) -> bytes:
         """GET raw bytes (e.g. /view)."""
         with urllib.request.urlopen(self.base_url + path, timeout=timeout) as r:  # noqa: S310

@@ -37,7 +37,10 @@ def test_frontend_loads_the_extension_runs_the_sanitize_workflow_and_shows_the_r
             errors.append(where)
 
     shot = tmp_path / "sanitize-workflow.png"
-    assert "/extensions/backdoor_seal/js/seal_report.js" in comfy_server.client().get_json("/extensions")
+    client = comfy_server.client()
+    assert "/extensions/backdoor_seal/js/seal_report.js" in client.get_json("/extensions")
+    # a fresh user folder would open the first-run template browser, which loads a graph of its own
+    client.post_json("/settings/Comfy.TutorialCompleted", True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1900, "height": 1000})
@@ -54,8 +57,18 @@ def test_frontend_loads_the_extension_runs_the_sanitize_workflow_and_shows_the_r
             "(wf) => window.app.loadGraphData(wf)",
             json.loads((ROOT / "workflows" / "sanitize-lab-model.json").read_text()),
         )
+        page.wait_for_function("() => window.app.graph._nodes.some((n) => n.type === 'SealEvaluate')")
+        before = set(client.get_json("/history"))
         page.evaluate("() => window.app.queuePrompt(0)")
-        page.wait_for_selector(".seal-report table", state="attached", timeout=600_000)
+        page.wait_for_function(
+            "(n) => fetch('/history').then((r) => r.json()).then((h) => Object.keys(h).length > n)",
+            arg=len(before),
+            timeout=60_000,
+        )
+        (prompt_id,) = set(client.get_json("/history")) - before or {None}
+        entry = client.wait(prompt_id, timeout=600) if prompt_id else None
+        assert entry and "5" in entry["outputs"], "the queued graph was not the sanitize workflow"
+        page.wait_for_selector(".seal-report table", state="attached", timeout=60_000)
         # frame the graph at a zoom where the frontend draws widgets (and our table) in full
         page.evaluate(
             "() => { const c = window.app.canvas; c.ds.scale = 0.7; c.ds.offset = [20, 20]; c.setDirty(true, true); }"
