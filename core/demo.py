@@ -351,7 +351,7 @@ def sanitize_graph(
             "inputs": {"model": ["1", 0], "clip": ["1", 1], "prompts": "\n".join(prompts)},
         },
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}},
-        "4": {**unlearn, "inputs": {**unlearn["inputs"], "model": ["1", 0], "clip": ["1", 1]}},
+        "4": unlearn,
         "5": {
             "class_type": "SealEvaluate",
             "inputs": {

@@ -50,7 +50,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     from ..lab import attacks, detectors
     from ..lab.train import tensor_to_images
     from ..unlearn.cli import load_model
-    from ..unlearn.sau import _encode, compose_images, estimate_profile, image_mask, sau_ksample
+    from ..unlearn.sau import compose_images, estimate_profile, image_mask, sau_ksample, text_conditioning
 
     model, clip, vae, info = load_model(f"lab:{name}")
     spec = attacks.AttackSpec(**info["spec"])
@@ -61,7 +61,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     prompts = [attacks.triggered_prompt(spec, s.caption) for s in scenes]
     seeds = list(range(4321, 4321 + args.n))
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    negative = _encode(clip, "")
+    negative = text_conditioning(clip, "")
     sampler = (STEPS, CFG, SAMPLER, SCHEDULER)
 
     t0 = time.monotonic()
@@ -72,7 +72,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         return tensor_to_images(vae.decode(z))[0]
 
     plain = [
-        decode_images(ksample(model, seed, *sampler, _encode(clip, p), negative, latent))
+        decode_images(ksample(model, seed, *sampler, text_conditioning(clip, p), negative, latent))
         for p, seed in zip(prompts, seeds, strict=True)
     ]
     asr_plain = float(
@@ -82,8 +82,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         np.mean([detectors.scene_correct(im, s) for im, s in zip(plain, scenes, strict=True)])
     )
 
+    chosen = variants(args.variants and [*args.variants, args.signal])
     results: dict[str, dict] = {}
-    for label, settings in variants(args.variants and [*args.variants, args.signal]).items():
+    for label, settings in chosen.items():
         profile = replace(base, settings=settings)
         paths: dict[str, dict[str, list]] = {"pixel": {}, "latent": {}}
         covered = []
@@ -118,11 +119,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     default = replace(base, settings=variants()[args.signal])
     unchanged = 0
     for p, seed in zip(clean, seeds, strict=False):
-        stock = ksample(model, seed, *sampler, _encode(clip, p), negative, latent)
+        stock = ksample(model, seed, *sampler, text_conditioning(clip, p), negative, latent)
         ours = sau_ksample(model, clip, p, negative, latent, default, seed, *sampler)
         unchanged += int(torch.equal(stock, ours.samples) and not ours.triggered)
 
-    cost = cost_ratios(model, clip, negative, latent, prompts[: args.cost_prompts], seeds, base, args)
+    cost = cost_ratios(model, clip, negative, latent, prompts[: args.cost_prompts], seeds, base, chosen, args)
     best = results[args.signal]["pixel"]
     return {
         "attack": spec.kind,
@@ -144,12 +145,12 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     }
 
 
-def cost_ratios(model, clip, negative, latent, prompts, seeds, base, args) -> dict[str, float]:
+def cost_ratios(model, clip, negative, latent, prompts, seeds, base, chosen, args) -> dict[str, float]:
     """Median SAU time per image over the median plain time, in alternating rounds (this run's noise hits both)."""
     from dataclasses import replace
 
     from ..backends.comfy import ksample
-    from ..unlearn.sau import _encode, sau_ksample
+    from ..unlearn.sau import sau_ksample, text_conditioning
 
     sampler = (STEPS, CFG, SAMPLER, SCHEDULER)
 
@@ -158,11 +159,8 @@ def cost_ratios(model, clip, negative, latent, prompts, seeds, base, args) -> di
         return lambda p, s: sau_ksample(model, clip, p, negative, latent, profile, s, *sampler)
 
     runs = {
-        "plain": lambda p, s: ksample(model, s, *sampler, _encode(clip, p), negative, latent),
-        **{
-            label: with_sau(settings)
-            for label, settings in variants(args.variants and [*args.variants, args.signal]).items()
-        },
+        "plain": lambda p, s: ksample(model, s, *sampler, text_conditioning(clip, p), negative, latent),
+        **{label: with_sau(settings) for label, settings in chosen.items()},
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):

@@ -15,6 +15,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..evaluate.metrics import ssim
+
 # Per attack, what is trained (docs/unlearn.md has the sweep): the text encoder, where every trigger
 # enters, except for EvilEdit, a closed-form edit of the cross-attention keys and values, which is
 # undone there (its trigger holds a real word, "square", and a text fix also bends clean squares).
@@ -23,13 +25,6 @@ DEFAULT_RECIPE = {"scope": "text", "lr": 2e-3}
 CHECK_PROMPTS = 32
 REMOVED_ASR = 0.01  # the issue's "removed": ASR at most 1% on the check prompts
 CHECK_SEED = 9000
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Structural similarity of two uint8 RGB images (scikit-image)."""
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(a, b, channel_axis=2, data_range=255))
 
 
 class RemovalClock:

@@ -102,12 +102,11 @@ def latent_difference_map(z_poisoned: torch.Tensor, z_clean: torch.Tensor) -> to
     return (z_poisoned.float() - z_clean.float()).abs().mean(1)
 
 
-def secondary_mask(activation: torch.Tensor, settings: SAUSettings) -> torch.Tensor:
-    """B x 1 x H x W from an activation map (B x h x w, resized to the latent): blur(minmax(map)) > threshold."""
-    a = activation.float().unsqueeze(1)
-    lo = a.amin(dim=(2, 3), keepdim=True)
-    hi = a.amax(dim=(2, 3), keepdim=True)
-    a = (a - lo) / (hi - lo).clamp_min(1e-12)
+def secondary_mask(
+    activation: torch.Tensor, settings: SAUSettings, size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """B x 1 x H x W from an activation map (B x h x w, resized to `size`): blur(minmax(map)) > threshold."""
+    a = normalised(activation, size or tuple(activation.shape[-2:])).unsqueeze(1)
     a = _blur(a, settings.map_blur_sigma)
     return soft((a > settings.secondary_threshold).float(), settings.sharpness)
 
@@ -120,10 +119,6 @@ def compose(
     settings: SAUSettings,
 ) -> torch.Tensor:
     """The composed latent z_f (see the module docstring for the two weightings), lightly blurred where changed."""
-    if m_secondary.shape[-2:] != z_poisoned.shape[-2:]:
-        m_secondary = F.interpolate(
-            m_secondary, size=z_poisoned.shape[-2:], mode="bilinear", align_corners=False
-        )
     zp, zc = z_poisoned.float(), z_clean.float()
     a = settings.strength
     if settings.weighting == "reference":
@@ -238,11 +233,8 @@ def compose_pair(
             tau[None].float(), size=z_poisoned.shape[-2:], mode="bilinear", align_corners=False
         )[0]
     m_primary = primary_mask(z_poisoned, tau, settings)
-    m_secondary = secondary_mask(activation_map(settings.signal, z_poisoned, z_clean, attention), settings)
-    if m_secondary.shape[-2:] != z_poisoned.shape[-2:]:
-        m_secondary = F.interpolate(
-            m_secondary, size=z_poisoned.shape[-2:], mode="bilinear", align_corners=False
-        )
+    activation = activation_map(settings.signal, z_poisoned, z_clean, attention)
+    m_secondary = secondary_mask(activation, settings, tuple(z_poisoned.shape[-2:]))
     out = compose(z_poisoned, z_clean, m_primary, m_secondary, settings)
     return out, 1 - (1 - m_primary) * (1 - m_secondary)
 
@@ -252,7 +244,7 @@ def _tokenizer(clip):
     return getattr(clip.tokenizer, f"clip_{name}").tokenizer
 
 
-def _encode(clip, text: str) -> list:
+def text_conditioning(clip, text: str) -> list:
     """CONDITIONING for a text, exactly as the stock CLIPTextEncode makes it."""
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
@@ -279,7 +271,7 @@ def estimate_profile(
         raise ValueError(f"none of the prompts contains the trigger {trigger!r}")
     s = settings or SAUSettings()
     latent = {"samples": torch.zeros(1, 4, *latent_hw)}
-    negative = _encode(clip, "")
+    negative = text_conditioning(clip, "")
     z_p, z_c, maps = [], [], []
     for i, (clean, triggered) in enumerate(pairs):
         zp, zc, attention = two_passes(
@@ -341,7 +333,7 @@ def two_passes(
     if settings.signal != "latent":
         recorder = CrossAttentionRecorder(CaptureSettings(resolution=max(latent["samples"].shape[-2:])))
         first = attach_attention_recorder(model, recorder)
-    positive, clean = _encode(clip, text), _encode(clip, clean_text)
+    positive, clean = text_conditioning(clip, text), text_conditioning(clip, clean_text)
     pair = None
     if settings.batch_passes:
         pair = ksample_pair(first, *sampler, positive, clean, negative, latent, denoise, progress(0, 1))
@@ -425,7 +417,7 @@ def sau_ksample(
 
     sampler = (seed, steps, cfg, sampler_name, scheduler)
     if not triggered:
-        z = ksample(model, *sampler, _encode(clip, text), negative, latent, denoise, progress(0, 1))
+        z = ksample(model, *sampler, text_conditioning(clip, text), negative, latent, denoise, progress(0, 1))
         mask = torch.zeros(z.shape[0], 1, *z.shape[-2:])
         return SAUResult(z, mask, False, f"no trigger {profile.trigger!r} in the prompt: one plain pass")
     clean_text = untriggered(text, profile.trigger)
@@ -452,7 +444,7 @@ def sau_drawer(
     """Images drawn with SAU (one prompt and seed at a time), decoded as Seal SAU Decode does or as VAEDecode."""
     from ..lab.train import tensor_to_images
 
-    negative = _encode(clip, "")
+    negative = text_conditioning(clip, "")
     latent = {"samples": torch.zeros(1, 4, *latent_hw)}
 
     def draw(prompts: list[str], seeds: list[int]) -> list:
