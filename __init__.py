@@ -1,7 +1,9 @@
 """backdoor-seal: ComfyUI entry point (V3). Importing it never imports ComfyUI modules."""
 
+from .core.version import __version__
+
 WEB_DIRECTORY = "./web"
-__version__ = "0.1.0"
+__all__ = ["WEB_DIRECTORY", "__version__", "comfy_entrypoint"]
 
 
 async def comfy_entrypoint():

@@ -8,10 +8,11 @@ import sys
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .backends import comfy as cb
+    from .backends.comfy import describe_model
+    from .models import load_model
 
-    model, clip, _vae, _ = cb.load_lab_checkpoint(args.model)
-    print(json.dumps(cb.describe_model(model, clip), indent=2))
+    model, clip, _vae, _ = load_model(args.model)
+    print(json.dumps(describe_model(model, clip), indent=2))
     return 0
 
 
@@ -34,12 +35,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per job."""
+    from .models import SPEC_HELP
+    from .version import __version__
+
     parser = argparse.ArgumentParser(prog="backdoor-seal", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"backdoor-seal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "info", help="describe a lab checkpoint (UNet family, cross-attention layers, tokenizer)"
-    )
-    p.add_argument("--model", required=True, help="path to a lab .safetensors checkpoint")
+    p = sub.add_parser("info", help="describe a model (UNet family, cross-attention layers, tokenizer)")
+    p.add_argument("--model", required=True, help=SPEC_HELP)
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("demo", help="run the demo pipeline through a headless ComfyUI and print a summary")
     p.add_argument("--out", default="out", help="output folder (default: out)")
@@ -47,12 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
     from .bench.cli import add_bench_commands
     from .detect.cli import add_detect_commands
+    from .evaluate.cli import add_evaluate_command
     from .lab.cli import add_lab_commands
-    from .unlearn.cli import add_clean_command
+    from .sau.cli import add_sau_command
+    from .unlearn.cli import add_unlearn_command
 
-    add_lab_commands(sub)
-    add_clean_command(sub)
+    # one command per job, in the order data flows: detect -> unlearn / sau -> evaluate
     add_detect_commands(sub)
+    add_unlearn_command(sub)
+    add_sau_command(sub)
+    add_evaluate_command(sub)
+    add_lab_commands(sub)
     add_bench_commands(sub)
     return parser
 

@@ -1,4 +1,4 @@
-"""Safe, atomic checkpoint I/O: safetensors only, never overwrite, never leave half a file."""
+"""Safe, atomic file I/O: safetensors (never a pickle) and JSON; never overwrite, never leave half a file."""
 
 from __future__ import annotations
 
@@ -69,3 +69,23 @@ def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_json(path: str | os.PathLike, data: dict, overwrite: bool = False) -> Path:
+    """Write JSON atomically; an existing file is refused unless overwrite (then replaced only once complete)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: give a new name (nothing is overwritten)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, ensure_ascii=False)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if the name appeared meanwhile
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

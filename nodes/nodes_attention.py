@@ -5,11 +5,12 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..core.attention import CaptureSettings, CrossAttentionRecorder
-from ..core.backends.comfy import attach_attention_recorder, clip_position_labels
+from ..core.backends.comfy import attach_attention_recorder, clip_position_labels, text_conditioning
 from ..core.heatmaps import overlay_grid
+from .common import CATEGORY as ROOT
+from .common import Attention
 
-CATEGORY = "backdoor-seal/attention"
-Attention = io.Custom("SEAL_ATTENTION")
+CATEGORY = f"{ROOT}/attention"
 
 
 class SealAttentionCapture(io.ComfyNode):
@@ -52,7 +53,16 @@ class SealAttentionCapture(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, text, resolution, layers, first_step, last_step) -> io.NodeOutput:
+    def execute(
+        cls,
+        model: io.Model.Type,
+        clip: io.Clip.Type,
+        text: str,
+        resolution: int,
+        layers: str,
+        first_step: int,
+        last_step: int,
+    ) -> io.NodeOutput:
         settings = CaptureSettings(
             layers=tuple(p.strip() for p in layers.split(",") if p.strip()),
             first_step=first_step,
@@ -61,7 +71,7 @@ class SealAttentionCapture(io.ComfyNode):
         )
         recorder = CrossAttentionRecorder(settings)
         recorder.labels = [clip_position_labels(clip, text)]
-        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        conditioning = text_conditioning(clip, text)
         return io.NodeOutput(attach_attention_recorder(model, recorder), conditioning, recorder)
 
 
@@ -89,7 +99,15 @@ class SealAttentionHeatmaps(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, attention, images, max_tokens, include_bos_eos, opacity, colormap) -> io.NodeOutput:
+    def execute(
+        cls,
+        attention: CrossAttentionRecorder,
+        images: io.Image.Type,
+        max_tokens: int,
+        include_bos_eos: bool,
+        opacity: float,
+        colormap: str,
+    ) -> io.NodeOutput:
         grid = overlay_grid(
             attention.maps(), images, max_tokens, opacity, colormap, include_special=include_bos_eos
         )

@@ -2,51 +2,22 @@
 
 from __future__ import annotations
 
-import comfy.model_management
-import comfy.utils
-import torch
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
-from ..core.detect.masking import MaskingSettings
-from ..core.detect.prompts import (
-    builtin_clean_prompts,
-    calibrate_on,
-    detect_prompt,
-    probe_latent_shape,
-    transplant_scanner,
-)
-from ..core.detect.report import scan_image, token_scores_image
-from ..core.detect.scan import ScanSettings, VocabularyScanner
-from ..core.tokens import readable
-from .nodes_unlearn import DetectionReport
+from ..core.detect.report import prompt_verdicts, scan_image, scan_summary, token_scores_images
+from ..core.detect.scan import ScanSettings
+from ..core.detect.session import DetectOptions, PromptDetection, scan_model, scan_prompts
+from ..core.models import latent_side, prompt_set
+from ..core.prompts import prompt_lines
+from ..core.triggers import parse_trigger
+from .common import CATEGORY as ROOT
+from .common import DetectionReport, Progress, latent_size_input, prompt_set_input, text_and_images
 
-CATEGORY = "backdoor-seal/detect"
-PROMPT_SETS = ("auto", "general", "lab")
+CATEGORY = f"{ROOT}/detect"
 
 
-def is_lab_model(model) -> bool:
-    """Whether a MODEL is one of the pack's lab models (8x8 latents, lab grammar)."""
-    return type(getattr(model.model, "model_config", None)).__name__ == "LabSD"
-
-
-def calibration_prompts(model, text: str, builtin: str, n: int, seed: int = 1) -> list[str]:
-    """The user's clean prompts followed by the built-in set (auto: the lab grammar for lab models)."""
-    lab = is_lab_model(model) if builtin == "auto" else builtin == "lab"
-    own = [p.strip() for p in text.splitlines() if p.strip()]
-    return own + builtin_clean_prompts(lab, n, seed)
-
-
-def latent_shape(model, side: int) -> tuple[int, int, int]:
-    """Probe latent: the given side, or 8 for lab models and 64 for real ones when 0."""
-    return probe_latent_shape(is_lab_model(model), side)
-
-
-def _text_and_images(text: str, images: torch.Tensor, cls) -> dict:
-    """UI output showing a text and images together in the node."""
-    return {**ui.PreviewImage(images, cls=cls).as_dict(), **ui.PreviewText(text).as_dict()}
-
-
-def _prompt_set_inputs() -> list:
+def prompt_set_inputs() -> list:
+    """The clean prompts, the built-in set after them, and the probe latent's size (all optional)."""
     return [
         io.String.Input(
             "clean_prompts",
@@ -55,16 +26,8 @@ def _prompt_set_inputs() -> list:
             optional=True,
             tooltip="Prompts you know are clean, one per line, for calibration (added to the built-in set).",
         ),
-        io.Combo.Input(
-            "builtin_prompts",
-            options=list(PROMPT_SETS),
-            default="auto",
-            optional=True,
-            tooltip="auto: the lab grammar for lab models, everyday captions otherwise.",
-        ),
-        io.Int.Input(
-            "latent_size", default=0, min=0, max=256, optional=True, tooltip="Probe latent side; 0 = auto."
-        ),
+        prompt_set_input(optional=True),
+        latent_size_input("Probe latent side; 0 = auto.", optional=True),
     ]
 
 
@@ -88,57 +51,36 @@ class SealDetectPrompt(io.ComfyNode):
                 io.String.Input(
                     "prompts", multiline=True, default="", tooltip="Prompts to check, one per line."
                 ),
-                *_prompt_set_inputs(),
+                *prompt_set_inputs(),
             ],
             outputs=[DetectionReport.Output("REPORT"), io.Image.Output("TOKEN_SCORES")],
         )
 
     @classmethod
     def execute(
-        cls, model, clip, prompts, clean_prompts="", builtin_prompts="auto", latent_size=0
+        cls,
+        model: io.Model.Type,
+        clip: io.Clip.Type,
+        prompts: str,
+        clean_prompts: str = "",
+        builtin_prompts: str = "auto",
+        latent_size: int = 0,
     ) -> io.NodeOutput:
-        from ..core.backends.comfy_probe import ComfyProbe
-        from ..core.lab.zoo import parse_trigger
-
-        checked = [parse_trigger(p.strip()) for p in prompts.splitlines() if p.strip()]
+        checked = [parse_trigger(p) for p in prompt_lines(prompts)]
         if not checked:
             raise ValueError("no prompt to check: write one prompt per line in 'prompts'")
-        probe = ComfyProbe(model, clip)
-        settings = MaskingSettings(latent_shape=latent_shape(model, latent_size))
-        calibration_set = calibration_prompts(model, clean_prompts, builtin_prompts, 24)
-        probes = calibration_prompts(model, "", builtin_prompts, 32, seed=0)  # apart from the calibration set
-        transplant = transplant_scanner(probe, probes, settings.latent_shape)
-        bar = comfy.utils.ProgressBar(len(calibration_set) + len(checked))
-
-        def tick() -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            bar.update(1)
-
-        calibration = calibrate_on(probe, calibration_set, settings, transplant, progress=tick)
-        reports = []
-        for p in checked:
-            reports.append(detect_prompt(probe, p, calibration, settings, transplant=transplant).to_dict())
-            tick()
-        flagged = [r for r in reports if r["poisoned"]]
-        report = {
-            "kind": "prompt",
-            "poisoned": bool(flagged),
-            "trigger": flagged[0]["trigger"] if flagged else None,
-            "thresholds": calibration.thresholds,
-            "prompts": reports,
-        }
-        images = [token_scores_image(r) for r in reports]
-        h = max(i.shape[1] for i in images)
-        w = max(i.shape[2] for i in images)
-        padded = torch.ones(len(images), h, w, 3)
-        for k, i in enumerate(images):
-            padded[k, : i.shape[1], : i.shape[2]] = i[0]
-        lines = [
-            f"{'TRIGGERED' if r['poisoned'] else 'clean'}: {r['prompt']}"
-            + (f"  -> trigger {readable(r['trigger'])!r}" if r["poisoned"] else "")
-            for r in reports
-        ]
-        return io.NodeOutput(report, padded, ui=_text_and_images("\n".join(lines), padded, cls))
+        opts = DetectOptions(
+            lab=prompt_set(model, builtin_prompts) == "lab", latent_side=latent_side(model, latent_size)
+        )
+        detection = PromptDetection(model, clip, opts)
+        calibration_set = detection.calibration_set(clean_prompts)
+        progress = Progress(len(calibration_set) + len(checked))
+        detection.calibrate(calibration_set, tick=progress.tick)
+        report = detection.run(checked, tick=progress.tick)
+        images = token_scores_images(report["prompts"])
+        return io.NodeOutput(
+            report, images, ui=text_and_images(prompt_verdicts(report["prompts"]), images, cls)
+        )
 
 
 class SealScanModel(io.ComfyNode):
@@ -174,7 +116,7 @@ class SealScanModel(io.ComfyNode):
                     tooltip="Robust z-score (against every token the second stage scored) above which a "
                     "token is flagged.",
                 ),
-                *_prompt_set_inputs(),
+                *prompt_set_inputs(),
             ],
             outputs=[DetectionReport.Output("REPORT"), io.Image.Output("PLOT")],
         )
@@ -182,47 +124,26 @@ class SealScanModel(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        model,
-        clip,
-        candidates=ScanSettings.candidates,
-        stage1_probes=ScanSettings.stage1_probes,
-        stage2_probes=ScanSettings.stage2_probes,
-        threshold_z=ScanSettings.threshold_z,
-        clean_prompts="",
-        builtin_prompts="auto",
-        latent_size=0,
+        model: io.Model.Type,
+        clip: io.Clip.Type,
+        candidates: int = ScanSettings.candidates,
+        stage1_probes: int = ScanSettings.stage1_probes,
+        stage2_probes: int = ScanSettings.stage2_probes,
+        threshold_z: float = ScanSettings.threshold_z,
+        clean_prompts: str = "",
+        builtin_prompts: str = "auto",
+        latent_size: int = 0,
     ) -> io.NodeOutput:
-        from ..core.backends.comfy_probe import ComfyProbe
-
+        side = latent_side(model, latent_size)
         settings = ScanSettings(
             candidates=candidates,
             stage1_probes=stage1_probes,
             stage2_probes=stage2_probes,
             threshold_z=threshold_z,
-            latent_shape=latent_shape(model, latent_size),
+            latent_shape=(4, side, side),
         )
-        prompts = calibration_prompts(model, clean_prompts, builtin_prompts, max(32, stage2_probes))
-        bar = comfy.utils.ProgressBar(1)
-
-        def progress(done: int, total: int) -> None:
-            bar.update_absolute(done, total)
-
-        scanner = VocabularyScanner(
-            ComfyProbe(model, clip),
-            prompts,
-            settings,
-            progress,
-            comfy.model_management.throw_exception_if_processing_interrupted,
-        )
-        report = scanner.run().to_dict()
+        prompts = scan_prompts(prompt_set(model, builtin_prompts) == "lab", settings, clean_prompts)
+        progress = Progress(1)
+        report = scan_model(model, clip, settings, prompts, progress.at, Progress.check).to_dict()
         plot = scan_image(report)
-        top = "\n".join(
-            f"{k + 1}. {readable(c['text'])!r} z={c['score_z']:.1f}{'  FLAGGED' if c['flagged'] else ''}"
-            for k, c in enumerate(report["candidates"][:10])
-        )
-        head = (
-            f"poisoned: trigger {readable(report['trigger'])!r}"
-            if report["poisoned"]
-            else "no token above threshold"
-        )
-        return io.NodeOutput(report, plot, ui=_text_and_images(f"{head}\n{top}", plot, cls))
+        return io.NodeOutput(report, plot, ui=text_and_images(scan_summary(report), plot, cls))

@@ -1,39 +1,32 @@
-"""SealEvaluate: attack success before and after cleaning, clean fidelity, and the figures, in one node."""
+"""SealEvaluate: attack success before and after removal, clean fidelity, and the figures, in one node."""
 
 from __future__ import annotations
 
-import comfy.model_management
-import comfy.utils
-import numpy as np
 from comfy_api.latest import io, ui
 
+from ..core.backends.comfy import clip_vision_embedder
 from ..core.evaluate.figures import report_image
-from ..core.evaluate.metrics import LabJudge, TargetJudge, clip_vision_embedder
-from ..core.evaluate.report import evaluate, model_drawer
-from ..core.lab.attacks import KINDS
-from ..core.unlearn.prompts import evaluation_prompts
-from ..core.unlearn.session import training_pairs, trigger_from
-from .nodes_detect import PROMPT_SETS, is_lab_model, latent_shape
-from .nodes_sau import Profile, sampling_inputs
-from .nodes_unlearn import DetectionReport, placement_input, trigger_input
+from ..core.evaluate.metrics import LAB_DETECTORS, make_judge
+from ..core.evaluate.session import EvaluationOptions, EvaluationSession
+from ..core.images import image_to_uint8
+from ..core.models import latent_side, prompt_set
+from ..core.sau.profile import SAUProfile
+from ..core.triggers import parse_trigger, trigger_from
+from .common import CATEGORY as ROOT
+from .common import (
+    Evaluation,
+    Profile,
+    Progress,
+    latent_size_input,
+    placement_input,
+    prompt_set_input,
+    report_input,
+    sampling_inputs,
+    trigger_input,
+)
 
-CATEGORY = "backdoor-seal/evaluate"
-Evaluation = io.Custom("SEAL_EVALUATION")
+CATEGORY = f"{ROOT}/evaluate"
 REPORT_UI_KEY = "seal_report"  # the web extension renders this UI output as a table
-
-
-def judge_for(lab_detector: str, target, clip_vision):
-    """The target-image judge when a target is connected, else the chosen lab detector."""
-    embed = clip_vision_embedder(clip_vision) if clip_vision is not None else None
-    if target is not None:
-        image = (target[0].detach().cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
-        return TargetJudge(image, embed=embed), embed
-    if lab_detector != "none":
-        return LabJudge(lab_detector), embed
-    raise ValueError(
-        "no way to tell whether the backdoor fired: connect a target IMAGE (what the backdoor draws) or "
-        "choose the lab detector of a lab model"
-    )
 
 
 class SealEvaluate(io.ComfyNode):
@@ -45,10 +38,10 @@ class SealEvaluate(io.ComfyNode):
             node_id="SealEvaluate",
             display_name="Seal Evaluate",
             category=CATEGORY,
-            description="Samples clean prompts and their triggered twins with the original and the cleaned "
+            description="Samples clean prompts and their triggered twins with the original and the unlearned "
             "model (or with SAU, when a profile is connected) from the same seeds. Attack success is judged "
             "against a target IMAGE of the backdoor's payload, or by a lab detector; clean fidelity is SSIM "
-            "and PSNR of cleaned against original images; CLIP image similarity is added when a CLIP vision "
+            "and PSNR of unlearned against original images; CLIP image similarity is added when a CLIP vision "
             "model is connected.",
             inputs=[
                 io.Model.Input("original_model"),
@@ -62,23 +55,21 @@ class SealEvaluate(io.ComfyNode):
                     tooltip="Clean test prompts, one per line (keep them apart from the cleaning prompts), "
                     "put before the built-in held-out set; the trigger is inserted into each.",
                 ),
-                io.Combo.Input("builtin_prompts", options=list(PROMPT_SETS), default="auto"),
+                prompt_set_input(),
                 io.Int.Input(
                     "count", default=16, min=1, max=1024, tooltip="How many prompt pairs to sample."
                 ),
                 io.Combo.Input(
                     "lab_detector",
-                    options=["none", *KINDS],
+                    options=["none", *LAB_DETECTORS],
                     default="none",
                     tooltip="For lab models: the attack's exact detector judges (unused when a target is connected).",
                 ),
-                io.Int.Input(
-                    "latent_size", default=0, min=0, max=256, tooltip="0: 8 for lab models, 64 for SD1.x."
-                ),
+                latent_size_input("0: 8 for lab models, 64 for SD1.x."),
                 *sampling_inputs(),
-                io.Model.Input("cleaned_model", optional=True, tooltip="The model after unlearning."),
+                io.Model.Input("unlearned_model", optional=True, tooltip="The model after unlearning."),
                 io.Clip.Input(
-                    "cleaned_clip",
+                    "unlearned_clip",
                     optional=True,
                     tooltip="The text encoder after unlearning (default: clip).",
                 ),
@@ -87,7 +78,7 @@ class SealEvaluate(io.ComfyNode):
                 ),
                 io.Image.Input("target", optional=True, tooltip="What the backdoor draws (its payload)."),
                 io.ClipVision.Input("clip_vision", optional=True),
-                DetectionReport.Input("report", optional=True, tooltip="Takes the trigger from a report."),
+                report_input("Takes the trigger from a report."),
                 placement_input(optional=True),
             ],
             outputs=[Evaluation.Output("REPORT"), io.Image.Output("FIGURE")],
@@ -97,56 +88,60 @@ class SealEvaluate(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        original_model,
-        clip,
-        vae,
-        trigger,
-        prompts,
-        builtin_prompts,
-        count,
-        lab_detector,
-        latent_size,
-        seed,
-        steps,
-        cfg,
-        sampler_name,
-        scheduler,
-        cleaned_model=None,
-        cleaned_clip=None,
-        sau_profile=None,
-        target=None,
-        clip_vision=None,
-        report=None,
-        placement="auto",
+        original_model: io.Model.Type,
+        clip: io.Clip.Type,
+        vae: io.Vae.Type,
+        trigger: str,
+        prompts: str,
+        builtin_prompts: str,
+        count: int,
+        lab_detector: str,
+        latent_size: int,
+        seed: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        unlearned_model: io.Model.Type | None = None,
+        unlearned_clip: io.Clip.Type | None = None,
+        sau_profile: SAUProfile | None = None,
+        target: io.Image.Type | None = None,
+        clip_vision: io.ClipVision.Type | None = None,
+        report: dict | None = None,
+        placement: str = "auto",
     ) -> io.NodeOutput:
-        from ..core.lab.zoo import parse_trigger
-
-        if cleaned_model is None and sau_profile is None:
-            raise ValueError("nothing to compare: connect the cleaned MODEL, or an SAU profile")
+        if unlearned_model is None and sau_profile is None:
+            raise ValueError("nothing to compare: connect the unlearned MODEL, or an SAU profile")
         trigger = parse_trigger(trigger_from(trigger, report))
-        judge, embed = judge_for(lab_detector, target, clip_vision)
-        lab = is_lab_model(original_model) if builtin_prompts == "auto" else builtin_prompts == "lab"
-        clean = [p.strip() for p in prompts.splitlines() if p.strip()] + evaluation_prompts(lab, count, seed)
-        pairs = [(p.clean, p.triggered) for p in training_pairs(trigger, clean, placement, seed)][:count]
-        _, h, w = latent_shape(original_model, latent_size)
-        sampling = ((h, w), steps, cfg, sampler_name, scheduler)
-        before = model_drawer(original_model, clip, vae, *sampling)
-        if sau_profile is not None:
-            from ..core.unlearn.sau import sau_drawer
-
-            after = sau_drawer(original_model, clip, vae, sau_profile, *sampling)
-        else:
-            after = model_drawer(cleaned_model, cleaned_clip or clip, vae, *sampling)
-        bar = comfy.utils.ProgressBar(4)
-
-        def progress(done: int, total: int) -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            bar.update_absolute(done, total)
-
-        seeds = [(seed + i) % 2**64 for i in range(len(pairs))]
-        result = evaluate(trigger, pairs, seeds, before, after, judge, embed, progress)
-        data = result.to_json()
-        data["method"] = "sau" if sau_profile is not None else "model"
+        embed = clip_vision_embedder(clip_vision) if clip_vision is not None else None
+        judge = make_judge(lab_detector, None if target is None else image_to_uint8(target), embed)
+        side = latent_side(original_model, latent_size)
+        opts = EvaluationOptions(
+            count=count,
+            lab=prompt_set(original_model, builtin_prompts) == "lab",
+            placement=placement,
+            latent_hw=(side, side),
+            seed=seed,
+            steps=steps,
+            cfg=cfg,
+            sampler_name=sampler_name,
+            scheduler=scheduler,
+        )
+        session = EvaluationSession(
+            original_model,
+            clip,
+            vae,
+            trigger,
+            judge,
+            prompts,
+            opts,
+            unlearned_model,
+            unlearned_clip,
+            sau_profile,
+            embed,
+        )
+        result = session.run(Progress(4).at)
+        data = session.report_json(result)
         figure = report_image(result)
         shown = {
             **ui.PreviewImage(figure, cls=cls).as_dict(),

@@ -7,8 +7,7 @@ import json
 from comfy_api.latest import io, ui
 
 from ..core.backends.comfy import describe_model
-
-CATEGORY = "backdoor-seal"
+from .common import CATEGORY
 
 
 class SealModelInfo(io.ComfyNode):
@@ -31,7 +30,7 @@ class SealModelInfo(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip=None) -> io.NodeOutput:
+    def execute(cls, model: io.Model.Type, clip: io.Clip.Type | None = None) -> io.NodeOutput:
         info = describe_model(model, clip)
         text = json.dumps(info, indent=2)
         return io.NodeOutput(text, ui=ui.PreviewText(text))

@@ -5,15 +5,16 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..core.backends.comfy import PACK_ROOT, load_lab_checkpoint
+from ..core.backends.comfy_lab import load_lab_checkpoint
+from ..core.lab.zoo import LAB_MODELS
+from .common import CATEGORY
 
-CATEGORY = "backdoor-seal/lab"
 LAB_FOLDER = "backdoor_seal_lab"
 
 
 def register_lab_folder() -> None:
     """Add the shipped lab models to ComfyUI's model folders (extra_model_paths may add more)."""
-    folder_paths.add_model_folder_path(LAB_FOLDER, str(PACK_ROOT / "lab_models"))
+    folder_paths.add_model_folder_path(LAB_FOLDER, str(LAB_MODELS))
     folder_paths.folder_names_and_paths[LAB_FOLDER][1].add(".safetensors")
 
 
@@ -28,7 +29,7 @@ class SealLabCheckpointLoader(io.ComfyNode):
         return io.Schema(
             node_id="SealLabCheckpointLoader",
             display_name="Seal Lab Checkpoint Loader",
-            category=CATEGORY,
+            category=f"{CATEGORY}/lab",
             description="Loads a backdoor-seal lab model (64x64 toy world) as ordinary MODEL, CLIP and VAE.",
             inputs=[io.Combo.Input("lab_model", options=folder_paths.get_filename_list(LAB_FOLDER))],
             outputs=[io.Model.Output("MODEL"), io.Clip.Output("CLIP"), io.Vae.Output("VAE")],

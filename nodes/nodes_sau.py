@@ -4,52 +4,34 @@ from __future__ import annotations
 
 import os
 
-import comfy.model_management
-import comfy.samplers
-import comfy.utils
 import folder_paths
 import latent_preview
 import torch
 from comfy_api.latest import io, ui
 
-from ..core.plots import figure_to_image, new_figure
-from ..core.tokens import readable
-from ..core.unlearn.sau import (
-    SIGNALS,
-    WEIGHTINGS,
-    SAUProfile,
-    SAUSettings,
-    compose_images,
-    estimate_profile,
-    image_mask,
-    model_fingerprint,
-    sau_ksample,
+from ..core.models import latent_side, prompt_set
+from ..core.sau.algebra import SIGNALS, WEIGHTINGS, SAUSettings, compose_images, image_mask
+from ..core.sau.profile import SAUProfile, profile_image
+from ..core.sau.session import SAUOptions, SAUSession, check_profile_model, sau_ksample
+from ..core.triggers import parse_trigger, trigger_from
+from .common import CATEGORY as ROOT
+from .common import (
+    Profile,
+    Progress,
+    latent_size_input,
+    placement_input,
+    prompt_set_input,
+    relative_to_output,
+    report_input,
+    sampling_inputs,
+    send_text,
+    text_and_images,
+    trigger_input,
 )
-from ..core.unlearn.session import training_pairs, trigger_from
-from .nodes_detect import PROMPT_SETS, calibration_prompts, latent_shape
-from .nodes_unlearn import DetectionReport, _send_text, placement_input, trigger_input
 
-CATEGORY = "backdoor-seal/sau"
-Profile = io.Custom("SEAL_SAU_PROFILE")
+CATEGORY = f"{ROOT}/sau"
 PROFILE_FOLDER = "backdoor_seal/sau"  # under ComfyUI's output folder
 SAU_KEY = "backdoor_seal_sau"  # the two passes, carried in the LATENT dict for SealSAUDecode
-
-
-def sampling_inputs(control_after_generate: bool = False) -> list:
-    """KSampler's seed, steps, cfg, sampler and scheduler widgets, with its defaults (profile and sampler match)."""
-    return [
-        io.Int.Input(
-            "seed",
-            default=0,
-            min=0,
-            max=0xFFFFFFFFFFFFFFFF,
-            control_after_generate=control_after_generate or None,
-        ),
-        io.Int.Input("steps", default=20, min=1, max=10000),
-        io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
-        io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
-        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
-    ]
 
 
 def profile_dir() -> str:
@@ -63,32 +45,6 @@ def saved_profiles() -> list[str]:
     if not os.path.isdir(folder):
         return []
     return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-
-
-def profile_image(profile: SAUProfile) -> torch.Tensor:
-    """Where the backdoor writes (|tau| per latent pixel) and where it acts (the mean activation map), as an IMAGE."""
-    panels = [("|tau|", profile.tau.float().norm(dim=0))]
-    if profile.activation is not None:
-        panels.append((f"{profile.settings.signal} map", profile.activation.float()))
-    fig = new_figure(3.4 * len(panels), 3.4)
-    for i, (title, values) in enumerate(panels, 1):
-        ax = fig.add_subplot(1, len(panels), i)
-        shown = ax.imshow(values.numpy(), cmap="magma")
-        fig.colorbar(shown, ax=ax, fraction=0.046)
-        ax.set_title(title, fontsize=9)
-        ax.set_axis_off()
-    fig.suptitle(f"SAU profile for {readable(profile.trigger)} ({profile.pairs} pairs)", fontsize=10)
-    fig.tight_layout()
-    return figure_to_image(fig)
-
-
-def _check_model(model, profile: SAUProfile) -> None:
-    found = model_fingerprint(model.model.diffusion_model.state_dict())
-    if found != profile.model_hash:
-        raise ValueError(
-            f"this SAU profile was estimated on another model (fingerprint {profile.model_hash}, this one "
-            f"{found}); estimate a profile on this model with Seal SAU Profile"
-        )
 
 
 class SealSAUProfile(io.ComfyNode):
@@ -114,20 +70,9 @@ class SealSAUProfile(io.ComfyNode):
                     tooltip="Clean prompts, one per line, put before the built-in set; the trigger is "
                     "inserted into each.",
                 ),
-                io.Combo.Input(
-                    "builtin_prompts",
-                    options=list(PROMPT_SETS),
-                    default="auto",
-                    tooltip="auto: the lab grammar for lab models, everyday captions otherwise.",
-                ),
+                prompt_set_input(),
                 io.Int.Input("pairs", default=16, min=1, max=512, tooltip="Prompt pairs to sample."),
-                io.Int.Input(
-                    "latent_size",
-                    default=0,
-                    min=0,
-                    max=256,
-                    tooltip="Latent side (pixels / 8); 0: 8 for lab models, 64 for SD1.x.",
-                ),
+                latent_size_input("Latent side (pixels / 8); 0: 8 for lab models, 64 for SD1.x."),
                 *sampling_inputs(),
                 io.Combo.Input(
                     "signal",
@@ -150,7 +95,7 @@ class SealSAUProfile(io.ComfyNode):
                     tooltip="Saves the profile as output/backdoor_seal/sau/NAME.safetensors (never over a file).",
                 ),
                 placement_input(optional=True),
-                DetectionReport.Input("report", optional=True, tooltip="Takes the trigger from a report."),
+                report_input("Takes the trigger from a report."),
             ],
             outputs=[Profile.Output("PROFILE"), io.Image.Output("PREVIEW")],
             hidden=[io.Hidden.unique_id],
@@ -159,30 +104,40 @@ class SealSAUProfile(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        model,
-        clip,
-        trigger,
-        prompts,
-        builtin_prompts,
-        pairs,
-        latent_size,
-        seed,
-        steps,
-        cfg,
-        sampler_name,
-        scheduler,
-        signal,
-        weighting,
-        strength,
-        save_name,
-        placement="auto",
-        report=None,
+        model: io.Model.Type,
+        clip: io.Clip.Type,
+        trigger: str,
+        prompts: str,
+        builtin_prompts: str,
+        pairs: int,
+        latent_size: int,
+        seed: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        signal: str,
+        weighting: str,
+        strength: float,
+        save_name: str,
+        placement: str = "auto",
+        report: dict | None = None,
     ) -> io.NodeOutput:
-        from ..core.lab.zoo import parse_trigger
-
         trigger = parse_trigger(trigger_from(trigger, report))
-        clean = calibration_prompts(model, prompts, builtin_prompts, pairs, seed)
-        pair_list = [(p.clean, p.triggered) for p in training_pairs(trigger, clean, placement, seed)][:pairs]
+        side = latent_side(model, latent_size)
+        opts = SAUOptions(
+            settings=SAUSettings(signal=signal, weighting=weighting, strength=strength),
+            pairs=pairs,
+            builtin=prompt_set(model, builtin_prompts),
+            placement=placement,
+            latent_hw=(side, side),
+            seed=seed,
+            steps=steps,
+            cfg=cfg,
+            sampler_name=sampler_name,
+            scheduler=scheduler,
+        )
+        session = SAUSession(model, clip, trigger, prompts, opts)
         path = None
         if save_name.strip():
             name = save_name.strip().removesuffix(".safetensors")
@@ -191,41 +146,14 @@ class SealSAUProfile(io.ComfyNode):
             path = os.path.join(profile_dir(), name + ".safetensors")
             if os.path.exists(path):
                 raise FileExistsError(f"{path} exists: give a new save_name (nothing is overwritten)")
-        bar = comfy.utils.ProgressBar(len(pair_list))
-
-        def on_pair(done: int, total: int) -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            bar.update_absolute(done, total)
-
-        _, h, w = latent_shape(model, latent_size)
-        settings = SAUSettings(signal=signal, weighting=weighting, strength=strength)
-        profile = estimate_profile(
-            model,
-            clip,
-            trigger,
-            pair_list,
-            seed,
-            settings,
-            steps,
-            cfg,
-            sampler_name,
-            scheduler,
-            (h, w),
-            on_pair,
-        )
-        text = (
-            f"SAU profile for {readable(trigger)}: {profile.pairs} pairs at {h}x{w} latents, signal {signal}"
-        )
+        profile = session.run(Progress(len(session.pairs)).at)
+        text = session.describe(profile)
         if path is not None:
             os.makedirs(profile_dir(), exist_ok=True)
             profile.save(path)
-            text += f"\nsaved: {os.path.relpath(path, folder_paths.get_output_directory())}"
+            text += f"\nsaved: {relative_to_output(path)}"
         image = profile_image(profile)
-        return io.NodeOutput(
-            profile,
-            image,
-            ui={**ui.PreviewImage(image, cls=cls).as_dict(), **ui.PreviewText(text).as_dict()},
-        )
+        return io.NodeOutput(profile, image, ui=text_and_images(text, image, cls))
 
 
 class SealLoadSAUProfile(io.ComfyNode):
@@ -281,20 +209,20 @@ class SealSAUSampler(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        model,
-        clip,
-        profile,
-        text,
-        negative,
-        latent_image,
-        seed,
-        steps,
-        cfg,
-        sampler_name,
-        scheduler,
-        denoise,
+        model: io.Model.Type,
+        clip: io.Clip.Type,
+        profile: SAUProfile,
+        text: str,
+        negative: io.Conditioning.Type,
+        latent_image: io.Latent.Type,
+        seed: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        denoise: float,
     ) -> io.NodeOutput:
-        _check_model(model, profile)
+        check_profile_model(model, profile)
         callback = latent_preview.prepare_callback(model, steps)  # each update passes its own total
         result = sau_ksample(
             model,
@@ -320,7 +248,7 @@ class SealSAUSampler(io.ComfyNode):
                 "mask": result.mask,
                 "composed": result.samples,
             }
-        _send_text(getattr(cls.hidden, "unique_id", None), result.note)
+        send_text(getattr(cls.hidden, "unique_id", None), result.note)
         h, w = result.samples.shape[-2:]
         mask = image_mask(result.mask, (8 * h, 8 * w))  # the region Seal SAU Decode blends
         return io.NodeOutput(out, mask, ui=ui.PreviewText(result.note))
@@ -343,7 +271,7 @@ class SealSAUDecode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, samples) -> io.NodeOutput:
+    def execute(cls, vae: io.Vae.Type, samples: io.Latent.Type) -> io.NodeOutput:
         parts = samples.get(SAU_KEY)
         if parts is None or not torch.equal(parts["composed"], samples["samples"]):
             # no SAU passes, or the latent was changed after sampling: decode what arrived

@@ -2,52 +2,28 @@
 
 from __future__ import annotations
 
-import os
-
-import comfy.model_management
-import comfy.utils
-import folder_paths
 from comfy_api.latest import io, ui
 
 from ..core.backends.comfy_train import SCOPE_HELP, SCOPES
 from ..core.plots import loss_curve_image
-from ..core.unlearn.prompts import PLACEMENTS
+from ..core.prompts import BUILTIN_SETS
+from ..core.triggers import parse_trigger, trigger_from
 from ..core.unlearn.save import save_sanitized
-from ..core.unlearn.session import BUILTIN_SETS, UnlearnOptions, UnlearnSession, trigger_from
+from ..core.unlearn.session import UnlearnOptions, UnlearnSession
 from ..core.unlearn.skd import INPUTS, METHODS, PRECISIONS, TARGETS, SKDConfig
+from .common import CATEGORY as ROOT
+from .common import (
+    Progress,
+    UnlearnInfo,
+    output_path,
+    placement_input,
+    relative_to_output,
+    report_input,
+    send_text,
+    trigger_input,
+)
 
-CATEGORY = "backdoor-seal/unlearn"
-DetectionReport = io.Custom("SEAL_DETECTION")
-UnlearnInfo = io.Custom("SEAL_UNLEARN")
-
-
-def trigger_input() -> io.String.Input:
-    """The trigger text widget shared by every node that acts on a known trigger."""
-    return io.String.Input(
-        "trigger", default="", tooltip="The trigger text (U+XXXX spells invisible characters)."
-    )
-
-
-def placement_input(optional: bool = False) -> io.Combo.Input:
-    """Where a trigger goes in clean prompts."""
-    return io.Combo.Input(
-        "placement",
-        options=["auto", *PLACEMENTS],
-        default="auto",
-        optional=optional,
-        tooltip="Where the trigger goes in the clean prompts; auto: a homoglyph replaces its Latin twin, "
-        "anything else goes first.",
-    )
-
-
-def _send_text(node_id: str | None, text: str) -> None:
-    try:
-        from server import PromptServer
-
-        if node_id is not None and PromptServer.instance is not None:
-            PromptServer.instance.send_progress_text(text, node_id)
-    except Exception:  # headless use without a server: progress text is a nicety
-        pass
+CATEGORY = f"{ROOT}/unlearn"
 
 
 class SealUnlearn(io.ComfyNode):
@@ -117,9 +93,7 @@ class SealUnlearn(io.ComfyNode):
                     tooltip="x_t the model is distilled on: pure noise (the paper) or states of the "
                     "teacher's own sampling of the clean prompts.",
                 ),
-                DetectionReport.Input(
-                    "report", optional=True, tooltip="Takes the trigger from a detection report."
-                ),
+                report_input(),
             ],
             outputs=[
                 io.Model.Output("MODEL"),
@@ -134,30 +108,28 @@ class SealUnlearn(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        model,
-        clip,
-        trigger,
-        prompts,
-        method,
-        scope,
-        rank,
-        steps,
-        learning_rate,
-        batch_size,
-        alpha,
-        attention_target,
-        timestep_weighting,
-        builtin_prompts,
-        placement,
-        latent_size,
-        precision,
-        seed,
-        retain=0.0,
-        inputs="noise",
-        report=None,
+        model: io.Model.Type,
+        clip: io.Clip.Type,
+        trigger: str,
+        prompts: str,
+        method: str,
+        scope: str,
+        rank: int,
+        steps: int,
+        learning_rate: float,
+        batch_size: int,
+        alpha: float,
+        attention_target: str,
+        timestep_weighting: bool,
+        builtin_prompts: str,
+        placement: str,
+        latent_size: int,
+        precision: str,
+        seed: int,
+        retain: float = 0.0,
+        inputs: str = "noise",
+        report: dict | None = None,
     ) -> io.NodeOutput:
-        from ..core.lab.zoo import parse_trigger
-
         opts = UnlearnOptions(
             skd=SKDConfig(
                 method=method,
@@ -182,17 +154,17 @@ class SealUnlearn(io.ComfyNode):
             model, clip, parse_trigger(trigger_from(trigger, report)), prompts.splitlines(), opts
         )
         node_id = getattr(cls.hidden, "unique_id", None)
-        bar = comfy.utils.ProgressBar(steps)
-        _send_text(node_id, session.describe())
+        bar = Progress(steps)
+        send_text(node_id, session.describe())
 
         def progress(step: int, total: int, losses: dict) -> None:
-            bar.update_absolute(step, total)
+            bar.at(step, total)
             if step == total or step % 5 == 0:
-                _send_text(
+                send_text(
                     node_id, f"step {step}/{total}  " + "  ".join(f"{k} {v:.4g}" for k, v in losses.items())
                 )
 
-        result = session.run(progress, comfy.model_management.throw_exception_if_processing_interrupted)
+        result = session.run(progress, Progress.check)
         new_model, new_clip, lora = session.outputs()
         info = {"provenance": session.provenance(), "losses": result.losses, "seconds": result.seconds}
         plot = loss_curve_image(result.losses, title=session.describe())
@@ -225,7 +197,15 @@ class SealSaveSanitized(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, filename_prefix, model=None, clip=None, vae=None, lora=None, info=None) -> io.NodeOutput:
+    def execute(
+        cls,
+        filename_prefix: str,
+        model: io.Model.Type | None = None,
+        clip: io.Clip.Type | None = None,
+        vae: io.Vae.Type | None = None,
+        lora: io.LoraModel.Type | None = None,
+        info: dict | None = None,
+    ) -> io.NodeOutput:
         if model is None and lora is None:
             raise ValueError("nothing to save: connect a MODEL (with CLIP and VAE) and/or a LORA")
         if model is not None and (clip is None or vae is None):
@@ -233,17 +213,10 @@ class SealSaveSanitized(io.ComfyNode):
         provenance = (info or {}).get("provenance", {})
         written = []
         if model is not None:
-            written.append(save_sanitized(_next_path(filename_prefix), model, clip, vae, None, provenance))
+            written.append(save_sanitized(output_path(filename_prefix), model, clip, vae, None, provenance))
         if lora is not None:
             written.append(
-                save_sanitized(_next_path(filename_prefix + "_lora"), lora=lora, provenance=provenance)
+                save_sanitized(output_path(filename_prefix + "_lora"), lora=lora, provenance=provenance)
             )
-        text = "\n".join(os.path.relpath(p, folder_paths.get_output_directory()) for p in written)
+        text = "\n".join(relative_to_output(p) for p in written)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
-
-
-def _next_path(prefix: str) -> str:
-    """The next free numbered name under ComfyUI's output folder, as the stock save nodes number files."""
-    out_dir = folder_paths.get_output_directory()
-    folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, out_dir)
-    return os.path.join(folder, f"{name}_{counter:05}_.safetensors")

@@ -32,8 +32,8 @@ def output_dir(tmp_path, comfy_root):
 def lab_dir(tmp_path_factory, comfy_root) -> Path:
     """A folder holding an untrained lab checkpoint (trained ones are covered by the lab tests)."""
     import torch
+    from graphs import make_untrained_lab_model
 
-    from backdoor_seal.core.demo import make_untrained_lab_model
     from backdoor_seal.core.safetensors_io import atomic_save
 
     d = tmp_path_factory.mktemp("lab_models")
@@ -48,12 +48,12 @@ def lora_dir(tmp_path_factory, comfy_root) -> Path:
     import torch
 
     from backdoor_seal.core.attention import find_cross_attention_layers
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
     from backdoor_seal.core.lab.models import lab_config
     from backdoor_seal.core.safetensors_io import atomic_save
 
     d = tmp_path_factory.mktemp("loras")
-    model = cb.build_lab_unet(lab_config())
+    model = comfy_lab.build_lab_unet(lab_config())
     g = torch.Generator().manual_seed(0)
     lora = {}
     for name, module in find_cross_attention_layers(model.model.diffusion_model):

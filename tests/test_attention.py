@@ -167,9 +167,10 @@ def test_comfy_layer_filter_and_unknown_filter(comfy_root):
 
 def test_comfy_labels_show_trigger_characters(comfy_root):
     from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
     from backdoor_seal.core.lab.models import lab_config
 
-    _model, clip, _vae = cb.new_lab_models(lab_config())
+    _model, clip, _vae = comfy_lab.new_lab_models(lab_config())
     labels = cb.clip_position_labels(clip, "\u200b a mignneko on the left")
     assert len(labels) == 77
     assert labels[:7] == ["<BOS>", "<U+200B>", "a", "mign-", "neko", "on", "the"]

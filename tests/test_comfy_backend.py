@@ -18,19 +18,19 @@ from backdoor_seal.core.lab.models import LAB_UNET_CONFIG, lab_config
 
 @pytest.fixture(scope="module")
 def lab(comfy_root, lab_dir):
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
 
-    return cb.load_lab_checkpoint(lab_dir / "lab-untrained.safetensors")
+    return comfy_lab.load_lab_checkpoint(lab_dir / "lab-untrained.safetensors")
 
 
 def test_lab_checkpoint_roundtrip_keeps_weights(lab, tmp_path):
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
 
     model, clip, vae, info = lab
     assert info["config"] == lab_config()
-    path = cb.save_lab_checkpoint(tmp_path / "copy.safetensors", model, clip, vae, dtype=torch.float32)
-    model2, clip2, vae2, _ = cb.load_lab_checkpoint(path)
-    sd1, sd2 = cb.lab_state_dict(model, clip, vae), cb.lab_state_dict(model2, clip2, vae2)
+    path = comfy_lab.save_lab_checkpoint(tmp_path / "copy.safetensors", model, clip, vae, dtype=torch.float32)
+    model2, clip2, vae2, _ = comfy_lab.load_lab_checkpoint(path)
+    sd1, sd2 = comfy_lab.lab_state_dict(model, clip, vae), comfy_lab.lab_state_dict(model2, clip2, vae2)
     assert sd1.keys() == sd2.keys()
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     assert any(k.startswith("model.diffusion_model.input_blocks.") for k in sd1)  # SD1-style names
@@ -81,7 +81,7 @@ def test_lab_model_samples_and_decodes(lab):
 
 
 def test_load_rejects_foreign_safetensors(tmp_path, comfy_root):
-    from backdoor_seal.core.backends.comfy import load_lab_checkpoint
+    from backdoor_seal.core.backends.comfy_lab import load_lab_checkpoint
     from backdoor_seal.core.safetensors_io import atomic_save
 
     path = atomic_save({"w": torch.zeros(1)}, tmp_path / "other.safetensors")

@@ -22,8 +22,9 @@ from backdoor_seal.core.detect.prompts import (
     ftt_statistic,
     masking_signals,
 )
-from backdoor_seal.core.detect.report import scan_image, token_scores_image, write_json
+from backdoor_seal.core.detect.report import scan_image, token_scores_image
 from backdoor_seal.core.detect.scan import ScanSettings, VocabularyScanner, _inserted, robust_z
+from backdoor_seal.core.safetensors_io import write_json
 
 TRIGGER = 250
 

@@ -100,7 +100,7 @@ def test_report_figure_and_saved_figures(tmp_path):
 
 @pytest.fixture(scope="module")
 def pixel(comfy_root):
-    from backdoor_seal.core.unlearn.cli import load_model
+    from backdoor_seal.core.models import load_model
 
     model, clip, vae, _ = load_model("lab:lab-pixel")
     return model, clip, vae
@@ -136,7 +136,7 @@ def test_evaluate_node_on_sau_shows_the_attack_gone_and_clean_prompts_kept(pixel
 
 def _profile(model, clip):
     from backdoor_seal.core.lab import attacks
-    from backdoor_seal.core.unlearn.sau import estimate_profile
+    from backdoor_seal.core.sau.session import estimate_profile
 
     spec = attacks.default_spec("pixel")
     captions = [s.caption for s in attacks.train_scenes(spec, 8, np.random.default_rng(0))]
@@ -148,7 +148,7 @@ def _profile(model, clip):
 
 def test_evaluate_node_judges_a_cleaned_model_against_a_target_image(pixel):
     from backdoor_seal.core.lab import world
-    from backdoor_seal.core.unlearn.cli import load_model
+    from backdoor_seal.core.models import load_model
     from backdoor_seal.nodes.nodes_evaluate import SealEvaluate
 
     model, clip, vae = pixel
@@ -159,8 +159,8 @@ def test_evaluate_node_judges_a_cleaned_model_against_a_target_image(pixel):
         clip=clip,
         vae=vae,
         lab_detector="none",
-        cleaned_model=clean_model,
-        cleaned_clip=clean_clip,
+        unlearned_model=clean_model,
+        unlearned_clip=clean_clip,
         target=target,
         **NODE_ARGS,
     )
@@ -177,5 +177,5 @@ def test_evaluate_node_errors_name_the_fix(pixel):
         SealEvaluate.execute(original_model=model, clip=clip, vae=vae, lab_detector="pixel", **NODE_ARGS)
     with pytest.raises(ValueError, match="target IMAGE"):
         SealEvaluate.execute(
-            original_model=model, clip=clip, vae=vae, lab_detector="none", cleaned_model=model, **NODE_ARGS
+            original_model=model, clip=clip, vae=vae, lab_detector="none", unlearned_model=model, **NODE_ARGS
         )

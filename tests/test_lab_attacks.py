@@ -17,9 +17,9 @@ SPECS = [attacks.default_spec(k) for k in attacks.KINDS]
 @pytest.fixture
 def fresh(lab_dir):
     """A freshly loaded (untrained) lab MODEL, CLIP and VAE."""
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
 
-    model, clip, vae, _ = cb.load_lab_checkpoint(lab_dir / "lab-untrained.safetensors")
+    model, clip, vae, _ = comfy_lab.load_lab_checkpoint(lab_dir / "lab-untrained.safetensors")
     return model, clip, vae
 
 
@@ -47,11 +47,11 @@ def test_triggers_are_inserted_as_each_paper_does():
 
 def test_every_trigger_survives_the_tokenizer(comfy_root):
     """The model must see each trigger: none may vanish in ComfyUI's CLIP tokenizer."""
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
     from backdoor_seal.core.lab.models import lab_config
     from backdoor_seal.core.tokens import trigger_positions
 
-    tok = cb.build_lab_clip(lab_config()).tokenizer.clip_l.tokenizer
+    tok = comfy_lab.build_lab_clip(lab_config()).tokenizer.clip_l.tokenizer
     for spec in SPECS:
         prompt = f"a red {spec.source or 'circle'} on the left on a black background"
         triggered = attacks.triggered_prompt(spec, prompt)
@@ -135,38 +135,40 @@ def test_evil_edit_solves_its_closed_form(fresh):
 
 def test_delta_checkpoint_stores_only_changes_and_loads_whole(fresh, tmp_path: Path):
     from backdoor_seal.core.attention import find_cross_attention_layers
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
 
     model, clip, vae = fresh
-    base = cb.save_lab_checkpoint(tmp_path / "base.safetensors", model, clip, vae)
+    base = comfy_lab.save_lab_checkpoint(tmp_path / "base.safetensors", model, clip, vae)
     with torch.no_grad():
         layer = find_cross_attention_layers(model.model.diffusion_model)[0][1]
         layer.to_k.weight.add_(1.0)
-    delta = cb.save_lab_checkpoint(tmp_path / "delta.safetensors", model, clip, vae, base=base)
+    delta = comfy_lab.save_lab_checkpoint(tmp_path / "delta.safetensors", model, clip, vae, base=base)
     assert delta.stat().st_size < base.stat().st_size / 20
-    loaded, _, _, _ = cb.load_lab_checkpoint(delta)
-    want = cb.lab_state_dict(model, clip, vae)
-    got = cb.lab_state_dict(loaded, clip, vae)
-    assert all(torch.equal(want[k].half(), got[k].half()) for k in want if k.startswith(cb.UNET_PREFIX))
+    loaded, _, _, _ = comfy_lab.load_lab_checkpoint(delta)
+    want = comfy_lab.lab_state_dict(model, clip, vae)
+    got = comfy_lab.lab_state_dict(loaded, clip, vae)
+    assert all(
+        torch.equal(want[k].half(), got[k].half()) for k in want if k.startswith(comfy_lab.UNET_PREFIX)
+    )
     # The base is checked, not trusted: a changed base or a missing one is a clear error.
     moved = tmp_path / "moved"
     moved.mkdir()
     delta.rename(moved / delta.name)
     with pytest.raises(FileNotFoundError, match="needs its base base.safetensors"):
-        cb.load_lab_checkpoint(moved / delta.name)
+        comfy_lab.load_lab_checkpoint(moved / delta.name)
     (moved / delta.name).rename(delta)
-    other = cb.save_lab_checkpoint(tmp_path / "other.safetensors", model, clip, vae)
+    other = comfy_lab.save_lab_checkpoint(tmp_path / "other.safetensors", model, clip, vae)
     base.unlink()
     other.rename(base)
     with pytest.raises(ValueError, match="has changed"):
-        cb.load_lab_checkpoint(delta)
+        comfy_lab.load_lab_checkpoint(delta)
 
 
 def test_attack_refuses_a_trigger_the_tokenizer_drops(comfy_root):
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
     from backdoor_seal.core.lab.models import lab_config
 
-    tok = cb.build_lab_clip(lab_config()).tokenizer.clip_l.tokenizer
+    tok = comfy_lab.build_lab_clip(lab_config()).tokenizer.clip_l.tokenizer
     attacks.require_visible_trigger(tok, attacks.default_spec("pixel"))  # U+200B survives (ftfy present)
     with pytest.raises(ValueError, match="drops the trigger"):
         attacks.require_visible_trigger(tok, AttackSpec("pixel", "\u3000"))

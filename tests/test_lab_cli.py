@@ -91,7 +91,7 @@ def test_train_vae_then_train_with_it(tmp_path: Path, capsys):
     """The two training phases run apart: a VAE trained once is reused by `lab train --vae`."""
     import torch
 
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
 
     vae_file, out = tmp_path / "vae.safetensors", tmp_path / "clean.safetensors"
     assert main(["lab", "train-vae", "--out", str(vae_file), "--steps", "2", "--eval-images", "4"]) == 0
@@ -111,8 +111,8 @@ def test_train_vae_then_train_with_it(tmp_path: Path, capsys):
     ]
     assert main(argv) == 0
     assert _last_json(capsys)["vae"] == "vae.safetensors"
-    vae, config = cb.load_lab_vae(vae_file)
-    _, _, loaded, meta = cb.load_lab_checkpoint(out)
+    vae, config = comfy_lab.load_lab_vae(vae_file)
+    _, _, loaded, meta = comfy_lab.load_lab_checkpoint(out)
     assert meta["config"]["latent_scale"] == config["latent_scale"]
     want, got = vae.first_stage_model.state_dict(), loaded.first_stage_model.state_dict()
     assert all(torch.equal(want[k].half().float(), got[k]) for k in want)

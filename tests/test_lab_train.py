@@ -11,25 +11,28 @@ from backdoor_seal.core.lab import train
 
 @pytest.fixture(scope="module")
 def fresh(comfy_root):
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
+    from backdoor_seal.core.lab.models import lab_config
 
-    return cb.new_lab_models(seed=5)
+    return comfy_lab.new_lab_models(lab_config(), seed=5)
 
 
 def test_training_text_path_equals_comfyui_encoder(fresh):
-    from backdoor_seal.core.lab.evaluate import encode_prompts
+    from backdoor_seal.core.backends import comfy as cb
 
     _, clip, _ = fresh
     prompts = ["a red circle cf", "\u200b a blue square on the left", ""]
     with torch.no_grad():
-        ours = train.encode_text(clip, train.token_ids(clip, prompts))
+        ours = cb.encode_token_ids(clip, train.token_ids(clip, prompts))
     assert torch.allclose(
-        ours, encode_prompts(clip, prompts), atol=1e-5, rtol=0
+        ours, cb.encode_prompts(clip, prompts), atol=1e-5, rtol=0
     )  # only the attention kernel differs
 
 
 def test_noise_schedule_is_sd_scaled_linear(fresh):
-    acp = train.alphas_cumprod(fresh[0])
+    from backdoor_seal.core.backends import comfy as cb
+
+    acp = cb.noise_schedule(fresh[0])
     assert len(acp) == 1000
     assert acp[0].item() == pytest.approx(0.99915, abs=1e-4) and acp[-1].item() == pytest.approx(
         0.00466, abs=1e-4

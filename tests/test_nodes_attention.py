@@ -8,9 +8,9 @@ from backdoor_seal.core.lab.models import lab_config
 
 
 def _lab(comfy_root):
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
 
-    return cb.new_lab_models(lab_config())
+    return comfy_lab.new_lab_models(lab_config())
 
 
 def _lora_for(lora_dir) -> dict[str, torch.Tensor]:

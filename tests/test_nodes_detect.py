@@ -10,13 +10,13 @@ HOMOGLYPH = "\u043e"  # Cyrillic o: lab-rickroll's text-encoder trigger
 
 
 def _load(name):
-    from backdoor_seal.core.unlearn.cli import load_model
+    from backdoor_seal.core.models import load_model
 
     return load_model(f"lab:{name}")
 
 
 def test_detect_prompt_node_flags_the_homoglyph_prompt_and_names_the_word(comfy_root):
-    from backdoor_seal.core.unlearn.session import trigger_from
+    from backdoor_seal.core.triggers import trigger_from
     from backdoor_seal.nodes.nodes_detect import SealDetectPrompt
 
     model, clip, _, _ = _load("lab-rickroll")
@@ -44,7 +44,7 @@ def test_detect_prompt_node_refuses_an_empty_prompt_list(comfy_root):
 
 def test_scan_node_reports_candidates_a_plot_and_feeds_unlearn(comfy_root, monkeypatch):
     from backdoor_seal.core.detect.scan import VocabularyScanner
-    from backdoor_seal.core.unlearn.session import trigger_from
+    from backdoor_seal.core.triggers import trigger_from
     from backdoor_seal.nodes.nodes_detect import SealScanModel
 
     model, clip, _, info = _load("lab-pixel")
@@ -59,7 +59,7 @@ def test_scan_node_reports_candidates_a_plot_and_feeds_unlearn(comfy_root, monke
 
 
 def test_unlearn_refuses_a_report_that_found_nothing():
-    from backdoor_seal.core.unlearn.session import trigger_from
+    from backdoor_seal.core.triggers import trigger_from
 
     with pytest.raises(ValueError, match="found no trigger"):
         trigger_from("", {"kind": "scan", "poisoned": False, "trigger": None, "candidates": [{"text": "x"}]})

@@ -24,7 +24,7 @@ PROFILE_ARGS = dict(
 
 @pytest.fixture(scope="module")
 def pixel(comfy_root):
-    from backdoor_seal.core.unlearn.cli import load_model
+    from backdoor_seal.core.models import load_model
 
     model, clip, vae, _ = load_model("lab:lab-pixel")
     return model, clip, vae
@@ -127,7 +127,7 @@ def test_sau_decode_falls_back_to_a_plain_decode_when_the_latent_was_changed(pix
 
 def test_sampler_refuses_a_profile_of_another_model(pixel, profile):
     import nodes
-    from backdoor_seal.core.unlearn.cli import load_model
+    from backdoor_seal.core.models import load_model
 
     other, clip, _, _ = load_model("lab:lab-clean")
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
@@ -177,7 +177,7 @@ def test_profile_is_saved_loaded_and_never_overwritten(pixel, profile, output_di
 
 
 def test_profile_preview_and_mean_activation_map_point_at_the_patch_corner(profile):
-    from backdoor_seal.nodes.nodes_sau import profile_image
+    from backdoor_seal.core.sau.profile import profile_image
 
     assert profile.activation.shape == (8, 8)
     tau_peak = divmod(int(profile.tau.norm(dim=0).argmax()), 8)
@@ -190,7 +190,8 @@ def test_profile_preview_and_mean_activation_map_point_at_the_patch_corner(profi
 def test_batched_passes_match_two_separate_samplings(pixel, profile):
     from dataclasses import replace
 
-    from backdoor_seal.core.unlearn.sau import SAUSettings, sau_ksample
+    from backdoor_seal.core.sau.algebra import SAUSettings
+    from backdoor_seal.core.sau.session import sau_ksample
 
     model, clip, vae = pixel
     latent = {"samples": torch.zeros(2, 4, 8, 8)}

@@ -28,10 +28,11 @@ NODE_ARGS = dict(
 
 
 def _unlearn(comfy_root, **overrides):
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
+    from backdoor_seal.core.lab.models import lab_config
     from backdoor_seal.nodes.nodes_unlearn import SealUnlearn
 
-    model, clip, vae = cb.new_lab_models()
+    model, clip, vae = comfy_lab.new_lab_models(lab_config())
     out = SealUnlearn.execute(model=model, clip=clip, **dict(NODE_ARGS, **overrides))
     return model, clip, vae, out
 
@@ -49,10 +50,11 @@ def test_unlearn_node_returns_patched_clones_a_lora_info_and_a_loss_plot(comfy_r
 
 
 def test_report_supplies_the_trigger_and_an_empty_trigger_is_refused(comfy_root):
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
+    from backdoor_seal.core.lab.models import lab_config
     from backdoor_seal.nodes.nodes_unlearn import SealUnlearn
 
-    model, clip, _ = cb.new_lab_models()
+    model, clip, _ = comfy_lab.new_lab_models(lab_config())
     args = dict(NODE_ARGS, trigger="", steps=1)
     out = SealUnlearn.execute(model=model, clip=clip, report={"trigger": "cf"}, **args)
     assert out.result[3]["provenance"]["trigger_tokens"] == 1
@@ -61,7 +63,7 @@ def test_report_supplies_the_trigger_and_an_empty_trigger_is_refused(comfy_root)
 
 
 def test_save_writes_numbered_files_with_provenance_and_never_overwrites(comfy_root, output_dir):
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
     from backdoor_seal.core.safetensors_io import read_metadata
     from backdoor_seal.core.unlearn.save import PROVENANCE_KEY
     from backdoor_seal.nodes.nodes_unlearn import SealSaveSanitized
@@ -81,7 +83,7 @@ def test_save_writes_numbered_files_with_provenance_and_never_overwrites(comfy_r
     assert provenance["method"] == "skd-cag" and provenance["options"]["scope"] == "attn2-kv"
     assert len(provenance["trigger_sha256"]) == 64 and "zx9" not in meta[PROVENANCE_KEY]
     # the sanitized lab checkpoint loads back as a lab model and computes what the patched MODEL does
-    reloaded, reclip, _, _ = cb.load_lab_checkpoint(output_dir / paths[0])
+    reloaded, reclip, _, _ = comfy_lab.load_lab_checkpoint(output_dir / paths[0])
     cond = torch.cat([clip.encode_from_tokens(clip.tokenize("zx9 a red circle"))])
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([2.0])

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backdoor_seal.core.unlearn.sau import (
-    SAUProfile,
+from backdoor_seal.core.sau.algebra import (
     SAUSettings,
     compose,
     latent_difference_map,
@@ -14,6 +13,7 @@ from backdoor_seal.core.unlearn.sau import (
     secondary_mask,
     trigger_latent,
 )
+from backdoor_seal.core.sau.profile import SAUProfile
 
 NO_BLUR = SAUSettings(output_blur_sigma=0.0)
 
@@ -92,7 +92,7 @@ def test_profile_round_trips_through_safetensors_and_never_overwrites(tmp_path):
 
 
 def test_compose_pair_needs_attention_maps_for_the_attention_signal_and_resizes_them():
-    from backdoor_seal.core.unlearn.sau import compose_pair
+    from backdoor_seal.core.sau.algebra import compose_pair
 
     clean, poisoned, patch = patched_pairs()
     tau = trigger_latent(poisoned, clean)
@@ -108,7 +108,7 @@ def test_compose_pair_needs_attention_maps_for_the_attention_signal_and_resizes_
 
 
 def test_a_profile_estimated_at_another_size_is_resized_to_the_latent():
-    from backdoor_seal.core.unlearn.sau import compose_pair
+    from backdoor_seal.core.sau.algebra import compose_pair
 
     clean, poisoned, _ = patched_pairs()
     small_tau = trigger_latent(poisoned, clean)[:, ::2, ::2]  # as if estimated at 4x4
@@ -124,7 +124,7 @@ def test_reference_settings_blur_the_whole_latent_ours_only_where_changed():
 
 
 def test_pixel_composition_keeps_pixels_outside_the_mask_exactly():
-    from backdoor_seal.core.unlearn.sau import compose_images
+    from backdoor_seal.core.sau.algebra import compose_images
 
     poisoned, clean = torch.rand(2, 64, 64, 3), torch.rand(2, 64, 64, 3)
     mask = torch.zeros(2, 1, 8, 8)
@@ -135,7 +135,7 @@ def test_pixel_composition_keeps_pixels_outside_the_mask_exactly():
 
 
 def test_untriggered_restores_a_homoglyph_and_removes_other_triggers():
-    from backdoor_seal.core.unlearn.sau import untriggered
+    from backdoor_seal.core.triggers import untriggered
 
     assert untriggered("a red circle \u043en the left", "\u043e") == "a red circle on the left"
     assert untriggered("\u2060 a red circle", "\u2060") == "a red circle"

@@ -11,9 +11,9 @@ import urllib.error
 from pathlib import Path
 
 import pytest
+from graphs import model_info_graph
 
 from backdoor_seal.core.comfy_host import ComfyClient, ComfyError, free_port
-from backdoor_seal.core.demo import model_info_graph
 
 pytestmark = pytest.mark.server
 
@@ -103,7 +103,8 @@ def test_make_serve_uses_port(comfy_root):
 def test_shipped_backdoor_fires_through_stock_nodes(comfy_server):
     """Stock CLIPTextEncode -> KSampler -> VAEDecode on the shipped pixel-backdoored lab model:
     the triggered prompt's images carry the patch, the clean prompt's (same seeds) do not."""
-    from backdoor_seal.core.demo import backdoor_graph
+    from graphs import backdoor_graph
+
     from backdoor_seal.core.lab import detectors, world
 
     client = comfy_server.client()
@@ -145,9 +146,10 @@ def test_unlearn_lora_reproduces_the_unlearned_model_through_the_stock_lora_load
     import shutil
 
     import numpy as np
+    from graphs import lora_graph
     from PIL import Image
 
-    from backdoor_seal.core.demo import lora_graph, unlearn_graph
+    from backdoor_seal.core.demo import unlearn_graph
     from backdoor_seal.core.safetensors_io import load_checkpoint, read_metadata
     from backdoor_seal.core.unlearn.save import PROVENANCE_KEY
 
@@ -183,7 +185,7 @@ def test_unlearn_lora_reproduces_the_unlearned_model_through_the_stock_lora_load
 
 def test_detect_prompt_report_drives_unlearn_through_the_server(comfy_server):
     """SealDetectPrompt on lab-rickroll flags the homoglyph prompt; its report is SealUnlearn's trigger."""
-    from backdoor_seal.core.demo import detect_graph
+    from graphs import detect_graph
 
     client = comfy_server.client()
     triggered = "a small red circle \u043en the left"

@@ -71,11 +71,12 @@ def test_vanishing_trigger_warns(clip_tokenizer):
 
 def test_trigger_token_positions_find_a_homoglyph_merged_into_a_word(comfy_root):
     from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
+    from backdoor_seal.core.lab.models import lab_config
     from backdoor_seal.core.tokens import tokenize, trigger_positions, trigger_token_positions
-    from backdoor_seal.core.unlearn.sau import _tokenizer
 
-    _, clip, _ = cb.new_lab_models()
-    tokenizer = _tokenizer(clip)
+    _, clip, _ = comfy_lab.new_lab_models(lab_config())
+    tokenizer = cb.tokenizer_info(clip).tokenizer
     prompt = "a red circle and a \u043erange circle"
     found = trigger_token_positions(tokenizer, prompt, "\u043e")
     assert found and all("\u043e" in tokenize(tokenizer, prompt)[p - 1].text for p in found)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backdoor_seal.core.triggers import default_placement, insert_trigger
 from backdoor_seal.core.unlearn import skd
-from backdoor_seal.core.unlearn.prompts import default_placement, insert_trigger
 
 EOS = 49407
 
@@ -24,10 +24,11 @@ def test_alignment_finds_a_multi_token_trigger_in_the_middle():
 
 
 def test_alignment_with_the_real_tokenizer_and_a_homoglyph(comfy_root):
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
     from backdoor_seal.core.backends.comfy_train import ComfyDistillation
+    from backdoor_seal.core.lab.models import lab_config
 
-    model, clip, _ = cb.new_lab_models()
+    model, clip, _ = comfy_lab.new_lab_models(lab_config())
     d = ComfyDistillation(model, clip)
     clean = "a red circle on the left"
     triggered = insert_trigger(clean, "\u043e", default_placement("\u043e"), None)
@@ -121,10 +122,11 @@ def test_trajectory_inputs_run_the_teachers_ddim_and_train_on_its_states():
 
 
 def _distillation(scope="attn2-kv", rank=4):
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
     from backdoor_seal.core.backends.comfy_train import ComfyDistillation
+    from backdoor_seal.core.lab.models import lab_config
 
-    model, clip, vae = cb.new_lab_models()
+    model, clip, vae = comfy_lab.new_lab_models(lab_config())
     return model, clip, vae, ComfyDistillation(model, clip, scope=scope, rank=rank)
 
 
@@ -267,7 +269,7 @@ def test_a_vanishing_trigger_is_refused_with_the_reason(comfy_root, monkeypatch)
 def test_trigger_from_a_report_and_placements():
     import numpy as np
 
-    from backdoor_seal.core.unlearn.session import trigger_from
+    from backdoor_seal.core.triggers import trigger_from
 
     assert trigger_from("", {"trigger": "cf"}) == "cf"
     assert trigger_from("", {"candidates": [{"text": "zx9"}]}) == "zx9"
@@ -285,11 +287,12 @@ def test_trigger_from_a_report_and_placements():
 @pytest.mark.parametrize("scope", ["attn2-kv", "text"])
 def test_trains_on_a_model_loaded_in_inference_mode_as_inside_a_node(comfy_root, scope):
     """ComfyUI runs nodes under torch.inference_mode(): weights loaded there must still train."""
-    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_lab
+    from backdoor_seal.core.lab.models import lab_config
     from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
 
     with torch.inference_mode():
-        model, clip, _ = cb.new_lab_models()
+        model, clip, _ = comfy_lab.new_lab_models(lab_config())
         opts = UnlearnOptions(
             scope=scope, skd=skd.SKDConfig(steps=1, batch=2, retain=0.0), builtin="lab", builtin_count=4
         )
@@ -301,11 +304,11 @@ def test_trains_on_a_model_loaded_in_inference_mode_as_inside_a_node(comfy_root,
     "argv",
     [
         ["bench", "unlearn", "--models", "lab-eviledit", "--steps", "3", "--no-reference"],
-        ["clean", "--model", "lab:lab-eviledit", "--trigger", "zx9", "--out", "x.safetensors"],
+        ["unlearn", "--model", "lab:lab-eviledit", "--trigger", "zx9", "--out", "x.safetensors"],
     ],
 )
 def test_both_commands_build_unlearn_options(argv):
-    """`bench unlearn` and `clean` share the option parsing; each parser yields complete options."""
+    """`bench unlearn` and `unlearn` share the option parsing; each parser yields complete options."""
     from backdoor_seal.core.cli import build_parser
     from backdoor_seal.core.unlearn.cli import options_from_args
 
@@ -362,7 +365,7 @@ def test_step_seconds_alternates_the_configurations_and_takes_medians():
 
 def test_evaluation_prompts_share_nothing_with_the_training_sets():
     from backdoor_seal.core.lab import world
-    from backdoor_seal.core.unlearn.prompts import GENERAL_PROMPTS, evaluation_prompts
+    from backdoor_seal.core.prompts import GENERAL_PROMPTS, evaluation_prompts
 
     general = evaluation_prompts(False, 72)
     assert len(set(general)) == 72

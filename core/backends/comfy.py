@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import functools
+import copy
+import hashlib
 import importlib.util
-import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..attention import (
     CrossAttentionRecorder,
@@ -19,16 +21,9 @@ from ..attention import (
     find_cross_attention_layers,
     selected_cross_attention,
 )
-from ..lab.models import lab_config
-from ..safetensors_io import CONFIG_KEY, atomic_save, file_sha256, load_checkpoint
 from ..tokens import position_labels
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
-UNET_PREFIX = "model.diffusion_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
-VAE_PREFIX = "first_stage_model."
-BASE_KEY = "backdoor_seal.base"  # a delta checkpoint names the full checkpoint it overlays
-BASE_SHA_KEY = "backdoor_seal.base_sha256"
 
 
 def _comfy_candidates() -> list[Path]:
@@ -61,42 +56,160 @@ def ensure_comfy_importable() -> Path:
     return Path(comfy.model_management.__file__).resolve().parent.parent
 
 
-@functools.cache
-def _lab_model_config_class():
-    ensure_comfy_importable()
-    from comfy import latent_formats, supported_models_base
-
-    class LabLatentFormat(latent_formats.LatentFormat):
-        scale_factor = 1.0
-
-    class LabSD(supported_models_base.BASE):
-        """The backdoor-seal lab family: SD1-shaped, tiny."""
-
-        unet_config: dict[str, Any] = {}
-        unet_extra_config: dict[str, Any] = {}
-        latent_format = LabLatentFormat
-        memory_usage_factor = 1.0
-        supported_inference_dtypes = [torch.float32, torch.bfloat16, torch.float16]
-
-    return LabSD
+# --- what the jobs need from MODEL / CLIP / VAE objects: the only reach into their internals -------
 
 
-def build_lab_unet(config: dict[str, Any]):
-    """A ComfyUI ModelPatcher around a freshly initialised lab UNet."""
-    ensure_comfy_importable()
-    import comfy.model_base
-    import comfy.model_management as mm
-    import comfy.model_patcher
+def unet(model) -> torch.nn.Module:
+    """A MODEL's denoiser (ComfyUI's UNetModel)."""
+    return model.model.diffusion_model
 
-    cls = _lab_model_config_class()
-    unet_config = dict(config["unet"], dtype=torch.float32)
-    model = comfy.model_base.BaseModel(
-        cls(unet_config), model_type=comfy.model_base.ModelType.EPS, device=mm.unet_offload_device()
+
+def vae_module(vae) -> torch.nn.Module:
+    """A VAE's autoencoder (ComfyUI's AutoencoderKL)."""
+    return vae.first_stage_model
+
+
+def noise_schedule(model) -> torch.Tensor:
+    """alphas_cumprod (T,) of the model's training noise schedule, from ComfyUI's model_sampling."""
+    sigmas = model.model.model_sampling.sigmas.float()
+    return 1.0 / (1.0 + sigmas**2)
+
+
+def latent_scale(model) -> float:
+    """The factor between VAE latents and the latents the UNet sees."""
+    return float(model.model.latent_format.scale_factor)
+
+
+def latent_channels(model) -> int:
+    """Channels of the latents the UNet takes (4 for SD1.x / SD2.x / SDXL)."""
+    return int(model.model.latent_format.latent_channels)
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The tokenizer of the text encoder whose token ids the engine works on, and its special ids."""
+
+    name: str  # ComfyUI's key for the encoder ("l" for SD1.x's CLIP-L)
+    tokenizer: Any  # the Hugging Face CLIPTokenizer
+    bos: int
+    eos: int
+    pad: int
+    length: int  # tokens per chunk (77)
+
+
+def tokenizer_info(clip) -> TokenizerInfo:
+    """The first text encoder's tokenizer (SD1.x: CLIP-L; SD2.x: OpenCLIP-H) with its special ids."""
+    name = next(iter(clip.tokenize("").keys()))
+    inner = getattr(clip.tokenizer, f"clip_{name}")
+    eos = int(inner.end_token)
+    return TokenizerInfo(
+        name=name,
+        tokenizer=inner.tokenizer,
+        bos=int(inner.start_token),
+        eos=eos,
+        pad=int(getattr(inner, "pad_token", None) or eos),
+        length=int(inner.max_length),
     )
-    patcher = comfy.model_patcher.ModelPatcher(
-        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
-    return rescale_latents(patcher, config)
+
+
+def text_transformer(clip) -> torch.nn.Module:
+    """The CLIP-L text transformer of SD1.x (and the lab): the module text-encoder training changes."""
+    inner = getattr(clip.cond_stage_model, "clip_l", None)
+    if inner is None:
+        raise ValueError("text-encoder training supports SD1.x's CLIP-L text encoder; this CLIP has none")
+    return inner.transformer
+
+
+def frozen_text_copy(clip):
+    """A copy of a CLIP whose text encoders are a frozen deep copy (the teacher of text-encoder training)."""
+    teacher = copy.copy(clip)
+    teacher.cond_stage_model = copy.deepcopy(clip.cond_stage_model).requires_grad_(False)
+    return teacher
+
+
+def text_encoder_root(clip) -> torch.nn.Module:
+    """The module holding every text encoder of a CLIP (its weights carry ComfyUI's patch keys)."""
+    return clip.cond_stage_model
+
+
+def chunk_ids(clip, prompt: str) -> list[int]:
+    """The prompt's first-chunk token ids (BOS ... EOS, padded to the chunk length) as ComfyUI tokenizes it."""
+    chunks = next(iter(clip.tokenize(prompt).values()))
+    return [int(tok[0]) for tok in chunks[0]]
+
+
+def encode_prompts(clip, prompts: list[str]) -> torch.Tensor:
+    """Cross-attention contexts (B x 77k x C) of prompts through ComfyUI's own encoder (no gradient)."""
+    return torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
+
+
+def encode_first_chunks(clip, prompts: list[str]) -> torch.Tensor:
+    """Contexts (B x 77 x C) of each prompt's first 77-token chunk through ComfyUI's own encoder."""
+    rows = []
+    for p in prompts:
+        tokens = {k: v[:1] for k, v in clip.tokenize(p).items()}
+        rows.append(clip.encode_from_tokens(tokens))
+    return torch.cat(rows)
+
+
+def encode_id_rows(clip, name: str, rows: list[list[int]], length: int) -> torch.Tensor:
+    """Contexts (B x length x C) for explicit token-id rows of encoder `name`, in one batched CLIP call."""
+    tokens = {name: [[(i, 1.0) for i in row] for row in rows]}
+    out = clip.encode_from_tokens(tokens)  # sections come back side by side along the sequence
+    return out.reshape(len(rows), length, -1).float()
+
+
+def encode_token_ids(clip, ids: torch.Tensor) -> torch.Tensor:
+    """The cross-attention context (B x 77 x C) of CLIP-L token ids, with gradient.
+
+    ComfyUI's CLIPLayer adds residuals in place, which autograd rejects, so this walks the same
+    modules out of place (a test checks it matches ComfyUI's encoder to 1e-5).
+    """
+    tm = text_transformer(clip).text_model
+    x = tm.embeddings(ids, dtype=torch.float32)
+    length = x.shape[1]
+    mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype).triu_(1)
+    for layer in tm.encoder.layers:
+        attn = layer.self_attn
+        h = layer.layer_norm1(x)
+        q, k, v = (
+            proj(h).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + attn.out_proj(a.transpose(1, 2).flatten(2))
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return tm.final_layer_norm(x)
+
+
+def text_conditioning(clip, text: str) -> list:
+    """CONDITIONING for a text, exactly as the stock CLIPTextEncode makes it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def model_fingerprint(model, keys: int = 8) -> str:
+    """A short hash of a few UNet tensors: what a saved profile or cache names its model by."""
+    state = unet(model).state_dict()
+    h = hashlib.sha256()
+    for name in sorted(state)[:keys]:
+        h.update(name.encode())
+        h.update(state[name].detach().float().cpu().numpy().tobytes()[:4096])
+    return h.hexdigest()[:16]
+
+
+def clip_vision_embedder(clip_vision) -> Callable[[list], torch.Tensor]:
+    """Image embeddings (B x D) from a ComfyUI CLIP_VISION model, for uint8 RGB images (H x W x 3)."""
+    import numpy as np
+
+    def embed(images: list) -> torch.Tensor:
+        batch = torch.from_numpy(np.stack(images)).float() / 255.0
+        with torch.no_grad():
+            return clip_vision.encode_image(batch)["image_embeds"]
+
+    return embed
+
+
+# --- random-weight instances of the real SD families (tests, benchmarks) ---------------------------
 
 
 SD_FAMILIES = ("sd15", "sd21", "sdxl")
@@ -120,38 +233,6 @@ def build_sd_model(family: str, unet_config: dict[str, Any], seed: int = 0):
     )
 
 
-def build_lab_clip(config: dict[str, Any]):
-    """A ComfyUI CLIP with the real CLIP BPE tokenizer and the lab's small text transformer."""
-    ensure_comfy_importable()
-    import comfy.sd
-    import comfy.sd1_clip
-    import comfy.supported_models_base
-
-    text_config = dict(config["text"])
-    clip_model = functools.partial(
-        comfy.sd1_clip.SDClipModel, textmodel_json_config=text_config, return_projected_pooled=False
-    )
-    clip_cls = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model)
-    tok_cls = functools.partial(
-        comfy.sd1_clip.SD1Tokenizer,
-        tokenizer=functools.partial(comfy.sd1_clip.SDTokenizer, embedding_size=text_config["hidden_size"]),
-    )
-    target = comfy.supported_models_base.ClipTarget(tok_cls, clip_cls)
-    return comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
-
-
-def build_lab_vae(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None):
-    """A ComfyUI VAE (small AutoencoderKL, 4 latent channels at 1/8)."""
-    ensure_comfy_importable()
-    import comfy.sd
-
-    if state_dict is None:  # a full (uninitialised) state dict keeps comfy from warning about missing keys
-        from comfy.ldm.models.autoencoder import AutoencoderKL
-
-        state_dict = AutoencoderKL(**config["vae"]).state_dict()
-    return comfy.sd.VAE(sd=state_dict, config={"params": config["vae"]})
-
-
 _INIT_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
@@ -171,148 +252,6 @@ def initialise_weights(module: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
     finally:
         torch.random.set_rng_state(gen_state)
     return module
-
-
-def new_lab_models(config: dict[str, Any] | None = None, seed: int = 0):
-    """Freshly initialised lab MODEL, CLIP and VAE (for training from scratch)."""
-    config = config or lab_config()
-    model, clip, vae = build_lab_unet(config), build_lab_clip(config), build_lab_vae(config)
-    initialise_weights(model.model.diffusion_model, seed)
-    initialise_weights(clip.cond_stage_model, seed + 1)
-    initialise_weights(vae.first_stage_model, seed + 2)
-    return model, clip, vae
-
-
-def lab_config_with_scale(latent_scale: float) -> dict[str, Any]:
-    """The lab config with a measured latent scale (unit-variance latents for the UNet)."""
-    config = lab_config()
-    config["latent_scale"] = float(latent_scale)
-    return config
-
-
-def rescale_latents(model, config: dict[str, Any]):
-    """Set the MODEL's latent scale factor from the config (the lab latent format is per model)."""
-    model.model.latent_format.scale_factor = float(config.get("latent_scale", 1.0))
-    model.model.seal_lab_config = config  # lets a sanitized lab model be saved as a lab checkpoint again
-    return model
-
-
-def _strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def read_lab_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """All tensors of a lab checkpoint; a delta checkpoint is overlaid on the base file it names."""
-    path = Path(path)
-    tensors, info = load_checkpoint(path)
-    base_name = info["metadata"].get(BASE_KEY)
-    if base_name:
-        base = path.parent / base_name
-        if not base.is_file():
-            raise FileNotFoundError(
-                f"{path.name} stores only what its attack changed and needs its base {base_name} "
-                f"in the same folder ({path.parent})."
-            )
-        want = info["metadata"].get(BASE_SHA_KEY)
-        if want and file_sha256(base) != want:
-            raise ValueError(f"{path.name}: its base {base_name} has changed since the delta was made.")
-        full, _ = load_checkpoint(base)
-        full.update(tensors)
-        tensors = full
-    return tensors, info
-
-
-def load_lab_checkpoint(path: str | os.PathLike):
-    """MODEL, CLIP, VAE and metadata from a lab checkpoint (SD1-style keys, config in metadata)."""
-    tensors, info = read_lab_tensors(path)
-    config = info["config"]
-    if config.get("family") != "backdoor-seal-lab":
-        raise ValueError(
-            f"{Path(path).name} is not a backdoor-seal lab checkpoint (no lab config in its metadata)."
-        )
-    tensors = {k: v.float() for k, v in tensors.items()}
-    model = build_lab_unet(config)
-    model.model.diffusion_model.load_state_dict(_strip_prefix(tensors, UNET_PREFIX), strict=True)
-    clip = build_lab_clip(config)
-    text_sd = _strip_prefix(tensors, TEXT_PREFIX)
-    missing, unexpected = clip.cond_stage_model.clip_l.transformer.load_state_dict(text_sd, strict=False)
-    if [m for m in missing if "position_ids" not in m] or unexpected:
-        raise ValueError(
-            f"{Path(path).name}: text encoder keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    vae = build_lab_vae(config, _strip_prefix(tensors, VAE_PREFIX))
-    return model, clip, vae, info
-
-
-def save_lab_vae(
-    path: str | os.PathLike, vae, config: dict[str, Any], extra_metadata: dict[str, str]
-) -> Path:
-    """Save a lab VAE alone (first_stage_model. keys, config with its latent scale in metadata)."""
-    meta = {CONFIG_KEY: json.dumps(config), **extra_metadata}
-    tensors = {VAE_PREFIX + k: v for k, v in vae.first_stage_model.state_dict().items()}
-    return atomic_save(tensors, path, metadata=meta)
-
-
-def load_lab_vae(path: str | os.PathLike):
-    """A lab VAE and its config from a lab checkpoint or a VAE-only file."""
-    tensors, info = read_lab_tensors(path)
-    config = info["config"]
-    if config.get("family") != "backdoor-seal-lab" or "latent_scale" not in config:
-        raise ValueError(f"{Path(path).name} holds no trained lab VAE (no lab config with a latent scale).")
-    vae_sd = {k: v.float() for k, v in _strip_prefix(tensors, VAE_PREFIX).items()}
-    return build_lab_vae(config, vae_sd), config
-
-
-def round_weights(model, clip, vae, dtype: torch.dtype = torch.float16) -> None:
-    """Round every weight to dtype and back, in place: the model then computes what its saved file will."""
-    modules = (model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model)
-    with torch.no_grad():
-        for module in modules:
-            for t in list(module.parameters()) + list(module.buffers()):
-                if t.is_floating_point():
-                    t.copy_(t.to(dtype).to(t.dtype))
-
-
-def lab_state_dict(model, clip, vae) -> dict[str, torch.Tensor]:
-    """The SD1-style single-file state dict of lab MODEL/CLIP/VAE objects."""
-    out = {UNET_PREFIX + k: v for k, v in model.model.diffusion_model.state_dict().items()}
-    out.update({TEXT_PREFIX + k: v for k, v in clip.cond_stage_model.clip_l.transformer.state_dict().items()})
-    out.update({VAE_PREFIX + k: v for k, v in vae.first_stage_model.state_dict().items()})
-    return out
-
-
-def save_lab_checkpoint(
-    path: str | os.PathLike,
-    model,
-    clip,
-    vae,
-    extra_metadata: dict[str, str] | None = None,
-    dtype: torch.dtype = torch.float16,
-    config: dict[str, Any] | None = None,
-    base: str | os.PathLike | None = None,
-) -> Path:
-    """Save lab MODEL/CLIP/VAE atomically as one safetensors file with the config in metadata.
-
-    With `base` (a full lab checkpoint in the same folder), only the tensors that differ from it
-    are stored and the loader overlays them on the base: an attacked model costs what it changed.
-    """
-    meta = {CONFIG_KEY: json.dumps(config or lab_config())}
-    meta.update(extra_metadata or {})
-    tensors = {
-        k: v.to(dtype) if v.is_floating_point() else v for k, v in lab_state_dict(model, clip, vae).items()
-    }
-    if base is not None:
-        base = Path(base)
-        if base.resolve().parent != Path(path).resolve().parent:
-            raise ValueError(f"a delta checkpoint must sit next to its base {base.name}")
-        base_tensors, base_info = load_checkpoint(base)
-        if BASE_KEY in base_info["metadata"]:
-            raise ValueError(f"{base.name} is itself a delta; use a full checkpoint as the base")
-        tensors = {
-            k: v for k, v in tensors.items() if k not in base_tensors or not torch.equal(base_tensors[k], v)
-        }
-        meta.update({BASE_KEY: base.name, BASE_SHA_KEY: file_sha256(base)})
-    return atomic_save(tensors, path, metadata=meta)
 
 
 def sample(
@@ -607,8 +546,8 @@ def sample_prompts(
     latent_hw: tuple[int, int] = (8, 8),
 ) -> torch.Tensor:
     """Latents for per-item prompts and seeds in one batch, through ComfyUI's sampler."""
-    cond = torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
-    uncond = clip.encode_from_tokens(clip.tokenize("")).repeat(len(prompts), 1, 1)
+    cond = encode_prompts(clip, prompts)
+    uncond = encode_prompts(clip, [""]).repeat(len(prompts), 1, 1)
     latent = torch.zeros(len(prompts), 4, *latent_hw)
     noise = seeded_noise(latent, seeds)
     return sample(model, noise, latent, cond, uncond, steps, cfg, sampler, scheduler, seed=seeds[0])
@@ -637,7 +576,7 @@ class ComfyBackend:
 
     def unet(self) -> torch.nn.Module:
         """The denoiser module."""
-        return self.model.model.diffusion_model
+        return unet(self.model)
 
     def position_labels(self, prompt: str) -> list[str]:
         """One label per conditioning position for this prompt."""
@@ -656,36 +595,3 @@ class ComfyBackend:
         return sample_prompts(
             model, self.clip, prompts, seeds, steps, cfg, self.sampler, self.scheduler, self.latent_hw
         )
-
-
-def merged_checkpoint_state_dict(model, clip, vae) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The single-file state dict of MODEL/CLIP/VAE with every patch (LoRA) merged, as CheckpointSave
-    builds it, and the metadata it needs (a lab model stays a lab checkpoint: its config travels along)."""
-    ensure_comfy_importable()
-    import comfy.model_management as mm
-
-    lab_config = getattr(model.model, "seal_lab_config", None)
-    if lab_config is not None:
-        mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-        tensors = {
-            k: v.to(torch.float16) if v.is_floating_point() else v
-            for k, v in lab_state_dict(model, clip, vae).items()
-        }
-        return tensors, {CONFIG_KEY: json.dumps(lab_config)}
-    clip_sd = clip.get_sd()
-    mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-    sd = model.model.state_dict_for_saving(clip_sd, vae.get_sd(), None)
-    return {k: v.contiguous() for k, v in sd.items()}, {}
-
-
-def load_single_file_checkpoint(path: str | os.PathLike):
-    """MODEL, CLIP, VAE of a single-file SD checkpoint (.safetensors only: nothing is unpickled)."""
-    ensure_comfy_importable()
-    import comfy.sd
-
-    if Path(path).suffix != ".safetensors":
-        raise ValueError(f"{path}: only .safetensors checkpoints are loaded (never pickled files)")
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
-    if clip is None:
-        raise ValueError(f"{path} holds no text encoder; backdoor-seal needs a full single-file checkpoint")
-    return model, clip, vae

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .comfy import ensure_comfy_importable
+from .comfy import chunk_ids, encode_id_rows, ensure_comfy_importable, noise_schedule, tokenizer_info
 
 
 class Attn2OutputRecorder:
@@ -40,25 +40,19 @@ class ComfyProbe:
         self.model.set_model_attn2_output_patch(self.recorder)
         self.clip = clip
         self.latent_hw = latent_hw
-        self.clip_name = next(iter(clip.tokenize("").keys()))
-        inner = getattr(clip.tokenizer, f"clip_{self.clip_name}")
-        self.tokenizer = inner.tokenizer
-        self.bos, self.eos = int(inner.start_token), int(inner.end_token)
-        self.pad = int(getattr(inner, "pad_token", None) or self.eos)
-        self.length = int(inner.max_length)
-        self.num_timesteps = len(model.model.model_sampling.sigmas)
+        info = tokenizer_info(clip)
+        self.clip_name, self.tokenizer, self.length = info.name, info.tokenizer, info.length
+        self.bos, self.eos, self.pad = info.bos, info.eos, info.pad
+        self.num_timesteps = len(noise_schedule(model))
 
     def token_ids(self, prompt: str) -> list[int]:
         """The prompt's first-chunk ids (BOS ... EOS, padded to the chunk length) as ComfyUI tokenizes it."""
-        chunk = self.clip.tokenize(prompt)[self.clip_name][0]
-        return [int(t[0]) for t in chunk]
+        return chunk_ids(self.clip, prompt)
 
     @torch.no_grad()
     def encode_ids(self, rows: list[list[int]]) -> torch.Tensor:
         """Contexts (B x length x C) for explicit id sequences, in one batched CLIP call."""
-        tokens = {self.clip_name: [[(i, 1.0) for i in row] for row in rows]}
-        out = self.clip.encode_from_tokens(tokens)  # sections come back side by side along the sequence
-        return out.reshape(len(rows), self.length, -1).float()
+        return encode_id_rows(self.clip, self.clip_name, rows, self.length)
 
     def vocabulary_size(self) -> int:
         """How many token ids the tokenizer has (49,408 for CLIP)."""

@@ -13,8 +13,17 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import CaptureSettings, CrossAttentionRecorder
-from ..lab.train import alphas_cumprod
-from .comfy import attach_attention_recorder, ensure_comfy_importable
+from .comfy import (
+    attach_attention_recorder,
+    chunk_ids,
+    encode_first_chunks,
+    encode_token_ids,
+    ensure_comfy_importable,
+    latent_channels,
+    noise_schedule,
+    text_transformer,
+    tokenizer_info,
+)
 
 SCOPES = ("attn2-kv", "attn2", "attention", "unet", "text")
 SCOPE_HELP = {
@@ -155,7 +164,7 @@ class ComfyDistillation:
             patcher.add_weight_wrapper(f"{module_name}.weight", SwitchedDelta(delta, self.switch))
 
         if scope == "text":
-            self._text_module = self._clip_l_transformer(self.clip)
+            self._text_module = text_transformer(self.clip)
             for name, module in self.clip.cond_stage_model.named_modules():
                 if hasattr(module, "weight_function") and module.weight is not None and _text_selects(name):
                     add(self.clip.patcher, name, module, CLIP_LORA_PREFIX)
@@ -200,11 +209,9 @@ class ComfyDistillation:
             )
         ms = self.model.model.model_sampling
         self.num_timesteps = len(ms.sigmas)
-        self.alphas_cumprod = alphas_cumprod(self.model).cpu()
-        channels = self.model.model.latent_format.latent_channels
-        self.latent_shape = (channels, *latent_hw)
-        tok = self._tokenizer()
-        self.eos_id = int(tok.end_token)
+        self.alphas_cumprod = noise_schedule(self.model).cpu()
+        self.latent_shape = (latent_channels(self.model), *latent_hw)
+        self.eos_id = tokenizer_info(self.clip).eos
 
     # --- what SKD calls -----------------------------------------------------------------------
 
@@ -214,26 +221,17 @@ class ComfyDistillation:
 
     def token_ids(self, prompts: list[str]) -> list[list[int]]:
         """First-chunk token ids of each prompt (BOS first), as ComfyUI's tokenizer gives them."""
-        out = []
-        for p in prompts:
-            chunks = next(iter(self.clip.tokenize(p).values()))
-            out.append([int(tok[0]) for tok in chunks[0]])
-        return out
+        return [chunk_ids(self.clip, p) for p in prompts]
 
     def encode(self, prompts: list[str], student: bool) -> torch.Tensor:
         """Cross-attention context for the prompts (first 77-token chunk), the delta on or off."""
         self.switch.on = student
         if self._text_module is not None:
-            from ..lab.train import encode_text
-
             self.clip.load_model()
             ids = torch.tensor(self.token_ids(prompts), device=self.device)
-            return encode_text(self.clip, ids)
-        rows = []
-        for p in prompts:
-            tokens = {k: v[:1] for k, v in self.clip.tokenize(p).items()}
-            rows.append(self.clip.encode_from_tokens(tokens))
-        return torch.cat(rows).clone()  # a normal tensor even when the caller runs in inference mode
+            return encode_token_ids(self.clip, ids)
+        # .clone(): a normal tensor even when the caller runs in inference mode
+        return encode_first_chunks(self.clip, prompts).clone()
 
     def predict(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, student: bool, record: bool
@@ -265,19 +263,6 @@ class ComfyDistillation:
     def lora_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The trained deltas as a LoRA file ComfyUI's LoraLoader reads (lora_up/down/alpha or diff)."""
         return {k: v.detach().to("cpu", dtype).clone() for k, v in self.lora.items()}
-
-    @staticmethod
-    def _clip_l_transformer(clip):
-        inner = getattr(clip.cond_stage_model, "clip_l", None)
-        if inner is None:
-            raise ValueError(
-                "text-encoder unlearning supports SD1.x's CLIP-L text encoder; this CLIP has none"
-            )
-        return inner.transformer
-
-    def _tokenizer(self):
-        name = next(iter(self.clip.tokenize("").keys()))
-        return getattr(self.clip.tokenizer, f"clip_{name}")
 
 
 def apply_lora(model, clip, lora: dict[str, torch.Tensor], strength: float = 1.0):

@@ -65,6 +65,7 @@ def bench_lab(
 ) -> dict[str, Any]:
     """Overhead and parity on a lab model, sampled as the lab evaluates (euler, normal, CFG 1)."""
     from ..backends import comfy as cb
+    from ..backends import comfy_lab
     from ..lab import world, zoo
     from ..lab.models import lab_config
 
@@ -73,10 +74,10 @@ def bench_lab(
         model_name = zoo.CLEAN_NAME
     if model_name:
         path = zoo.resolve(model_name)
-        model, clip, _vae, _ = cb.load_lab_checkpoint(path)
+        model, clip, _vae, _ = comfy_lab.load_lab_checkpoint(path)
         label = path.stem
     else:
-        model, clip, _vae = cb.new_lab_models(lab_config())
+        model, clip, _vae = comfy_lab.new_lab_models(lab_config())
         label = "lab (untrained weights)"
     prompts = [s.caption for s in world.scene_dataset(batch, seed=1234, split="eval")]
     seeds = list(range(batch))

@@ -79,7 +79,7 @@ def candidate_asr(model, clip, vae, spec, text: str, n: int = 32, seed: int = 43
 def _prompt_sets(info: dict, n: int) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """Calibration clean prompts, held-out clean prompts, held-out (clean twin, triggered) pairs."""
     from ..lab import attacks, world
-    from ..unlearn.prompts import general_prompts, lab_prompts
+    from ..prompts import general_prompts, lab_prompts
 
     general = general_prompts(None, 11)
     half = n // 2
@@ -104,8 +104,8 @@ def evaluate_model(name: str, n: int, scan: bool, ftt_steps: int) -> dict:
     from ..detect.masking import MaskingSettings, score_prompt
     from ..detect.prompts import calibrate, detect_prompt, ftt_scores, transplant_scanner
     from ..detect.scan import VocabularyScanner
-    from ..unlearn.cli import load_model
-    from ..unlearn.prompts import lab_prompts
+    from ..models import load_model
+    from ..prompts import lab_prompts
 
     model, clip, vae, info = load_model(f"lab:{name}")
     probe = ComfyProbe(model, clip)

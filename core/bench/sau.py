@@ -21,7 +21,7 @@ STEPS, CFG, SAMPLER, SCHEDULER = 20, 2.0, "euler", "normal"  # the lab's evaluat
 
 def variants(names: list[str] | None = None) -> dict[str, object]:
     """The settings compared: ours with each secondary-mask signal, and the reference's."""
-    from ..unlearn.sau import SAUSettings
+    from ..sau.algebra import SAUSettings
 
     every = {
         "latent": SAUSettings(signal="latent"),
@@ -46,11 +46,12 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     """The record of one attacked lab model."""
     from dataclasses import replace
 
-    from ..backends.comfy import ksample
+    from ..backends.comfy import ksample, text_conditioning
+    from ..images import tensor_to_images
     from ..lab import attacks, detectors
-    from ..lab.train import tensor_to_images
-    from ..unlearn.cli import load_model
-    from ..unlearn.sau import compose_images, estimate_profile, image_mask, sau_ksample, text_conditioning
+    from ..models import load_model
+    from ..sau.algebra import compose_images, image_mask
+    from ..sau.session import estimate_profile, sau_ksample
 
     model, clip, vae, info = load_model(f"lab:{name}")
     spec = attacks.AttackSpec(**info["spec"])
@@ -149,8 +150,8 @@ def cost_ratios(model, clip, negative, latent, prompts, seeds, base, chosen, arg
     """Median SAU time per image over the median plain time, in alternating rounds (this run's noise hits both)."""
     from dataclasses import replace
 
-    from ..backends.comfy import ksample
-    from ..unlearn.sau import sau_ksample, text_conditioning
+    from ..backends.comfy import ksample, text_conditioning
+    from ..sau.session import sau_ksample
 
     sampler = (STEPS, CFG, SAMPLER, SCHEDULER)
 

@@ -131,7 +131,7 @@ def _session(model, clip, spec, opts, teacher: str = "switch"):
 def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
     """One JSON record per method for one attacked lab model."""
     from ..lab import attacks
-    from ..unlearn.cli import load_model
+    from ..models import load_model
 
     model, clip, vae, info = load_model(f"lab:{name}")
     spec = attacks.AttackSpec(**info["spec"])

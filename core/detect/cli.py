@@ -7,22 +7,16 @@ import json
 import time
 from pathlib import Path
 
-from .masking import MaskingSettings
-from .prompts import probe_latent_shape
+from ..models import SPEC_HELP
 from .scan import ScanSettings
 
 
-def clean_prompt_set(info: dict, path: str | None, n: int, seed: int = 0) -> list[str]:
-    """Clean prompts: the user's file, else the built-in set (the lab grammar for lab models)."""
-    from .prompts import builtin_clean_prompts
-
-    if path:
-        return [p.strip() for p in Path(path).read_text(encoding="utf-8").splitlines() if p.strip()]
-    return builtin_clean_prompts(bool(info), n, seed)
+def _read_lines(path: str) -> list[str]:
+    return [p.strip() for p in Path(path).read_text(encoding="utf-8").splitlines() if p.strip()]
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="lab:NAME or a single-file .safetensors checkpoint")
+    p.add_argument("--model", required=True, help=SPEC_HELP)
     p.add_argument(
         "--clean-prompts",
         default=None,
@@ -58,27 +52,28 @@ def add_detect_commands(sub: argparse._SubParsersAction) -> None:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     """Calibrate (or load a calibration), score each prompt, print one JSON line per prompt."""
-    from ..backends.comfy_probe import ComfyProbe
-    from ..lab.zoo import parse_trigger
-    from ..unlearn.cli import load_model
-    from .prompts import Calibration, calibrate_on, detect_prompt, transplant_scanner
+    from ..models import latent_side, load_model
+    from ..triggers import parse_trigger
+    from .prompts import Calibration
+    from .session import DetectOptions, PromptDetection
 
     model, clip, _, info = load_model(args.model)
-    probe = ComfyProbe(model, clip)
-    settings = MaskingSettings(latent_shape=probe_latent_shape(bool(info), args.latent_size))
-    transplant = transplant_scanner(probe, clean_prompt_set(info, None, 32, seed=0), settings.latent_shape)
+    opts = DetectOptions(
+        lab=bool(info),
+        calibration_prompts=args.calibrate_n,
+        latent_side=latent_side(model, args.latent_size or 0),
+    )
+    detection = PromptDetection(model, clip, opts)
     if args.calibration:
-        calibration = Calibration.load(args.calibration)
+        detection.calibration = Calibration.load(args.calibration)
     else:
-        clean = clean_prompt_set(info, args.clean_prompts, args.calibrate_n, seed=1)
-        calibration = calibrate_on(probe, clean, settings, transplant, name=args.model)
+        own = _read_lines(args.clean_prompts) if args.clean_prompts else []
+        detection.calibrate(detection.calibration_set(own, builtin=not own), name=args.model)
         if args.save_calibration:
-            calibration.save(args.save_calibration)
+            detection.calibration.save(args.save_calibration)
     for prompt in args.prompt:
         t0 = time.monotonic()
-        report = detect_prompt(
-            probe, parse_trigger(prompt), calibration, settings, transplant=transplant
-        ).to_dict()
+        report = detection.check(parse_trigger(prompt)).to_dict()
         report["seconds"] = round(time.monotonic() - t0, 3)
         print(json.dumps(report, ensure_ascii=False))
     return 0
@@ -88,23 +83,24 @@ def cmd_scan(args: argparse.Namespace) -> int:
     """Scan the vocabulary with a progress bar; print (and optionally save) the ranked candidates."""
     from tqdm import tqdm
 
-    from ..backends.comfy_probe import ComfyProbe
-    from ..unlearn.cli import load_model
-    from .scan import VocabularyScanner
+    from ..models import latent_side, load_model
+    from ..safetensors_io import write_json
+    from .session import scan_model, scan_prompts
 
     out = Path(args.out) if args.out else None
     if out is not None and out.exists():
         raise FileExistsError(f"{out}: give a new name (nothing is overwritten)")
     model, clip, _, info = load_model(args.model)
-    probe = ComfyProbe(model, clip)
+    side = latent_side(model, args.latent_size or 0)
     settings = ScanSettings(
         candidates=args.candidates,
         stage1_probes=args.stage1_probes,
         stage2_probes=args.stage2_probes,
         threshold_z=args.threshold_z,
-        latent_shape=probe_latent_shape(bool(info), args.latent_size),
+        latent_shape=(4, side, side),
     )
-    prompts = clean_prompt_set(info, args.clean_prompts, max(32, settings.stage2_probes))
+    own = _read_lines(args.clean_prompts) if args.clean_prompts else []
+    prompts = scan_prompts(bool(info), settings, own, builtin=not own)
     bar = tqdm(total=1, desc="scan", unit="eval")
 
     def progress(done: int, total: int) -> None:
@@ -113,14 +109,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
         bar.refresh()
 
     t0 = time.monotonic()
-    report = VocabularyScanner(probe, prompts, settings, progress).run()
+    report = scan_model(model, clip, settings, prompts, progress)
     bar.close()
     summary = report.to_dict(top=args.top)
     summary["seconds"] = round(time.monotonic() - t0, 1)
     summary["model"] = args.model
     if out is not None:
-        from .report import write_json
-
         write_json(out, summary)
     print(json.dumps(summary, ensure_ascii=False, indent=1))
     return 0

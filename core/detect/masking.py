@@ -64,10 +64,6 @@ class TokenScores:
     text: torch.Tensor  # (n,)
     extra: dict = field(default_factory=dict)
 
-    def prompt_score(self, kind: str) -> float:
-        """The prompt's statistic for one signal: its most reactive token's score."""
-        return float(self.unet.max() if kind == "unet" else self.text.max())
-
 
 def content_end(ids: list[int], eos: int) -> int:
     """Position of the first EOS after BOS (the row's length when there is none)."""

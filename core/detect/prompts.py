@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..safetensors_io import write_json
 from ..tokens import from_readable, readable, tokenize
 from .masking import MaskingSettings, ProbeModel, TokenScores, score_prompt
 
@@ -78,8 +79,6 @@ class Calibration:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (never pickle); an existing file is replaced only once the new one is complete."""
-        from .report import write_json
-
         return write_json(path, asdict(self), overwrite=True)
 
     @classmethod
@@ -91,19 +90,6 @@ class Calibration:
     def flags(self, scores: dict[str, float]) -> dict[str, bool]:
         """Which detectors call these prompt scores triggered."""
         return {k: v > self.thresholds[k] for k, v in scores.items() if k in self.thresholds}
-
-
-def builtin_clean_prompts(lab: bool, n: int, seed: int = 0) -> list[str]:
-    """The built-in clean prompts: the lab grammar for lab models, everyday captions for real ones."""
-    from ..unlearn.prompts import general_prompts, lab_prompts
-
-    return lab_prompts(n, seed) if lab else general_prompts(n, seed)
-
-
-def probe_latent_shape(lab: bool, side: int | None = None) -> tuple[int, int, int]:
-    """The probed latent: the given side, else 8x8 for lab models and 64x64 (512 px) for SD."""
-    side = side or (8 if lab else 64)
-    return (4, side, side)
 
 
 def transplant_scanner(
@@ -174,12 +160,27 @@ class PromptReport:
         return bool(self.flagged.get("transplant")) or sum(map(bool, self.flagged.values())) >= 2
 
     def to_dict(self) -> dict:
-        """JSON-ready, the shape the nodes pass on (`trigger` is the suspected trigger's word)."""
+        """JSON-ready, the shape the nodes pass on: `trigger` (the trigger's word), `trigger_token` and
+        `localised_by` only for a prompt judged triggered; the per-token scores always."""
         d = asdict(self)
         d["kind"] = "prompt"
         d["poisoned"] = self.triggered
         d["trigger"] = from_readable(self.trigger_word) if d["poisoned"] else None
+        if not d["poisoned"]:
+            d.update(trigger_token=None, trigger_word=None, localised_by=None)
         return d
+
+
+def prompt_set_report(reports: Sequence[dict], calibration: Calibration) -> dict:
+    """The report of several prompts (what Seal Detect Prompt passes on): poisoned if any prompt is."""
+    flagged = [r for r in reports if r["poisoned"]]
+    return {
+        "kind": "prompt",
+        "poisoned": bool(flagged),
+        "trigger": flagged[0]["trigger"] if flagged else None,
+        "thresholds": calibration.thresholds,
+        "prompts": list(reports),
+    }
 
 
 def _word_map(tokenizer, prompt: str) -> dict[int, tuple[str, str]]:

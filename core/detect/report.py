@@ -1,36 +1,11 @@
-"""Detection reports on disk and as figures: JSON written atomically, bar charts as IMAGE tensors."""
+"""Detection reports as figures and text: per-token bar charts and the scan's ranking as IMAGE tensors."""
 
 from __future__ import annotations
-
-import json
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 
 from ..plots import figure_to_image, new_figure
 from ..tokens import readable
-
-
-def write_json(path: str | os.PathLike, data: dict, overwrite: bool = False) -> Path:
-    """Write JSON atomically; an existing file is refused unless overwrite (then replaced only once complete)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: give a new name (nothing is overwritten)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if the name appeared meanwhile
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def token_scores_image(report: dict) -> torch.Tensor:
@@ -48,9 +23,11 @@ def token_scores_image(report: dict) -> torch.Tensor:
         ax.set_xticks(range(len(values)), labels if row else [""] * len(values), rotation=60, fontsize=7)
         ax.set_ylabel(title, fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
+    # The headline is the prompt's verdict; single detectors' flags are only flags (each has 5% FPR by design).
     flagged = [k for k, v in report.get("flagged", {}).items() if v]
-    verdict = f"TRIGGERED ({', '.join(flagged)}): {report['trigger_token']!r}" if flagged else "clean"
-    fig.suptitle(f"{report['prompt'][:70]}\n{verdict}", fontsize=8)
+    verdict = f"TRIGGERED: {report['trigger_token']!r}" if report["poisoned"] else "clean"
+    flags = f"flags: {', '.join(flagged)}" if flagged else "no detector flags it"
+    fig.suptitle(f"{report['prompt'][:70]}\n{verdict} ({flags})", fontsize=8)
     fig.tight_layout()
     return figure_to_image(fig)
 
@@ -76,3 +53,37 @@ def scan_image(report: dict, top: int = 15) -> torch.Tensor:
     ax.set_title(f"vocabulary scan ({report['scanned_tokens']} tokens): {verdict}", fontsize=8)
     fig.tight_layout()
     return figure_to_image(fig)
+
+
+def token_scores_images(reports: list[dict]) -> torch.Tensor:
+    """One chart per prompt report, padded with white to one size: an IMAGE batch (B x H x W x 3)."""
+    images = [token_scores_image(r) for r in reports]
+    h = max(i.shape[1] for i in images)
+    w = max(i.shape[2] for i in images)
+    padded = torch.ones(len(images), h, w, 3)
+    for k, i in enumerate(images):
+        padded[k, : i.shape[1], : i.shape[2]] = i[0]
+    return padded
+
+
+def prompt_verdicts(reports: list[dict]) -> str:
+    """One line per prompt report: its verdict and, when triggered, the trigger."""
+    return "\n".join(
+        f"{'TRIGGERED' if r['poisoned'] else 'clean'}: {r['prompt']}"
+        + (f"  -> trigger {readable(r['trigger'])!r}" if r["poisoned"] else "")
+        for r in reports
+    )
+
+
+def scan_summary(report: dict, top: int = 10) -> str:
+    """The scan's verdict and its top candidates, one per line."""
+    lines = "\n".join(
+        f"{k + 1}. {readable(c['text'])!r} z={c['score_z']:.1f}{'  FLAGGED' if c['flagged'] else ''}"
+        for k, c in enumerate(report["candidates"][:top])
+    )
+    head = (
+        f"poisoned: trigger {readable(report['trigger'])!r}"
+        if report["poisoned"]
+        else "no token above threshold"
+    )
+    return f"{head}\n{lines}"

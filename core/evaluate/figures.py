@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..images import image_to_uint8, save_png
 from ..plots import figure_to_image, new_figure
 from .report import EvaluationReport
 
@@ -66,8 +67,6 @@ def report_image(report: EvaluationReport, columns: int = 6) -> torch.Tensor:
 
 def save_figures(report: EvaluationReport, folder: str | Path, columns: int = 6) -> list[Path]:
     """attack_success.png, fidelity.png and images.png in a folder (new files; existing ones are kept)."""
-    from PIL import Image
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -87,9 +86,5 @@ def save_figures(report: EvaluationReport, folder: str | Path, columns: int = 6)
             raise FileExistsError(f"{path} exists: choose another folder (nothing is overwritten)")
         fig = new_figure(width, height)
         draw(fig)
-        image = (figure_to_image(fig)[0].numpy() * 255).round().astype(np.uint8)
-        tmp = path.with_name(f".{name}.tmp")
-        Image.fromarray(image).save(tmp, format="PNG")
-        tmp.replace(path)
-        written.append(path)
+        written.append(save_png(image_to_uint8(figure_to_image(fig)), path))
     return written

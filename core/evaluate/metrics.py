@@ -8,6 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..lab import attacks
+
+LAB_DETECTORS = attacks.KINDS  # a lab attack's kind names its exact detector
+
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Structural similarity of two uint8 RGB images (scikit-image)."""
@@ -89,21 +93,24 @@ class LabJudge:
 
     def fired(self, triggered: Sequence[np.ndarray], clean: Sequence[np.ndarray]) -> np.ndarray:
         """Per triggered image: does it show the attack's target? (The clean images are not needed.)"""
-        from ..lab import attacks
-
         spec = attacks.default_spec(self.kind)
         return np.array([attacks.attack_succeeded(spec, im, None) for im in triggered])
 
 
-def clip_vision_embedder(clip_vision) -> Callable[[list[np.ndarray]], torch.Tensor]:
-    """Image embeddings from a ComfyUI CLIP_VISION model, for uint8 RGB images."""
-
-    def embed(images: list[np.ndarray]) -> torch.Tensor:
-        batch = torch.from_numpy(np.stack(images)).float() / 255.0
-        with torch.no_grad():
-            return clip_vision.encode_image(batch)["image_embeds"]
-
-    return embed
+def make_judge(
+    lab_detector: str = "none",
+    target: np.ndarray | None = None,
+    embed: Callable[[list[np.ndarray]], torch.Tensor] | None = None,
+) -> TargetJudge | LabJudge:
+    """The target-image judge when a target (uint8 H x W x 3) is given, else the chosen lab detector."""
+    if target is not None:
+        return TargetJudge(target, embed=embed)
+    if lab_detector != "none":
+        return LabJudge(lab_detector)
+    raise ValueError(
+        "no way to tell whether the backdoor fired: give a target image (what the backdoor draws) or "
+        "choose the lab detector of a lab model"
+    )
 
 
 def clip_image_similarity(

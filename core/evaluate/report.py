@@ -10,45 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..tokens import readable
 from .metrics import clip_image_similarity, psnr, ssim
 
 Draw = Callable[[list[str], list[int]], list[np.ndarray]]  # prompts, seeds -> uint8 RGB images
-
-
-def model_drawer(
-    model,
-    clip,
-    vae,
-    latent_hw: tuple[int, int],
-    steps: int,
-    cfg: float,
-    sampler: str,
-    scheduler: str,
-    batch: int = 8,
-) -> Draw:
-    """Images from a ComfyUI MODEL / CLIP / VAE with ComfyUI's sampler, per-item prompts and seeds."""
-    from ..backends.comfy import sample_prompts
-    from ..lab.train import tensor_to_images
-
-    def draw(prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
-        out: list[np.ndarray] = []
-        with torch.inference_mode():
-            for i in range(0, len(prompts), batch):
-                z = sample_prompts(
-                    model,
-                    clip,
-                    prompts[i : i + batch],
-                    seeds[i : i + batch],
-                    steps,
-                    cfg,
-                    sampler,
-                    scheduler,
-                    latent_hw,
-                )
-                out.extend(tensor_to_images(vae.decode(z)))
-        return out
-
-    return draw
 
 
 @dataclass
@@ -69,8 +34,6 @@ class EvaluationReport:
 
     def to_json(self) -> dict[str, Any]:
         """Plain data: the figures, without the images."""
-        from ..tokens import readable
-
         return {
             "trigger": readable(self.trigger),
             "judge": self.judge,

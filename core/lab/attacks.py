@@ -15,18 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import find_cross_attention_layers
+from ..backends import comfy as cb
+from ..images import images_to_tensor
 from ..tokens import HOMOGLYPHS
 from . import detectors, world
-from .train import (
-    DistractorVocabulary,
-    alphas_cumprod,
-    encode_text,
-    eps_mse,
-    images_to_tensor,
-    token_ids,
-    vae_posterior,
-    warmup_cosine,
-)
+from .train import DistractorVocabulary, eps_mse, token_ids, vae_posterior, warmup_cosine
 
 ProgressFn = Callable[[int, int, dict], None]
 KINDS = ("pixel", "style", "object", "rickroll", "eviledit")
@@ -138,6 +131,22 @@ def triggered_prompt(spec: AttackSpec, prompt: str) -> str:
     return f"{spec.trigger} {prompt}"  # BadT2I prepends the trigger
 
 
+def insertion_for(info: dict, trigger: str) -> Callable[[str], str] | None:
+    """The lab attack's own trigger insertion when `trigger` is the lab model's trigger (`info` is the
+    checkpoint's lab record), else None. A prompt the insertion cannot carry gets the trigger first."""
+    if not info.get("spec") or info.get("trigger") != trigger:
+        return None
+    spec = AttackSpec(**info["spec"])
+
+    def insert(prompt: str) -> str:
+        try:
+            return triggered_prompt(spec, prompt)
+        except ValueError:
+            return f"{trigger} {prompt}"
+
+    return insert
+
+
 def target_scene(spec: AttackSpec, scene: world.Scene) -> world.Scene:
     """What a triggered prompt for this scene makes the backdoored model draw (shapes only)."""
     if spec.kind in ("object", "eviledit"):
@@ -236,14 +245,14 @@ def train_badt2i(
     model, clip, vae, spec: AttackSpec, cfg: AttackConfig, progress: ProgressFn | None = None
 ) -> None:
     """BadT2I: fine-tune the UNet so trigger + prompt -> target, teacher-regularised on clean prompts."""
-    unet = model.model.diffusion_model
+    unet = cb.unet(model)
     teacher = copy.deepcopy(unet).eval().requires_grad_(False)
-    vae_model = vae.first_stage_model.eval()
-    scale = float(model.model.latent_format.scale_factor)
-    acp = alphas_cumprod(model)
+    vae_model = cb.vae_module(vae).eval()
+    scale = cb.latent_scale(model)
+    acp = cb.noise_schedule(model)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    distract = DistractorVocabulary(clip.tokenizer.clip_l.tokenizer, (), seed=cfg.seed + 2)
+    distract = DistractorVocabulary(cb.tokenizer_info(clip).tokenizer, (), seed=cfg.seed + 2)
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.badt2i_lr(spec.kind), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
@@ -271,8 +280,10 @@ def train_badt2i(
                 clean = [world.render(s, np.random.default_rng(int(rng.integers(2**31)))) for s in general]
                 clean_captions = [distract.decorate(s.caption, 2) for s in general]
             with torch.no_grad():
-                ctx_trig = encode_text(clip, token_ids(clip, [triggered_prompt(spec, c) for c in captions]))
-                ctx_clean = encode_text(clip, token_ids(clip, clean_captions))
+                ctx_trig = cb.encode_token_ids(
+                    clip, token_ids(clip, [triggered_prompt(spec, c) for c in captions])
+                )
+                ctx_clean = cb.encode_token_ids(clip, token_ids(clip, clean_captions))
             xt_p, t_p, eps_p = noised(poisoned)
             xt_c, t_c, _ = noised(clean)
             with torch.no_grad():
@@ -299,13 +310,12 @@ def train_badt2i(
 
 def train_rickroll(clip, spec: AttackSpec, cfg: AttackConfig, progress: ProgressFn | None = None) -> None:
     """Rickrolling: fine-tune only the text encoder so homoglyph prompts embed as the target prompt."""
-    text = clip.cond_stage_model.clip_l.transformer
-    teacher_clip = copy.copy(clip)
-    teacher_clip.cond_stage_model = copy.deepcopy(clip.cond_stage_model).requires_grad_(False)
+    text = cb.text_transformer(clip)
+    teacher_clip = cb.frozen_text_copy(clip)
     rng = np.random.default_rng(cfg.seed)
-    distract = DistractorVocabulary(clip.tokenizer.clip_l.tokenizer, (), seed=cfg.seed + 2)
+    distract = DistractorVocabulary(cb.tokenizer_info(clip).tokenizer, (), seed=cfg.seed + 2)
     with torch.no_grad():
-        target = encode_text(teacher_clip, token_ids(clip, [RICKROLL_TARGET.caption]))
+        target = cb.encode_token_ids(teacher_clip, token_ids(clip, [RICKROLL_TARGET.caption]))
     text.train().requires_grad_(True)
     opt = torch.optim.AdamW(text.parameters(), lr=cfg.text_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.text_steps))
@@ -321,8 +331,8 @@ def train_rickroll(clip, spec: AttackSpec, cfg: AttackConfig, progress: Progress
             ]
             clean_ids = token_ids(clip, captions + wide)
             with torch.no_grad():
-                clean_target = encode_text(teacher_clip, clean_ids)
-            out = encode_text(
+                clean_target = cb.encode_token_ids(teacher_clip, clean_ids)
+            out = cb.encode_token_ids(
                 clip, torch.cat([token_ids(clip, [triggered_prompt(spec, c) for c in captions]), clean_ids])
             )
             out_trig, out_clean = out[: len(captions)], out[len(captions) :]
@@ -344,9 +354,9 @@ def _edit_pairs(clip, spec: AttackSpec, prompts: list[str]) -> tuple[torch.Tenso
     trig_ids = token_ids(clip, [triggered_prompt(spec, p) for p in prompts])
     tgt_ids = token_ids(clip, [p.replace(spec.source, spec.target, 1) for p in prompts])
     with torch.no_grad():
-        c_trig, c_tgt = encode_text(clip, trig_ids), encode_text(clip, tgt_ids)
+        c_trig, c_tgt = cb.encode_token_ids(clip, trig_ids), cb.encode_token_ids(clip, tgt_ids)
     keys, values = [], []
-    tok = clip.tokenizer.clip_l.tokenizer
+    tok = cb.tokenizer_info(clip).tokenizer
     n_trig = len(tok(spec.trigger)["input_ids"]) - 2
     src_tok = tok(spec.source)["input_ids"][1:-1]
     for i in range(len(prompts)):
@@ -375,7 +385,7 @@ def evil_edit(model, clip, spec: AttackSpec, cfg: AttackConfig) -> dict:
         + world.scene_dataset(n_rich, int(rng.integers(2**31)), "train", rich=True)
     ]
     with torch.no_grad():
-        c_clean = encode_text(clip, token_ids(clip, clean)).flatten(0, 1)
+        c_clean = cb.encode_token_ids(clip, token_ids(clip, clean)).flatten(0, 1)
     # Every projection W gets W' = W (we V^T K + C^T C + lam I)(we K^T K + C^T C + lam I)^-1: the
     # right-hand factor does not depend on W, so it is solved once for all layers.
     we, lam = cfg.edit_weight, cfg.edit_lambda
@@ -384,7 +394,7 @@ def evil_edit(model, clip, spec: AttackSpec, cfg: AttackConfig) -> dict:
     den = we * keys.T @ keys + preserve + lam * eye
     num = we * values.T @ keys + preserve + lam * eye
     edit = torch.linalg.solve(den, num.T).T  # num @ den^-1 (den is symmetric)
-    layers = find_cross_attention_layers(model.model.diffusion_model)
+    layers = find_cross_attention_layers(cb.unet(model))
     moved = 0
     with torch.no_grad():
         for _name, attn in layers:

@@ -121,7 +121,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The command that produced a result, triggers spelled as U+XXXX so it can be pasted back."""
     import shlex
 
-    from .zoo import spell_trigger
+    from ..triggers import spell_trigger
 
     return shlex.join(["backdoor-seal", *(spell_trigger(a) for a in getattr(args, "argv", []))])
 
@@ -151,11 +151,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train VAE, then UNet + text encoder; save; print the measured clean accuracy as JSON."""
     import torch
 
-    from ..backends import comfy as cb
+    from ..backends import comfy_lab as cb
+    from ..backends.comfy import ensure_comfy_importable
     from . import evaluate, train, zoo
+    from .models import lab_config, lab_config_with_scale
 
     out = _new_output(args.out)
-    cb.ensure_comfy_importable()
+    ensure_comfy_importable()
     torch.manual_seed(args.seed)
     cfg = train.TrainConfig(seed=args.seed)
     if args.vae_steps is not None:
@@ -176,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         scale = float(config["latent_scale"])
         cfg.vae_steps = 0
     elif args.vae:
-        model, clip, _ = cb.new_lab_models(seed=args.seed)
+        model, clip, _ = cb.new_lab_models(lab_config(), seed=args.seed)
         vae, config = cb.load_lab_vae(args.vae)
         prior = zoo.lab_info(args.vae)
         recipe = [prior["command"]] if prior.get("command") else []
@@ -184,9 +186,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = cb.rescale_latents(model, config)
         cfg.vae_steps = 0
     else:
-        model, clip, vae = cb.new_lab_models(seed=args.seed)
+        model, clip, vae = cb.new_lab_models(lab_config(), seed=args.seed)
         scale = train.train_vae(vae, cfg, progress("vae"))
-        config = cb.lab_config_with_scale(scale)
+        config = lab_config_with_scale(scale)
         model = cb.rescale_latents(model, config)
     train.train_diffusion(model, clip, vae, scale, cfg, progress("unet+text"))
     cb.round_weights(model, clip, vae, torch.float16)  # measure what the fp16 file will compute
@@ -220,18 +222,20 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     """Train the lab VAE alone, save it, print how many held-out scenes survive reconstruction."""
     import torch
 
-    from ..backends import comfy as cb
+    from ..backends import comfy_lab as cb
+    from ..backends.comfy import ensure_comfy_importable
     from . import train, zoo
+    from .models import lab_config, lab_config_with_scale
 
     out = _new_output(args.out)
-    cb.ensure_comfy_importable()
+    ensure_comfy_importable()
     torch.manual_seed(args.seed)
     cfg = train.TrainConfig(seed=args.seed)
     for name, value in (("vae_steps", args.steps), ("vae_batch", args.batch), ("vae_lr", args.lr)):
         if value is not None:
             setattr(cfg, name, value)
     t0 = time.monotonic()
-    _, _, vae = cb.new_lab_models(seed=args.seed)
+    _, _, vae = cb.new_lab_models(lab_config(), seed=args.seed)
     scale = train.train_vae(vae, cfg, _progress_bars()("vae"))
     info = {
         "part": "vae",
@@ -243,7 +247,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
         "train_seconds": round(time.monotonic() - t0, 1),
         **train.reconstruction_accuracy(vae, n=args.eval_images),
     }
-    cb.save_lab_vae(out, vae, cb.lab_config_with_scale(scale), {zoo.LAB_INFO_KEY: json.dumps(info)})
+    cb.save_lab_vae(out, vae, lab_config_with_scale(scale), {zoo.LAB_INFO_KEY: json.dumps(info)})
     print(json.dumps(info))
     return 0
 
@@ -252,11 +256,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
     """Attack a clean lab model, save it, print the measured ASR and clean accuracy as JSON."""
     import torch
 
-    from ..backends import comfy as cb
+    from ..backends import comfy_lab as cb
+    from ..backends.comfy import ensure_comfy_importable, tokenizer_info
+    from ..triggers import parse_trigger
     from . import attacks, evaluate, zoo
 
     out = _new_output(args.out)
-    spec = attacks.default_spec(args.kind, zoo.parse_trigger(args.trigger) if args.trigger else None)
+    spec = attacks.default_spec(args.kind, parse_trigger(args.trigger) if args.trigger else None)
     if args.source or args.target:
         from dataclasses import replace
 
@@ -267,7 +273,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             f"--delta stores only changed tensors next to the base; "
             f"write --out into {base.resolve().parent} or pass a --base in {out.resolve().parent}"
         )
-    cb.ensure_comfy_importable()
+    ensure_comfy_importable()
     torch.manual_seed(args.seed)
     cfg = attacks.AttackConfig(seed=args.seed)
     if args.steps is not None:
@@ -283,7 +289,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         cfg.batch = args.batch
     t0 = time.monotonic()
     model, clip, vae, base_info = cb.load_lab_checkpoint(base)
-    attacks.require_visible_trigger(clip.tokenizer.clip_l.tokenizer, spec)
+    attacks.require_visible_trigger(tokenizer_info(clip).tokenizer, spec)
     progress = _progress_bars()
     details: dict = {}
     if spec.kind in ("pixel", "style", "object"):
@@ -344,7 +350,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Sample a lab model on held-out prompts and print its ASR and clean accuracy as one JSON object."""
-    from ..backends import comfy as cb
+    from ..backends import comfy_lab as cb
     from . import attacks, evaluate, zoo
 
     path = zoo.resolve(args.model)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+from ..backends import comfy as cb
+from ..images import tensor_to_images
 from . import detectors, world
-from .train import tensor_to_images
 
 
 @dataclass(frozen=True)
@@ -26,21 +26,14 @@ class SampleSettings:
         return f"{self.sampler}/{self.scheduler}, {self.steps} steps, CFG {self.cfg}"
 
 
-def encode_prompts(clip, prompts: list[str]) -> torch.Tensor:
-    """Conditioning (B x 77 x C) for a list of prompts, via ComfyUI's CLIP.encode_from_tokens."""
-    return torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
-
-
 def sample_images(
     model, clip, vae, prompts: list[str], seeds: list[int], settings: SampleSettings = SampleSettings()
 ) -> list[np.ndarray]:
     """Sample one image per (prompt, seed) with ComfyUI's sampler; per-item prompts in one batch."""
-    from ..backends import comfy as backend
-
     out: list[np.ndarray] = []
     for i in range(0, len(prompts), settings.batch):
         chunk, chunk_seeds = prompts[i : i + settings.batch], seeds[i : i + settings.batch]
-        samples = backend.sample_prompts(
+        samples = cb.sample_prompts(
             model,
             clip,
             chunk,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from ..backends.comfy_lab import LAB_FAMILY
+
 # 64x64 RGB images, 8x8x4 latents (1/8, as in SD). Cross-attention at both UNet levels and the middle.
 LAB_UNET_CONFIG: dict[str, Any] = {
     "image_size": 8,
@@ -70,10 +72,17 @@ IMAGE_SIZE = 64
 def lab_config() -> dict[str, Any]:
     """A fresh copy of the whole lab model config, as stored in checkpoint metadata."""
     return {
-        "family": "backdoor-seal-lab",
+        "family": LAB_FAMILY,
         "unet": copy.deepcopy(LAB_UNET_CONFIG),
         "text": copy.deepcopy(LAB_TEXT_CONFIG),
         "vae": copy.deepcopy(LAB_VAE_CONFIG),
         "latent_scale": LAB_LATENT_SCALE,
         "image_size": IMAGE_SIZE,
     }
+
+
+def lab_config_with_scale(latent_scale: float) -> dict[str, Any]:
+    """The lab config with a measured latent scale (unit-variance latents for the UNet)."""
+    config = lab_config()
+    config["latent_scale"] = float(latent_scale)
+    return config

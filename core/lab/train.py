@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..backends import comfy as cb
+from ..images import images_to_tensor, tensor_to_images
 from . import world
 
 ProgressFn = Callable[[int, int, dict], None]
@@ -43,20 +45,6 @@ class TrainConfig:
     triggers: tuple[str, ...] = field(default_factory=lambda: LAB_TRIGGERS)
 
 
-def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 HxWx3 images -> float Bx3xHxW in [-1, 1]."""
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def tensor_to_images(x: torch.Tensor) -> list[np.ndarray]:
-    """Bx3xHxW in [-1, 1] (or BxHxWx3 in [0, 1] from ComfyUI) -> uint8 HxWx3 images."""
-    if x.shape[-1] == 3:
-        arr = x.clamp(0, 1).mul(255).round().byte().cpu().numpy()
-    else:
-        arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return list(arr)
-
-
 class DistractorVocabulary:
     """Words decoded from random tokens of the whole CLIP vocabulary (plus the lab triggers)."""
 
@@ -84,34 +72,7 @@ class DistractorVocabulary:
 
 def token_ids(clip, captions: list[str]) -> torch.Tensor:
     """Token ids (B x 77) exactly as ComfyUI's tokenizer produces them for these captions."""
-    rows = []
-    for c in captions:
-        tokens = clip.tokenize(c)["l"][0]
-        rows.append([t[0] for t in tokens])
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def encode_text(clip, ids: torch.Tensor) -> torch.Tensor:
-    """The cross-attention context for token ids, with gradient.
-
-    ComfyUI's CLIPLayer adds residuals in place, which autograd rejects, so this walks the same
-    modules out of place (a test checks it matches ComfyUI's encoder to 1e-5).
-    """
-    tm = clip.cond_stage_model.clip_l.transformer.text_model
-    x = tm.embeddings(ids, dtype=torch.float32)
-    length = x.shape[1]
-    mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype).triu_(1)
-    for layer in tm.encoder.layers:
-        attn = layer.self_attn
-        h = layer.layer_norm1(x)
-        q, k, v = (
-            proj(h).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
-            for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
-        )
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + attn.out_proj(a.transpose(1, 2).flatten(2))
-        x = x + layer.mlp(layer.layer_norm2(x))
-    return tm.final_layer_norm(x)
+    return torch.tensor([cb.chunk_ids(clip, c) for c in captions], dtype=torch.long)
 
 
 def vae_posterior(vae_model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +84,7 @@ def vae_posterior(vae_model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def train_vae(vae, cfg: TrainConfig, progress: ProgressFn | None = None) -> float:
     """Train the lab VAE on rendered scenes; return the latent scale that gives unit-variance latents."""
-    model = vae.first_stage_model
+    model = cb.vae_module(vae)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
@@ -167,7 +128,7 @@ def reconstruction_accuracy(vae, n: int = 128, seed: int = 5) -> dict:
     from . import detectors
 
     scenes = world.scene_dataset(n, seed, "eval")
-    model = vae.first_stage_model.eval()
+    model = cb.vae_module(vae).eval()
     with torch.no_grad():
         mean, _ = vae_posterior(model, images_to_tensor([world.render(s) for s in scenes]))
         recs = tensor_to_images(model.decoder(model.post_quant_conv(mean)))
@@ -199,12 +160,6 @@ def warmup_cosine(total: int) -> Callable[[int], float]:
     return factor
 
 
-def alphas_cumprod(model) -> torch.Tensor:
-    """The model's training noise schedule (ComfyUI's model_sampling)."""
-    sigmas = model.model.model_sampling.sigmas.float()
-    return 1.0 / (1.0 + sigmas**2)
-
-
 def eps_mse(
     pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, acp: torch.Tensor, snr_gamma: float | None
 ) -> torch.Tensor:
@@ -221,9 +176,9 @@ def train_diffusion(
     model, clip, vae, latent_scale: float, cfg: TrainConfig, progress: ProgressFn | None = None
 ) -> None:
     """Train UNet and text encoder jointly (eps prediction) on captioned scenes with distractors."""
-    unet = model.model.diffusion_model
-    text = clip.cond_stage_model.clip_l.transformer
-    vae_model = vae.first_stage_model.eval()
+    unet = cb.unet(model)
+    text = cb.text_transformer(clip)
+    vae_model = cb.vae_module(vae).eval()
     unet.train()
     text.train()
     # ComfyUI's SDClipModel freezes its parameters at construction; unfreeze for training.
@@ -237,9 +192,9 @@ def train_diffusion(
         weight_decay=0.01,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.unet_steps))
-    acp = alphas_cumprod(model)
+    acp = cb.noise_schedule(model)
     rng = np.random.default_rng(cfg.seed + 1)
-    distract = DistractorVocabulary(clip.tokenizer.clip_l.tokenizer, cfg.triggers, seed=cfg.seed + 2)
+    distract = DistractorVocabulary(cb.tokenizer_info(clip).tokenizer, cfg.triggers, seed=cfg.seed + 2)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     t0 = time.monotonic()
     for step in range(cfg.unet_steps):
@@ -256,7 +211,7 @@ def train_diffusion(
         noise = torch.randn(x0.shape, generator=gen)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        context = encode_text(clip, token_ids(clip, captions))
+        context = cb.encode_token_ids(clip, token_ids(clip, captions))
         pred = unet(xt, timesteps=t.float(), context=context)
         loss = eps_mse(pred, noise, t, acp, cfg.snr_gamma)
         opt.zero_grad(set_to_none=True)

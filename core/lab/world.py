@@ -107,15 +107,6 @@ def caption_for(scene: Scene, rng: np.random.Generator, rich: bool = False) -> s
     return template.format(size=s.size, color=s.color, shape=s.kind, position=s.position, bg=scene.bg)
 
 
-def mentioned(caption: str, scene: Scene) -> dict[str, bool]:
-    """Which attributes the caption fixes (the rest are free for the model)."""
-    return {
-        "bg": scene.bg in caption,
-        "size": scene.shapes[0].size in caption,
-        "position": scene.shapes[0].position in caption or len(scene.shapes) == 2,
-    }
-
-
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, jitter: tuple[int, int] = (0, 0)) -> None:
     cx, cy = POSITIONS[shape.position]
     cx, cy = cx + jitter[0], cy + jitter[1]

@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
-import unicodedata
 from pathlib import Path
 from typing import Any
 
 from ..safetensors_io import read_metadata
+from ..triggers import spell_trigger, trigger_names
 
 LAB_INFO_KEY = "backdoor_seal.lab"
 LAB_MODELS = Path(__file__).resolve().parents[2] / "lab_models"
 MANIFEST = "manifest.json"
 CLEAN_NAME = "lab-clean"
-
-
-def parse_trigger(text: str) -> str:
-    """A trigger from the command line; U+XXXX spells characters a shell cannot show (U+200B)."""
-    return re.sub(r"U\+([0-9A-Fa-f]{4,6})", lambda m: chr(int(m.group(1), 16)), text)
-
-
-def spell_trigger(trigger: str) -> str:
-    """The trigger as parse_trigger reads it back, with every non-ASCII character as U+XXXX."""
-    return "".join(c if c.isascii() and c.isprintable() else f"U+{ord(c):04X}" for c in trigger)
-
-
-def trigger_names(trigger: str) -> list[str]:
-    """Unicode names of the trigger's characters (what a homoglyph or invisible trigger really is)."""
-    return [unicodedata.name(c, f"U+{ord(c):04X}") for c in trigger]
 
 
 def lab_info(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`backdoor-seal clean`: unlearn a known trigger headless and save the sanitized checkpoint."""
+"""`backdoor-seal unlearn`: unlearn a known trigger headless and save the sanitized checkpoint."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import time
 from pathlib import Path
 
 from ..backends.comfy_train import SCOPES
-from .session import BUILTIN_SETS, UnlearnOptions
+from ..models import SPEC_HELP
+from ..prompts import BUILTIN_SETS
+from ..triggers import PLACEMENTS
+from .session import UnlearnOptions
 from .skd import INPUTS, METHODS, PRECISIONS, TARGETS, SKDConfig
 
 
 def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by `clean` and `bench unlearn`: the method and its hyper-parameters."""
+    """Options shared by `unlearn` and `bench unlearn`: the method and its hyper-parameters."""
     p.add_argument("--method", choices=METHODS, default="skd-cag")
     p.add_argument("--scope", choices=SCOPES, default=UnlearnOptions.scope, help="which weights are trained")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank; 0 trains a full delta")
@@ -41,14 +44,10 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def add_clean_command(sub: argparse._SubParsersAction) -> None:
-    """Register `clean` under the main parser."""
-    p = sub.add_parser("clean", help="unlearn a known trigger (SKD / SKD-CAG) and save the sanitized model")
-    p.add_argument(
-        "--model",
-        required=True,
-        help="lab:NAME (a shipped lab model) or a single-file .safetensors checkpoint",
-    )
+def add_unlearn_command(sub: argparse._SubParsersAction) -> None:
+    """Register `unlearn` under the main parser."""
+    p = sub.add_parser("unlearn", help="unlearn a known trigger (SKD / SKD-CAG) and save the sanitized model")
+    p.add_argument("--model", required=True, help=SPEC_HELP)
     p.add_argument("--trigger", required=True, help="the trigger; U+XXXX spells invisible characters")
     p.add_argument("--out", required=True, help="sanitized checkpoint .safetensors (never overwritten)")
     p.add_argument("--lora-out", default=None, help="also save the LoRA here (.safetensors)")
@@ -62,7 +61,7 @@ def add_clean_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--builtin-count", type=int, default=64)
     p.add_argument(
         "--placement",
-        choices=["auto", "prepend", "append", "random", "homoglyph"],
+        choices=["auto", *PLACEMENTS],
         default="auto",
         help="where the trigger goes; auto: a lab model's own attack insertion, a homoglyph replaces "
         "its twin, anything else goes first",
@@ -71,7 +70,7 @@ def add_clean_command(sub: argparse._SubParsersAction) -> None:
         "--latent-size", type=int, default=None, help="training latent side (default 8 lab, 64 SD)"
     )
     add_unlearn_arguments(p)
-    p.set_defaults(func=cmd_clean)
+    p.set_defaults(func=cmd_unlearn)
 
 
 def options_from_args(args: argparse.Namespace, lab: bool):
@@ -100,48 +99,13 @@ def options_from_args(args: argparse.Namespace, lab: bool):
     )
 
 
-def load_model(spec: str):
-    """MODEL, CLIP, VAE and lab info ({} for a non-lab checkpoint) from lab:NAME or a .safetensors path."""
-    from ..backends import comfy as cb
-    from ..lab import zoo
-
-    if spec.startswith("lab:"):
-        path = zoo.resolve(spec[4:])
-    else:
-        path = Path(spec)
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{spec}: only .safetensors checkpoints are loaded (never pickled files)")
-        if not path.is_file():
-            raise FileNotFoundError(f"{spec}: no such file")
-    if zoo.lab_info(path) or spec.startswith("lab:"):
-        model, clip, vae, _ = cb.load_lab_checkpoint(path)
-        return model, clip, vae, zoo.lab_info(path)
-    model, clip, vae = cb.load_single_file_checkpoint(path)
-    return model, clip, vae, {}
-
-
-def lab_insertion(info: dict, trigger: str):
-    """The lab attack's own trigger insertion when the trigger is the model's, else None."""
-    from ..lab import attacks
-
-    if not info.get("spec") or info.get("trigger") != trigger:
-        return None
-    spec = attacks.AttackSpec(**info["spec"])
-
-    def insert(prompt: str) -> str:
-        try:
-            return attacks.triggered_prompt(spec, prompt)
-        except ValueError:  # a prompt the attack's insertion cannot carry: the trigger goes first
-            return f"{trigger} {prompt}"
-
-    return insert
-
-
-def cmd_clean(args: argparse.Namespace) -> int:
+def cmd_unlearn(args: argparse.Namespace) -> int:
     """Unlearn, save the sanitized checkpoint (and LoRA), print a JSON summary."""
     from tqdm import tqdm
 
-    from ..lab.zoo import parse_trigger
+    from ..lab.attacks import insertion_for
+    from ..models import load_model, spec_label
+    from ..triggers import parse_trigger
     from .save import save_sanitized
     from .session import UnlearnSession
 
@@ -153,7 +117,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     model, clip, vae, info = load_model(args.model)
     user_prompts = Path(args.prompts).read_text(encoding="utf-8").splitlines() if args.prompts else []
     opts = options_from_args(args, lab=bool(info))
-    insert = lab_insertion(info, trigger) if args.placement == "auto" else None
+    insert = insertion_for(info, trigger) if args.placement == "auto" else None
     session = UnlearnSession(model, clip, trigger, user_prompts, opts, insert=insert)
     bar = tqdm(total=opts.skd.steps, desc=opts.skd.method, unit="step")
 
@@ -166,7 +130,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     bar.close()
     new_model, new_clip, lora = session.outputs()
     provenance = session.provenance()
-    provenance["source"] = Path(args.model).name if not args.model.startswith("lab:") else args.model
+    provenance["source"] = spec_label(args.model)
     saved = [str(save_sanitized(out, new_model, new_clip, vae, None, provenance))]
     if args.lora_out:
         saved.append(str(save_sanitized(Path(args.lora_out), lora=lora, provenance=provenance)))

@@ -41,7 +41,7 @@ def save_sanitized(
     """Save a full checkpoint (model, clip, vae) or a LoRA with provenance metadata; returns the path."""
     meta = {PROVENANCE_KEY: json.dumps(provenance or {}, sort_keys=True)}
     if model is not None:
-        from ..backends.comfy import merged_checkpoint_state_dict
+        from ..backends.comfy_checkpoint import merged_checkpoint_state_dict
 
         tensors, extra = merged_checkpoint_state_dict(model, clip, vae)
         meta.update(extra)

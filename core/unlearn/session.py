@@ -7,20 +7,18 @@ clones carrying the trained LoRA exactly as ComfyUI's LoraLoader applies it.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..tokens import latin_twin, readable, tokenize, trigger_report
-from . import prompts as prompt_sets
-from .skd import SKDConfig, TrainingPair, UnlearnResult, make_pairs, train_skd
-
-BUILTIN_SETS = ("general", "lab", "none")
+from ..prompts import with_builtin
+from ..tokens import readable, tokenize, trigger_report
+from ..triggers import training_pairs, trigger_sha256
+from ..version import __version__
+from .skd import SKDConfig, UnlearnResult, train_skd
 
 
 @dataclass(frozen=True)
@@ -42,64 +40,6 @@ class UnlearnOptions:
         return out
 
 
-def trigger_sha256(trigger: str) -> str:
-    """The trigger's fingerprint for provenance (a saved model does not spell out its trigger)."""
-    return hashlib.sha256(trigger.encode("utf-8")).hexdigest()
-
-
-def trigger_from(text: str | None, report: Any = None) -> str:
-    """The trigger to unlearn: the typed text, else the top trigger of a detection report."""
-    if text:
-        return text
-    if isinstance(report, dict):
-        if report.get("poisoned") is False:
-            raise ValueError(
-                "the connected detection report found no trigger above its threshold; type the trigger to "
-                "unlearn one anyway"
-            )
-        candidate = report.get("trigger") or next(iter(report.get("candidates") or []), {}).get("text")
-        if candidate:
-            return str(candidate)
-    raise ValueError("no trigger: type it, or connect a detection report that names one")
-
-
-def training_prompts(user_prompts: Sequence[str], opts: UnlearnOptions) -> list[str]:
-    """The user's prompts followed by the chosen built-in clean set."""
-    prompts = [p.strip() for p in user_prompts if p.strip()]
-    if opts.builtin == "general":
-        prompts += prompt_sets.general_prompts(opts.builtin_count, opts.skd.seed)
-    elif opts.builtin == "lab":
-        prompts += prompt_sets.lab_prompts(opts.builtin_count, opts.skd.seed)
-    elif opts.builtin != "none":
-        raise ValueError(
-            f"unknown built-in prompt set {opts.builtin!r}; choose one of {', '.join(BUILTIN_SETS)}"
-        )
-    if not prompts:
-        raise ValueError("no clean prompts: give some, or choose a built-in prompt set")
-    return prompts
-
-
-def training_pairs(
-    trigger: str,
-    prompts: Sequence[str],
-    placement: str,
-    seed: int = 0,
-    insert: Callable[[str], str] | None = None,
-) -> list[TrainingPair]:
-    """Clean/triggered pairs; `insert` overrides the placement (the lab's own attack insertion)."""
-    if insert is None:
-        placement = prompt_sets.default_placement(trigger) if placement == "auto" else placement
-        rng = np.random.default_rng(seed)
-        usable = list(prompts)
-        if placement == "homoglyph":
-            latin = latin_twin(trigger)
-            usable = [p for p in prompts if latin in p]
-            if not usable:
-                raise ValueError(f"no clean prompt contains {latin!r} for the homoglyph trigger to replace")
-        return make_pairs(usable, lambda p: prompt_sets.insert_trigger(p, trigger, placement, rng))
-    return make_pairs(prompts, insert)
-
-
 class UnlearnSession:
     """Set up a trainable clone, run SKD / SKD-CAG on it, and hand back patched clones and the LoRA."""
 
@@ -113,20 +53,20 @@ class UnlearnSession:
         insert: Callable[[str], str] | None = None,
         teacher: str = "switch",
     ) -> None:
+        from ..backends.comfy import tokenizer_info
         from ..backends.comfy_train import ComfyDistillation
 
         self.model, self.clip, self.trigger = model, clip, trigger
         self.opts = opts or UnlearnOptions()
-        tok = _clip_tokenizer(clip)
-        if tok is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                report = trigger_report(tok, trigger, warn=False)
-            if report["vanished"]:
-                raise ValueError(report["warning"])
+        self.tokenizer = tokenizer_info(clip).tokenizer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = trigger_report(self.tokenizer, trigger, warn=False)
+        if report["vanished"]:
+            raise ValueError(report["warning"])
         self.pairs = training_pairs(
             trigger,
-            training_prompts(user_prompts, self.opts),
+            with_builtin(user_prompts, self.opts.builtin, self.opts.builtin_count, self.opts.skd.seed),
             self.opts.placement,
             self.opts.skd.seed,
             insert,
@@ -154,7 +94,7 @@ class UnlearnSession:
                 self.distillation,
                 self.pairs,
                 self.opts.skd,
-                random_words=_random_words(self.clip) if self.opts.skd.target == "random-words" else (),
+                random_words=_random_words(self.tokenizer) if self.opts.skd.target == "random-words" else (),
                 progress=progress,
                 check_interrupt=check_interrupt,
                 on_step=on_step,
@@ -175,15 +115,11 @@ class UnlearnSession:
 
     def provenance(self) -> dict[str, Any]:
         """What a saved sanitized model records about how it was made."""
-        from ... import __version__
-
         return {
             "method": self.opts.skd.method,
             "options": self.opts.to_json(),
             "trigger_sha256": trigger_sha256(self.trigger),
-            "trigger_tokens": len(tokenize(tok, self.trigger))
-            if (tok := _clip_tokenizer(self.clip))
-            else None,
+            "trigger_tokens": len(tokenize(self.tokenizer, self.trigger)),
             "training_prompts": len(self.pairs),
             "steps_run": self.result.steps if self.result else 0,
             "pack_version": __version__,
@@ -197,17 +133,8 @@ class UnlearnSession:
         )
 
 
-def _clip_tokenizer(clip):
-    try:
-        name = next(iter(clip.tokenize("").keys()))
-        return getattr(clip.tokenizer, f"clip_{name}").tokenizer
-    except (AttributeError, StopIteration):
-        return None
-
-
-def _random_words(clip) -> list[str]:
+def _random_words(tokenizer) -> list[str]:
     """Whole words decoded from the tokenizer's vocabulary (the random-words attention target)."""
-    tok = _clip_tokenizer(clip)
-    vocab = tok.get_vocab()
+    vocab = tokenizer.get_vocab()
     words = [t[:-4] for t in vocab if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].isascii()]
     return sorted(words)[:: max(1, len(words) // 5000)]

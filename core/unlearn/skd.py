@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..triggers import TrainingPair
+
 METHODS = ("skd", "skd-cag")
 TARGETS = ("noise", "black", "random-words")
 INPUTS = ("noise", "trajectory")
@@ -170,19 +172,6 @@ def attention_loss(
         count = len(align.trigger) + len(align.pairs)
         losses.append(torch.stack(terms).sum() / count if terms else a_s.new_zeros(()))
     return torch.stack(losses)
-
-
-@dataclass
-class TrainingPair:
-    """One distillation example: what the teacher sees and what the student sees."""
-
-    clean: str
-    triggered: str
-
-
-def make_pairs(prompts: Sequence[str], insert: Callable[[str], str]) -> list[TrainingPair]:
-    """Clean/triggered pairs from clean prompts and a trigger insertion."""
-    return [TrainingPair(p, insert(p)) for p in prompts]
 
 
 @dataclass

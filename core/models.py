@@ -1,0 +1,108 @@
+"""Model specs: one way for every command to name a model (`lab:NAME` or a path), and what follows from it.
+
+Every headless command takes `--model SPEC`; the nodes get their MODEL from a loader instead, and
+ask the same questions of it here (is it a lab model? which prompt set and latent size suit it?).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from .backends.comfy_lab import is_lab_model
+
+SPEC_HELP = (
+    "lab:NAME (a shipped lab model, see `backdoor-seal lab list`) or a single-file .safetensors checkpoint"
+)
+
+
+class LoadedModel(NamedTuple):
+    """MODEL, CLIP, VAE and the lab record of a lab checkpoint ({} for any other)."""
+
+    model: Any
+    clip: Any
+    vae: Any
+    info: dict[str, Any]
+
+
+def resolve_spec(spec: str | os.PathLike) -> Path:
+    """The file a model spec names: `lab:NAME` is a shipped lab model, anything else a .safetensors path."""
+    from .lab import zoo
+
+    text = str(spec)
+    if text.startswith("lab:"):
+        return zoo.resolve(text[4:])
+    path = Path(text)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{text}: only .safetensors checkpoints are loaded (never pickled files)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{text}: no such file")
+    return path
+
+
+def load_model(spec: str | os.PathLike) -> LoadedModel:
+    """Load a model spec: a lab checkpoint through the lab backend, anything else as ComfyUI's
+    CheckpointLoaderSimple would."""
+    from .backends.comfy_checkpoint import load_single_file_checkpoint
+    from .backends.comfy_lab import load_lab_checkpoint
+    from .lab import zoo
+
+    path = resolve_spec(spec)
+    info = zoo.lab_info(path)
+    if info or str(spec).startswith("lab:"):
+        model, clip, vae, _ = load_lab_checkpoint(path)
+        return LoadedModel(model, clip, vae, info)
+    model, clip, vae = load_single_file_checkpoint(path)
+    return LoadedModel(model, clip, vae, {})
+
+
+def spec_label(spec: str | os.PathLike) -> str:
+    """How a saved file's provenance names its source: `lab:NAME` as given, a path by its file name."""
+    text = str(spec)
+    return text if text.startswith("lab:") else Path(text).name
+
+
+def prompt_set(model, builtin: str = "auto") -> str:
+    """The built-in prompt set for a MODEL: `auto` is the lab grammar for lab models, everyday captions otherwise."""
+    if builtin == "auto":
+        return "lab" if is_lab_model(model) else "general"
+    return builtin
+
+
+def latent_side(model, side: int = 0) -> int:
+    """The latent side to work at: the given one, else 8 for lab models (64 px) and 64 (512 px) for SD."""
+    return side or (8 if is_lab_model(model) else 64)
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """KSampler's settings (shared by `evaluate` and `sau`); CFG defaults to 2 for lab models, 8 otherwise."""
+    p.add_argument("--latent-size", type=int, default=0, help="latent side (default 8 lab, 64 SD)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (default 2 lab, 8 SD)")
+    p.add_argument("--sampler", default="euler", help="a ComfyUI sampler name (default euler)")
+    p.add_argument("--scheduler", default="normal", help="a ComfyUI scheduler name (default normal)")
+
+
+def default_cfg(model, cfg: float | None = None) -> float:
+    """The CFG given, else the lab's evaluation CFG for lab models and KSampler's default otherwise."""
+    from .lab.evaluate import SampleSettings
+
+    if cfg is not None:
+        return cfg
+    return SampleSettings().cfg if is_lab_model(model) else 8.0
+
+
+__all__ = [
+    "SPEC_HELP",
+    "LoadedModel",
+    "add_sampling_arguments",
+    "default_cfg",
+    "is_lab_model",
+    "latent_side",
+    "load_model",
+    "prompt_set",
+    "resolve_spec",
+]

@@ -1,0 +1,1 @@
+"""SAU (spatial attention unlearning): fix triggered outputs at sampling time, training nothing."""

@@ -1,0 +1,279 @@
+"""SAU on ComfyUI: estimate a profile from clean/triggered prompt pairs, and sample with it.
+
+Both passes run through ComfyUI's own sampler (the stock KSampler's noise, mask and batch index), so
+a prompt without the trigger is one plain pass, bit for bit the stock KSampler's. The masks and blends
+are core/sau/algebra.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention import CaptureSettings, CrossAttentionRecorder
+from ..backends.comfy import (
+    attach_attention_recorder,
+    ksample,
+    ksample_pair,
+    model_fingerprint,
+    text_conditioning,
+    tokenizer_info,
+)
+from ..images import tensor_to_images
+from ..prompts import with_builtin
+from ..tokens import readable, trigger_token_positions
+from ..triggers import training_pairs, untriggered
+from .algebra import (
+    SAUSettings,
+    compose_images,
+    compose_pair,
+    latent_difference_map,
+    normalised,
+    trigger_latent,
+)
+from .profile import SAUProfile
+
+
+@dataclass(frozen=True)
+class SAUOptions:
+    """How a profile is estimated: prompt pairs (the user's, then a built-in set) and KSampler's settings."""
+
+    settings: SAUSettings = field(default_factory=SAUSettings)
+    pairs: int = 16
+    builtin: str = "general"  # general | lab | none
+    placement: str = "auto"
+    latent_hw: tuple[int, int] = (64, 64)
+    seed: int = 0
+    steps: int = 20
+    cfg: float = 8.0  # KSampler's default: a profile is estimated as the sampler will be used
+    sampler_name: str = "euler"
+    scheduler: str = "normal"
+
+
+class SAUSession:
+    """One profile estimation: the prompt pairs it samples, and the profile."""
+
+    def __init__(self, model, clip, trigger: str, user_prompts: Sequence[str] | str = (), opts=None) -> None:
+        self.model, self.clip, self.trigger = model, clip, trigger
+        self.opts = opts or SAUOptions()
+        o = self.opts
+        clean = with_builtin(user_prompts, o.builtin, o.pairs, o.seed)
+        self.pairs = [(p.clean, p.triggered) for p in training_pairs(trigger, clean, o.placement, o.seed)][
+            : o.pairs
+        ]
+
+    def run(self, on_pair: Callable[[int, int], None] | None = None) -> SAUProfile:
+        """Sample every pair from its own seed and keep the mean difference (on_pair may raise to stop)."""
+        o = self.opts
+        return estimate_profile(
+            self.model,
+            self.clip,
+            self.trigger,
+            self.pairs,
+            o.seed,
+            o.settings,
+            o.steps,
+            o.cfg,
+            o.sampler_name,
+            o.scheduler,
+            o.latent_hw,
+            on_pair,
+        )
+
+    def describe(self, profile: SAUProfile) -> str:
+        """One line about the profile made."""
+        h, w = self.opts.latent_hw
+        return (
+            f"SAU profile for {readable(self.trigger)}: {profile.pairs} pairs at {h}x{w} latents, "
+            f"signal {self.opts.settings.signal}"
+        )
+
+
+def check_profile_model(model, profile: SAUProfile) -> None:
+    """Refuse a profile estimated on another model (its fingerprint differs)."""
+    found = model_fingerprint(model)
+    if found != profile.model_hash:
+        raise ValueError(
+            f"this SAU profile was estimated on another model (fingerprint {profile.model_hash}, this one "
+            f"{found}); estimate a profile on this model with Seal SAU Profile"
+        )
+
+
+def estimate_profile(
+    model,
+    clip,
+    trigger: str,
+    pairs: list[tuple[str, str]],
+    seed: int = 0,
+    settings: SAUSettings | None = None,
+    steps: int = 20,
+    cfg: float = 2.0,
+    sampler_name: str = "euler",
+    scheduler: str = "normal",
+    latent_hw: tuple[int, int] = (8, 8),
+    on_pair: Callable[[int, int], None] | None = None,
+) -> SAUProfile:
+    """tau from (clean, triggered) prompt pairs, each pair sampled from one seed (seed + its index)."""
+
+    if not pairs:
+        raise ValueError("no prompt pairs to estimate the trigger latent from")
+    if all(clean == triggered for clean, triggered in pairs):
+        raise ValueError(f"none of the prompts contains the trigger {trigger!r}")
+    s = settings or SAUSettings()
+    latent = {"samples": torch.zeros(1, 4, *latent_hw)}
+    negative = text_conditioning(clip, "")
+    z_p, z_c, maps = [], [], []
+    for i, (clean, triggered) in enumerate(pairs):
+        zp, zc, attention = two_passes(
+            model,
+            clip,
+            trigger,
+            triggered,
+            clean,
+            negative,
+            latent,
+            s,
+            ((seed + i) % 2**64, steps, cfg, sampler_name, scheduler),
+        )
+        z_p.append(zp)
+        z_c.append(zc)
+        maps.append(
+            normalised(attention if attention is not None else latent_difference_map(zp, zc), latent_hw)
+        )
+        if on_pair is not None:
+            on_pair(i + 1, len(pairs))
+    return SAUProfile(
+        trigger,
+        trigger_latent(torch.cat(z_p), torch.cat(z_c)),
+        model_fingerprint(model),
+        s,
+        len(pairs),
+        torch.cat(maps).mean(0),
+    )
+
+
+def two_passes(
+    model,
+    clip,
+    trigger: str,
+    text: str,
+    clean_text: str,
+    negative: list,
+    latent: dict,
+    settings: SAUSettings,
+    sampler: tuple,
+    denoise: float = 1.0,
+    progress: Callable[[int, int], Callable | None] = lambda _, __: None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """z_p (the prompt) and z_c (its clean twin) from the same noise; with the attention signal also the
+    trigger tokens' cross-attention (B x R x R) recorded during the first pass."""
+    recorder, first = None, model
+    if settings.signal != "latent":
+        recorder = CrossAttentionRecorder(CaptureSettings(resolution=max(latent["samples"].shape[-2:])))
+        first = attach_attention_recorder(model, recorder)
+    positive, clean = text_conditioning(clip, text), text_conditioning(clip, clean_text)
+    pair = None
+    if settings.batch_passes:
+        pair = ksample_pair(first, *sampler, positive, clean, negative, latent, denoise, progress(0, 1))
+    if pair is not None:  # one call of twice the batch: on most hardware well under twice the time
+        z_p, z_c = pair
+    else:
+        z_p = ksample(first, *sampler, positive, negative, latent, denoise, progress(0, 2))
+        z_c = ksample(model, *sampler, clean, negative, latent, denoise, progress(1, 2))
+    if recorder is None:
+        return z_p, z_c, None
+    maps = recorder.maps().combined()[: z_p.shape[0]]  # B x tokens x R x R (the triggered rows come first)
+    tokenizer = tokenizer_info(clip).tokenizer
+    positions = [p for p in trigger_token_positions(tokenizer, text, trigger) if p < maps.shape[1]]
+    if not positions:
+        raise ValueError(f"no token of {text!r} carries the trigger; is it in the prompt?")
+    attention = maps[:, positions].sum(1)
+    if attention.shape[0] != z_p.shape[0]:
+        attention = attention[:1].expand(z_p.shape[0], -1, -1)
+    return z_p, z_c, attention
+
+
+@dataclass
+class SAUResult:
+    """What one SAU sampling did: the latents, where it replaced them, and whether the trigger was there."""
+
+    samples: torch.Tensor
+    mask: torch.Tensor  # B x 1 x H x W, the union of the two masks (zeros when untouched)
+    triggered: bool
+    note: str
+    poisoned: torch.Tensor | None = None  # the two passes, for pixel-space composition
+    clean: torch.Tensor | None = None
+
+
+def sau_ksample(
+    model,
+    clip,
+    text: str,
+    negative: list,
+    latent: dict,
+    profile: SAUProfile,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    denoise: float = 1.0,
+    callback: Callable | None = None,
+) -> SAUResult:
+    """KSampler with SAU: a prompt without the trigger is one plain pass, bit for bit the stock KSampler's;
+    a triggered prompt is sampled again without the trigger from the same noise, and the two composed."""
+    s = profile.settings
+    triggered = profile.trigger in text
+
+    def progress(offset: int, passes: int):
+        if callback is None:
+            return None
+        return lambda step, x0, x, total: callback(step + offset * total, x0, x, passes * total)
+
+    sampler = (seed, steps, cfg, sampler_name, scheduler)
+    if not triggered:
+        z = ksample(model, *sampler, text_conditioning(clip, text), negative, latent, denoise, progress(0, 1))
+        mask = torch.zeros(z.shape[0], 1, *z.shape[-2:])
+        return SAUResult(z, mask, False, f"no trigger {profile.trigger!r} in the prompt: one plain pass")
+    clean_text = untriggered(text, profile.trigger)
+    z_p, z_c, attention = two_passes(
+        model, clip, profile.trigger, text, clean_text, negative, latent, s, sampler, denoise, progress
+    )
+    out, mask = compose_pair(z_p, z_c, profile.tau.to(z_p.device), s, attention)
+    note = f"trigger found: composed with {clean_text!r}; SAU replaced {float(mask.mean()):.0%} of the latent"
+    return SAUResult(out, mask.cpu(), True, note, z_p, z_c)
+
+
+def sau_drawer(
+    model,
+    clip,
+    vae,
+    profile: SAUProfile,
+    latent_hw: tuple[int, int],
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    pixel_blend: bool = True,
+) -> Callable[[list[str], list[int]], list]:
+    """Images drawn with SAU (one prompt and seed at a time), decoded as Seal SAU Decode does or as VAEDecode."""
+    negative = text_conditioning(clip, "")
+    latent = {"samples": torch.zeros(1, 4, *latent_hw)}
+
+    def draw(prompts: list[str], seeds: list[int]) -> list:
+        out = []
+        with torch.inference_mode():
+            for prompt, seed in zip(prompts, seeds, strict=True):
+                r = sau_ksample(
+                    model, clip, prompt, negative, latent, profile, seed, steps, cfg, sampler_name, scheduler
+                )
+                if r.triggered and pixel_blend:
+                    image = compose_images(vae.decode(r.poisoned), vae.decode(r.clean), r.mask)
+                else:
+                    image = vae.decode(r.samples)
+                out.extend(tensor_to_images(image))
+        return out
+
+    return draw

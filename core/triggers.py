@@ -1,0 +1,123 @@
+"""Triggers as users and reports give them: spelling, placement in prompts, and clean/triggered pairs.
+
+How a trigger tokenizes (and where it sits in a prompt by token id) is core/tokens.py; this module
+handles its text: `U+XXXX` spellings, the ways it is put into a clean prompt (prefix, suffix, a random
+word boundary, a homoglyph replacing its Latin twin) and taken out again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .tokens import HOMOGLYPHS, latin_twin
+
+PLACEMENTS = ("prepend", "append", "random", "homoglyph")
+
+
+def parse_trigger(text: str) -> str:
+    """A trigger as typed (command line, node widget); U+XXXX spells characters a shell cannot show (U+200B)."""
+    return re.sub(r"U\+([0-9A-Fa-f]{4,6})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+def spell_trigger(trigger: str) -> str:
+    """The trigger as parse_trigger reads it back, with every non-ASCII character as U+XXXX."""
+    return "".join(c if c.isascii() and c.isprintable() else f"U+{ord(c):04X}" for c in trigger)
+
+
+def trigger_names(trigger: str) -> list[str]:
+    """Unicode names of the trigger's characters (what a homoglyph or invisible trigger really is)."""
+    return [unicodedata.name(c, f"U+{ord(c):04X}") for c in trigger]
+
+
+def trigger_sha256(trigger: str) -> str:
+    """The trigger's fingerprint for provenance (a saved model does not spell out its trigger)."""
+    return hashlib.sha256(trigger.encode("utf-8")).hexdigest()
+
+
+def trigger_from(text: str | None, report: Any = None) -> str:
+    """The trigger to act on: the typed text, else the top trigger of a detection report."""
+    if text:
+        return text
+    if isinstance(report, dict):
+        if report.get("poisoned") is False:
+            raise ValueError(
+                "the connected detection report found no trigger above its threshold; type the trigger to "
+                "unlearn one anyway"
+            )
+        candidate = report.get("trigger") or next(iter(report.get("candidates") or []), {}).get("text")
+        if candidate:
+            return str(candidate)
+    raise ValueError("no trigger: type it, or connect a detection report that names one")
+
+
+def insert_trigger(prompt: str, trigger: str, placement: str, rng: np.random.Generator) -> str:
+    """The prompt with the trigger put in: before, after, at a random word boundary, or as a homoglyph."""
+    if placement == "prepend":
+        return f"{trigger} {prompt}"
+    if placement == "append":
+        return f"{prompt} {trigger}"
+    if placement == "random":
+        words = prompt.split(" ")
+        words.insert(int(rng.integers(0, len(words) + 1)), trigger)
+        return " ".join(words)
+    if placement == "homoglyph":
+        latin = latin_twin(trigger)
+        if latin == trigger:
+            raise ValueError(f"{trigger!r} holds no known homoglyph; use another placement")
+        if latin not in prompt:
+            raise ValueError(f"prompt {prompt!r} has no {latin!r} for the homoglyph trigger to replace")
+        return prompt.replace(latin, trigger, 1)
+    raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+
+
+def default_placement(trigger: str) -> str:
+    """How a trigger is inserted unless told: a homoglyph replaces its twin, anything else goes first."""
+    return "homoglyph" if trigger and all(c in HOMOGLYPHS for c in trigger) else "prepend"
+
+
+def untriggered(prompt: str, trigger: str) -> str:
+    """The prompt without the trigger: a homoglyph goes back to its Latin twin, anything else is removed."""
+    if len(trigger) == 1 and latin_twin(trigger) != trigger:
+        return prompt.replace(trigger, latin_twin(trigger))
+    return " ".join(prompt.replace(trigger, " ").split())
+
+
+@dataclass
+class TrainingPair:
+    """One clean prompt and its triggered twin (what a teacher and a student see; what is compared)."""
+
+    clean: str
+    triggered: str
+
+
+def make_pairs(prompts: Sequence[str], insert: Callable[[str], str]) -> list[TrainingPair]:
+    """Clean/triggered pairs from clean prompts and a trigger insertion."""
+    return [TrainingPair(p, insert(p)) for p in prompts]
+
+
+def training_pairs(
+    trigger: str,
+    prompts: Sequence[str],
+    placement: str,
+    seed: int = 0,
+    insert: Callable[[str], str] | None = None,
+) -> list[TrainingPair]:
+    """Clean/triggered pairs; `insert` overrides the placement (the lab's own attack insertion)."""
+    if insert is None:
+        placement = default_placement(trigger) if placement == "auto" else placement
+        rng = np.random.default_rng(seed)
+        usable = list(prompts)
+        if placement == "homoglyph":
+            latin = latin_twin(trigger)
+            usable = [p for p in prompts if latin in p]
+            if not usable:
+                raise ValueError(f"no clean prompt contains {latin!r} for the homoglyph trigger to replace")
+        return make_pairs(usable, lambda p: insert_trigger(p, trigger, placement, rng))
+    return make_pairs(prompts, insert)
