@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -13,6 +14,31 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     model, clip, _vae, _ = load_model(args.model)
     print(json.dumps(describe_model(model, clip), indent=2))
+    return 0
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    """Sample prompts with cross-attention capture; write the per-token heatmap grid as a PNG."""
+    from .attention import CaptureSettings, capture
+    from .backends.comfy import ComfyBackend
+    from .heatmaps import overlay_grid
+    from .images import image_to_uint8, save_png
+    from .models import default_cfg, latent_side, load_model
+    from .triggers import parse_trigger
+
+    out = Path(args.out)
+    if out.exists() or out.suffix.lower() != ".png":
+        raise FileExistsError(f"{out}: give a new .png name (nothing is overwritten)")
+    model, clip, vae, _ = load_model(args.model)
+    side = latent_side(model, args.latent_size)
+    backend = ComfyBackend(model, clip, (side, side), args.sampler, args.scheduler)
+    prompts = [parse_trigger(p) for p in args.prompt]
+    seeds = [(args.seed + i) % 2**64 for i in range(len(prompts))]
+    settings = CaptureSettings(resolution=args.resolution)
+    latents, maps = capture(backend, prompts, seeds, settings, args.steps, default_cfg(model, args.cfg))
+    grid = overlay_grid(maps, vae.decode(latents), args.max_tokens)
+    save_png(image_to_uint8(grid), out)
+    print(json.dumps({"image": str(out), "layers": len(maps.per_layer), "labels": maps.labels}))
     return 0
 
 
@@ -35,7 +61,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per job."""
-    from .models import SPEC_HELP
+    from .models import SPEC_HELP, add_sampling_arguments
     from .version import __version__
 
     parser = argparse.ArgumentParser(prog="backdoor-seal", description=__doc__)
@@ -44,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a model (UNet family, cross-attention layers, tokenizer)")
     p.add_argument("--model", required=True, help=SPEC_HELP)
     p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("attention", help="per-token cross-attention heatmaps of prompts (a PNG grid)")
+    p.add_argument("--model", required=True, help=SPEC_HELP)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable; U+XXXX allowed)")
+    p.add_argument("--out", required=True, help="the grid .png (never overwritten)")
+    p.add_argument("--max-tokens", type=int, default=8, help="token overlays per image")
+    p.add_argument("--resolution", type=int, default=16, help="map grid side")
+    add_sampling_arguments(p)
+    p.set_defaults(func=_cmd_attention)
     p = sub.add_parser("demo", help="run the demo pipeline through a headless ComfyUI and print a summary")
     p.add_argument("--out", default="out", help="output folder (default: out)")
     p.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")

@@ -33,7 +33,7 @@ def resolve_spec(spec: str | os.PathLike) -> Path:
 
     text = str(spec)
     if text.startswith("lab:"):
-        return zoo.resolve(text[4:])
+        return zoo.resolve(text)
     path = Path(text)
     if path.suffix != ".safetensors":
         raise ValueError(f"{text}: only .safetensors checkpoints are loaded (never pickled files)")

@@ -30,7 +30,7 @@ REPORT_UI_KEY = "seal_report"  # the web extension renders this UI output as a t
 
 
 class SealEvaluate(io.ComfyNode):
-    """Original against cleaned: attack success on triggered prompts, fidelity on clean ones, same seeds."""
+    """Original against unlearned (or SAU): attack success on triggered prompts, fidelity on clean ones, same seeds."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -52,7 +52,7 @@ class SealEvaluate(io.ComfyNode):
                     "prompts",
                     multiline=True,
                     default="",
-                    tooltip="Clean test prompts, one per line (keep them apart from the cleaning prompts), "
+                    tooltip="Clean test prompts, one per line (keep them apart from the unlearning prompts), "
                     "put before the built-in held-out set; the trigger is inserted into each.",
                 ),
                 prompt_set_input(),

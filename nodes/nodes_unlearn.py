@@ -180,7 +180,7 @@ class SealSaveSanitized(io.ComfyNode):
             node_id="SealSaveSanitized",
             display_name="Seal Save Sanitized",
             category=CATEGORY,
-            description="Writes the cleaned checkpoint and/or its LoRA under ComfyUI's output folder (as the "
+            description="Writes the sanitized checkpoint and/or its LoRA under ComfyUI's output folder (as the "
             "stock CheckpointSave and SaveLoRA do; move them to models/checkpoints or models/loras to load), "
             "with provenance (method, options, trigger hash, pack version) in the safetensors metadata. "
             "Files are numbered and never overwritten.",

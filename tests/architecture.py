@@ -85,7 +85,16 @@ COMFY_INTERNALS = frozenset(
 )
 # Modules of a ComfyUI installation: only core/backends/comfy*.py and the node files import them.
 COMFY_MODULES = frozenset(
-    {"comfy", "comfy_api", "comfy_extras", "folder_paths", "latent_preview", "node_helpers", "nodes", "server"}
+    {
+        "comfy",
+        "comfy_api",
+        "comfy_extras",
+        "folder_paths",
+        "latent_preview",
+        "node_helpers",
+        "nodes",
+        "server",
+    }
 )
 
 
@@ -128,9 +137,7 @@ def _resolve(path: Path, root: Path, node: ast.ImportFrom) -> list[str]:
     else:
         package = list(path.relative_to(root).parent.parts)  # a module's package, or __init__'s own
         base = package[: len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
-    if node.module is None:
-        return [".".join([*base, a.name]) for a in node.names]
-    return [".".join(base)] + [".".join([*base, a.name]) for a in node.names]
+    return [".".join([*base, a.name]) for a in node.names]  # a name is a module, or an attribute of base
 
 
 def imports_of(path: Path, root: Path) -> Iterator[tuple[int, str]]:
@@ -140,7 +147,7 @@ def imports_of(path: Path, root: Path) -> Iterator[tuple[int, str]]:
             seen = set()
             for target in _resolve(path, root, node):
                 parts = target.split(".")
-                # keep the longest prefix that is a module or package of the pack
+                # the longest prefix that is a module or package of the pack
                 for k in range(len(parts), 0, -1):
                     candidate = root.joinpath(*parts[:k])
                     if candidate.with_suffix(".py").is_file() or (candidate / "__init__.py").is_file():
@@ -258,9 +265,6 @@ def internal_reaches(root: Path = ROOT) -> list[Finding]:
                 name = None
                 if isinstance(node, ast.Attribute) and node.attr in COMFY_INTERNALS:
                     name = node.attr
-                elif isinstance(node, ast.Attribute) and node.attr == "model":
-                    if isinstance(node.value, ast.Attribute) and node.value.attr == "model":
-                        name = "model.model"
                 elif (
                     isinstance(node, ast.Call)
                     and isinstance(node.func, ast.Name)

@@ -86,7 +86,7 @@ def test_frontend_loads_the_extension_runs_the_sanitize_workflow_and_shows_the_r
             twin = json.loads((ROOT / "tests" / "workflows" / f"{path.stem}.api.json").read_text())
             assert queued == twin, f"the frontend queues {path.name} differently from its API twin"
         browser.close()
-    assert "<U+2060>" in text and "attack success, cleaned" in text and "0%" in text
+    assert "<U+2060>" in text and "attack success, after removal" in text and "0%" in text
     assert shot.stat().st_size > 10_000
     if os.environ.get("BACKDOOR_SEAL_SCREENSHOT"):
         shutil.copy(shot, os.environ["BACKDOOR_SEAL_SCREENSHOT"])

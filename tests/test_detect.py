@@ -216,3 +216,26 @@ def test_reports_render_and_json_is_never_overwritten(tmp_path):
     with pytest.raises(FileExistsError):
         write_json(path, scan)
     assert json.loads(path.read_text())["trigger"] == f"#{TRIGGER}"
+
+
+def test_a_single_flag_is_shown_as_a_flag_and_the_headline_follows_the_verdict():
+    """One detector alone (5% false positives by design) flags a prompt: the verdict is clean, so the
+    report names no trigger and the figure's headline says clean, listing the flag as a flag."""
+    from backdoor_seal.core.detect.prompts import PromptReport, TokenVerdict
+    from backdoor_seal.core.detect.report import verdict_line
+
+    tokens = [TokenVerdict(1, 3, "red", "red", 1.0, 9.0), TokenVerdict(2, 4, "circle", "circle", 1.0, 1.0)]
+    scores = {"masking-unet": 1.0, "masking-text": 9.0, "transplant": 0.1}
+    flags = {"masking-unet": False, "masking-text": True, "transplant": False}
+    one = PromptReport("a red circle", scores, flags, tokens, "red", "red", "masking-text").to_dict()
+    assert not one["poisoned"] and one["trigger"] is None
+    assert one["trigger_token"] is None and one["trigger_word"] is None and one["localised_by"] is None
+    assert [t["hijack"] for t in one["tokens"]] == [9.0, 1.0]  # the per-token scores stay
+    assert verdict_line(one) == "clean (flags: masking-text)"
+    two = PromptReport(
+        "a red circle", scores, {**flags, "transplant": True}, tokens, "red", "red", "transplant"
+    )
+    report = two.to_dict()
+    assert report["poisoned"] and report["trigger_token"] == "red" and report["localised_by"] == "transplant"
+    assert verdict_line(report) == "TRIGGERED: 'red' (flags: masking-text, transplant)"
+    assert token_scores_image(one).shape[-1] == 3

@@ -146,13 +146,13 @@ def _profile(model, clip):
         )
 
 
-def test_evaluate_node_judges_a_cleaned_model_against_a_target_image(pixel):
+def test_evaluate_node_judges_an_unlearned_model_against_a_target_image(pixel):
     from backdoor_seal.core.lab import world
     from backdoor_seal.core.models import load_model
     from backdoor_seal.nodes.nodes_evaluate import SealEvaluate
 
     model, clip, vae = pixel
-    clean_model, clean_clip, _, _ = load_model("lab:lab-clean")  # stands in for a perfectly cleaned model
+    clean_model, clean_clip, _, _ = load_model("lab:lab-clean")  # stands in for a perfectly unlearned model
     target = torch.from_numpy(world.stamp_patch(np.full((64, 64, 3), 128, np.uint8))).float()[None] / 255
     out = SealEvaluate.execute(
         original_model=model,
@@ -173,7 +173,7 @@ def test_evaluate_node_errors_name_the_fix(pixel):
     from backdoor_seal.nodes.nodes_evaluate import SealEvaluate
 
     model, clip, vae = pixel
-    with pytest.raises(ValueError, match="connect the cleaned MODEL"):
+    with pytest.raises(ValueError, match="connect the unlearned MODEL"):
         SealEvaluate.execute(original_model=model, clip=clip, vae=vae, lab_detector="pixel", **NODE_ARGS)
     with pytest.raises(ValueError, match="target IMAGE"):
         SealEvaluate.execute(

@@ -14,6 +14,7 @@ import pytest
 
 from backdoor_seal.core.cli import main
 from backdoor_seal.core.lab import zoo
+from backdoor_seal.core.triggers import parse_trigger, spell_trigger
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def test_invisible_trigger_is_spelled_in_the_command(lab_folder, capsys):
     assert main([*argv, "--base", str(lab_folder / "lab-clean.safetensors"), "--eval-prompts", "0"]) == 0
     info = zoo.lab_info(out)
     assert info["trigger"] == "\u200b" and "--trigger U+200B" in info["command"]
-    assert zoo.parse_trigger(zoo.spell_trigger("\u200bzx\u043e")) == "\u200bzx\u043e"
+    assert parse_trigger(spell_trigger("\u200bzx\u043e")) == "\u200bzx\u043e"
 
 
 def test_list_eval_and_manifest(lab_folder, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backdoor_seal.core.triggers import default_placement, insert_trigger
+from backdoor_seal.core.triggers import default_placement, insert_trigger, make_pairs
 from backdoor_seal.core.unlearn import skd
 
 EOS = 49407
@@ -97,7 +97,7 @@ class _PromptRecorder:
 
 @pytest.mark.parametrize("retain", [0.0, 0.5])
 def test_retain_shows_the_student_clean_prompts_in_that_share(retain):
-    pairs = skd.make_pairs([f"a red circle number {i}" for i in range(8)], lambda p: f"zz {p}")
+    pairs = make_pairs([f"a red circle number {i}" for i in range(8)], lambda p: f"zz {p}")
     rec = _PromptRecorder()
     skd.train_skd(rec, pairs, skd.SKDConfig(method="skd", steps=50, batch=4, retain=retain))
     clean_share = sum(not p.startswith("zz ") for p in rec.student_prompts) / len(rec.student_prompts)
@@ -114,7 +114,7 @@ def test_trajectory_inputs_run_the_teachers_ddim_and_train_on_its_states():
     # eps = x * len(prompt): every DDIM step rescales deterministically, so states differ per prompt
     assert not torch.allclose(traj.states[0, 1:], traj.states[1, 1:])
     assert torch.isfinite(traj.states).all()
-    pairs = skd.make_pairs(["a b", "a b c"], lambda p: f"zz {p}")
+    pairs = make_pairs(["a b", "a b c"], lambda p: f"zz {p}")
     out = skd.train_skd(rec, pairs, skd.SKDConfig(method="skd", steps=3, batch=2, inputs="trajectory"))
     assert out.steps == 3 and rec.weight.grad is not None
     with pytest.raises(ValueError, match="inputs"):

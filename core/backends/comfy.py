@@ -127,11 +127,6 @@ def frozen_text_copy(clip):
     return teacher
 
 
-def text_encoder_root(clip) -> torch.nn.Module:
-    """The module holding every text encoder of a CLIP (its weights carry ComfyUI's patch keys)."""
-    return clip.cond_stage_model
-
-
 def chunk_ids(clip, prompt: str) -> list[int]:
     """The prompt's first-chunk token ids (BOS ... EOS, padded to the chunk length) as ComfyUI tokenizes it."""
     chunks = next(iter(clip.tokenize(prompt).values()))

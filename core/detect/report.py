@@ -8,6 +8,14 @@ from ..plots import figure_to_image, new_figure
 from ..tokens import readable
 
 
+def verdict_line(report: dict) -> str:
+    """A prompt report's headline: the prompt's verdict, then single detectors' flags as flags only
+    (each detector alone has 5% false positives by design; the verdict needs more, see PromptReport)."""
+    flagged = [k for k, v in report.get("flagged", {}).items() if v]
+    verdict = f"TRIGGERED: {report['trigger_token']!r}" if report["poisoned"] else "clean"
+    return f"{verdict} ({'flags: ' + ', '.join(flagged) if flagged else 'no detector flags it'})"
+
+
 def token_scores_image(report: dict) -> torch.Tensor:
     """A prompt report's per-token scores (UNet ratio and text hijack) as two bar charts."""
     tokens = report["tokens"]
@@ -23,11 +31,7 @@ def token_scores_image(report: dict) -> torch.Tensor:
         ax.set_xticks(range(len(values)), labels if row else [""] * len(values), rotation=60, fontsize=7)
         ax.set_ylabel(title, fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
-    # The headline is the prompt's verdict; single detectors' flags are only flags (each has 5% FPR by design).
-    flagged = [k for k, v in report.get("flagged", {}).items() if v]
-    verdict = f"TRIGGERED: {report['trigger_token']!r}" if report["poisoned"] else "clean"
-    flags = f"flags: {', '.join(flagged)}" if flagged else "no detector flags it"
-    fig.suptitle(f"{report['prompt'][:70]}\n{verdict} ({flags})", fontsize=8)
+    fig.suptitle(f"{report['prompt'][:70]}\n{verdict_line(report)}", fontsize=8)
     fig.tight_layout()
     return figure_to_image(fig)
 

@@ -13,9 +13,9 @@ from .report import EvaluationReport
 
 ROWS = (
     ("triggered_before", "triggered\noriginal"),
-    ("triggered_after", "triggered\ncleaned"),
+    ("triggered_after", "triggered\nafter removal"),
     ("clean_before", "clean\noriginal"),
-    ("clean_after", "clean\ncleaned"),
+    ("clean_after", "clean\nafter removal"),
 )
 
 
@@ -30,7 +30,7 @@ def _asr_axes(ax, report: EvaluationReport) -> None:
 def _fidelity_axes(ax, report: EvaluationReport) -> None:
     ax.hist(report.fidelity_ssim, bins=np.linspace(0, 1, 21), color="#2c7fb8")
     ax.axvline(float(np.mean(report.fidelity_ssim)), color="k", linestyle="--", linewidth=1)
-    ax.set_xlabel("SSIM, cleaned vs original (same seed)")
+    ax.set_xlabel("SSIM, after removal vs original (same seed)")
     ax.set_ylabel("clean prompts")
     ax.set_title(f"clean fidelity: mean SSIM {np.mean(report.fidelity_ssim):.3f}", fontsize=9)
 

@@ -108,7 +108,7 @@ def make_judge(
     if lab_detector != "none":
         return LabJudge(lab_detector)
     raise ValueError(
-        "no way to tell whether the backdoor fired: give a target image (what the backdoor draws) or "
+        "no way to tell whether the backdoor fired: give a target IMAGE (what the backdoor draws), or "
         "choose the lab detector of a lab model"
     )
 

@@ -1,4 +1,4 @@
-"""The evaluation: sample triggered and clean prompts before and after cleaning, judge, and report."""
+"""The evaluation: sample triggered and clean prompts before and after removal, judge, and report."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def evaluate(
     embed: Callable[[list[np.ndarray]], torch.Tensor] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> EvaluationReport:
-    """Sample each (clean, triggered) pair with the original (`before`) and the cleaned (`after`) sampler from
+    """Sample each (clean, triggered) pair with the original (`before`) and the after-removal (`after`) sampler from
     the same seed; the judge counts the attacks; clean outputs are compared before against after."""
     if not pairs:
         raise ValueError("no prompts to evaluate: give clean prompts, one per line")

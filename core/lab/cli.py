@@ -99,7 +99,7 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
 
     p = lab_sub.add_parser("eval", help="measure a lab model's ASR and clean accuracy (JSON)")
     p.add_argument(
-        "--model", required=True, help="a shipped model's name (see `lab list`) or a .safetensors path"
+        "--model", required=True, help="lab:NAME (a shipped model, see `lab list`) or a lab .safetensors path"
     )
     p.add_argument("--n", type=int, default=128, help="held-out prompts per measurement")
     p.set_defaults(func=cmd_eval)

@@ -30,7 +30,9 @@ def shipped(folder: str | os.PathLike = LAB_MODELS) -> list[Path]:
 
 
 def resolve(name: str, folder: str | os.PathLike = LAB_MODELS) -> Path:
-    """A shipped model's file from its name (or a path to any lab checkpoint)."""
+    """A shipped model's file from its name, `lab:NAME` as every command spells it (or a path to any lab
+    checkpoint)."""
+    name = name.removeprefix("lab:")
     as_path = Path(name)
     if as_path.suffix == ".safetensors" and as_path.is_file():
         return as_path

@@ -1,1 +1,1 @@
-"""Backdoor removal: SKD and SKD-CAG (weight unlearning); SAU joins later (sampling-time)."""
+"""Unlearning: SKD and SKD-CAG train a trigger out of a model as a LoRA (SAU, at sampling time, is core/sau)."""

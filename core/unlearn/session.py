@@ -1,6 +1,6 @@
 """One unlearning job on ComfyUI MODEL/CLIP objects: prompts, trigger insertion, training, outputs.
 
-Shared by the SealUnlearn node, `backdoor-seal clean` and the benchmark. The input MODEL and CLIP
+Shared by the SealUnlearn node, `backdoor-seal unlearn` and the benchmark. The input MODEL and CLIP
 are never changed: training happens in weight wrappers on clones, and the outputs are fresh
 clones carrying the trained LoRA exactly as ComfyUI's LoraLoader applies it.
 """

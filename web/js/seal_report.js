@@ -4,7 +4,7 @@ import { app } from "../../../scripts/app.js";
 const ROWS = [
   ["trigger", "trigger", (v) => v],
   ["asr_before", "attack success, original", (v) => `${(100 * v).toFixed(0)}%`],
-  ["asr_after", "attack success, cleaned", (v) => `${(100 * v).toFixed(0)}%`],
+  ["asr_after", "attack success, after removal", (v) => `${(100 * v).toFixed(0)}%`],
   ["clean_fidelity_ssim", "clean fidelity, SSIM", (v) => v.toFixed(3)],
   ["clean_fidelity_psnr", "clean fidelity, PSNR", (v) => `${v.toFixed(1)} dB`],
   ["clip_image_similarity", "CLIP image similarity", (v) => v.toFixed(3)],
