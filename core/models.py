@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -76,6 +77,44 @@ def latent_side(model, side: int = 0) -> int:
     return side or (8 if is_lab_model(model) else 64)
 
 
+@dataclass(frozen=True)
+class KSamplerSettings:
+    """How images are sampled (the stock KSampler's widgets) and at which latent size (pixels / 8)."""
+
+    latent_hw: tuple[int, int] = (64, 64)
+    seed: int = 0
+    steps: int = 20
+    cfg: float = 8.0
+    sampler_name: str = "euler"
+    scheduler: str = "normal"
+
+    @property
+    def drawing(self) -> tuple:
+        """(latent_hw, steps, cfg, sampler_name, scheduler): what a drawer of prompts and seeds takes."""
+        return (self.latent_hw, self.steps, self.cfg, self.sampler_name, self.scheduler)
+
+
+def ksampler_settings(
+    model,
+    latent_size: int = 0,
+    seed: int = 0,
+    steps: int = 20,
+    cfg: float | None = None,
+    sampler_name: str = "euler",
+    scheduler: str = "normal",
+) -> KSamplerSettings:
+    """Sampling settings for a MODEL: latent size 0 and CFG None take the model's defaults."""
+    side = latent_side(model, latent_size)
+    return KSamplerSettings((side, side), seed, steps, default_cfg(model, cfg), sampler_name, scheduler)
+
+
+def sampling_from_args(args: argparse.Namespace, model) -> KSamplerSettings:
+    """The settings add_sampling_arguments collected, for this MODEL."""
+    return ksampler_settings(
+        model, args.latent_size, args.seed, args.steps, args.cfg, args.sampler, args.scheduler
+    )
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """KSampler's settings (shared by `evaluate` and `sau`); CFG defaults to 2 for lab models, 8 otherwise."""
     p.add_argument("--latent-size", type=int, default=0, help="latent side (default 8 lab, 64 SD)")
@@ -97,12 +136,15 @@ def default_cfg(model, cfg: float | None = None) -> float:
 
 __all__ = [
     "SPEC_HELP",
+    "KSamplerSettings",
     "LoadedModel",
     "add_sampling_arguments",
     "default_cfg",
     "is_lab_model",
+    "ksampler_settings",
     "latent_side",
     "load_model",
     "prompt_set",
     "resolve_spec",
+    "sampling_from_args",
 ]

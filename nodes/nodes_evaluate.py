@@ -9,7 +9,7 @@ from ..core.evaluate.figures import report_image
 from ..core.evaluate.metrics import LAB_DETECTORS, make_judge
 from ..core.evaluate.session import EvaluationOptions, EvaluationSession
 from ..core.images import image_to_uint8
-from ..core.models import latent_side, prompt_set
+from ..core.models import ksampler_settings, prompt_set
 from ..core.sau.profile import SAUProfile
 from ..core.triggers import parse_trigger, trigger_from
 from .common import CATEGORY as ROOT
@@ -115,17 +115,13 @@ class SealEvaluate(io.ComfyNode):
         trigger = parse_trigger(trigger_from(trigger, report))
         embed = clip_vision_embedder(clip_vision) if clip_vision is not None else None
         judge = make_judge(lab_detector, None if target is None else image_to_uint8(target), embed)
-        side = latent_side(original_model, latent_size)
         opts = EvaluationOptions(
             count=count,
             lab=prompt_set(original_model, builtin_prompts) == "lab",
             placement=placement,
-            latent_hw=(side, side),
-            seed=seed,
-            steps=steps,
-            cfg=cfg,
-            sampler_name=sampler_name,
-            scheduler=scheduler,
+            sampling=ksampler_settings(
+                original_model, latent_size, seed, steps, cfg, sampler_name, scheduler
+            ),
         )
         session = EvaluationSession(
             original_model,

@@ -9,7 +9,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io, ui
 
-from ..core.models import latent_side, prompt_set
+from ..core.models import ksampler_settings, prompt_set
 from ..core.sau.algebra import SIGNALS, WEIGHTINGS, SAUSettings, compose_images, image_mask
 from ..core.sau.profile import SAUProfile, profile_image
 from ..core.sau.session import SAUOptions, SAUSession, check_profile_model, sau_ksample
@@ -124,18 +124,12 @@ class SealSAUProfile(io.ComfyNode):
         report: dict | None = None,
     ) -> io.NodeOutput:
         trigger = parse_trigger(trigger_from(trigger, report))
-        side = latent_side(model, latent_size)
         opts = SAUOptions(
             settings=SAUSettings(signal=signal, weighting=weighting, strength=strength),
             pairs=pairs,
             builtin=prompt_set(model, builtin_prompts),
             placement=placement,
-            latent_hw=(side, side),
-            seed=seed,
-            steps=steps,
-            cfg=cfg,
-            sampler_name=sampler_name,
-            scheduler=scheduler,
+            sampling=ksampler_settings(model, latent_size, seed, steps, cfg, sampler_name, scheduler),
         )
         session = SAUSession(model, clip, trigger, prompts, opts)
         path = None

@@ -48,7 +48,6 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
 )
 # Layers whose parts may import each other (single-file helpers; the commands).
 OPEN_LAYERS = frozenset({"ground", "top"})
-JOBS = frozenset({"detect", "unlearn", "sau", "evaluate", "lab"})
 
 # Attributes of ComfyUI's MODEL / CLIP / VAE / CLIP_VISION objects (and of the modules they hold):
 # only core/backends/ may name them. A name reached through getattr("...") counts too.
@@ -210,12 +209,13 @@ def layer_violations(root: Path = ROOT) -> list[Finding]:
 
 
 def backend_violations(root: Path = ROOT) -> list[Finding]:
-    """Backend modules that import the lab or a job package."""
+    """Backend modules that import anything above the ground: the lab, the shared prompt sets and specs, a job."""
     out = []
     for path in python_files(root, "core/backends"):
         rel = path.relative_to(root)
         for line, target in imports_of(path, root):
-            if _part(target) in JOBS | {"bench", "cli", "demo", "prompts", "models"}:
+            layer = layer_of(_part(target) or "")
+            if layer is not None and layer > layer_of("backends"):
                 out.append(Finding(str(rel), line, f"a backend imports {target}"))
     return out
 

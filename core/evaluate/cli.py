@@ -55,7 +55,7 @@ def _target_image(path: str | None):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Sample both, judge, print the report as JSON (and write it with the figures to --out)."""
     from ..backends.comfy_train import apply_lora
-    from ..models import default_cfg, is_lab_model, latent_side, load_model
+    from ..models import is_lab_model, load_model, sampling_from_args
     from ..safetensors_io import load_checkpoint, write_json
     from ..sau.profile import SAUProfile
     from ..triggers import parse_trigger
@@ -82,18 +82,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         unlearned_model, unlearned_clip = apply_lora(model, clip, lora)
     else:
         profile = SAUProfile.load(args.sau_profile)
-    side = latent_side(model, args.latent_size)
-    opts = EvaluationOptions(
-        count=args.count,
-        lab=is_lab_model(model),
-        placement=args.placement,
-        latent_hw=(side, side),
-        seed=args.seed,
-        steps=args.steps,
-        cfg=default_cfg(model, args.cfg),
-        sampler_name=args.sampler,
-        scheduler=args.scheduler,
-    )
+    opts = EvaluationOptions(args.count, is_lab_model(model), args.placement, sampling_from_args(args, model))
     user_prompts = Path(args.prompts).read_text(encoding="utf-8") if args.prompts else ""
     session = EvaluationSession(
         model, clip, vae, trigger, judge, user_prompts, opts, unlearned_model, unlearned_clip, profile

@@ -8,13 +8,14 @@ the built-in evaluation set, each with the trigger inserted) are drawn from the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..backends.comfy import sample_prompts
 from ..images import tensor_to_images
+from ..models import KSamplerSettings
 from ..prompts import evaluation_prompts, prompt_lines
 from ..sau.session import sau_drawer
 from ..triggers import training_pairs
@@ -23,22 +24,12 @@ from .report import Draw, EvaluationReport, evaluate
 
 @dataclass(frozen=True)
 class EvaluationOptions:
-    """Which held-out prompts, and how every image is sampled (KSampler's settings)."""
+    """Which held-out prompts, and how every image is sampled (pair i from seed + i)."""
 
     count: int = 16  # prompt pairs
     lab: bool = False  # the lab grammar's evaluation split, or held-out everyday captions
     placement: str = "auto"
-    latent_hw: tuple[int, int] = (64, 64)
-    seed: int = 0
-    steps: int = 20
-    cfg: float = 8.0
-    sampler_name: str = "euler"
-    scheduler: str = "normal"
-
-    @property
-    def sampling(self) -> tuple:
-        """(latent_hw, steps, cfg, sampler_name, scheduler), as the drawers take them."""
-        return (self.latent_hw, self.steps, self.cfg, self.sampler_name, self.scheduler)
+    sampling: KSamplerSettings = field(default_factory=KSamplerSettings)
 
 
 def model_drawer(
@@ -96,18 +87,19 @@ class EvaluationSession:
             raise ValueError("nothing to compare: connect the unlearned MODEL, or an SAU profile")
         self.opts = o = opts or EvaluationOptions()
         self.trigger, self.judge, self.embed = trigger, judge, embed
-        clean = prompt_lines(user_prompts) + evaluation_prompts(o.lab, o.count, o.seed)
-        self.pairs = [(p.clean, p.triggered) for p in training_pairs(trigger, clean, o.placement, o.seed)][
+        seed, drawing = o.sampling.seed, o.sampling.drawing
+        clean = prompt_lines(user_prompts) + evaluation_prompts(o.lab, o.count, seed)
+        self.pairs = [(p.clean, p.triggered) for p in training_pairs(trigger, clean, o.placement, seed)][
             : o.count
         ]
-        self.seeds = [(o.seed + i) % 2**64 for i in range(len(self.pairs))]
-        self.before = model_drawer(model, clip, vae, *o.sampling)
+        self.seeds = [(seed + i) % 2**64 for i in range(len(self.pairs))]
+        self.before = model_drawer(model, clip, vae, *drawing)
         if sau_profile is not None:
             self.method = "sau"
-            self.after = sau_drawer(model, clip, vae, sau_profile, *o.sampling)
+            self.after = sau_drawer(model, clip, vae, sau_profile, *drawing)
         else:
             self.method = "model"
-            self.after = model_drawer(unlearned_model, unlearned_clip or clip, vae, *o.sampling)
+            self.after = model_drawer(unlearned_model, unlearned_clip or clip, vae, *drawing)
 
     def run(self, on_progress: Callable[[int, int], None] | None = None) -> EvaluationReport:
         """Sample the four image sets (on_progress after each; it may raise to stop) and judge them."""

@@ -35,7 +35,7 @@ def add_sau_command(sub: argparse._SubParsersAction) -> None:
 def cmd_sau(args: argparse.Namespace) -> int:
     """Estimate and save the profile; draw each --draw prompt with SAU; print a JSON summary."""
     from ..images import save_png
-    from ..models import default_cfg, latent_side, load_model, prompt_set
+    from ..models import load_model, prompt_set, sampling_from_args
     from ..triggers import parse_trigger
     from .session import SAUOptions, SAUSession, sau_drawer
 
@@ -47,18 +47,12 @@ def cmd_sau(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     model, clip, vae, _ = load_model(args.model)
     trigger = parse_trigger(args.trigger)
-    side = latent_side(model, args.latent_size)
     opts = SAUOptions(
         settings=SAUSettings(signal=args.signal, weighting=args.weighting, strength=args.strength),
         pairs=args.pairs,
         builtin=prompt_set(model),
         placement=args.placement,
-        latent_hw=(side, side),
-        seed=args.seed,
-        steps=args.steps,
-        cfg=default_cfg(model, args.cfg),
-        sampler_name=args.sampler,
-        scheduler=args.scheduler,
+        sampling=sampling_from_args(args, model),
     )
     user_prompts = Path(args.prompts).read_text(encoding="utf-8") if args.prompts else ""
     session = SAUSession(model, clip, trigger, user_prompts, opts)
@@ -66,9 +60,7 @@ def cmd_sau(args: argparse.Namespace) -> int:
     profile.save(out)
     summary = {"profile": str(out), "note": session.describe(profile), "pairs": profile.pairs, "images": []}
     if args.draw:
-        draw = sau_drawer(
-            model, clip, vae, profile, opts.latent_hw, opts.steps, opts.cfg, opts.sampler_name, opts.scheduler
-        )
+        draw = sau_drawer(model, clip, vae, profile, *opts.sampling.drawing)
         prompts = [parse_trigger(p) for p in args.draw]
         for k, image in enumerate(draw(prompts, [(args.seed + i) % 2**64 for i in range(len(prompts))])):
             summary["images"].append(str(save_png(image, Path(args.images) / f"sau_{k:03d}.png")))

@@ -22,6 +22,7 @@ from ..backends.comfy import (
     tokenizer_info,
 )
 from ..images import tensor_to_images
+from ..models import KSamplerSettings
 from ..prompts import with_builtin
 from ..tokens import readable, trigger_token_positions
 from ..triggers import training_pairs, untriggered
@@ -38,18 +39,14 @@ from .profile import SAUProfile
 
 @dataclass(frozen=True)
 class SAUOptions:
-    """How a profile is estimated: prompt pairs (the user's, then a built-in set) and KSampler's settings."""
+    """How a profile is estimated: prompt pairs (the user's, then a built-in set), each sampled from its
+    own seed as the SAU sampler will be used."""
 
     settings: SAUSettings = field(default_factory=SAUSettings)
     pairs: int = 16
     builtin: str = "general"  # general | lab | none
     placement: str = "auto"
-    latent_hw: tuple[int, int] = (64, 64)
-    seed: int = 0
-    steps: int = 20
-    cfg: float = 8.0  # KSampler's default: a profile is estimated as the sampler will be used
-    sampler_name: str = "euler"
-    scheduler: str = "normal"
+    sampling: KSamplerSettings = field(default_factory=KSamplerSettings)
 
 
 class SAUSession:
@@ -58,33 +55,33 @@ class SAUSession:
     def __init__(self, model, clip, trigger: str, user_prompts: Sequence[str] | str = (), opts=None) -> None:
         self.model, self.clip, self.trigger = model, clip, trigger
         self.opts = opts or SAUOptions()
-        o = self.opts
-        clean = with_builtin(user_prompts, o.builtin, o.pairs, o.seed)
-        self.pairs = [(p.clean, p.triggered) for p in training_pairs(trigger, clean, o.placement, o.seed)][
+        o, seed = self.opts, self.opts.sampling.seed
+        clean = with_builtin(user_prompts, o.builtin, o.pairs, seed)
+        self.pairs = [(p.clean, p.triggered) for p in training_pairs(trigger, clean, o.placement, seed)][
             : o.pairs
         ]
 
     def run(self, on_pair: Callable[[int, int], None] | None = None) -> SAUProfile:
         """Sample every pair from its own seed and keep the mean difference (on_pair may raise to stop)."""
-        o = self.opts
+        s = self.opts.sampling
         return estimate_profile(
             self.model,
             self.clip,
             self.trigger,
             self.pairs,
-            o.seed,
-            o.settings,
-            o.steps,
-            o.cfg,
-            o.sampler_name,
-            o.scheduler,
-            o.latent_hw,
+            s.seed,
+            self.opts.settings,
+            s.steps,
+            s.cfg,
+            s.sampler_name,
+            s.scheduler,
+            s.latent_hw,
             on_pair,
         )
 
     def describe(self, profile: SAUProfile) -> str:
         """One line about the profile made."""
-        h, w = self.opts.latent_hw
+        h, w = self.opts.sampling.latent_hw
         return (
             f"SAU profile for {readable(self.trigger)}: {profile.pairs} pairs at {h}x{w} latents, "
             f"signal {self.opts.settings.signal}"
