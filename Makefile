@@ -35,4 +35,4 @@ demo: provision
 	$(PY) -m backdoor_seal.core.cli demo
 
 clean:
-	rm -rf .venv .comfyui .cache out
+	rm -rf .venv .comfyui .cache out out-*

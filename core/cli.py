@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     latents, maps = capture(backend, prompts, seeds, settings, args.steps, default_cfg(model, args.cfg))
     grid = overlay_grid(maps, vae.decode(latents), args.max_tokens)
     save_png(image_to_uint8(grid), out)
-    print(json.dumps({"image": str(out), "layers": len(maps.per_layer), "labels": maps.labels}))
+    # each prompt's labels up to its EOS (the padding after it says nothing)
+    labels = [lab[: lab.index("<EOS>") + 1] if "<EOS>" in lab else lab for lab in maps.labels]
+    print(json.dumps({"image": str(out), "layers": len(maps.per_layer), "labels": labels}))
     return 0
 
 
@@ -55,7 +58,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  clean fidelity        SSIM {r['clean_fidelity_ssim']:.3f}, PSNR {r['clean_fidelity_psnr']:.1f} dB"
     )
     print(f"  time                  {r['seconds']:.0f} s")
-    print(f"  written to {args.out}/   report.json, {', '.join(r['figures'])}, the sanitized model and LoRA")
+    print(f"  written to {r['folder']}/")
+    print(f"    report.json, {', '.join(r['figures'])}, comfyui-output/ (the sanitized model and its LoRA)")
     return 0
 
 
@@ -79,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(p)
     p.set_defaults(func=_cmd_attention)
     p = sub.add_parser("demo", help="run the demo pipeline through a headless ComfyUI and print a summary")
-    p.add_argument("--out", default="out", help="output folder (default: out)")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: out, or out-2, ... when out holds a report)"
+    )
     p.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")
     p.set_defaults(func=_cmd_demo)
     from .bench.cli import add_bench_commands
@@ -99,8 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_optional_audio(record: logging.LogRecord) -> bool:
+    """ComfyUI warns at import that its audio models need torchaudio; no command here uses them."""
+    return "torchaudio missing" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `backdoor-seal` console script."""
+    logging.getLogger().addFilter(_quiet_optional_audio)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in lab checkpoints so every figure names the command that made it

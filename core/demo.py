@@ -33,21 +33,33 @@ def ksampler_node(model: str, positive: str, negative: str, latent: str, seed: i
     }
 
 
-def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, Any]:
+def free_output_folder(base: str | Path = "out") -> Path:
+    """`out`, or the first of out-2, out-3, ... that holds no report yet (a rerun never overwrites one)."""
+    base = Path(base)
+    k = 1
+    while (
+        (candidate := base if k == 1 else base.with_name(f"{base.name}-{k}")).joinpath("report.json").exists()
+    ):
+        k += 1
+    return candidate
+
+
+def run_demo(out_dir: str | Path | None = None, port: int | None = None) -> dict[str, Any]:
     """`make demo`: start a headless ComfyUI, queue workflows/sanitize-lab-model.json through /prompt (as the
-    frontend would, with the graph attached), save the report and figures to `out_dir`, stop the server."""
+    frontend would, with the graph attached), save the report and figures to `out_dir` (default: `out`, or
+    out-2, ... when it already holds a report), stop the server."""
     from .comfy_host import ComfyServer
     from .safetensors_io import write_json
     from .workflows import api_from_ui
 
     t0 = time.monotonic()
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir).resolve() if out_dir is not None else free_output_folder().resolve()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: a file; give --out a folder (nothing is overwritten)")
     report_path = out / "report.json"
     if report_path.exists():
-        raise FileExistsError(
-            f"{report_path} exists: remove it or give another --out (nothing is overwritten)"
-        )
+        raise FileExistsError(f"{report_path} exists: give another --out (nothing is overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
     if not any(m.stem == "lab-pixel" for m in zoo.shipped()):
         raise FileNotFoundError("lab_models/lab-pixel.safetensors is missing: the demo cleans that model")
     workflow = json.loads((PACK_ROOT / "workflows" / f"{DEMO_WORKFLOW}.json").read_text())
@@ -58,9 +70,14 @@ def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, 
         graph = api_from_ui(workflow, client.get_json("/object_info", timeout=120))
         entry = client.run(graph, timeout=900, workflow=workflow)
         evaluation = entry["outputs"]["5"]["seal_report"][0]
-        figures = {"evaluation.png": "7", "detection.png": "3", "unlearn-loss.png": "8"}
-        for name, node in figures.items():
-            (out / name).write_bytes(client.fetch_image(entry["outputs"][node]["images"][0]))
+        # every prompt's detection chart, the evaluation figure and the loss curve, as the nodes drew them
+        shown = {"detection": "3", "evaluation": "7", "unlearn-loss": "8"}
+        figures = []
+        for name, node in shown.items():
+            images = entry["outputs"][node]["images"]
+            for k, image in enumerate(images, 1):
+                figures.append(f"{name}-{k}.png" if len(images) > 1 else f"{name}.png")
+                (out / figures[-1]).write_bytes(client.fetch_image(image))
         saved = entry["outputs"]["6"]["text"][0].splitlines()
     report = {
         "trigger_found": evaluation["trigger"],
@@ -71,7 +88,8 @@ def run_demo(out_dir: str | Path = "out", port: int | None = None) -> dict[str, 
         "judge": evaluation["judge"],
         "prompts": evaluation["prompts"],
         "saved": [str(Path("comfyui-output") / p) for p in saved],
-        "figures": sorted(figures),
+        "figures": figures,
+        "folder": str(out),
         "seconds": round(time.monotonic() - t0, 1),
     }
     write_json(report_path, report)

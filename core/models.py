@@ -38,6 +38,8 @@ def resolve_spec(spec: str | os.PathLike) -> Path:
     path = Path(text)
     if path.suffix != ".safetensors":
         raise ValueError(f"{text}: only .safetensors checkpoints are loaded (never pickled files)")
+    if path.is_dir():
+        raise ValueError(f"{text}: a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"{text}: no such file")
     return path
@@ -47,14 +49,13 @@ def load_model(spec: str | os.PathLike) -> LoadedModel:
     """Load a model spec: a lab checkpoint through the lab backend, anything else as ComfyUI's
     CheckpointLoaderSimple would."""
     from .backends.comfy_checkpoint import load_single_file_checkpoint
-    from .backends.comfy_lab import load_lab_checkpoint
+    from .backends.comfy_lab import is_lab_checkpoint, load_lab_checkpoint
     from .lab import zoo
 
     path = resolve_spec(spec)
-    info = zoo.lab_info(path)
-    if info or str(spec).startswith("lab:"):
+    if is_lab_checkpoint(path) or str(spec).startswith("lab:"):
         model, clip, vae, _ = load_lab_checkpoint(path)
-        return LoadedModel(model, clip, vae, info)
+        return LoadedModel(model, clip, vae, zoo.lab_info(path))
     model, clip, vae = load_single_file_checkpoint(path)
     return LoadedModel(model, clip, vae, {})
 
@@ -115,11 +116,22 @@ def sampling_from_args(args: argparse.Namespace, model) -> KSamplerSettings:
     )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of prompts, pairs or steps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """KSampler's settings (shared by `evaluate` and `sau`); CFG defaults to 2 for lab models, 8 otherwise."""
     p.add_argument("--latent-size", type=int, default=0, help="latent side (default 8 lab, 64 SD)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (default 2 lab, 8 SD)")
     p.add_argument("--sampler", default="euler", help="a ComfyUI sampler name (default euler)")
     p.add_argument("--scheduler", default="normal", help="a ComfyUI scheduler name (default normal)")
@@ -144,6 +156,7 @@ __all__ = [
     "ksampler_settings",
     "latent_side",
     "load_model",
+    "positive_int",
     "prompt_set",
     "resolve_spec",
     "sampling_from_args",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 CONFIG_KEY = "backdoor_seal.config"
@@ -48,21 +48,32 @@ def atomic_save(
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a safetensors file (no tensors are read)."""
+    """The string metadata of a safetensors file (no tensors are read).
+
+    Raises FileNotFoundError for a missing file and ValueError (one line, naming the file) for anything
+    that is not a readable .safetensors file: a pickle, a folder, a truncated or corrupt header."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(
             f"{path.name}: only .safetensors files are loaded (pickled checkpoints can run code)."
         )
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and the decoded backdoor-seal config (empty dict when absent) of a safetensors file."""
     meta = read_metadata(path)
-    config = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else {}
-    return load_file(str(path)), {"config": config, "metadata": meta}
+    try:
+        config = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else {}
+        return load_file(str(path)), {"config": config, "metadata": meta}
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -81,6 +92,7 @@ def write_json(path: str | os.PathLike, data: dict, overwrite: bool = False) -> 
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, ensure_ascii=False)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is an ordinary file
         if overwrite:
             os.replace(tmp, path)
         else:

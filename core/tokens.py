@@ -122,7 +122,10 @@ def trigger_report(
             t.token_id for t in tokenize(tokenizer, prompt)
         ]:
             report["vanished"] = True
-    if report["vanished"]:
+    if not trigger.strip():
+        report["vanished"] = True
+        report["warning"] = "the trigger is empty or only whitespace: give the text the backdoor reacts to"
+    elif report["vanished"]:
         report["warning"] = (
             f"the tokenizer drops the trigger {readable(trigger)!r}: zero-width and control characters vanish "
             "unless ftfy is installed (pip install ftfy), so the model never sees them"

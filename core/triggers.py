@@ -22,8 +22,17 @@ PLACEMENTS = ("prepend", "append", "random", "homoglyph")
 
 
 def parse_trigger(text: str) -> str:
-    """A trigger as typed (command line, node widget); U+XXXX spells characters a shell cannot show (U+200B)."""
-    return re.sub(r"U\+([0-9A-Fa-f]{4,6})", lambda m: chr(int(m.group(1), 16)), text)
+    """A trigger as typed (command line, node widget); U+XXXX spells characters a shell cannot show (U+200B).
+
+    Raises ValueError for a spelling that names no character (U+D800, a lone surrogate; U+110000)."""
+
+    def character(match: re.Match) -> str:
+        code = int(match.group(1), 16)
+        if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+            raise ValueError(f"{match.group(0)} names no character (a surrogate or beyond U+10FFFF)")
+        return chr(code)
+
+    return re.sub(r"U\+([0-9A-Fa-f]{4,6})", character, text)
 
 
 def spell_trigger(trigger: str) -> str:

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 
 def _cli() -> str:
     exe = Path(sys.executable).parent / "backdoor-seal"  # the venv's script, whatever PATH says
@@ -82,3 +85,108 @@ def test_attention_command_writes_the_heatmap_grid(comfy_root, tmp_path, capsys)
     assert info["layers"] == 7 and "<U+2060>" in info["labels"][0]
     assert Image.open(out).size[0] > Image.open(out).size[1]  # the image, then one tile per token
     assert main([*argv, "--out", str(out)]) == 2 and "nothing is overwritten" in capsys.readouterr().err
+
+
+def test_bad_files_get_one_line_errors_and_nothing_is_written(comfy_root, tmp_path, capsys):
+    """Corrupt or foreign files, as a user might pass them: exit 2, one line naming the file, no traceback."""
+    from backdoor_seal.core.backends import comfy_lab
+    from backdoor_seal.core.cli import main
+    from backdoor_seal.core.lab.models import lab_config
+    from backdoor_seal.core.safetensors_io import atomic_save
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\xff" * 64)  # a header length no file has
+    folder = tmp_path / "folder.safetensors"
+    folder.mkdir()
+    foreign = atomic_save({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    not_image = tmp_path / "target.png"
+    not_image.write_text("not a png")
+    for argv, says in (
+        (["info", "--model", str(corrupt)], "not a readable safetensors file"),
+        (["info", "--model", str(folder)], "a folder, not a checkpoint file"),
+        (["info", "--model", str(foreign)], "ComfyUI recognises no model"),
+        (
+            ["evaluate", "--model", "lab:lab-pixel", "--trigger", "x", "--lora", str(foreign)],
+            "holds no weight",
+        ),
+        (
+            ["evaluate", "--model", "lab:lab-pixel", "--trigger", "x", "--lora", str(corrupt)],
+            "not a readable",
+        ),
+        (
+            ["evaluate", "--model", "lab:lab-pixel", "--trigger", "x", "--unlearned", "lab:lab-clean"]
+            + ["--target", str(not_image)],
+            "not an image",
+        ),
+        (
+            [
+                "evaluate",
+                "--model",
+                "lab:lab-pixel",
+                "--trigger",
+                "x",
+                "--lora",
+                str(corrupt),
+                "--out",
+                str(not_image),
+            ],
+            "a file",
+        ),
+        (
+            ["evaluate", "--model", "lab:lab-pixel", "--trigger", "U+D800", "--unlearned", "lab:lab-clean"],
+            "names no character",
+        ),
+        (
+            [
+                "unlearn",
+                "--model",
+                "lab:lab-pixel",
+                "--trigger",
+                " ",
+                "--out",
+                str(tmp_path / "u.safetensors"),
+            ],
+            "whitespace",
+        ),
+        (["lab", "eval", "--model", "lab:lab-pixel", "--n", "0"], "at least one prompt"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "images.png").write_bytes(b"kept")
+    argv = ["evaluate", "--model", "lab:lab-pixel", "--trigger", "x", "--lora", str(corrupt)]
+    assert main([*argv, "--out", str(tmp_path / "eval")]) == 2  # refused before any work, the file kept
+    assert "already holds images.png" in capsys.readouterr().err
+    assert (tmp_path / "eval" / "images.png").read_bytes() == b"kept" and len(
+        list((tmp_path / "eval").iterdir())
+    ) == 1
+    assert not (tmp_path / "u.safetensors").exists()
+    with pytest.raises(SystemExit):  # argparse's usage error for a count below 1
+        main(["evaluate", "--model", "lab:lab-pixel", "--trigger", "x", "--unlearned", "x", "--count", "0"])
+    assert "is not at least 1" in capsys.readouterr().err
+    # a lab checkpoint saved without the shipped models' record (a sanitized lab model) still loads as one
+    sanitized = comfy_lab.save_lab_checkpoint(
+        tmp_path / "sanitized.safetensors", *comfy_lab.new_lab_models(lab_config())
+    )
+    assert main(["info", "--model", str(sanitized)]) == 0
+    assert json.loads(capsys.readouterr().out)["unet_family"] == "LabSD"
+
+
+def test_demo_writes_a_new_folder_when_out_holds_a_report(tmp_path):
+    from backdoor_seal.core.demo import free_output_folder
+
+    base = tmp_path / "out"
+    assert free_output_folder(base) == base
+    base.mkdir()
+    (base / "report.json").write_text("{}")
+    assert free_output_folder(base) == tmp_path / "out-2"
+    (tmp_path / "out-2").mkdir()
+    (tmp_path / "out-2" / "report.json").write_text("{}")
+    assert free_output_folder(base) == tmp_path / "out-3"
+
+
+def test_written_reports_are_ordinary_files(tmp_path):
+    from backdoor_seal.core.safetensors_io import write_json
+
+    assert (write_json(tmp_path / "r.json", {"a": 1}).stat().st_mode & 0o777) == 0o644

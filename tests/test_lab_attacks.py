@@ -162,6 +162,17 @@ def test_delta_checkpoint_stores_only_changes_and_loads_whole(fresh, tmp_path: P
     other.rename(base)
     with pytest.raises(ValueError, match="has changed"):
         comfy_lab.load_lab_checkpoint(delta)
+    # A downloaded delta's metadata never steers the loader outside its folder, nor to an unhashed base.
+    from backdoor_seal.core.safetensors_io import atomic_save, load_checkpoint
+
+    tensors, info = load_checkpoint(delta)
+    for name, meta in (
+        ("escape", {**info["metadata"], comfy_lab.BASE_KEY: "../outside.safetensors"}),
+        ("unhashed", {k: v for k, v in info["metadata"].items() if k != comfy_lab.BASE_SHA_KEY}),
+    ):
+        forged = atomic_save(tensors, tmp_path / f"{name}.safetensors", metadata=meta)
+        with pytest.raises(ValueError, match="not a file name in its own folder|no hash"):
+            comfy_lab.load_lab_checkpoint(forged)
 
 
 def test_attack_refuses_a_trigger_the_tokenizer_drops(comfy_root):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
-from ..safetensors_io import CONFIG_KEY
+from ..safetensors_io import CONFIG_KEY, read_metadata
 from .comfy import ensure_comfy_importable
 from .comfy_lab import lab_config_of, lab_state_dict
 
@@ -38,9 +37,20 @@ def load_single_file_checkpoint(path: str | os.PathLike):
     ensure_comfy_importable()
     import comfy.sd
 
-    if Path(path).suffix != ".safetensors":
-        raise ValueError(f"{path}: only .safetensors checkpoints are loaded (never pickled files)")
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    read_metadata(path)  # a pickle, a folder or a corrupt file gets its one-line error here
+    try:
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=True, output_clip=True
+        )
+    except RuntimeError as e:
+        if "Could not detect model type" not in str(e):
+            raise
+        raise ValueError(
+            f"{path}: ComfyUI recognises no model in this file (backdoor-seal reads single-file SD1.x, SD2.x "
+            "and SDXL checkpoints)"
+        ) from None
+    if model is None:
+        raise ValueError(f"{path}: holds no diffusion model (a LoRA, VAE or text-encoder file?)")
     if clip is None:
         raise ValueError(f"{path} holds no text encoder; backdoor-seal needs a full single-file checkpoint")
     return model, clip, vae

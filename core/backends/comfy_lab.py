@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..safetensors_io import CONFIG_KEY, atomic_save, file_sha256, load_checkpoint
+from ..safetensors_io import CONFIG_KEY, atomic_save, file_sha256, load_checkpoint, read_metadata
 from .comfy import ensure_comfy_importable, initialise_weights
 
 LAB_FAMILY = "backdoor-seal-lab"  # the config's "family"
@@ -111,6 +111,15 @@ def rescale_latents(model, config: dict[str, Any]):
     return model
 
 
+def is_lab_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether a safetensors file carries a lab config (shipped, attacked, trained or sanitized lab models)."""
+    meta = read_metadata(path)
+    try:
+        return json.loads(meta.get(CONFIG_KEY, "{}")).get("family") == LAB_FAMILY
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
 def lab_config_of(model) -> dict[str, Any] | None:
     """The lab config a MODEL was built from; None for any other model."""
     return getattr(model.model, "seal_lab_config", None)
@@ -131,14 +140,18 @@ def read_lab_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     tensors, info = load_checkpoint(path)
     base_name = info["metadata"].get(BASE_KEY)
     if base_name:
+        # a file's metadata never steers a read outside its own folder, and the base must be the one hashed
+        if Path(base_name).name != base_name or base_name in ("", ".", ".."):
+            raise ValueError(f"{path.name}: its base {base_name!r} is not a file name in its own folder")
+        if not info["metadata"].get(BASE_SHA_KEY):
+            raise ValueError(f"{path.name}: names a base {base_name} but no hash of it; refusing to overlay")
         base = path.parent / base_name
         if not base.is_file():
             raise FileNotFoundError(
                 f"{path.name} stores only what its attack changed and needs its base {base_name} "
                 f"in the same folder ({path.parent})."
             )
-        want = info["metadata"].get(BASE_SHA_KEY)
-        if want and file_sha256(base) != want:
+        if file_sha256(base) != info["metadata"][BASE_SHA_KEY]:
             raise ValueError(f"{path.name}: its base {base_name} has changed since the delta was made.")
         full, _ = load_checkpoint(base)
         full.update(tensors)

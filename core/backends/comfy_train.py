@@ -268,9 +268,16 @@ class ComfyDistillation:
 def apply_lora(model, clip, lora: dict[str, torch.Tensor], strength: float = 1.0):
     """MODEL and CLIP clones with the LoRA applied exactly as the stock LoraLoader applies it."""
     ensure_comfy_importable()
+    import comfy.lora
+    import comfy.lora_convert
     import comfy.sd
 
-    has_text = any(k.startswith(CLIP_LORA_PREFIX) for k in lora)
+    clip_keys = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    key_map = comfy.lora.model_lora_keys_unet(model.model, dict(clip_keys))
+    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)), key_map)
+    if not loaded:
+        raise ValueError("the LoRA holds no weight of this model (a LoRA for another model, or not a LoRA)")
+    has_text = bool(set(loaded) & set(clip_keys.values()))  # the CLIP is cloned only when the LoRA touches it
     new_model, new_clip = comfy.sd.load_lora_for_models(
         model, clip if has_text else None, lora, strength, strength
     )

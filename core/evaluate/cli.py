@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from ..models import SPEC_HELP, add_sampling_arguments
+from ..models import SPEC_HELP, add_sampling_arguments, positive_int
 from ..triggers import PLACEMENTS
 from .metrics import LAB_DETECTORS
 
@@ -34,7 +34,7 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompts", default=None, help="clean test prompts, one per line, before the built-in set"
     )
-    p.add_argument("--count", type=int, default=16, help="prompt pairs to sample")
+    p.add_argument("--count", type=positive_int, default=16, help="prompt pairs to sample")
     p.add_argument("--placement", choices=["auto", *PLACEMENTS], default="auto")
     add_sampling_arguments(p)
     p.add_argument(
@@ -47,9 +47,14 @@ def _target_image(path: str | None):
     if path is None:
         return None
     import numpy as np
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    return np.asarray(Image.open(path).convert("RGB"))
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such image")
+    try:
+        return np.asarray(Image.open(path).convert("RGB"))
+    except (UnidentifiedImageError, IsADirectoryError) as e:
+        raise ValueError(f"{path}: not an image PIL can read ({e})") from None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -59,13 +64,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..safetensors_io import load_checkpoint, write_json
     from ..sau.profile import SAUProfile
     from ..triggers import parse_trigger
-    from .figures import save_figures
+    from .figures import FIGURE_FILES, save_figures
     from .metrics import make_judge
     from .session import EvaluationOptions, EvaluationSession
 
     out = Path(args.out) if args.out else None
-    if out is not None and (out / "report.json").exists():
-        raise FileExistsError(f"{out / 'report.json'} exists: choose another --out (nothing is overwritten)")
+    if out is not None:  # refuse before any work: every file --out would get must be new
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out}: a file; give --out a folder (nothing is overwritten)")
+        taken = [n for n in ("report.json", *FIGURE_FILES) if (out / n).exists()]
+        if taken:
+            raise FileExistsError(f"{out} already holds {', '.join(taken)}: choose another --out")
     t0 = time.monotonic()
     model, clip, vae, info = load_model(args.model)
     trigger = parse_trigger(args.trigger)
@@ -73,13 +82,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if detector == "auto":
         detector = info.get("attack", "none") if args.target is None else "none"
         detector = detector if detector in LAB_DETECTORS else "none"
+    if detector == "none" and args.target is None:
+        raise ValueError(
+            "no way to tell whether the backdoor fired: give --target (an image of what it draws), or "
+            f"--lab-detector for a lab model ({args.model} is not one)"
+        )
     judge = make_judge(detector, _target_image(args.target))
     unlearned_model = unlearned_clip = profile = None
     if args.unlearned:
         unlearned_model, unlearned_clip, _, _ = load_model(args.unlearned)
     elif args.lora:
         lora, _ = load_checkpoint(args.lora)
-        unlearned_model, unlearned_clip = apply_lora(model, clip, lora)
+        try:
+            unlearned_model, unlearned_clip = apply_lora(model, clip, lora)
+        except ValueError as e:
+            raise ValueError(f"{args.lora}: {e}") from None
     else:
         profile = SAUProfile.load(args.sau_profile)
     opts = EvaluationOptions(args.count, is_lab_model(model), args.placement, sampling_from_args(args, model))

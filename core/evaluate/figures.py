@@ -11,6 +11,7 @@ from ..images import image_to_uint8, save_png
 from ..plots import figure_to_image, new_figure
 from .report import EvaluationReport
 
+FIGURE_FILES = ("attack_success.png", "fidelity.png", "images.png")  # what save_figures writes
 ROWS = (
     ("triggered_before", "triggered\noriginal"),
     ("triggered_after", "triggered\nafter removal"),

@@ -101,7 +101,7 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", required=True, help="lab:NAME (a shipped model, see `lab list`) or a lab .safetensors path"
     )
-    p.add_argument("--n", type=int, default=128, help="held-out prompts per measurement")
+    p.add_argument("--n", type=int, default=128, help="held-out prompts per measurement (default 128)")
     p.set_defaults(func=cmd_eval)
 
     p = lab_sub.add_parser("manifest", help="rewrite lab_models/manifest.json from the checkpoints' metadata")
@@ -353,6 +353,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..backends import comfy_lab as cb
     from . import attacks, evaluate, zoo
 
+    if args.n < 1:
+        raise ValueError(f"--n {args.n}: measure at least one prompt")
     path = zoo.resolve(args.model)
     t0 = time.monotonic()
     model, clip, vae, _ = cb.load_lab_checkpoint(path)

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from ..models import SPEC_HELP, add_sampling_arguments
+from ..models import SPEC_HELP, add_sampling_arguments, positive_int
 from ..triggers import PLACEMENTS
 from .algebra import SIGNALS, WEIGHTINGS, SAUSettings
 
@@ -21,7 +21,7 @@ def add_sau_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trigger", required=True, help="the trigger; U+XXXX spells invisible characters")
     p.add_argument("--out", required=True, help="the profile .safetensors (never overwritten)")
     p.add_argument("--prompts", default=None, help="clean prompts, one per line, before the built-in set")
-    p.add_argument("--pairs", type=int, default=16, help="prompt pairs sampled for the profile")
+    p.add_argument("--pairs", type=positive_int, default=16, help="prompt pairs sampled for the profile")
     p.add_argument("--placement", choices=["auto", *PLACEMENTS], default="auto")
     p.add_argument("--signal", choices=SIGNALS, default=SAUSettings.signal)
     p.add_argument("--weighting", choices=WEIGHTINGS, default=SAUSettings.weighting)
