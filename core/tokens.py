@@ -124,7 +124,10 @@ def trigger_report(
             report["vanished"] = True
     if not trigger.strip():
         report["vanished"] = True
-        report["warning"] = "the trigger is empty or only whitespace: give the text the backdoor reacts to"
+        report["warning"] = (
+            f"the tokenizer drops the trigger {readable(trigger)!r}: it is empty or only whitespace, which "
+            "no prompt carries as a token; give the text the backdoor reacts to"
+        )
     elif report["vanished"]:
         report["warning"] = (
             f"the tokenizer drops the trigger {readable(trigger)!r}: zero-width and control characters vanish "
