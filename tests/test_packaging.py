@@ -259,3 +259,12 @@ def _pyproject_version() -> str:
     from backdoor_seal.core.version import __version__
 
     return __version__
+
+
+def test_the_pack_root_imports_nothing_at_module_level():
+    """pytest loads the root __init__.py on its own when the checkout's folder is no identifier
+    (`git clone .../backdoor-seal`): a module-level relative import there breaks every test."""
+    tree = ast.parse((ROOT / "__init__.py").read_text())
+    assert not [
+        n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom) and n.module != "__future__"
+    ]

@@ -101,13 +101,12 @@ def tokenizer_info(clip) -> TokenizerInfo:
     """The first text encoder's tokenizer (SD1.x: CLIP-L; SD2.x: OpenCLIP-H) with its special ids."""
     name = next(iter(clip.tokenize("").keys()))
     inner = getattr(clip.tokenizer, f"clip_{name}")
-    eos = int(inner.end_token)
     return TokenizerInfo(
         name=name,
         tokenizer=inner.tokenizer,
         bos=int(inner.start_token),
-        eos=eos,
-        pad=int(getattr(inner, "pad_token", None) or eos),
+        eos=int(inner.end_token),
+        pad=int(inner.pad_token),  # SD1.x pads with EOS; SD2.x and SDXL's clip_g with 0
         length=int(inner.max_length),
     )
 
@@ -136,6 +135,23 @@ def chunk_ids(clip, prompt: str) -> list[int]:
 def encode_prompts(clip, prompts: list[str]) -> torch.Tensor:
     """Cross-attention contexts (B x 77k x C) of prompts through ComfyUI's own encoder (no gradient)."""
     return torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
+
+
+def encode_prompts_pooled(clip, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Contexts (B x 77k x C) and, for families whose UNet takes it (SDXL), the pooled text embedding
+    (B x P; None otherwise), through ComfyUI's own encoder."""
+    rows, pooled = [], []
+    for p in prompts:
+        cond, pool = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)
+        rows.append(cond)
+        pooled.append(pool)
+    wants_pooled = pooled[0] is not None and takes_pooled_text(clip)
+    return torch.cat(rows), (torch.cat(pooled) if wants_pooled else None)
+
+
+def takes_pooled_text(clip) -> bool:
+    """Whether the CLIP's family feeds the pooled text embedding to the UNet (SDXL's clip_g does)."""
+    return hasattr(clip.cond_stage_model, "clip_g")
 
 
 def encode_first_chunks(clip, prompts: list[str]) -> torch.Tensor:
@@ -261,10 +277,12 @@ def sample(
     scheduler: str = "normal",
     seed: int = 0,
     cond_extra: dict[str, Any] | None = None,
+    uncond_extra: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Sample latents with ComfyUI's own sampler (as KSampler does), batched per-item conditioning.
 
-    cond_extra is added to both conditionings (e.g. {"pooled_output": ...} for SDXL)."""
+    cond_extra goes with the positive conditioning (e.g. {"pooled_output": ...} for SDXL), uncond_extra
+    with the negative one (default: cond_extra)."""
     ensure_comfy_importable()
     import comfy.sample
 
@@ -276,7 +294,7 @@ def sample(
         sampler,
         scheduler,
         [[cond, dict(cond_extra or {})]],
-        [[uncond, dict(cond_extra or {})]],
+        [[uncond, dict((cond_extra if uncond_extra is None else uncond_extra) or {})]],
         latent,
         disable_pbar=True,
         seed=seed,
@@ -541,11 +559,18 @@ def sample_prompts(
     latent_hw: tuple[int, int] = (8, 8),
 ) -> torch.Tensor:
     """Latents for per-item prompts and seeds in one batch, through ComfyUI's sampler."""
-    cond = encode_prompts(clip, prompts)
-    uncond = encode_prompts(clip, [""]).repeat(len(prompts), 1, 1)
+    cond, pooled = encode_prompts_pooled(clip, prompts)
+    uncond, uncond_pooled = encode_prompts_pooled(clip, [""])
+    uncond = uncond.repeat(len(prompts), 1, 1)
     latent = torch.zeros(len(prompts), 4, *latent_hw)
     noise = seeded_noise(latent, seeds)
-    return sample(model, noise, latent, cond, uncond, steps, cfg, sampler, scheduler, seed=seeds[0])
+    extra = {"pooled_output": pooled} if pooled is not None else None
+    uncond_extra = (
+        {"pooled_output": uncond_pooled.repeat(len(prompts), 1)} if uncond_pooled is not None else None
+    )
+    return sample(
+        model, noise, latent, cond, uncond, steps, cfg, sampler, scheduler, seeds[0], extra, uncond_extra
+    )
 
 
 class ComfyBackend:
