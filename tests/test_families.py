@@ -59,3 +59,40 @@ def test_v_prediction_is_built_when_asked(comfy_root):
     assert cb.describe_model(model)["prediction"] == "V_PREDICTION"
     with pytest.raises(ValueError, match="unknown SD family"):
         comfy_families.build_model("sd3")
+
+
+@pytest.mark.parametrize(("name", "scope"), [("sd15", "text"), ("sd15", "attn2-kv"), ("sd20", "attn2-kv")])
+def test_a_saved_sanitized_checkpoint_is_the_patched_model(comfy_root, tmp_path, name, scope):
+    """Reloaded, the saved file computes what the patched MODEL and CLIP compute, text encoder included,
+    and differs from the input exactly where the LoRA changed it (the silent no-op of wave 1)."""
+    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_families
+    from backdoor_seal.core.safetensors_io import load_checkpoint
+    from backdoor_seal.core.unlearn import skd
+    from backdoor_seal.core.unlearn.save import save_sanitized
+    from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
+
+    model, clip, vae = comfy_families.build_family(name, seed=3)
+    opts = UnlearnOptions(
+        skd=skd.SKDConfig(steps=2, batch=2, lr=1e-2, retain=0.0), scope=scope, builtin_count=4
+    )
+    session = UnlearnSession(model, clip, "cf", opts=opts)
+    session.run()
+    new_model, new_clip, _ = session.outputs()
+    path = save_sanitized(tmp_path / "s.safetensors", new_model, new_clip, vae, None, session.provenance())
+    saved, _ = load_checkpoint(path)
+    reloaded, reclip, _ = comfy_families.load_family_state(saved, name)
+    prompts = ["cf a red cat", "a blue dog"]
+    with torch.inference_mode():
+        want, got = cb.encode_prompts(new_clip, prompts), cb.encode_prompts(reclip, prompts)
+        before = cb.encode_prompts(clip, prompts)
+        assert torch.allclose(want, got, atol=1e-3)
+        assert (scope == "text") == (not torch.allclose(before, got, atol=1e-3))
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        sigma = torch.tensor([5.0])
+        cb.ensure_comfy_importable()
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([new_model, reloaded])
+        outs = [m.model.apply_model(x, sigma, c_crossattn=want[:1]) for m in (new_model, reloaded)]
+    assert torch.allclose(outs[0], outs[1], atol=1e-3)

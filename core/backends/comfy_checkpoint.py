@@ -26,9 +26,9 @@ def merged_checkpoint_state_dict(model, clip, vae) -> tuple[dict[str, torch.Tens
             for k, v in lab_state_dict(model, clip, vae).items()
         }
         return tensors, {CONFIG_KEY: json.dumps(lab_config)}
-    clip_sd = clip.get_sd()
+    # The patches (the LoRA) are merged into the weights by loading; only then are the weights read.
     mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-    sd = model.model.state_dict_for_saving(clip_sd, vae.get_sd(), None)
+    sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
     return {k: v.contiguous() for k, v in sd.items()}, {}
 
 
