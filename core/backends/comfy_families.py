@@ -30,34 +30,24 @@ _UNET_COMMON: dict[str, Any] = {
     "use_temporal_resblock": False,
 }
 
-# comfy/model_detection.py's configs of the real families.
+# comfy/model_detection.py's configs of the real families (SD2.x is SD1.x's UNet with linear
+# projections, OpenCLIP-H's 1024-wide context and 64-channel heads).
+_SD1_FULL: dict[str, Any] = _UNET_COMMON | {
+    "adm_in_channels": None,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+}
 FULL_UNET: dict[str, dict[str, Any]] = {
-    "sd15": _UNET_COMMON
-    | {
-        "adm_in_channels": None,
-        "model_channels": 320,
-        "num_res_blocks": [2, 2, 2, 2],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-        "channel_mult": [1, 2, 4, 4],
-        "transformer_depth_middle": 1,
-        "use_linear_in_transformer": False,
-        "context_dim": 768,
-        "num_heads": 8,
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    },
-    "sd20": _UNET_COMMON
-    | {
-        "adm_in_channels": None,
-        "model_channels": 320,
-        "num_res_blocks": [2, 2, 2, 2],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-        "channel_mult": [1, 2, 4, 4],
-        "transformer_depth_middle": 1,
-        "use_linear_in_transformer": True,
-        "context_dim": 1024,
-        "num_head_channels": 64,
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    },
+    "sd15": _SD1_FULL,
+    "sd20": {k: v for k, v in _SD1_FULL.items() if k != "num_heads"}
+    | {"use_linear_in_transformer": True, "context_dim": 1024, "num_head_channels": 64},
     "sdxl": _UNET_COMMON
     | {
         "num_classes": "sequential",
