@@ -110,8 +110,6 @@ class SealEvaluate(io.ComfyNode):
         report: dict | None = None,
         placement: str = "auto",
     ) -> io.NodeOutput:
-        if unlearned_model is None and sau_profile is None:
-            raise ValueError("nothing to compare: connect the unlearned MODEL, or an SAU profile")
         trigger = parse_trigger(trigger_from(trigger, report))
         embed = clip_vision_embedder(clip_vision) if clip_vision is not None else None
         judge = make_judge(lab_detector, None if target is None else image_to_uint8(target), embed)

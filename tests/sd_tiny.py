@@ -6,47 +6,18 @@ from pathlib import Path
 
 import torch
 
-_COMMON: dict = {
-    "image_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "num_res_blocks": [1, 1],
-    "channel_mult": [1, 2],
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "use_checkpoint": False,
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
-_ATTENTION_BOTH_LEVELS: dict = {
-    "transformer_depth": [1, 1],
-    "transformer_depth_middle": 1,
-    "transformer_depth_output": [1, 1, 1, 1],
-    "adm_in_channels": None,
-}
+from backdoor_seal.core.backends.comfy_families import TINY_UNET
 
-# ComfyUI UNetModel configs (SD15 forces 8 heads, SD20 forces 64-channel heads, as the real families do).
-COMFY_UNET: dict[str, dict] = {
-    "sd15": _COMMON
-    | _ATTENTION_BOTH_LEVELS
-    | {"model_channels": 32, "use_linear_in_transformer": False, "context_dim": 32},
-    "sd21": _COMMON
-    | _ATTENTION_BOTH_LEVELS
-    | {"model_channels": 64, "use_linear_in_transformer": True, "context_dim": 48},
-    # no attention at the top level and a 2-deep transformer below, as SDXL; pooled text + 6 size embeddings
-    "sdxl": _COMMON
-    | {
-        "model_channels": 32,
-        "transformer_depth": [0, 2],
-        "transformer_depth_middle": 2,
-        "transformer_depth_output": [0, 0, 2, 2],
-        "use_linear_in_transformer": True,
-        "context_dim": 64,
-        "num_classes": "sequential",
-        "adm_in_channels": 32 + 6 * 256,
-        "num_head_channels": 16,
-    },
-}
+# The diffusers families' names here; ComfyUI's tiny instances are core/backends/comfy_families' own.
+COMFY_FAMILY = {"sd15": "sd15", "sd21": "sd20", "sdxl": "sdxl"}
+COMFY_UNET: dict[str, dict] = {name: TINY_UNET[family] for name, family in COMFY_FAMILY.items()}
+
+
+def comfy_model(family: str):
+    """A tiny MODEL of ComfyUI's own class for the family (random weights)."""
+    from backdoor_seal.core.backends import comfy_families
+
+    return comfy_families.build_model(COMFY_FAMILY[family])
 
 
 def comfy_conditioning(family: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from sd_tiny import COMFY_UNET, comfy_conditioning, diffusers_backend
+from sd_tiny import comfy_conditioning, comfy_model, diffusers_backend
 
 from backdoor_seal.core import attention
 from backdoor_seal.core.attention import CaptureSettings, CrossAttentionRecorder
@@ -104,9 +104,8 @@ def _comfy_sample(model, family, recorder=None, cfg=3.0, steps=3):
 
 @pytest.mark.parametrize("family", ["sd15", "sd21", "sdxl"])
 def test_comfy_capture_parity_and_maps(comfy_root, family):
-    from backdoor_seal.core.backends import comfy as cb
 
-    model = cb.build_sd_model(family, COMFY_UNET[family])
+    model = comfy_model(family)
     plain = _comfy_sample(model, family)
     rec = CrossAttentionRecorder(CaptureSettings(resolution=8))
     captured = _comfy_sample(model, family, rec)
@@ -123,9 +122,8 @@ def test_comfy_capture_parity_and_maps(comfy_root, family):
 
 def test_comfy_capture_records_the_conditional_half(comfy_root):
     """At step 0 the UNet input does not depend on CFG, so the cond-half maps must not either."""
-    from backdoor_seal.core.backends import comfy as cb
 
-    model = cb.build_sd_model("sd15", COMFY_UNET["sd15"])
+    model = comfy_model("sd15")
     maps = []
     for cfg in (1.0, 5.0):  # cfg 1 skips the unconditional pass altogether
         rec = CrossAttentionRecorder(CaptureSettings(resolution=8, last_step=1))
@@ -135,9 +133,8 @@ def test_comfy_capture_records_the_conditional_half(comfy_root):
 
 
 def test_comfy_capture_chains_an_existing_attn2_patch(comfy_root):
-    from backdoor_seal.core.backends import comfy as cb
 
-    model = cb.build_sd_model("sd15", COMFY_UNET["sd15"]).clone()
+    model = comfy_model("sd15").clone()
     calls = []
 
     def other_patch(q, k, v, extra_options):
@@ -157,7 +154,7 @@ def test_comfy_capture_chains_an_existing_attn2_patch(comfy_root):
 def test_comfy_layer_filter_and_unknown_filter(comfy_root):
     from backdoor_seal.core.backends import comfy as cb
 
-    model = cb.build_sd_model("sd15", COMFY_UNET["sd15"])
+    model = comfy_model("sd15")
     rec = CrossAttentionRecorder(CaptureSettings(layers=("output_blocks",), resolution=8))
     _comfy_sample(model, "sd15", rec)
     assert rec.maps().per_layer and all(n.startswith("output_blocks") for n in rec.maps().per_layer)

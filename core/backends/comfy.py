@@ -134,7 +134,7 @@ def chunk_ids(clip, prompt: str) -> list[int]:
 
 def encode_prompts(clip, prompts: list[str]) -> torch.Tensor:
     """Cross-attention contexts (B x 77k x C) of prompts through ComfyUI's own encoder (no gradient)."""
-    return torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
+    return encode_prompts_pooled(clip, prompts)[0]
 
 
 def encode_prompts_pooled(clip, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -220,28 +220,7 @@ def clip_vision_embedder(clip_vision) -> Callable[[list], torch.Tensor]:
     return embed
 
 
-# --- random-weight instances of the real SD families (tests, benchmarks) ---------------------------
-
-
-SD_FAMILIES = ("sd15", "sd21", "sdxl")
-
-
-def build_sd_model(family: str, unet_config: dict[str, Any], seed: int = 0):
-    """A ComfyUI MODEL of an SD family with this UNet config and random weights (tests, benchmarks)."""
-    ensure_comfy_importable()
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models as sm
-
-    classes = {"sd15": sm.SD15, "sd21": sm.SD20, "sdxl": sm.SDXL}
-    if family not in classes:
-        raise ValueError(f"unknown SD family {family!r}; one of {', '.join(SD_FAMILIES)}")
-    model_config = classes[family](dict(unet_config, dtype=torch.float32))
-    model = model_config.get_model({}, device=mm.unet_offload_device())
-    initialise_weights(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(
-        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
+# --- weights for freshly built modules (the lab, random-weight SD families) ----------------------
 
 
 _INIT_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)

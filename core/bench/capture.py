@@ -11,28 +11,8 @@ import torch
 
 from ..attention import CaptureSettings, CrossAttentionRecorder
 
+
 # Stable Diffusion 1.5's UNet as ComfyUI builds it (860M parameters); random weights suffice for timing.
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "image_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2],
-    "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_middle": 1,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_spatial_transformer": True,
-    "use_linear_in_transformer": False,
-    "legacy": False,
-    "context_dim": 768,
-    "adm_in_channels": None,
-    "use_checkpoint": False,
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
@@ -106,8 +86,9 @@ def bench_lab(
 def bench_sd15(steps: int, repeats: int, settings: CaptureSettings) -> dict[str, Any]:
     """Overhead and parity on an SD1.5-architecture UNet (random weights), 32x32 latents, CFG 7."""
     from ..backends import comfy as cb
+    from ..backends.comfy_families import build_model
 
-    model = cb.build_sd_model("sd15", SD15_UNET_CONFIG)
+    model = build_model("sd15", "full")
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(1, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g)
     latent = torch.zeros(1, 4, 32, 32)
