@@ -154,33 +154,113 @@ def takes_pooled_text(clip) -> bool:
     return hasattr(clip.cond_stage_model, "clip_g")
 
 
-def encode_first_chunks(clip, prompts: list[str]) -> torch.Tensor:
-    """Contexts (B x 77 x C) of each prompt's first 77-token chunk through ComfyUI's own encoder."""
-    rows = []
+def encode_first_chunks(clip, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Contexts (B x 77 x C) of each prompt's first 77-token chunk through ComfyUI's own encoder, and the
+    pooled embeddings (B x P) for families whose UNet takes them (SDXL), else None."""
+    rows, pooled = [], []
     for p in prompts:
         tokens = {k: v[:1] for k, v in clip.tokenize(p).items()}
-        rows.append(clip.encode_from_tokens(tokens))
-    return torch.cat(rows)
+        cond, pool = clip.encode_from_tokens(tokens, return_pooled=True)
+        rows.append(cond)
+        pooled.append(pool)
+    return torch.cat(rows), (torch.cat(pooled) if takes_pooled_text(clip) else None)
 
 
 def encode_id_rows(clip, name: str, rows: list[list[int]], length: int) -> torch.Tensor:
-    """Contexts (B x length x C) for explicit token-id rows of encoder `name`, in one batched CLIP call."""
+    """Contexts (B x length x C) for explicit token-id rows of encoder `name`, in one batched CLIP call;
+    for SDXL the rows feed both encoders and each context carries its pooled embedding as one more row
+    (pack_pooled), since ComfyUI's encoder pools only a prompt's first chunk."""
+    if takes_pooled_text(clip):
+        clip.load_model()
+        ids = torch.tensor(rows, dtype=torch.long, device=_text_device(clip))
+        with torch.no_grad():
+            return pack_pooled(*encode_token_ids_pooled(clip, ids)).float()
     tokens = {name: [[(i, 1.0) for i in row] for row in rows]}
     out = clip.encode_from_tokens(tokens)  # sections come back side by side along the sequence
     return out.reshape(len(rows), length, -1).float()
 
 
-def encode_token_ids(clip, ids: torch.Tensor) -> torch.Tensor:
-    """The cross-attention context (B x 77 x C) of CLIP-L token ids, with gradient.
+def _text_device(clip) -> torch.device:
+    return text_encoders(clip)[0][1].transformer.get_input_embeddings().weight.device
 
-    ComfyUI's CLIPLayer adds residuals in place, which autograd rejects, so this walks the same
-    modules out of place (a test checks it matches ComfyUI's encoder to 1e-5).
-    """
-    tm = text_transformer(clip).text_model
+
+SUPPORTED_FAMILIES = "SD1.x, SD2.x (eps and v-prediction) and SDXL"
+
+
+def supported_family(model) -> str:
+    """The MODEL's family name (ComfyUI's model config class: "SD15", "SD20", "SDXL", ...).
+
+    Raises UnsupportedModelError naming the family for what the pack does not handle: UNets without
+    text cross-attention, DiT/MMDiT families (SD3, Flux), video and image-variation models, and UNets
+    with extra conditioning other than SDXL's pooled text (unCLIP, the SDXL refiner)."""
+    ensure_comfy_importable()
+    import comfy.model_base
+
+    base = model.model
+    family = type(base.model_config).__name__
+    unet = getattr(base, "diffusion_model", None)
+    cross = find_cross_attention_layers(unet) if isinstance(unet, torch.nn.Module) else []
+    if not cross or type(base) not in (comfy.model_base.BaseModel, comfy.model_base.SDXL):
+        raise UnsupportedModelError(
+            f"{family} ({type(base).__name__}) is not a model family backdoor-seal handles: it reads "
+            f"{SUPPORTED_FAMILIES} UNets with text cross-attention"
+        )
+    return family
+
+
+def text_encoders(clip) -> list[tuple[str, Any]]:
+    """The CLIP's text encoders (ComfyUI SDClipModel objects) in the order their contexts sit side by
+    side: [("l", CLIP-L)] for SD1.x, [("h", OpenCLIP-H)] for SD2.x, [("l", CLIP-L), ("g", CLIP-G)] for SDXL
+    (comfy/sdxl_clip.py SDXLClipModel.encode_token_weights concatenates l then g).
+
+    Raises UnsupportedModelError for text encoders that are not CLIP (T5, Llama: SD3, Flux, video)."""
+    csm = clip.cond_stage_model
+    found = [
+        (n, getattr(csm, f"clip_{n}"))
+        for n in ("l", "h", "g")
+        if isinstance(getattr(csm, f"clip_{n}", None), torch.nn.Module)
+    ]
+    if not found:
+        raise UnsupportedModelError(
+            f"the text encoder {type(csm).__name__} is not one backdoor-seal handles: it reads CLIP text "
+            "encoders (SD1.x CLIP-L, SD2.x OpenCLIP-H, SDXL CLIP-L + CLIP-G), not SD3, Flux or video models"
+        )
+    return found
+
+
+def _context_layer(clip, encoder) -> tuple[int | None, bool]:
+    """(index of the layer whose output is the context, None = the last; final norm on it) as ComfyUI's
+    SDClipModel picks it (sd1_clip.py set_clip_options) with the CLIP's last-layer setting applied
+    (CLIPSetLastLayer, "CLIP skip": sd.CLIP.encode_from_tokens sets it before every encode)."""
+    layer, index, _ = encoder.options_default
+    if clip.layer_idx is not None:
+        layer, index = (
+            ("last", None) if abs(clip.layer_idx) > encoder.num_layers else ("hidden", clip.layer_idx)
+        )
+    if layer == "last":
+        return None, True
+    if layer != "hidden" or index is None:
+        raise UnsupportedModelError(f"a text encoder that outputs layer {layer!r} is not supported")
+    return index % encoder.num_layers, bool(encoder.layer_norm_hidden_state)
+
+
+def clip_skip(clip) -> int | None:
+    """The CLIP's last-layer setting (CLIPSetLastLayer's stop_at_clip_layer, -2 = "CLIP skip 2"), or None."""
+    return clip.layer_idx
+
+
+def _walk_encoder(
+    encoder, ids: torch.Tensor, stop: int | None, norm: bool, pooled: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One CLIP text encoder out of place: (context B x L x C, projected pooled B x P or None)."""
+    tm = encoder.transformer.text_model
     x = tm.embeddings(ids, dtype=torch.float32)
     length = x.shape[1]
-    mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype).triu_(1)
-    for layer in tm.encoder.layers:
+    mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu_(1)
+    layers = tm.encoder.layers
+    last = len(layers) - 1 if (stop is None or pooled) else stop
+    hidden = None
+    for i, layer in enumerate(layers[: last + 1]):
         attn = layer.self_attn
         h = layer.layer_norm1(x)
         q, k, v = (
@@ -190,7 +270,83 @@ def encode_token_ids(clip, ids: torch.Tensor) -> torch.Tensor:
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + attn.out_proj(a.transpose(1, 2).flatten(2))
         x = x + layer.mlp(layer.layer_norm2(x))
-    return tm.final_layer_norm(x)
+        if i == stop:
+            hidden = x
+    context = tm.final_layer_norm(x) if stop is None else (tm.final_layer_norm(hidden) if norm else hidden)
+    if not pooled:
+        return context, None
+    # ComfyUI pools at the first EOS (num_tokens - 1 in CLIPTextModel_.forward), then projects.
+    eos = int(encoder.special_tokens["end"])
+    first_eos = (ids == eos).int().argmax(-1)
+    final = tm.final_layer_norm(x)
+    return context, encoder.transformer.text_projection(final[torch.arange(len(ids)), first_eos])
+
+
+def _padded_for(ids: torch.Tensor, encoder) -> torch.Tensor:
+    """Ids with everything after the first EOS set to this encoder's pad id (SDXL: clip_l pads with EOS,
+    clip_g with 0; both tokenizers share one vocabulary, so the ids are otherwise the same)."""
+    eos, pad = int(encoder.special_tokens["end"]), int(encoder.special_tokens["pad"])
+    first_eos = (ids == eos).int().argmax(-1, keepdim=True)
+    after = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) > first_eos
+    return torch.where(after, torch.full_like(ids, pad), ids)
+
+
+def encode_token_ids_pooled(clip, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The cross-attention context (B x 77 x C) of one 77-token chunk of ids (B x 77, BOS ... EOS pad),
+    with gradient, and the pooled text embedding (B x P) for families whose UNet takes it (SDXL), else None.
+
+    Every text encoder of the family (SDXL: CLIP-L and CLIP-G side by side) at the layer ComfyUI
+    encodes with, the CLIP's last-layer setting (CLIP skip) included. ComfyUI's CLIPLayer adds
+    residuals in place, which autograd rejects, so this walks the same modules out of place (tests
+    check it matches ComfyUI's own encoder to 1e-5 for SD1.x, SD2.x and SDXL, with CLIP skip)."""
+    contexts, pooled = [], None
+    wants_pooled = takes_pooled_text(clip)
+    for name, encoder in text_encoders(clip):
+        stop, norm = _context_layer(clip, encoder)
+        rows = _padded_for(ids, encoder)
+        context, pool = _walk_encoder(encoder, rows, stop, norm, pooled=wants_pooled and name == "g")
+        contexts.append(context)
+        pooled = pool if pool is not None else pooled
+    return torch.cat(contexts, -1), pooled
+
+
+def encode_token_ids(clip, ids: torch.Tensor) -> torch.Tensor:
+    """The cross-attention context (B x 77 x C) of token ids, with gradient (see encode_token_ids_pooled)."""
+    return encode_token_ids_pooled(clip, ids)[0]
+
+
+# The pooled text embedding of SDXL travels with its context as one extra row after the tokens
+# (zero-padded to the context width), so jobs can batch, index and pass contexts as one tensor.
+
+
+def pack_pooled(context: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+    """Context (B x L x C) with the pooled embedding (B x P, P <= C) as row L; unchanged when pooled is None."""
+    if pooled is None:
+        return context
+    row = F.pad(pooled.to(context.dtype), (0, context.shape[-1] - pooled.shape[-1])).unsqueeze(1)
+    return torch.cat([context, row], 1)
+
+
+def unet_conditioning(model, packed: torch.Tensor, latent_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The UNet's conditioning inputs for a (packed) context: c_crossattn, and for SDXL the ADM vector y
+    that ComfyUI's sampler builds from the pooled embedding and the image size (model_base.SDXL.encode_adm,
+    samplers.encode_model_conds: width/height = latent x 8, no crop)."""
+    base = model.model
+    if not getattr(base, "adm_channels", 0):
+        return {"c_crossattn": packed}
+    supported_family(model)
+    pooled_width = int(base.adm_channels) - 6 * 256  # SDXL: clip_g's projection + six size embeddings
+    context, pooled = packed[:, :-1], packed[:, -1, :pooled_width]
+    h, w = latent_hw
+    y = base.encode_adm(
+        pooled_output=pooled,
+        width=w * 8,
+        height=h * 8,
+        target_width=w * 8,
+        target_height=h * 8,
+        device=packed.device,
+    )
+    return {"c_crossattn": context, "y": y.to(packed.device, packed.dtype)}
 
 
 def text_conditioning(clip, text: str) -> list:

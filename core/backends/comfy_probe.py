@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from .comfy import chunk_ids, encode_id_rows, ensure_comfy_importable, noise_schedule, tokenizer_info
+from .comfy import (
+    chunk_ids,
+    encode_id_rows,
+    ensure_comfy_importable,
+    noise_schedule,
+    supported_family,
+    tokenizer_info,
+    unet_conditioning,
+)
 
 
 class Attn2OutputRecorder:
@@ -35,6 +43,7 @@ class ComfyProbe:
 
     def __init__(self, model, clip, latent_hw: tuple[int, int] = (8, 8)) -> None:
         ensure_comfy_importable()
+        supported_family(model)
         self.recorder = Attn2OutputRecorder()
         self.model = model.clone()
         self.model.set_model_attn2_output_patch(self.recorder)
@@ -51,7 +60,8 @@ class ComfyProbe:
 
     @torch.no_grad()
     def encode_ids(self, rows: list[list[int]]) -> torch.Tensor:
-        """Contexts (B x length x C) for explicit id sequences, in one batched CLIP call."""
+        """Contexts (B x length x C) for explicit id sequences, in one batched CLIP call (SDXL: one more
+        row carries the pooled embedding; step and x0 take contexts as this returns them)."""
         return encode_id_rows(self.clip, self.clip_name, rows, self.length)
 
     def vocabulary_size(self) -> int:
@@ -92,8 +102,9 @@ class ComfyProbe:
         self.recorder.outputs = {}
         self.recorder.enabled = record
         options = self.model.model_options.get("transformer_options", {})
+        inputs = unet_conditioning(self.model, context.to(device), tuple(noise.shape[-2:]))
         try:
-            denoised = base.apply_model(x, sigma, c_crossattn=context.to(device), transformer_options=options)
+            denoised = base.apply_model(x, sigma, transformer_options=options, **inputs)
         finally:
             self.recorder.enabled = False
         return x.float().cpu(), s.cpu(), denoised.float().cpu()

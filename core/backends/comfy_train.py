@@ -17,12 +17,15 @@ from .comfy import (
     attach_attention_recorder,
     chunk_ids,
     encode_first_chunks,
-    encode_token_ids,
+    encode_token_ids_pooled,
     ensure_comfy_importable,
     latent_channels,
     noise_schedule,
-    text_transformer,
+    pack_pooled,
+    supported_family,
+    text_encoders,
     tokenizer_info,
+    unet_conditioning,
 )
 
 SCOPES = ("attn2-kv", "attn2", "attention", "unet", "text")
@@ -31,7 +34,7 @@ SCOPE_HELP = {
     "attn2": "all cross-attention projections",
     "attention": "all self- and cross-attention projections",
     "unet": "every UNet weight",
-    "text": "the text encoder (where a Rickrolling backdoor lives)",
+    "text": "the text encoder(s) (where a Rickrolling backdoor lives; SDXL: CLIP-L and CLIP-G)",
 }
 UNET_MODULE_PREFIX = "diffusion_model."
 CLIP_LORA_PREFIX = "text_encoders."  # comfy.lora.model_lora_keys_clip's key form
@@ -132,14 +135,8 @@ class ComfyDistillation:
             raise ValueError(f"teacher must be 'switch' or 'copy', got {teacher!r}")
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
-        unet = getattr(model.model, "diffusion_model", None)
-        if unet is None:
-            raise ValueError(f"{type(model.model).__name__} has no UNet to unlearn in")
-        if getattr(model.model, "adm_channels", 0):
-            raise ValueError(
-                "SKD here supports SD1.x/SD2.x-style UNets conditioned on text only; SDXL's pooled "
-                "conditioning is not wired in yet"
-            )
+        supported_family(model)
+        unet = model.model.diffusion_model
         self.scope, self.rank = scope, rank
         self.switch = DeltaSwitch()
         self.model = model.clone()
@@ -147,7 +144,7 @@ class ComfyDistillation:
         self.device = mm.get_torch_device()
         self.lora: dict[str, torch.Tensor] = {}  # LoRA-file keys -> trained tensors
         self._params: list[torch.nn.Parameter] = []
-        self._text_module = None
+        self.latent_hw = latent_hw
 
         def add(patcher, module_name: str, module: torch.nn.Module, lora_prefix: str) -> None:
             weight = module.weight
@@ -164,7 +161,7 @@ class ComfyDistillation:
             patcher.add_weight_wrapper(f"{module_name}.weight", SwitchedDelta(delta, self.switch))
 
         if scope == "text":
-            self._text_module = text_transformer(self.clip)
+            text_encoders(self.clip)  # a clear error for text encoders other than CLIP
             for name, module in self.clip.cond_stage_model.named_modules():
                 if hasattr(module, "weight_function") and module.weight is not None and _text_selects(name):
                     add(self.clip.patcher, name, module, CLIP_LORA_PREFIX)
@@ -224,14 +221,17 @@ class ComfyDistillation:
         return [chunk_ids(self.clip, p) for p in prompts]
 
     def encode(self, prompts: list[str], student: bool) -> torch.Tensor:
-        """Cross-attention context for the prompts (first 77-token chunk), the delta on or off."""
+        """Cross-attention context of each prompt's first 77-token chunk (B x 77 x C; SDXL: one more row
+        with the pooled embedding), the delta on or off, encoded as the CLIP's own setting encodes
+        (CLIP skip included): with gradient in the text scope, without it otherwise."""
         self.switch.on = student
-        if self._text_module is not None:
+        if self.scope == "text":
             self.clip.load_model()
             ids = torch.tensor(self.token_ids(prompts), device=self.device)
-            return encode_token_ids(self.clip, ids)
-        # .clone(): a normal tensor even when the caller runs in inference mode
-        return encode_first_chunks(self.clip, prompts).clone()
+            return pack_pooled(*encode_token_ids_pooled(self.clip, ids))
+        # ComfyUI's own encoder (the teacher is then the base model exactly); .clone(): a normal
+        # tensor even when the caller runs in inference mode
+        return pack_pooled(*encode_first_chunks(self.clip, prompts)).clone()
 
     def predict(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, student: bool, record: bool
@@ -248,7 +248,8 @@ class ComfyDistillation:
         xin = x.to(self.device) * (s**2 + 1).sqrt()  # calculate_input divides it back to unit variance
         options = dict(self._record_options if record else self._plain_options)
         self.recorder.pop_live()
-        denoised = base.apply_model(xin, sigma, c_crossattn=context, transformer_options=options)
+        inputs = unet_conditioning(patcher, context.to(self.device), self.latent_hw)
+        denoised = base.apply_model(xin, sigma, transformer_options=options, **inputs)
         eps = (xin - denoised.float()) / s
         if not record:
             return eps, None
