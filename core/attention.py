@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -102,7 +103,12 @@ def cross_attention_probabilities(
 
 
 def spatial_shape(queries: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) grid of a layer with this many queries, for a latent of latent_hw."""
+    """The (h, w) grid of a layer with this many queries, for a latent of latent_hw.
+
+    Tries the power-of-two scales a UNet's stride-2 convolutions give (rounding up); raises
+    ValueError when none fits (a patch that rescales features, such as Deep Shrink, can give others:
+    use `layer_grid` with the layer's own activation shape there).
+    """
     lh, lw = latent_hw
     factor = 1
     while factor <= max(lh, lw):
@@ -111,6 +117,25 @@ def spatial_shape(queries: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
             return h, w
         factor *= 2
     raise ValueError(f"{queries} queries do not tile a {lh}x{lw} latent at any power-of-two scale")
+
+
+def layer_grid(
+    queries: int, activations_hw: tuple[int, int] | None, latent_hw: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """The (h, w) grid of one attention call, or None when nothing fits.
+
+    activations_hw is the layer's own input grid (ComfyUI's `activations_shape[-2:]`, set by
+    SpatialTransformer.forward in comfy/ldm/modules/attention.py) and wins when it holds `queries`
+    cells; otherwise the latent's power-of-two scales are tried (`spatial_shape`).
+    """
+    if activations_hw is not None and activations_hw[0] * activations_hw[1] == queries:
+        return int(activations_hw[0]), int(activations_hw[1])
+    if latent_hw is not None:
+        try:
+            return spatial_shape(queries, latent_hw)
+        except ValueError:
+            return None
+    return None
 
 
 @dataclass
@@ -134,11 +159,19 @@ class CrossAttentionRecorder:
 
     One recorder serves every patched layer of a model and all its clones: `copy.deepcopy` returns
     the recorder itself, because ComfyUI deep-copies model options on every clone.
+
+    Calls are summed per (layer, grid, conditional rows, tokens): a layer whose grid changes during
+    a run (Deep Shrink, ComfyUI's PatchModelAddDownscale) keeps one sum per grid, and `maps()` resizes
+    each to the output resolution and weights them by their call counts (bilinear resizing is linear,
+    so this is the mean of the resized maps). Nothing here raises for a call it cannot place: it is
+    skipped with one warning per kind of problem per recorder, because these calls run inside the
+    runtime's attention.
     """
 
     def __init__(self, settings: CaptureSettings | None = None) -> None:
         self.settings = settings or CaptureSettings()
         self.labels: list[list[str]] | None = None
+        self._warned: set[str] = set()  # kinds of problem already warned about (once per recorder)
         self.reset()
 
     def __deepcopy__(self, memo: dict) -> CrossAttentionRecorder:
@@ -146,16 +179,23 @@ class CrossAttentionRecorder:
 
     def reset(self) -> None:
         """Forget everything recorded (a new sampling run)."""
-        self._sums: dict[str, torch.Tensor] = {}  # per layer: (B, queries, tokens), summed over calls
-        self._grids: dict[str, tuple[int, int]] = {}
+        # per (layer, (h, w), rows, tokens): (rows, queries, tokens) summed over calls, and the call count
+        self._sums: dict[tuple[str, tuple[int, int], int, int], torch.Tensor] = {}
+        self._counts: dict[tuple[str, tuple[int, int], int, int], int] = {}
         self._sigma: object = None
         self._step = 0
-        self._counts: dict[str, int] = {}
-        self._step_sums: dict[int, torch.Tensor] = {}
-        self._step_counts: dict[int, int] = {}
+        # per (step, rows, tokens): resized maps (rows, tokens, R, R) summed over calls
+        self._step_sums: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._step_counts: dict[tuple[int, int, int], int] = {}
         self._steps: set[int] = set()
         self._schedule: torch.Tensor | None = None
         self.live: dict[str, list[torch.Tensor]] = {}  # differentiable mode: maps with their graph
+
+    def warn_once(self, kind: str, message: str) -> None:
+        """warnings.warn(message) the first time this kind of problem happens to this recorder."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def step_of(self, schedule: torch.Tensor | None, sigma: torch.Tensor | float | None) -> int:
         """The sampling step a model call belongs to; a new schedule tensor starts a new run."""
@@ -175,11 +215,36 @@ class CrossAttentionRecorder:
         """Whether a call of this layer at this step is recorded."""
         return self.settings.selects_layer(layer) and self.settings.selects_step(step)
 
+    def grids(self) -> dict[str, list[tuple[int, int]]]:
+        """Every (h, w) grid each layer was recorded at, in this run."""
+        out: dict[str, set[tuple[int, int]]] = {}
+        for layer, grid, _, _ in self._sums:
+            out.setdefault(layer, set()).add(grid)
+        return {layer: sorted(g) for layer, g in out.items()}
+
     def _resize(self, maps: torch.Tensor) -> torch.Tensor:
         r = self.settings.resolution
         if maps.shape[-2:] == (r, r):
             return maps
         return F.interpolate(maps, size=(r, r), mode="bilinear", align_corners=False)
+
+    def _label_length(self) -> int | None:
+        lengths = {len(item) for item in self.labels or []}
+        return lengths.pop() if len(lengths) == 1 else None
+
+    def _fold_repeated_keys(self, probs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Undo ComfyUI's padding of a shorter prompt by repetition (CONDCrossAttn.concat in comfy/conds.py).
+
+        When the keys are exact copies of a labelled-length block, each copy got an equal share of the
+        probability: summing the copies gives the prompt's own softmax, one column per label.
+        """
+        length, t = self._label_length(), probs.shape[-1]
+        if not length or t == length or t % length:
+            return probs
+        blocks = k.reshape(k.shape[0], t // length, length, k.shape[-1])
+        if not all(torch.equal(blocks[:, 0], blocks[:, i]) for i in range(1, blocks.shape[1])):
+            return probs
+        return probs.reshape(*probs.shape[:-1], t // length, length).sum(-2)
 
     def record(
         self,
@@ -187,42 +252,52 @@ class CrossAttentionRecorder:
         q: torch.Tensor,
         k: torch.Tensor,
         heads: int,
-        latent_hw: tuple[int, int],
+        latent_hw: tuple[int, int] | None,
         step: int = 0,
         rows: torch.Tensor | slice | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> None:
-        """Record one attn2 call: q (B, N, inner), k (B, T, inner); rows selects the conditional half."""
+        """Record one attn2 call: q (B, N, inner), k (B, T, inner); rows selects the conditional half.
+
+        grid is the layer's own (h, w) when the runtime tells it (it wins when h * w == N); otherwise
+        the grid is found from latent_hw (`spatial_shape`). A call with no conditional rows records
+        nothing; a call whose grid cannot be found is skipped with one warning.
+        """
         if not self.wants(layer, step):
             return
         if rows is not None:
+            if isinstance(rows, torch.Tensor) and rows.numel() == 0:
+                return  # an unconditional-only call (cond and uncond run separately)
             k = k[rows] if k.shape[0] == q.shape[0] else k
             q = q[rows]
+        hw = layer_grid(q.shape[1], grid, latent_hw)
+        if hw is None:
+            self.warn_once(
+                "grid",
+                f"cross-attention capture skipped calls of {layer}: {q.shape[1]} queries fit neither the "
+                f"layer's grid {grid} nor any power-of-two scale of the {latent_hw} latent",
+            )
+            return
         s = self.settings
         if s.differentiable:
-            probs = cross_attention_probabilities(q, k, heads, s.query_chunk)
-            b, n, t = probs.shape
-            maps = probs.transpose(1, 2).reshape(b, t, *spatial_shape(n, latent_hw))
-            self.live.setdefault(layer, []).append(self._resize(maps))
+            probs = self._fold_repeated_keys(cross_attention_probabilities(q, k, heads, s.query_chunk), k)
+            b, _, t = probs.shape
+            self.live.setdefault(layer, []).append(self._resize(probs.transpose(1, 2).reshape(b, t, *hw)))
             return
         with torch.no_grad():
-            probs = cross_attention_probabilities(q, k, heads, s.query_chunk).to("cpu", torch.float32)
+            probs = cross_attention_probabilities(q, k, heads, s.query_chunk)
+            probs = self._fold_repeated_keys(probs, k).to("cpu", torch.float32)
+        b, _, t = probs.shape
         # Bilinear resizing is linear, so the mean of resized maps is the resized mean: sum at the
         # layer's own grid in (B, queries, tokens) layout and resize once, when the maps are read.
-        self._grids.setdefault(layer, spatial_shape(probs.shape[1], latent_hw))
-        self._add(self._sums, self._counts, layer, probs)
+        self._add(self._sums, self._counts, (layer, hw, b, t), probs)
         self._steps.add(step)
         if s.keep_steps:
-            b, n, t = probs.shape
-            maps = self._resize(probs.transpose(1, 2).reshape(b, t, *self._grids[layer]))
-            self._add(self._step_sums, self._step_counts, step, maps)
+            maps = self._resize(probs.transpose(1, 2).reshape(b, t, *hw))
+            self._add(self._step_sums, self._step_counts, (step, b, t), maps)
 
     @staticmethod
     def _add(sums: dict, counts: dict, key, maps: torch.Tensor) -> None:
-        if key in sums and sums[key].shape != maps.shape:
-            raise RuntimeError(
-                f"attention maps of shape {tuple(maps.shape)} do not match the {tuple(sums[key].shape)} "
-                "already recorded: the sampler split one batch across calls; record smaller batches"
-            )
         if key in sums:
             sums[key] += maps
             counts[key] += 1
@@ -230,18 +305,59 @@ class CrossAttentionRecorder:
             sums[key] = maps.clone()
             counts[key] = 1
 
+    def _target(self) -> tuple[int, int] | None:
+        """The (batch, tokens) the maps are given at: the smallest conditional batch seen (larger
+        ones, several positive conditionings in one call, fold onto it) and the labels' token count
+        (else the most recorded one)."""
+        if not self._sums:
+            return None
+        batch = min(b for _, _, b, _ in self._sums)
+        calls: dict[int, int] = {}
+        for (_, _, _, t), n in self._counts.items():
+            calls[t] = calls.get(t, 0) + n
+        length = self._label_length()
+        return batch, length if length in calls else max(calls, key=calls.__getitem__)
+
+    def _mean(self, entries: list[tuple[torch.Tensor, int]], batch: int, tokens: int) -> torch.Tensor | None:
+        """Call-weighted mean of summed maps (rows, tokens, R, R): rows fold onto batch."""
+        total, calls = None, 0
+        for maps, count in entries:
+            rows, t = maps.shape[:2]
+            if t != tokens or rows % batch:
+                self.warn_once(
+                    "shape",
+                    f"some attention maps ({rows} conditional rows, {t} tokens) do not fit the "
+                    f"{batch} x {tokens} recorded most and were left out of the mean",
+                )
+                continue
+            folded = maps.reshape(rows // batch, batch, *maps.shape[1:]).sum(0)
+            total = folded if total is None else total + folded
+            calls += count * (rows // batch)
+        return None if total is None else total / calls
+
     def maps(self) -> AttentionMaps:
         """The recorded maps, averaged over the captured steps (and layers, for the per-step series)."""
-        per_layer = {}
-        for layer, total in self._sums.items():
-            b, n, t = total.shape
-            mean = (total / self._counts[layer]).transpose(1, 2).reshape(b, t, *self._grids[layer])
-            per_layer[layer] = self._resize(mean)
+        target = self._target()
+        per_layer: dict[str, torch.Tensor] = {}
+        per_step: dict[int, torch.Tensor] = {}
+        if target is not None:
+            entries: dict[str, list[tuple[torch.Tensor, int]]] = {}
+            for (layer, hw, b, t), total in self._sums.items():
+                resized = self._resize(total.transpose(1, 2).reshape(b, t, *hw))
+                entries.setdefault(layer, []).append((resized, self._counts[(layer, hw, b, t)]))
+            for layer, items in entries.items():
+                mean = self._mean(items, *target)
+                if mean is not None:
+                    per_layer[layer] = mean
+            steps: dict[int, list[tuple[torch.Tensor, int]]] = {}
+            for key, total in sorted(self._step_sums.items()):
+                steps.setdefault(key[0], []).append((total, self._step_counts[key]))
+            for step, items in steps.items():
+                mean = self._mean(items, *target)
+                if mean is not None:
+                    per_step[step] = mean
         return AttentionMaps(
-            per_layer=per_layer,
-            steps=sorted(self._steps),
-            per_step={k: v / self._step_counts[k] for k, v in sorted(self._step_sums.items())},
-            labels=self.labels,
+            per_layer=per_layer, steps=sorted(self._steps), per_step=per_step, labels=self.labels
         )
 
     def pop_live(self) -> dict[str, torch.Tensor]:

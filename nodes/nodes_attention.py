@@ -24,7 +24,9 @@ class SealAttentionCapture(io.ComfyNode):
             category=CATEGORY,
             description="Encodes the prompt and returns a MODEL whose cross-attention layers record "
             "per-token maps while any sampler runs it. The output itself is unchanged: ComfyUI's own "
-            "attention kernel still computes it. Connect ATTENTION to Seal Attention Heatmaps.",
+            "attention kernel still computes it. Connect ATTENTION to Seal Attention Heatmaps. Works with "
+            "Deep Shrink (maps recorded at each grid are resized and averaged) and with IPAdapter-style "
+            "attention packs placed before or after it; a call it cannot read is skipped with one warning.",
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),

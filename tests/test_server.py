@@ -197,3 +197,47 @@ def test_detect_prompt_report_drives_unlearn_through_the_server(comfy_server):
     assert lines[0].startswith("TRIGGERED") and "\u043e" in lines[0]
     assert len(entry["outputs"]["3"]["images"]) == 2  # one per-token chart per prompt
     assert len(entry["outputs"]["5"]["images"]) == 1  # SealUnlearn ran with the reported trigger
+
+
+@pytest.mark.parametrize(
+    ("factor", "prompt"),
+    [
+        (2.0, "a large red circle"),  # the stock node's defaults: the middle block runs at 2x2, then 4x4
+        (1.5, ", ".join(["a large red circle on the left of a small blue square"] * 33)),  # 3x3; 6 chunks
+    ],
+)
+def test_capture_survives_deep_shrink_and_long_prompts_through_the_server(comfy_server, factor, prompt):
+    """Stock PatchModelAddDownscale (Kohya Deep Shrink) -> SealAttentionCapture -> stock KSampler ->
+    VAEDecode -> SealAttentionHeatmaps. Before the fix the defaults failed when the shrink ended
+    (RuntimeError 'attention maps of shape ... do not match'), factor 1.5 raised ValueError inside the
+    attention patch, and a ~400-token prompt with an empty negative (cond and uncond in separate calls)
+    raised IndexError. Now each gives its heatmap grid and the server log holds no capture warning."""
+    import io
+
+    from PIL import Image
+
+    from backdoor_seal.core.demo import attention_graph
+
+    client = comfy_server.client()
+    graph = attention_graph("lab-untrained.safetensors", prompt)
+    graph["10"] = {
+        "class_type": "PatchModelAddDownscale",
+        "inputs": {
+            "model": ["1", 0],
+            "block_number": 3,
+            "downscale_factor": factor,
+            "start_percent": 0.0,
+            "end_percent": 0.35,
+            "downscale_after_skip": True,
+            "downscale_method": "bicubic",
+            "upscale_method": "bicubic",
+        },
+    }
+    graph["2"]["inputs"]["model"] = ["10", 0]
+    graph["6"]["inputs"]["steps"] = 6
+    entry = client.run(graph, timeout=300)
+    images = entry["outputs"]["9"]["images"]
+    grid = Image.open(io.BytesIO(client.fetch_image(images[0])))
+    assert grid.size[1] == 2 * (128 + 128 // 5)  # one labelled row per image of the batch of two
+    assert grid.size[0] >= 4 * 128  # the image and at least three token overlays
+    assert "cross-attention capture" not in comfy_server.log()
