@@ -208,3 +208,50 @@ def test_the_kohya_lora_loads_in_the_stock_lora_loader(fp16_input, tmp_path, sco
     with caplog.at_level(logging.WARNING):
         comfy.sd.load_lora_for_models(model, clip, {"lora_unet_nowhere.alpha": torch.tensor(1.0)}, 1.0, 1.0)
     assert _lora_not_loaded(caplog)
+
+
+@pytest.mark.parametrize("scope", ["attention", "unet"])
+def test_diffusers_converts_every_key_of_the_kohya_lora_onto_its_unet(comfy_root, tmp_path, scope):
+    """SD1.5: diffusers' own kohya conversion (what `load_lora_weights` runs before applying; `peft`, its
+    LoRA backend, is not installed here) renames every key of the saved file, and each renamed LoRA names a
+    module of the diffusers UNet of the same architecture with the shape its up @ down makes."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+    from safetensors.torch import load_file
+
+    from backdoor_seal.core.backends import comfy_families
+    from backdoor_seal.core.unlearn.save import save_lora
+
+    model, clip, _ = comfy_families.build_family("sd15", seed=2)
+    lora = comfy_families.random_lora(model, clip, scope, seed=3)
+    lora = {k: v for k, v in lora.items() if not k.endswith(".diff")}  # diffusers reads no full deltas
+    kohya = load_file(str(save_lora(tmp_path / "fix.safetensors", lora, model, clip)))
+    tiny = comfy_families.TINY_UNET["sd15"]
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=tuple(tiny["model_channels"] * m for m in tiny["channel_mult"]),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=tiny["num_res_blocks"][0],
+        cross_attention_dim=tiny["context_dim"],
+        attention_head_dim=tiny["num_heads"],
+        norm_num_groups=32,
+    )
+    mapped = _maybe_map_sgm_blocks_to_diffusers(dict(kohya), unet.config)
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(mapped)  # raises on any key left over
+    modules = dict(unet.named_modules())
+    downs = {k: v for k, v in converted.items() if ".down." in k}
+    assert len(downs) == sum(k.endswith("lora_down.weight") for k in kohya) and len(alphas) == len(downs)
+    for key, down in downs.items():
+        # diffusers' legacy spelling (attn1.processor.to_k_lora) -> the module (attn1.to_k), as its peft step does
+        name = key[len("unet.") :].removesuffix(".down.weight").removesuffix(".lora").removesuffix("_lora")
+        name = name.replace(".processor.", ".")
+        if name.endswith(".to_out"):
+            name += ".0"
+        assert name in modules, key
+        up = converted[key.replace(".down.", ".up.")]
+        weight = modules[name].weight
+        assert (up.shape[0], down[0].numel()) == (weight.shape[0], weight[0].numel()), key

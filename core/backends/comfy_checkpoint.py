@@ -18,7 +18,6 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("text", ("cond_stage_model.", "conditioner.embedders.")),
     ("vae", ("first_stage_model.",)),
 )
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _SAFETENSORS_DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,

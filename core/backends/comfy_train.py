@@ -295,16 +295,15 @@ def kohya_lora(
     Each kohya name is checked against ComfyUI's own key maps (`comfy.lora.model_lora_keys_unet/clip`, the
     names its LoraLoader reads): it must name the same weight the engine key names. Conv LoRAs get their
     4-D kohya shapes from the MODEL's weights. clip may be None for a UNet-only LoRA. Raises ValueError
-    for a key the model does not hold or a family without a kohya layout."""
+    for a key the model does not hold."""
     ensure_comfy_importable()
     import comfy.lora
 
     from .comfy_checkpoint import sd_family
     from .lora_layout import family_of_lora, is_kohya, kohya_metadata, kohya_name, split_key, to_kohya
 
-    family = sd_family(model) or family_of_lora(lora)
-    if family is None:
-        raise ValueError("the kohya layout is written for SD1.x, SD2.x and SDXL models only")
+    family = sd_family(model)  # None for a lab model: SD1.x's rows (its CLIP is an SD1 clip_l), no base named
+    rows = family or family_of_lora(lora) or "sd15"
     clip_keys = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
     key_map = comfy.lora.model_lora_keys_unet(model.model, dict(clip_keys))
     prediction = "v" if getattr(model.model.model_type, "name", "") == "V_PREDICTION" else "epsilon"
@@ -315,9 +314,9 @@ def kohya_lora(
         weights |= clip.cond_stage_model.state_dict()
     names, shapes = {}, {}
     for module in {split_key(k)[0] for k in lora}:
-        target, name = key_map.get(module), kohya_name(module, family)
+        target, name = key_map.get(module), kohya_name(module, rows)
         if target is None or key_map.get(name) != target:
-            raise ValueError(f"{module}: ComfyUI maps no kohya name of this {family} model to this weight")
+            raise ValueError(f"{module}: ComfyUI maps no kohya name of this {rows} model to this weight")
         names[module], shapes[module] = name, tuple(weights[target].shape)
-    tensors = to_kohya(lora, family, names, shapes)
+    tensors = to_kohya(lora, rows, names, shapes)
     return tensors, kohya_metadata(tensors, family, prediction, title)

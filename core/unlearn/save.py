@@ -31,6 +31,7 @@ def free_path(prefix: str | os.PathLike, suffix: str = "") -> Path:
 
 
 LORA_LAYOUTS = ("kohya", "comfy")
+STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def save_sanitized(
@@ -74,6 +75,10 @@ def save_lora(
     if layout not in LORA_LAYOUTS:
         raise ValueError(f"unknown LoRA layout {layout!r}; one of {', '.join(LORA_LAYOUTS)}")
     path = free_path(prefix, "_lora")
+    if path.exists():  # before any conversion: an existing file is never replaced
+        raise FileExistsError(
+            f"{path} already exists; choose another name (backdoor-seal never overwrites files)."
+        )
     meta = {PROVENANCE_KEY: json.dumps(provenance or {}, sort_keys=True)}
     tensors = dict(lora)
     if layout == "kohya":
