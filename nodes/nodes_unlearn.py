@@ -8,7 +8,7 @@ from ..core.backends.comfy_train import SCOPE_HELP, SCOPES
 from ..core.plots import loss_curve_image
 from ..core.prompts import BUILTIN_SETS
 from ..core.triggers import parse_trigger, trigger_from
-from ..core.unlearn.save import save_sanitized
+from ..core.unlearn.save import LORA_LAYOUTS, STORAGE_DTYPES, save_lora, save_sanitized
 from ..core.unlearn.session import UnlearnOptions, UnlearnSession
 from ..core.unlearn.skd import INPUTS, METHODS, PRECISIONS, TARGETS, SKDConfig
 from .common import CATEGORY as ROOT
@@ -191,6 +191,23 @@ class SealSaveSanitized(io.ComfyNode):
                 io.Vae.Input("vae", optional=True),
                 io.LoraModel.Input("lora", optional=True),
                 UnlearnInfo.Input("info", optional=True),
+                io.Combo.Input(
+                    "dtype",
+                    options=list(STORAGE_DTYPES),
+                    default="fp16",
+                    optional=True,  # graphs saved before this input existed still validate
+                    tooltip="Storage dtype of the checkpoint's weights (community SD files are fp16; ComfyUI "
+                    "holds weights in fp32 on CPU). A lab checkpoint is always fp16.",
+                ),
+                io.Combo.Input(
+                    "lora_layout",
+                    options=list(LORA_LAYOUTS),
+                    default="kohya",
+                    optional=True,
+                    tooltip="kohya: lora_unet_* / lora_te*_* with ss_* metadata, read by A1111, Forge, kohya, "
+                    "diffusers and ComfyUI; comfy: ComfyUI's own key names. Connect the MODEL (and CLIP) the "
+                    "LoRA was trained on to get 4-D conv LoRAs and names checked against ComfyUI's key maps.",
+                ),
             ],
             outputs=[io.String.Output("PATHS")],
             is_output_node=True,
@@ -205,6 +222,8 @@ class SealSaveSanitized(io.ComfyNode):
         vae: io.Vae.Type | None = None,
         lora: io.LoraModel.Type | None = None,
         info: dict | None = None,
+        dtype: str = "fp16",
+        lora_layout: str = "kohya",
     ) -> io.NodeOutput:
         if model is None and lora is None:
             raise ValueError("nothing to save: connect a MODEL (with CLIP and VAE) and/or a LORA")
@@ -213,10 +232,14 @@ class SealSaveSanitized(io.ComfyNode):
         provenance = (info or {}).get("provenance", {})
         written = []
         if model is not None:
-            written.append(save_sanitized(output_path(filename_prefix), model, clip, vae, None, provenance))
-        if lora is not None:
+            storage = STORAGE_DTYPES[dtype]
             written.append(
-                save_sanitized(output_path(filename_prefix + "_lora"), lora=lora, provenance=provenance)
+                save_sanitized(
+                    output_path(filename_prefix), model, clip, vae, None, provenance, dtype=storage
+                )
             )
+        if lora is not None:
+            target = output_path(filename_prefix + "_lora")
+            written.append(save_lora(target, lora, model, clip, provenance, layout=lora_layout))
         text = "\n".join(relative_to_output(p) for p in written)
         return io.NodeOutput(text, ui=ui.PreviewText(text))

@@ -9,6 +9,8 @@ checkpoint in a figure of quality: real checkpoints are the user's.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -233,3 +235,67 @@ def load_family_state(
     clip = build_clip(family, size)
     clip.load_sd(config.process_clip_state_dict(state), full_model=True)
     return model, clip, vae
+
+
+# What ComfyUI's detection compares (supported_models_base.BASE.matches) to tell the tiny families apart.
+_DETECTED_KEYS = ("context_dim", "model_channels", "use_linear_in_transformer", "adm_in_channels")
+
+
+@contextmanager
+def tiny_detection() -> Iterator[None]:
+    """Inside, ComfyUI's own checkpoint detection (`comfy.sd.load_checkpoint_guess_config`) recognises the
+    tiny instances' single files: subclasses of SD15 / SD20 / SDXL whose `unet_config` holds the tiny
+    channel counts are put first in `comfy.supported_models.models` (the real classes match only the
+    real widths). Pass `text_options("tiny")` as the loader's te_model_options; the tiny VAE is not
+    detectable (load with output_vae=False)."""
+    ensure_comfy_importable()
+    import comfy.supported_models as sm
+
+    classes = {"sd15": sm.SD15, "sd20": sm.SD20, "sdxl": sm.SDXL}
+    tiny = [
+        type(f"Tiny{cls.__name__}", (cls,), {"unet_config": {k: TINY_UNET[f].get(k) for k in _DETECTED_KEYS}})
+        for f, cls in classes.items()
+    ]
+    saved = list(sm.models)
+    sm.models[:0] = tiny
+    try:
+        yield
+    finally:
+        sm.models[:] = saved
+
+
+def random_lora(
+    model, clip, scope: str, rank: int = 4, seed: int = 0, scale: float = 0.1
+) -> dict[str, torch.Tensor]:
+    """A random nonzero LoRA in the engine's layout (ComfyUI key names, as `ComfyDistillation` writes one)
+    over the weights a scope trains: up (out, rank), down (rank, in*kh*kw), alpha = rank, and a `.diff`
+    for 1-D weights; `text` covers every encoder of the CLIP (SDXL: clip_l and clip_g). For tests of
+    the saved files, which must hold exactly the LoRA whatever it learnt."""
+    from .comfy_train import CLIP_LORA_PREFIX, UNET_MODULE_PREFIX, scope_selects, text_selects
+
+    g = torch.Generator().manual_seed(seed)
+    if scope == "text":
+        root, prefix, selects = clip.cond_stage_model, CLIP_LORA_PREFIX, text_selects
+    else:
+        root, prefix = model.model.diffusion_model, UNET_MODULE_PREFIX
+
+        def selects(name: str) -> bool:
+            return scope_selects(scope, name)
+
+    lora: dict[str, torch.Tensor] = {}
+    for name, module in root.named_modules():
+        weight = getattr(module, "weight", None)
+        if (
+            not hasattr(module, "weight_function")
+            or not isinstance(weight, torch.Tensor)
+            or not selects(name)
+        ):
+            continue
+        key = prefix + name
+        if weight.ndim >= 2:
+            lora[f"{key}.lora_up.weight"] = torch.randn(weight.shape[0], rank, generator=g) * scale
+            lora[f"{key}.lora_down.weight"] = torch.randn(rank, weight[0].numel(), generator=g) * scale
+            lora[f"{key}.alpha"] = torch.tensor(float(rank))
+        else:
+            lora[f"{key}.diff"] = torch.randn(weight.shape, generator=g) * scale * 0.1
+    return lora

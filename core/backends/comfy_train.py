@@ -114,6 +114,9 @@ def _text_selects(name: str) -> bool:
     )
 
 
+text_selects = _text_selects  # public: which text-encoder modules the text scope trains
+
+
 class ComfyDistillation:
     """A ComfyUI MODEL (and CLIP) clone with trainable switchable deltas: SKD's `DistillationModel`."""
 
@@ -283,3 +286,38 @@ def apply_lora(model, clip, lora: dict[str, torch.Tensor], strength: float = 1.0
         model, clip if has_text else None, lora, strength, strength
     )
     return new_model, (new_clip if has_text else clip)
+
+
+def kohya_lora(
+    model, clip, lora: dict[str, torch.Tensor], title: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The engine's LoRA in the kohya layout (`lora_layout.to_kohya`) with its `ss_*` / modelspec metadata.
+
+    Each kohya name is checked against ComfyUI's own key maps (`comfy.lora.model_lora_keys_unet/clip`, the
+    names its LoraLoader reads): it must name the same weight the engine key names. Conv LoRAs get their
+    4-D kohya shapes from the MODEL's weights. clip may be None for a UNet-only LoRA. Raises ValueError
+    for a key the model does not hold."""
+    ensure_comfy_importable()
+    import comfy.lora
+
+    from .comfy_checkpoint import sd_family
+    from .lora_layout import family_of_lora, is_kohya, kohya_metadata, kohya_name, split_key, to_kohya
+
+    family = sd_family(model)  # None for a lab model: SD1.x's rows (its CLIP is an SD1 clip_l), no base named
+    rows = family or family_of_lora(lora) or "sd15"
+    clip_keys = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
+    key_map = comfy.lora.model_lora_keys_unet(model.model, dict(clip_keys))
+    prediction = "v" if getattr(model.model.model_type, "name", "") == "V_PREDICTION" else "epsilon"
+    if is_kohya(lora):
+        return dict(lora), kohya_metadata(lora, family, prediction, title)
+    weights = dict(model.model.state_dict())
+    if clip is not None:
+        weights |= clip.cond_stage_model.state_dict()
+    names, shapes = {}, {}
+    for module in {split_key(k)[0] for k in lora}:
+        target, name = key_map.get(module), kohya_name(module, rows)
+        if target is None or key_map.get(name) != target:
+            raise ValueError(f"{module}: ComfyUI maps no kohya name of this {rows} model to this weight")
+        names[module], shapes[module] = name, tuple(weights[target].shape)
+    tensors = to_kohya(lora, rows, names, shapes)
+    return tensors, kohya_metadata(tensors, family, prediction, title)

@@ -11,6 +11,7 @@ from ..backends.comfy_train import SCOPES
 from ..models import SPEC_HELP
 from ..prompts import BUILTIN_SETS
 from ..triggers import PLACEMENTS
+from .save import LORA_LAYOUTS
 from .session import UnlearnOptions
 from .skd import INPUTS, METHODS, PRECISIONS, TARGETS, SKDConfig
 
@@ -51,6 +52,13 @@ def add_unlearn_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trigger", required=True, help="the trigger; U+XXXX spells invisible characters")
     p.add_argument("--out", required=True, help="sanitized checkpoint .safetensors (never overwritten)")
     p.add_argument("--lora-out", default=None, help="also save the LoRA here (.safetensors)")
+    p.add_argument(
+        "--lora-layout",
+        choices=LORA_LAYOUTS,
+        default="kohya",
+        help="kohya: lora_unet_* / lora_te*_* with ss_* metadata (A1111, Forge, kohya, diffusers, ComfyUI); "
+        "comfy: ComfyUI's own key names",
+    )
     p.add_argument("--prompts", default=None, help="a text file of clean prompts, one per line")
     p.add_argument(
         "--builtin",
@@ -103,10 +111,11 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     """Unlearn, save the sanitized checkpoint (and LoRA), print a JSON summary."""
     from tqdm import tqdm
 
+    from ..backends.comfy_checkpoint import checkpoint_dtypes
     from ..lab.attacks import insertion_for
-    from ..models import load_model, spec_label
+    from ..models import load_model, resolve_spec, spec_label
     from ..triggers import parse_trigger
-    from .save import save_sanitized
+    from .save import save_lora, save_sanitized
     from .session import UnlearnSession
 
     out = Path(args.out)
@@ -131,9 +140,12 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     new_model, new_clip, lora = session.outputs()
     provenance = session.provenance()
     provenance["source"] = spec_label(args.model)
-    saved = [str(save_sanitized(out, new_model, new_clip, vae, None, provenance))]
+    # ComfyUI on CPU holds weights in fp32: the input file's header says what each part was stored in
+    dtypes = None if info else checkpoint_dtypes(resolve_spec(args.model))
+    saved = [str(save_sanitized(out, new_model, new_clip, vae, None, provenance, dtype=dtypes))]
     if args.lora_out:
-        saved.append(str(save_sanitized(Path(args.lora_out), lora=lora, provenance=provenance)))
+        lora_path = save_lora(Path(args.lora_out), lora, model, clip, provenance, layout=args.lora_layout)
+        saved.append(str(lora_path))
     print(
         json.dumps(
             {
