@@ -105,3 +105,29 @@ def test_evaluation_on_every_family(family):
     report = session.run().to_json()
     assert report["prompts"] == 2
     assert report["clean_fidelity_ssim"] == pytest.approx(1.0)  # the same model drew both sides
+
+
+def test_a_trigger_past_the_first_chunk_is_still_unlearned(comfy_root):
+    """Four 83-token prompts with the trigger appended used to train on the first chunk only: loss exactly 0
+    and an all-zero LoRA. Training now sees the chunk around the trigger."""
+    from backdoor_seal.core.backends import comfy_families
+    from backdoor_seal.core.tokens import tokenize
+    from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
+    from backdoor_seal.core.unlearn.skd import SKDConfig
+
+    model, clip, _ = comfy_families.build_family("sd15")
+    long_prompts = [" ".join([w] * 83) for w in ("cat", "dog", "tree", "house")]
+    opts = UnlearnOptions(
+        skd=SKDConfig(steps=2, batch=2, lr=5e-2, retain=0.0),
+        scope="attn2-kv",
+        builtin="none",
+        placement="append",
+    )
+    session = UnlearnSession(model, clip, TRIGGER, long_prompts, opts)
+    tokenizer = session.tokenizer
+    for pair in session.pairs:
+        assert pair.triggered.endswith(TRIGGER) and pair.clean == pair.triggered[: -len(TRIGGER) - 1]
+        assert len(tokenize(tokenizer, pair.triggered)) == 75  # as much of the prompt as one chunk holds
+    result = session.run()
+    assert all(r["loss"] > 0 for r in result.losses)
+    assert any(v.abs().sum() > 0 for k, v in session.lora().items() if k.endswith("lora_up.weight"))

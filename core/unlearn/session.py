@@ -16,7 +16,7 @@ import torch
 
 from ..prompts import with_builtin
 from ..tokens import readable, tokenize, trigger_report
-from ..triggers import training_pairs, trigger_sha256
+from ..triggers import TrainingPair, training_pairs, trigger_sha256
 from ..version import __version__
 from .skd import SKDConfig, UnlearnResult, train_skd
 
@@ -71,6 +71,7 @@ class UnlearnSession:
             self.opts.skd.seed,
             insert,
         )
+        self.pairs = fit_to_chunk(self.pairs, self.tokenizer, tokenizer_info(clip).length - 2)
         with torch.inference_mode(False):
             self.distillation = ComfyDistillation(
                 model,
@@ -80,6 +81,7 @@ class UnlearnSession:
                 latent_hw=self.opts.latent_hw,
                 teacher=teacher,
             )
+        self.pairs = _reaching_pairs(self.pairs, self.distillation, trigger)
         self.result: UnlearnResult | None = None
 
     def run(
@@ -138,3 +140,60 @@ def _random_words(tokenizer) -> list[str]:
     vocab = tokenizer.get_vocab()
     words = [t[:-4] for t in vocab if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].isascii()]
     return sorted(words)[:: max(1, len(words) // 5000)]
+
+
+def fit_to_chunk(pairs: Sequence[TrainingPair], tokenizer, length: int = 75) -> list[TrainingPair]:
+    """Pairs whose triggered prompt is longer than one chunk, cut to the words around the trigger.
+
+    ComfyUI encodes every 77-token chunk (75 tokens between BOS and EOS) on its own, so the chunk that
+    holds the trigger is what carries the backdoor; training sees one chunk, so a long prompt is cut
+    to a window of whole words around the words the trigger changed (the same words kept in the
+    clean twin). Without this a trigger past token 75 never reaches training: the loss is exactly 0.
+    """
+    out = []
+    for pair in pairs:
+        if len(tokenize(tokenizer, pair.triggered)) <= length:
+            out.append(pair)
+            continue
+        clean, triggered = pair.clean.split(" "), pair.triggered.split(" ")
+        pre = 0
+        while pre < min(len(clean), len(triggered)) and clean[pre] == triggered[pre]:
+            pre += 1
+        suf = 0
+        while suf < min(len(clean), len(triggered)) - pre and clean[-1 - suf] == triggered[-1 - suf]:
+            suf += 1
+        left, right = pre, suf  # words kept on each side of the changed words
+
+        def window(words: list[str], lo: int, hi: int) -> str:
+            return " ".join(words[lo : len(words) - hi])
+
+        lo, hi = left, right
+        while lo > 0 or hi > 0:
+            grown = False
+            for side in ("left", "right"):
+                tlo, thi = (lo - 1, hi) if side == "left" else (lo, hi - 1)
+                if min(tlo, thi) < 0:
+                    continue
+                if len(tokenize(tokenizer, window(triggered, tlo, thi))) <= length:
+                    lo, hi, grown = tlo, thi, True
+            if not grown:
+                break
+        out.append(TrainingPair(window(clean, lo, hi), window(triggered, lo, hi)))
+    return out
+
+
+def _reaching_pairs(pairs: Sequence[TrainingPair], distillation, trigger: str) -> list[TrainingPair]:
+    """The pairs whose triggered prompt differs from its clean twin in the chunk training encodes."""
+    kept = []
+    for pair in pairs:
+        ids_t, ids_c = distillation.token_ids([pair.triggered, pair.clean])
+        if ids_t != ids_c:
+            kept.append(pair)
+    if not kept:
+        raise ValueError(
+            f"the trigger {readable(trigger)!r} does not reach the 77-token chunk training encodes in any "
+            "prompt (it sits past a long prompt's first chunk); use shorter prompts or place it earlier"
+        )
+    if len(kept) < len(pairs):
+        warnings.warn(f"{len(pairs) - len(kept)} prompt(s) left out: the trigger is not in their first chunk")
+    return kept
