@@ -195,5 +195,8 @@ def _reaching_pairs(pairs: Sequence[TrainingPair], distillation, trigger: str) -
             "prompt (it sits past a long prompt's first chunk); use shorter prompts or place it earlier"
         )
     if len(kept) < len(pairs):
-        warnings.warn(f"{len(pairs) - len(kept)} prompt(s) left out: the trigger is not in their first chunk")
+        warnings.warn(
+            f"{len(pairs) - len(kept)} prompt(s) left out: the trigger is not in their first chunk",
+            stacklevel=3,
+        )
     return kept
