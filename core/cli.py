@@ -13,7 +13,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .backends.comfy import describe_model
     from .models import load_model
 
-    model, clip, _vae, _ = load_model(args.model)
+    model, clip, _vae, _ = load_model(args.model, args.clip_skip)
     print(json.dumps(describe_model(model, clip), indent=2))
     return 0
 
@@ -30,7 +30,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() or out.suffix.lower() != ".png":
         raise FileExistsError(f"{out}: give a new .png name (nothing is overwritten)")
-    model, clip, vae, _ = load_model(args.model)
+    model, clip, vae, _ = load_model(args.model, args.clip_skip)
     side = latent_side(model, args.latent_size)
     backend = ComfyBackend(model, clip, (side, side), args.sampler, args.scheduler)
     prompts = [parse_trigger(p) for p in args.prompt]
@@ -65,17 +65,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per job."""
-    from .models import SPEC_HELP, add_sampling_arguments
+    from .models import add_model_argument, add_sampling_arguments
     from .version import __version__
 
     parser = argparse.ArgumentParser(prog="backdoor-seal", description=__doc__)
     parser.add_argument("--version", action="version", version=f"backdoor-seal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="describe a model (UNet family, cross-attention layers, tokenizer)")
-    p.add_argument("--model", required=True, help=SPEC_HELP)
+    add_model_argument(p)
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("attention", help="per-token cross-attention heatmaps of prompts (a PNG grid)")
-    p.add_argument("--model", required=True, help=SPEC_HELP)
+    add_model_argument(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable; U+XXXX allowed)")
     p.add_argument("--out", required=True, help="the grid .png (never overwritten)")
     p.add_argument("--max-tokens", type=int, default=8, help="token overlays per image")

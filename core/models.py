@@ -45,9 +45,11 @@ def resolve_spec(spec: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(spec: str | os.PathLike) -> LoadedModel:
+def load_model(spec: str | os.PathLike, clip_skip: int = 0) -> LoadedModel:
     """Load a model spec: a lab checkpoint through the lab backend, anything else as ComfyUI's
-    CheckpointLoaderSimple would."""
+    CheckpointLoaderSimple would; clip_skip N > 0 sets the CLIP's last layer to -N as the stock
+    CLIPSetLastLayer does ("CLIP skip 2" = -2), so every job encodes as the user draws."""
+    from .backends.comfy import with_clip_skip
     from .backends.comfy_checkpoint import load_single_file_checkpoint
     from .backends.comfy_lab import is_lab_checkpoint, load_lab_checkpoint
     from .lab import zoo
@@ -55,9 +57,21 @@ def load_model(spec: str | os.PathLike) -> LoadedModel:
     path = resolve_spec(spec)
     if is_lab_checkpoint(path) or str(spec).startswith("lab:"):
         model, clip, vae, _ = load_lab_checkpoint(path)
-        return LoadedModel(model, clip, vae, zoo.lab_info(path))
-    model, clip, vae = load_single_file_checkpoint(path)
-    return LoadedModel(model, clip, vae, {})
+        info = zoo.lab_info(path)
+    else:
+        (model, clip, vae), info = load_single_file_checkpoint(path), {}
+    return LoadedModel(model, with_clip_skip(clip, clip_skip) if clip_skip else clip, vae, info)
+
+
+def add_model_argument(p: argparse.ArgumentParser, help: str = SPEC_HELP) -> None:
+    """--model and --clip-skip, as every command that loads a model takes them."""
+    p.add_argument("--model", required=True, help=help)
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        default=0,
+        help="encode as CLIPSetLastLayer(-N) does (2 for most SD1.5 fine-tunes; 0: the model's own default)",
+    )
 
 
 def spec_label(spec: str | os.PathLike) -> str:
@@ -150,6 +164,7 @@ __all__ = [
     "SPEC_HELP",
     "KSamplerSettings",
     "LoadedModel",
+    "add_model_argument",
     "add_sampling_arguments",
     "default_cfg",
     "is_lab_model",

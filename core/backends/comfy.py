@@ -228,6 +228,15 @@ def text_encoders(clip) -> list[tuple[str, Any]]:
     return found
 
 
+def with_clip_skip(clip, skip: int):
+    """A clone of the CLIP that encodes from layer -skip, as the stock CLIPSetLastLayer(-skip) makes it."""
+    if skip < 1:
+        raise ValueError(f"CLIP skip must be 1 or more (2 = the penultimate layer), got {skip}")
+    out = clip.clone()
+    out.clip_layer(-skip)
+    return out
+
+
 def _context_layer(clip, encoder) -> tuple[int | None, bool]:
     """(index of the layer whose output is the context, None = the last; final norm on it) as ComfyUI's
     SDClipModel picks it (sd1_clip.py set_clip_options) with the CLIP's last-layer setting applied

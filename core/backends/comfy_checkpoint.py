@@ -191,3 +191,16 @@ def load_single_file_checkpoint(
     with safe_open(str(path), framework="pt") as f:
         _honour_prediction_marker(model, set(f.keys()))
     return model, clip, vae
+
+
+def live_weights(model, clip) -> dict[str, torch.Tensor]:
+    """Every UNet and text-encoder weight as the modules hold it once the patches (LoRA) are loaded, keyed
+    'unet.<name>' / 'text.<name>': read from the live modules, not through the save path, so a check of a
+    saved file against it is independent of how the file was written."""
+    ensure_comfy_importable()
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+    out = {f"unet.{k}": v for k, v in model.model.diffusion_model.state_dict().items()}
+    out.update({f"text.{k}": v for k, v in clip.cond_stage_model.state_dict().items()})
+    return out

@@ -21,6 +21,19 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fullsize(args: argparse.Namespace) -> int:
+    from .fullsize import run
+
+    records = run(args)  # each record is printed as soon as it is measured
+    ok = all(
+        r[k]["rc"] == 0 and all(v for k2, v in r[k].get("check", {}).items() if isinstance(v, bool))
+        for r in records
+        for k in r
+        if k.startswith(("info", "detect", "unlearn_"))
+    )
+    return 0 if ok else 1
+
+
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     """Register `bench capture` under the main parser."""
     bench = sub.add_parser("bench", help="benchmarks that print measured figures as JSON")
@@ -40,6 +53,22 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sd15-repeats", type=int, default=3)
     p.add_argument("--skip-sd15", action="store_true", help="leave out the SD1.5-architecture measurement")
     p.set_defaults(func=_cmd_capture)
+
+    p = bench_sub.add_parser(
+        "fullsize",
+        help="full-size SD1.5 / SDXL random-weight single files through info, detect, unlearn and save: "
+        "peak RAM, seconds per step, saved file == input + LoRA",
+    )
+    p.add_argument("--families", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sd20", "sdxl"])
+    p.add_argument("--scopes", nargs="+", default=["text", "attn2-kv"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "--latent-size", type=int, default=8, help="latent side (8 = 64 px: plumbing, not quality)"
+    )
+    p.add_argument("--workdir", default="out/bench-fullsize", help="where the input and saved files go")
+    p.add_argument("--keep", action="store_true", help="keep the sanitized checkpoints")
+    p.set_defaults(func=_cmd_fullsize)
 
     from ..unlearn.cli import add_unlearn_arguments
 

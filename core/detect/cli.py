@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from ..models import SPEC_HELP
+from ..models import add_model_argument
 from .scan import ScanSettings
 
 
@@ -16,7 +16,7 @@ def _read_lines(path: str) -> list[str]:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help=SPEC_HELP)
+    add_model_argument(p)
     p.add_argument(
         "--clean-prompts",
         default=None,
@@ -57,7 +57,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .prompts import Calibration
     from .session import DetectOptions, PromptDetection
 
-    model, clip, _, info = load_model(args.model)
+    model, clip, _, info = load_model(args.model, args.clip_skip)
     opts = DetectOptions(
         lab=bool(info),
         calibration_prompts=args.calibrate_n,
@@ -90,7 +90,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists():
         raise FileExistsError(f"{out}: give a new name (nothing is overwritten)")
-    model, clip, _, info = load_model(args.model)
+    model, clip, _, info = load_model(args.model, args.clip_skip)
     side = latent_side(model, args.latent_size or 0)
     settings = ScanSettings(
         candidates=args.candidates,

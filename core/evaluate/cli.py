@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from ..models import SPEC_HELP, add_sampling_arguments, positive_int
+from ..models import SPEC_HELP, add_model_argument, add_sampling_arguments, positive_int
 from ..triggers import PLACEMENTS
 from .metrics import LAB_DETECTORS
 
@@ -18,7 +18,7 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="compare a model with what removal made of it: attack success before/after, clean fidelity",
     )
-    p.add_argument("--model", required=True, help=f"the original: {SPEC_HELP}")
+    add_model_argument(p, f"the original: {SPEC_HELP}")
     p.add_argument("--trigger", required=True, help="the trigger; U+XXXX spells invisible characters")
     after = p.add_mutually_exclusive_group(required=True)
     after.add_argument("--unlearned", default=None, help=f"the unlearned model: {SPEC_HELP}")
@@ -76,7 +76,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if taken:
             raise FileExistsError(f"{out} already holds {', '.join(taken)}: choose another --out")
     t0 = time.monotonic()
-    model, clip, vae, info = load_model(args.model)
+    model, clip, vae, info = load_model(args.model, args.clip_skip)
     trigger = parse_trigger(args.trigger)
     detector = args.lab_detector
     if detector == "auto":
@@ -90,7 +90,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     judge = make_judge(detector, _target_image(args.target))
     unlearned_model = unlearned_clip = profile = None
     if args.unlearned:
-        unlearned_model, unlearned_clip, _, _ = load_model(args.unlearned)
+        unlearned_model, unlearned_clip, _, _ = load_model(args.unlearned, args.clip_skip)
     elif args.lora:
         lora, _ = load_checkpoint(args.lora)
         try:

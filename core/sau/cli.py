@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from ..models import SPEC_HELP, add_sampling_arguments, positive_int
+from ..models import add_model_argument, add_sampling_arguments, positive_int
 from ..triggers import PLACEMENTS
 from .algebra import SIGNALS, WEIGHTINGS, SAUSettings
 
@@ -17,7 +17,7 @@ def add_sau_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sau", help="estimate an SAU profile of a known trigger (no training) and draw prompts with it"
     )
-    p.add_argument("--model", required=True, help=SPEC_HELP)
+    add_model_argument(p)
     p.add_argument("--trigger", required=True, help="the trigger; U+XXXX spells invisible characters")
     p.add_argument("--out", required=True, help="the profile .safetensors (never overwritten)")
     p.add_argument("--prompts", default=None, help="clean prompts, one per line, before the built-in set")
@@ -45,7 +45,7 @@ def cmd_sau(args: argparse.Namespace) -> int:
     if args.draw and not args.images:
         raise ValueError("--draw needs --images, the folder the drawn images go to")
     t0 = time.monotonic()
-    model, clip, vae, _ = load_model(args.model)
+    model, clip, vae, _ = load_model(args.model, args.clip_skip)
     trigger = parse_trigger(args.trigger)
     opts = SAUOptions(
         settings=SAUSettings(signal=args.signal, weighting=args.weighting, strength=args.strength),

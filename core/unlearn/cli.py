@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..backends.comfy_train import SCOPES
-from ..models import SPEC_HELP
+from ..models import add_model_argument
 from ..prompts import BUILTIN_SETS
 from ..triggers import PLACEMENTS
 from .save import LORA_LAYOUTS
@@ -48,7 +48,7 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
 def add_unlearn_command(sub: argparse._SubParsersAction) -> None:
     """Register `unlearn` under the main parser."""
     p = sub.add_parser("unlearn", help="unlearn a known trigger (SKD / SKD-CAG) and save the sanitized model")
-    p.add_argument("--model", required=True, help=SPEC_HELP)
+    add_model_argument(p)
     p.add_argument("--trigger", required=True, help="the trigger; U+XXXX spells invisible characters")
     p.add_argument("--out", required=True, help="sanitized checkpoint .safetensors (never overwritten)")
     p.add_argument("--lora-out", default=None, help="also save the LoRA here (.safetensors)")
@@ -123,7 +123,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         if target is not None and (target.exists() or target.suffix != ".safetensors"):
             raise FileExistsError(f"{target}: give a new .safetensors name (nothing is overwritten)")
     trigger = parse_trigger(args.trigger)
-    model, clip, vae, info = load_model(args.model)
+    model, clip, vae, info = load_model(args.model, args.clip_skip)
     user_prompts = Path(args.prompts).read_text(encoding="utf-8").splitlines() if args.prompts else []
     opts = options_from_args(args, lab=bool(info))
     insert = insertion_for(info, trigger) if args.placement == "auto" else None
