@@ -8,13 +8,14 @@ from .nodes_attention import SealAttentionCapture, SealAttentionHeatmaps
 from .nodes_detect import SealDetectPrompt, SealScanModel
 from .nodes_evaluate import SealEvaluate
 from .nodes_info import SealModelInfo
-from .nodes_lab import SealLabCheckpointLoader
+from .nodes_lab import SealLabCheckpointLoader, SealLabFamilyModel
 from .nodes_sau import SealLoadSAUProfile, SealSAUDecode, SealSAUProfile, SealSAUSampler
 from .nodes_unlearn import SealSaveSanitized, SealUnlearn
 
 NODES: list[type[io.ComfyNode]] = [
     SealModelInfo,
     SealLabCheckpointLoader,
+    SealLabFamilyModel,
     SealAttentionCapture,
     SealAttentionHeatmaps,
     SealDetectPrompt,
