@@ -31,12 +31,16 @@ PROMPT = "cf a photo of a red cat sitting on a wooden table"
 
 def build_input(family: str, path: Path) -> dict[str, Any]:
     """A full-size random-weight single file of the family, fp16 like the files users download."""
+    from ..backends.comfy import text_encoders, unet, vae_module
     from ..backends.comfy_checkpoint import merged_checkpoint_state_dict
     from ..backends.comfy_families import build_family
     from ..safetensors_io import atomic_save
 
     t0 = time.monotonic()
     model, clip, vae = build_family(family, "full")
+    # fp16 in place: SDXL's fp32 weights and an fp16 copy would not fit beside each other in 24 GiB
+    for module in [unet(model), vae_module(vae), *(e for _, e in text_encoders(clip))]:
+        module.half()
     tensors, meta = merged_checkpoint_state_dict(model, clip, vae, dtype=torch.float16)
     atomic_save(tensors, path, metadata=meta)
     del model, clip, vae, tensors
