@@ -740,6 +740,7 @@ def attach_attention_recorder(model, recorder: CrossAttentionRecorder):
     family = type(model.model).__name__
     if unet is None:
         raise UnsupportedModelError(f"{family} has no diffusion_model to read cross-attention from")
+    supported_family(model)
     layers = selected_cross_attention(unet, recorder.settings, family)
     patched = model.clone()
     existing = (

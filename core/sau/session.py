@@ -18,6 +18,7 @@ from ..backends.comfy import (
     ksample,
     ksample_pair,
     model_fingerprint,
+    supported_family,
     text_conditioning,
     tokenizer_info,
 )
@@ -53,6 +54,7 @@ class SAUSession:
     """One profile estimation: the prompt pairs it samples, and the profile."""
 
     def __init__(self, model, clip, trigger: str, user_prompts: Sequence[str] | str = (), opts=None) -> None:
+        supported_family(model)
         self.model, self.clip, self.trigger = model, clip, trigger
         self.opts = opts or SAUOptions()
         o, seed = self.opts, self.opts.sampling.seed
