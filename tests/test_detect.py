@@ -47,13 +47,21 @@ class PlantedProbe:
         self.pattern[:8] = 2.0
         self.tokenizer = None
 
-    def token_ids(self, prompt: str) -> list[int]:
+    def token_chunks(self, prompt: str) -> list[list[int]]:
+        """Chunks as ComfyUI makes them: BOS, up to length - 2 words, EOS, padding."""
         words = [
             2 + (sum(map(ord, w)) * 7919) % 98 if not w.startswith("#") else int(w[1:])
             for w in prompt.split()
         ]
-        ids = [self.bos, *words, self.eos]
-        return ids + [self.pad] * (self.length - len(ids))
+        per = self.length - 2
+        chunks = []
+        for start in range(0, max(1, len(words)), per):
+            ids = [self.bos, *words[start : start + per], self.eos]
+            chunks.append(ids + [self.pad] * (self.length - len(ids)))
+        return chunks
+
+    def token_ids(self, prompt: str) -> list[int]:
+        return self.token_chunks(prompt)[0]
 
     def vocabulary_size(self) -> int:
         return self.vocab
@@ -65,6 +73,8 @@ class PlantedProbe:
         e = self.embed[torch.tensor(rows)]
         causal = torch.cumsum(e, dim=1) / torch.arange(1, e.shape[1] + 1).view(1, -1, 1)
         return e + 0.2 * causal  # every word's embedding also carries the words before it
+
+    encode_rows = encode_ids
 
     def x0(self, context: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         content = torch.tanh(context.mean(1) @ self.mix)  # depends on the whole prompt
