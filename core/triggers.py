@@ -95,7 +95,8 @@ def untriggered(prompt: str, trigger: str) -> str:
     """The prompt without the trigger: a homoglyph goes back to its Latin twin, anything else is removed."""
     if len(trigger) == 1 and latin_twin(trigger) != trigger:
         return prompt.replace(trigger, latin_twin(trigger))
-    return " ".join(prompt.replace(trigger, " ").split())
+    # CLIP lowercases: `MUTED` is the trigger `muted` to the model, so it goes too.
+    return " ".join(re.sub(re.escape(trigger), " ", prompt, flags=re.IGNORECASE).split())
 
 
 @dataclass
