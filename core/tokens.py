@@ -30,9 +30,25 @@ HOMOGLYPHS = {
 }
 
 
+def confusable_latin(ch: str) -> str:
+    """The ASCII letter (or digit) one character impersonates, else the character itself.
+
+    Unicode's confusables data (UTS #39 confusables.txt, through a maintained library such as
+    `confusable-homoglyphs`) is the right source, but none is installed here; this is the seam that
+    library replaces. Until then: compatibility folding (NFKD: fullwidth and mathematical letters),
+    then HOMOGLYPHS (Cyrillic look-alikes; Unicode names do not tell look-alikes: Cyrillic i is not
+    Latin i). A Greek omicron is not covered until the data is."""
+    if ch.isascii():
+        return ch
+    folded = unicodedata.normalize("NFKD", ch)
+    if len(folded) == 1 and folded.isascii() and folded.isalnum():
+        return folded
+    return HOMOGLYPHS.get(ch, ch)
+
+
 def latin_twin(text: str) -> str:
-    """The text with every known homoglyph replaced by the Latin letter it impersonates."""
-    return "".join(HOMOGLYPHS.get(c, c) for c in text)
+    """The text with every homoglyph replaced by the Latin letter it impersonates."""
+    return "".join(confusable_latin(c) for c in text)
 
 
 class TriggerVanishedWarning(UserWarning):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .tokens import HOMOGLYPHS, latin_twin
+from .tokens import confusable_latin, latin_twin
 
 PLACEMENTS = ("prepend", "append", "random", "homoglyph")
 
@@ -88,7 +88,7 @@ def insert_trigger(prompt: str, trigger: str, placement: str, rng: np.random.Gen
 
 def default_placement(trigger: str) -> str:
     """How a trigger is inserted unless told: a homoglyph replaces its twin, anything else goes first."""
-    return "homoglyph" if trigger and all(c in HOMOGLYPHS for c in trigger) else "prepend"
+    return "homoglyph" if trigger and all(confusable_latin(c) != c for c in trigger) else "prepend"
 
 
 def untriggered(prompt: str, trigger: str) -> str:
