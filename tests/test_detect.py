@@ -125,6 +125,19 @@ def test_masking_localises_the_planted_trigger():
     assert masking_signals(scores)["masking-unet"] > 3 * masking_signals(clean)["masking-unet"]
 
 
+def test_masking_sees_a_trigger_in_a_later_chunk_and_places_it_there():
+    """ComfyUI encodes a long prompt as chunks (each BOS ... EOS) side by side: a trigger in chunk 2 is
+    masked there, and its position counts over the concatenation (chunk length 16 here)."""
+    probe = PlantedProbe(backdoored=True)
+    settings = MaskingSettings(latent_shape=(4, 4, 4))
+    filler = " ".join(["red circle on sky"] * 4)  # 16 words: chunk 1 holds 14
+    scores = score_prompt(probe, f"{filler} #{TRIGGER} tree", settings)
+    best = int(scores.unet.argmax())
+    assert scores.ids[best] == TRIGGER and scores.positions[best] == 16 + 3  # chunk 2: BOS, 2 words, it
+    clean = score_prompt(probe, f"{filler} tree", settings)
+    assert masking_signals(scores)["masking-unet"] > 3 * masking_signals(clean)["masking-unet"]
+
+
 def test_calibrated_detector_flags_triggered_and_passes_clean_prompts():
     probe = PlantedProbe(backdoored=True)
     settings = MaskingSettings(latent_shape=(4, 4, 4))
