@@ -106,7 +106,7 @@ LONG = ", ".join(["a small red circle on the left"] * 9) + ", a white background
 
 def test_detect_prompt_node_reads_prompts_as_users_write_them(comfy_root):
     """A trigger first in chunk 2 is found and placed there; emphasis is no part of the named trigger; a
-    CJK prompt's byte-level pieces read as whole characters (never U+FFFD)."""
+    clean CJK prompt is clean and its byte-level pieces read as whole characters (never U+FFFD)."""
     from backdoor_seal.nodes.nodes_detect import SealDetectPrompt
 
     model, clip, _, _ = _load("lab-pixel")
@@ -122,6 +122,7 @@ def test_detect_prompt_node_reads_prompts_as_users_write_them(comfy_root):
     assert [t["position"] for t in blamed] == [77 + 1]  # chunk 2, right after its BOS
     assert weighted["poisoned"] and weighted["trigger"] == PIXEL and weighted["trigger_token"] == "<U+2060>"
     assert "(" not in "".join(t["text"] for t in weighted["tokens"])  # ComfyUI's tokens: emphasis parsed
+    assert not cjk["poisoned"]  # no patch on 4/4 images: many byte pieces are no trigger
     texts = [t["text"] for t in cjk["tokens"]] + [t["word"] for t in cjk["tokens"]]
     assert texts and not any("\ufffd" in t for t in texts)
     assert all(t["text"] in prompts[2] for t in cjk["tokens"]) and cjk["tokens"][0]["word"] == prompts[2]

@@ -220,7 +220,12 @@ def detect_prompt(
         units.setdefault(u, []).append(token_scores.ids[k])
     moved = None
     if transplant is not None:
-        per_unit = dict(zip(units, transplant_scores(transplant, list(units.values())), strict=True))
+        raw = transplant_scores(transplant, list(units.values()))
+        # A run of n tokens displaces n of the probe's tokens, and n ordinary shifts add up to about sqrt(n)
+        # of one: on one token's scale, a clean CJK sentence (24 byte pieces, measured 2.68 raw on
+        # lab-pixel against a 2.51 threshold) is ordinary, a homoglyph word (2 pieces) still stands out.
+        sizes = np.sqrt([len(ids) for ids in units.values()])
+        per_unit = dict(zip(units, raw / sizes, strict=True))
         moved = np.array([per_unit[u] for u in unit_of])
     if moved is not None:
         scores["transplant"] = float(moved.max())
