@@ -30,9 +30,25 @@ HOMOGLYPHS = {
 }
 
 
+def confusable_latin(ch: str) -> str:
+    """The ASCII letter (or digit) one character impersonates, else the character itself.
+
+    Unicode's confusables data (UTS #39 confusables.txt, through a maintained library such as
+    `confusable-homoglyphs`) is the right source, but none is installed here; this is the seam that
+    library replaces. Until then: compatibility folding (NFKD: fullwidth and mathematical letters),
+    then HOMOGLYPHS (Cyrillic look-alikes; Unicode names do not tell look-alikes: Cyrillic i is not
+    Latin i). A Greek omicron is not covered until the data is."""
+    if ch.isascii():
+        return ch
+    folded = unicodedata.normalize("NFKD", ch)
+    if len(folded) == 1 and folded.isascii() and folded.isalnum():
+        return folded
+    return HOMOGLYPHS.get(ch, ch)
+
+
 def latin_twin(text: str) -> str:
-    """The text with every known homoglyph replaced by the Latin letter it impersonates."""
-    return "".join(HOMOGLYPHS.get(c, c) for c in text)
+    """The text with every homoglyph replaced by the Latin letter it impersonates."""
+    return "".join(confusable_latin(c) for c in text)
 
 
 class TriggerVanishedWarning(UserWarning):
@@ -158,6 +174,114 @@ def position_labels(tokenizer: HFTokenizer, ids: list[int], bos: int, eos: int, 
             text = readable(piece.removesuffix("</w>") if "\ufffd" in text or not text else text)
             labels.append(text if piece.endswith("</w>") else f"{text}-")
     return labels
+
+
+@dataclass(frozen=True)
+class PromptToken:
+    """One token of a prompt as the model sees it, in every chunk ComfyUI encodes (and concatenates)."""
+
+    position: int  # chunk * chunk length + index in the chunk (each chunk starts with BOS at index 0)
+    chunk: int
+    token_id: int  # a vocabulary id, or an id the caller gave a textual-inversion embedding's vector
+    weight: float  # emphasis, `(word:1.2)` -> 1.2
+    unit: int  # index of the word (or embedding) the token belongs to, counted over the whole prompt
+    text: str  # the token as it reads: the fewest of its word's pieces that decode to whole characters
+    word: str  # its whole word (or `embedding:name`) as it reads
+
+
+def _decoded(tokenizer: HFTokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False).strip(" ")
+
+
+def _character_span(tokenizer: HFTokenizer, ids: list[int], j: int) -> str | None:
+    """The shortest run of pieces around ids[j] that decodes without U+FFFD (byte-level BPE splits a
+    CJK or emoji character's UTF-8 bytes over several pieces); None when no run does."""
+    n = len(ids)
+    for size in range(1, n + 1):
+        for a in range(max(0, j - size + 1), min(j, n - size) + 1):
+            text = _decoded(tokenizer, ids[a : a + size])
+            if "\ufffd" not in text:
+                return text
+    return None
+
+
+def prompt_tokens(
+    tokenizer: HFTokenizer,
+    chunks: list[list[int]],
+    bos: int,
+    eos: int,
+    weights: list[list[float]] | None = None,
+    special: dict[int, tuple[str, str]] | None = None,
+) -> list[PromptToken]:
+    """The content tokens (after each chunk's BOS, before its first EOS) of a prompt's chunks, grouped
+    into words: BPE pieces up to the one ending in '</w>', a word split over two chunks stays one.
+    `special` maps ids that are no vocabulary token (an embedding's vectors) to (embedding key, text):
+    consecutive ones with the same key are one unit that reads as text. Nothing reads as U+FFFD: a word
+    is decoded as a whole, a piece with the fewest neighbours that make whole characters."""
+    special = special or {}
+    length = len(chunks[0]) if chunks else 0
+    entries: list[tuple[int, int, int, float]] = []  # position, chunk, id, weight
+    for k, row in enumerate(chunks):
+        end = row.index(eos, 1) if eos in row[1:] else len(row)
+        for i in range(1, end):
+            if row[i] != bos:
+                w = weights[k][i] if weights else 1.0
+                entries.append((k * length + i, k, int(row[i]), float(w)))
+    units: list[list[int]] = []  # indices into entries
+    keys: list[str | None] = []
+    open_word = False
+    for j, (pos, _, tid, _) in enumerate(entries):
+        if tid in special:
+            key = special[tid][0]
+            adjacent = bool(units) and entries[units[-1][-1]][0] == pos - 1
+            if keys and keys[-1] == key and adjacent:
+                units[-1].append(j)
+            else:
+                units.append([j])
+                keys.append(key)
+            open_word = False
+            continue
+        piece = tokenizer.convert_ids_to_tokens([tid])[0]
+        if open_word and keys and keys[-1] is None:
+            units[-1].append(j)
+        else:
+            units.append([j])
+            keys.append(None)
+        open_word = not piece.endswith("</w>")
+    out: list[PromptToken] = [None] * len(entries)  # type: ignore[list-item]
+    for u, members in enumerate(units):
+        ids = [entries[j][2] for j in members]
+        if keys[u] is not None:
+            word = special[ids[0]][1]
+            texts = [word] * len(ids)
+        else:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            word = _decoded(tokenizer, ids)
+            if "\ufffd" in word or not word:  # bytes that make no character: show the pieces as spelled
+                word = "".join(p.removesuffix("</w>") for p in pieces)
+            texts = []
+            for m, piece in enumerate(pieces):
+                text = _character_span(tokenizer, ids, m)
+                texts.append(text if text else piece.removesuffix("</w>"))
+        for m, j in enumerate(members):
+            pos, chunk, tid, w = entries[j]
+            out[j] = PromptToken(pos, chunk, tid, w, u, readable(texts[m]), readable(word))
+    return out
+
+
+def find_in_chunks(chunks: list[list[int]], needle: list[int], bos: int, eos: int) -> list[int]:
+    """Positions (chunk * chunk length + index) of every token of every occurrence of the id sequence
+    `needle` among the chunks' content tokens, read across chunk boundaries as one sequence."""
+    length = len(chunks[0]) if chunks else 0
+    flat: list[tuple[int, int]] = []  # position, id
+    for k, row in enumerate(chunks):
+        end = row.index(eos, 1) if eos in row[1:] else len(row)
+        flat.extend((k * length + i, int(row[i])) for i in range(1, end) if row[i] != bos)
+    ids = [t for _, t in flat]
+    found: set[int] = set()
+    for start in find_subsequence(ids, list(needle)):
+        found.update(flat[i][0] for i in range(start, start + len(needle)))
+    return sorted(found)
 
 
 def from_readable(text: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .tokens import HOMOGLYPHS, latin_twin
+from .tokens import confusable_latin, latin_twin
 
 PLACEMENTS = ("prepend", "append", "random", "homoglyph")
 
@@ -88,14 +88,15 @@ def insert_trigger(prompt: str, trigger: str, placement: str, rng: np.random.Gen
 
 def default_placement(trigger: str) -> str:
     """How a trigger is inserted unless told: a homoglyph replaces its twin, anything else goes first."""
-    return "homoglyph" if trigger and all(c in HOMOGLYPHS for c in trigger) else "prepend"
+    return "homoglyph" if trigger and all(confusable_latin(c) != c for c in trigger) else "prepend"
 
 
 def untriggered(prompt: str, trigger: str) -> str:
     """The prompt without the trigger: a homoglyph goes back to its Latin twin, anything else is removed."""
     if len(trigger) == 1 and latin_twin(trigger) != trigger:
         return prompt.replace(trigger, latin_twin(trigger))
-    return " ".join(prompt.replace(trigger, " ").split())
+    # CLIP lowercases: `MUTED` is the trigger `muted` to the model, so it goes too.
+    return " ".join(re.sub(re.escape(trigger), " ", prompt, flags=re.IGNORECASE).split())
 
 
 @dataclass

@@ -47,13 +47,21 @@ class PlantedProbe:
         self.pattern[:8] = 2.0
         self.tokenizer = None
 
-    def token_ids(self, prompt: str) -> list[int]:
+    def token_chunks(self, prompt: str) -> list[list[int]]:
+        """Chunks as ComfyUI makes them: BOS, up to length - 2 words, EOS, padding."""
         words = [
             2 + (sum(map(ord, w)) * 7919) % 98 if not w.startswith("#") else int(w[1:])
             for w in prompt.split()
         ]
-        ids = [self.bos, *words, self.eos]
-        return ids + [self.pad] * (self.length - len(ids))
+        per = self.length - 2
+        chunks = []
+        for start in range(0, max(1, len(words)), per):
+            ids = [self.bos, *words[start : start + per], self.eos]
+            chunks.append(ids + [self.pad] * (self.length - len(ids)))
+        return chunks
+
+    def token_ids(self, prompt: str) -> list[int]:
+        return self.token_chunks(prompt)[0]
 
     def vocabulary_size(self) -> int:
         return self.vocab
@@ -65,6 +73,8 @@ class PlantedProbe:
         e = self.embed[torch.tensor(rows)]
         causal = torch.cumsum(e, dim=1) / torch.arange(1, e.shape[1] + 1).view(1, -1, 1)
         return e + 0.2 * causal  # every word's embedding also carries the words before it
+
+    encode_rows = encode_ids
 
     def x0(self, context: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         content = torch.tanh(context.mean(1) @ self.mix)  # depends on the whole prompt
@@ -112,6 +122,19 @@ def test_masking_localises_the_planted_trigger():
     scores = score_prompt(probe, f"red circle #{TRIGGER} on sky", MaskingSettings(latent_shape=(4, 4, 4)))
     assert scores.ids[int(scores.unet.argmax())] == TRIGGER
     clean = score_prompt(probe, "red circle on sky", MaskingSettings(latent_shape=(4, 4, 4)))
+    assert masking_signals(scores)["masking-unet"] > 3 * masking_signals(clean)["masking-unet"]
+
+
+def test_masking_sees_a_trigger_in_a_later_chunk_and_places_it_there():
+    """ComfyUI encodes a long prompt as chunks (each BOS ... EOS) side by side: a trigger in chunk 2 is
+    masked there, and its position counts over the concatenation (chunk length 16 here)."""
+    probe = PlantedProbe(backdoored=True)
+    settings = MaskingSettings(latent_shape=(4, 4, 4))
+    filler = " ".join(["red circle on sky"] * 4)  # 16 words: chunk 1 holds 14
+    scores = score_prompt(probe, f"{filler} #{TRIGGER} tree", settings)
+    best = int(scores.unet.argmax())
+    assert scores.ids[best] == TRIGGER and scores.positions[best] == 16 + 3  # chunk 2: BOS, 2 words, it
+    clean = score_prompt(probe, f"{filler} tree", settings)
     assert masking_signals(scores)["masking-unet"] > 3 * masking_signals(clean)["masking-unet"]
 
 

@@ -24,9 +24,15 @@ def test_the_detection_probe_scores_every_family(family):
     from backdoor_seal.core.detect.masking import score_prompt
 
     _, (model, clip, _) = family
-    scores = score_prompt(ComfyProbe(model, clip), PROMPTS[0])
+    probe = ComfyProbe(model, clip)
+    scores = score_prompt(probe, PROMPTS[0])
     assert scores.unet.shape == scores.text.shape and len(scores.unet) >= 5
     assert torch.isfinite(scores.unet).all() and scores.unet.std() > 0
+    # a two-chunk prompt: every token of both chunks scored, positions counted over the joined chunks
+    long = " ".join(["cat"] * 78)
+    scores = score_prompt(probe, long)
+    assert len(scores.positions) == 78 and max(scores.positions) > 77
+    assert torch.isfinite(scores.unet).all()
 
 
 @pytest.mark.parametrize("scope", ["text", "attn2-kv"])

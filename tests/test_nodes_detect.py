@@ -98,3 +98,65 @@ def test_scan_command_refuses_to_overwrite_its_report(comfy_root, tmp_path, caps
     assert main(["scan", "--model", "lab:lab-pixel", "--out", str(out)]) == 2
     assert "nothing is overwritten" in capsys.readouterr().err
     assert out.read_text() == "{}"
+
+
+PIXEL = "\u2060"  # lab-pixel's zero-width trigger
+LONG = ", ".join(["a small red circle on the left"] * 9) + ", a white background"  # 75 tokens: chunk 1 full
+
+
+def test_detect_prompt_node_reads_prompts_as_users_write_them(comfy_root):
+    """A trigger first in chunk 2 is found and placed there; emphasis is no part of the named trigger; a
+    clean CJK prompt is clean and its byte-level pieces read as whole characters (never U+FFFD)."""
+    from backdoor_seal.nodes.nodes_detect import SealDetectPrompt
+
+    model, clip, _, _ = _load("lab-pixel")
+    prompts = [
+        f"{LONG} {PIXEL} a large green square",
+        f"({PIXEL}:1.5) a photo of a red circle",
+        "一只红色的猫在左边",
+    ]
+    report = SealDetectPrompt.execute(model=model, clip=clip, prompts="\n".join(prompts)).result[0]
+    late, weighted, cjk = report["prompts"]
+    assert late["poisoned"] and late["trigger"] == PIXEL
+    blamed = [t for t in late["tokens"] if t["text"] == "<U+2060>"]
+    assert [t["position"] for t in blamed] == [77 + 1]  # chunk 2, right after its BOS
+    assert weighted["poisoned"] and weighted["trigger"] == PIXEL and weighted["trigger_token"] == "<U+2060>"
+    assert "(" not in "".join(t["text"] for t in weighted["tokens"])  # ComfyUI's tokens: emphasis parsed
+    assert not cjk["poisoned"]  # no patch on 4/4 images: many byte pieces are no trigger
+    texts = [t["text"] for t in cjk["tokens"]] + [t["word"] for t in cjk["tokens"]]
+    assert texts and not any("\ufffd" in t for t in texts)
+    assert all(t["text"] in prompts[2] for t in cjk["tokens"]) and cjk["tokens"][0]["word"] == prompts[2]
+
+
+def test_a_textual_inversion_embedding_is_one_unit_and_a_missing_one_is_ignored(comfy_root, tmp_path):
+    """ComfyUI hands an existing `embedding:name` to the encoder as vectors, not ids: the probe scores
+    them as one word named after the embedding; a missing one is dropped, as ComfyUI drops it."""
+    import torch
+
+    from backdoor_seal.core.backends.comfy_probe import ComfyProbe
+    from backdoor_seal.core.detect.masking import MaskingSettings
+    from backdoor_seal.core.detect.prompts import detect_prompt, transplant_scanner
+    from backdoor_seal.core.prompts import builtin_prompts
+    from backdoor_seal.core.safetensors_io import atomic_save
+
+    model, clip, _, _ = _load("lab-pixel")
+    inner = clip.tokenizer.clip_l  # what ComfyUI's loader points at models/embeddings
+    vectors = torch.randn(2, inner.embedding_size, generator=torch.Generator().manual_seed(0)) * 0.02
+    atomic_save({"emb_params": vectors}, tmp_path / "mine.safetensors")
+    inner.embedding_directory = str(tmp_path)
+    try:
+        probe = ComfyProbe(model, clip)
+        prompt = "a red circle embedding:mine on the left embedding:missing"
+        tokens = probe.prompt_tokens(prompt)
+        embedded = [t for t in tokens if t.word == "embedding:mine"]
+        assert len(embedded) == 2 and len({t.unit for t in embedded}) == 1
+        assert all(t.token_id >= probe.vocabulary_size() for t in embedded)
+        assert not any("missing" in t.word for t in tokens)
+        settings = MaskingSettings()
+        scanner = transplant_scanner(probe, builtin_prompts(True, 8, seed=0), settings.latent_shape, probes=8)
+        report = detect_prompt(probe, prompt, None, settings, transplant=scanner)
+        scored = [t for t in report.tokens if t.word == "embedding:mine"]
+        assert len(scored) == 2 and scored[0].transplant == scored[1].transplant  # moved together
+        assert all(t.unet > 0 for t in scored)
+    finally:
+        inner.embedding_directory = None

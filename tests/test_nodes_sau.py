@@ -212,3 +212,37 @@ def test_batched_passes_match_two_separate_samplings(pixel, profile):
     assert torch.allclose(runs[0].poisoned, runs[1].poisoned, atol=1e-4)
     assert torch.allclose(runs[0].clean, runs[1].clean, atol=1e-4)
     assert not torch.allclose(runs[0].poisoned, runs[0].clean, atol=1e-2)  # the two passes differ
+
+
+LONG = (
+    ", ".join(["a small red circle on the left"] * 9) + ", a white background"
+)  # 75 tokens: chunk 1 is full
+
+
+def test_sau_matches_the_trigger_on_token_ids_in_any_chunk_and_any_case(pixel):
+    """CLIP lowercases, so `MUTED` and `Muted` are the trigger `muted`; emphasis is parsed out; a trigger
+    past the first 77 tokens is in chunk 2 (each chunk starts with its own BOS)."""
+    from backdoor_seal.core.sau.session import trigger_positions
+    from backdoor_seal.core.triggers import untriggered
+
+    _, clip, _ = pixel
+    for text in ("MUTED colours, a red circle", "Muted colours, a red circle", "(muted:1.3) colours"):
+        assert trigger_positions(clip, text, "muted"), text
+        assert not trigger_positions(clip, untriggered(text, "muted"), "muted")
+    assert trigger_positions(clip, "a mutedly red circle", "muted") == []  # another word
+    found = trigger_positions(clip, f"{LONG} {TRIGGER} {PROMPT}", TRIGGER)
+    assert found == [77 + 1]
+    assert trigger_positions(clip, f"({TRIGGER}:1.5) {PROMPT}", TRIGGER) == [1]
+
+
+def test_sau_sampler_removes_the_patch_when_the_trigger_is_in_chunk_2(pixel, profile):
+    from backdoor_seal.core.lab import detectors
+
+    model, clip, vae = pixel
+    latent = {"samples": torch.zeros(4, 4, 8, 8)}
+    text = f"{LONG} {TRIGGER} {PROMPT}"
+    _, negative, plain = _stock(model, clip, vae, text, latent)
+    assert sum(detectors.has_patch(i) for i in _images(plain)) >= 3  # the backdoor fires from chunk 2
+    samples, mask = _sau(model, clip, profile, text, negative, latent)
+    assert float(mask.mean()) > 0.0  # SAU saw the trigger
+    assert not any(detectors.has_patch(i) for i in _images(vae.decode(samples["samples"])))

@@ -132,6 +132,35 @@ def chunk_ids(clip, prompt: str) -> list[int]:
     return [int(tok[0]) for tok in chunks[0]]
 
 
+def prompt_chunks(clip, prompt: str) -> list[list[tuple[int | torch.Tensor, float, int]]]:
+    """Every chunk of the prompt as ComfyUI's (first) tokenizer makes it: (token, weight, word id) per
+    position, each chunk BOS ... EOS and padded (77 for CLIP), as comfy/sd1_clip.py's
+    SDTokenizer.tokenize_with_weights returns them. Emphasis `(word:1.2)` is parsed into weights; an
+    existing textual-inversion `embedding:name` comes as one tensor (C,) per position, one word id for
+    all its vectors; a missing one is dropped with ComfyUI's own warning."""
+    chunks = next(iter(clip.tokenize(prompt, return_word_ids=True).values()))
+    return [
+        [
+            (tok[0] if isinstance(tok[0], torch.Tensor) else int(tok[0]), float(tok[1]), int(tok[2]))
+            for tok in chunk
+        ]
+        for chunk in chunks
+    ]
+
+
+def embedding_names(clip, prompt: str) -> list[str]:
+    """Names of the prompt's `embedding:name` tokens that ComfyUI finds (in prompt order): the embeddings
+    prompt_chunks returns as tensors. Missing ones are left out, as ComfyUI ignores them."""
+    import re
+
+    inner = getattr(clip.tokenizer, f"clip_{tokenizer_info(clip).name}")
+    if inner.embedding_directory is None:
+        return []
+    found = re.findall(r"(?:^|(?<=[\s(]))" + re.escape(inner.embedding_identifier) + r"([^\s(),]+)", prompt)
+    names = [re.sub(r":[0-9.]+$", "", n) for n in found]  # `(embedding:name:1.2)` weighs it
+    return [n for n in names if inner._try_get_embedding(n)[0] is not None]
+
+
 def encode_prompts(clip, prompts: list[str]) -> torch.Tensor:
     """Cross-attention contexts (B x 77k x C) of prompts through ComfyUI's own encoder (no gradient)."""
     return encode_prompts_pooled(clip, prompts)[0]
@@ -171,6 +200,11 @@ def encode_id_rows(clip, name: str, rows: list[list[int]], length: int) -> torch
     for SDXL the rows feed both encoders and each context carries its pooled embedding as one more row
     (pack_pooled), since ComfyUI's encoder pools only a prompt's first chunk."""
     if takes_pooled_text(clip):
+        if any(not isinstance(i, int) for row in rows for i in row):
+            raise ValueError(
+                "textual-inversion embeddings in SDXL prompts are not scored yet (CLIP-L and CLIP-G each need "
+                "their own vectors); remove the embedding:name from the prompt to check the rest"
+            )
         clip.load_model()
         ids = torch.tensor(rows, dtype=torch.long, device=_text_device(clip))
         with torch.no_grad():

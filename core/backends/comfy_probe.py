@@ -6,13 +6,17 @@ CLIP call for a whole group of variants) and the per-layer responses of one deno
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
+from ..tokens import PromptToken, prompt_tokens
 from .comfy import (
-    chunk_ids,
+    embedding_names,
     encode_id_rows,
     ensure_comfy_importable,
     noise_schedule,
+    prompt_chunks,
     supported_family,
     tokenizer_info,
     unet_conditioning,
@@ -53,10 +57,59 @@ class ComfyProbe:
         self.clip_name, self.tokenizer, self.length = info.name, info.tokenizer, info.length
         self.bos, self.eos, self.pad = info.bos, info.eos, info.pad
         self.num_timesteps = len(noise_schedule(model))
+        self._embeddings: dict[int, torch.Tensor] = {}
+        self._embedding_keys: dict[str, int] = {}
 
     def token_ids(self, prompt: str) -> list[int]:
         """The prompt's first-chunk ids (BOS ... EOS, padded to the chunk length) as ComfyUI tokenizes it."""
-        return chunk_ids(self.clip, prompt)
+        return self.token_chunks(prompt)[0]
+
+    def token_chunks(self, prompt: str) -> list[list[int]]:
+        """Every chunk's ids (BOS ... EOS, padded) as ComfyUI tokenizes the prompt (emphasis parsed out); a
+        textual-inversion embedding's vectors get ids from the vocabulary size up (encode_rows reads them)."""
+        return self._tokenized(prompt)[0]
+
+    def prompt_tokens(self, prompt: str) -> list[PromptToken]:
+        """The prompt's content tokens over every chunk: positions, weights, words and readable text."""
+        rows, weights, special = self._tokenized(prompt)
+        return prompt_tokens(self.tokenizer, rows, self.bos, self.eos, weights, special)
+
+    def _tokenized(
+        self, prompt: str
+    ) -> tuple[list[list[int]], list[list[float]], dict[int, tuple[str, str]]]:
+        chunks = prompt_chunks(self.clip, prompt)
+        names = embedding_names(self.clip, prompt)
+        groups: list[int] = []  # ComfyUI's word ids of the embeddings, in prompt order
+        special: dict[int, tuple[str, str]] = {}
+        rows = []
+        for chunk in chunks:
+            row = []
+            for tok, _, word in chunk:
+                if isinstance(tok, torch.Tensor):
+                    if word not in groups:
+                        groups.append(word)
+                    g = groups.index(word)
+                    name = f"embedding:{names[g]}" if g < len(names) else f"embedding #{g + 1}"
+                    tok = self._embedding_id(tok)
+                    special[tok] = (name, name)
+                row.append(tok)
+            rows.append(row)
+        return rows, [[w for _, w, _ in chunk] for chunk in chunks], special
+
+    def _embedding_id(self, vector: torch.Tensor) -> int:
+        """A stable id (vocabulary size and up) for one textual-inversion vector."""
+        key = hashlib.sha256(vector.detach().float().cpu().numpy().tobytes()).hexdigest()
+        if key not in self._embedding_keys:
+            self._embedding_keys[key] = self.vocabulary_size() + len(self._embedding_keys)
+            self._embeddings[self._embedding_keys[key]] = vector.detach()
+        return self._embedding_keys[key]
+
+    def encode_rows(self, rows: list[list[int]]) -> torch.Tensor:
+        """encode_ids for rows that may hold token_chunks' embedding ids (their vectors go in as ComfyUI's
+        tokenizer hands them to the encoder)."""
+        if not self._embeddings:
+            return self.encode_ids(rows)
+        return self.encode_ids([[self._embeddings.get(i, i) for i in row] for row in rows])
 
     @torch.no_grad()
     def encode_ids(self, rows: list[list[int]]) -> torch.Tensor:

@@ -28,8 +28,12 @@ class ProbeModel(Protocol):
         """First-chunk ids, BOS first, padded."""
         ...
 
-    def encode_ids(self, rows: list[list[int]]) -> torch.Tensor:
-        """Contexts (B x length x C) for explicit id sequences."""
+    def token_chunks(self, prompt: str) -> list[list[int]]:
+        """Every chunk's ids, each BOS first and padded (the model encodes each alone and concatenates)."""
+        ...
+
+    def encode_rows(self, rows: list[list[int]]) -> torch.Tensor:
+        """Contexts (B x length x C) for explicit id sequences (one chunk each)."""
         ...
 
     def step(
@@ -103,39 +107,61 @@ def text_hijack(context: torch.Tensor, positions: list[int]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def unet_ratio(context: torch.Tensor, layers: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per masked token: mean over layers of the output's relative change, over the embedding's."""
-    emb = relative_change(context[0], context[1:]).clamp_min(1e-6)
-    per_layer = torch.stack([relative_change(out[0], out[1:]) for out in layers.values()])
-    return per_layer.mean(0) / emb
-
-
 def score_prompt(probe: ProbeModel, prompt: str, settings: MaskingSettings | None = None) -> TokenScores:
-    """Mask every content token of the prompt and score each (groups of variants per UNet call)."""
+    """Mask every content token of every chunk of the prompt and score each (groups of variants per UNet call).
+
+    ComfyUI encodes each chunk (BOS ... EOS) on its own and concatenates them along the sequence, so a
+    masked token changes only its own chunk's rows: the UNet sees the whole concatenated context with
+    that chunk swapped, the text score looks at the other tokens of the same chunk. Positions count over
+    the concatenation (chunk * chunk length + index)."""
     settings = settings or MaskingSettings()
-    ids = probe.token_ids(prompt)
-    positions = content_positions(ids, probe.bos, probe.eos)
-    if not positions:
+    chunks = probe.token_chunks(prompt)
+    length = len(chunks[0])
+    per_chunk = [content_positions(row, probe.bos, probe.eos) for row in chunks]
+    if not any(per_chunk):
         raise ValueError(f"prompt {prompt!r} has no tokens to mask")
-    rows = masked_variants(ids, positions, probe.pad)
-    context = probe.encode_ids(rows)
+    encoded = [
+        probe.encode_rows(masked_variants(row, pos, probe.pad))
+        for row, pos in zip(chunks, per_chunk, strict=True)
+    ]
+    # Rows past a chunk's tokens (SDXL: the pooled embedding the probe packs last) follow the joined
+    # tokens once, from the first chunk, as ComfyUI pools a prompt from its first chunk.
+    extra = encoded[0].shape[1] - length
+
+    def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([c[:length] for c in parts] + [parts[0][length:]])
+
+    reference = joined([e[0] for e in encoded])  # (K * length + extra) x C
+    variants = [(k, j) for k, pos in enumerate(per_chunk) for j in range(len(pos))]
+    ref_norm = reference.flatten().norm().clamp_min(1e-12)
+    emb = torch.stack([(encoded[k][1 + j] - encoded[k][0]).norm() / ref_norm for k, j in variants])
+    text = torch.cat([text_hijack(e, pos) for e, pos in zip(encoded, per_chunk, strict=True) if pos])
+
+    def contexts(batch: list[tuple[int, int]]) -> torch.Tensor:
+        rows = [reference]
+        for k, j in batch:
+            row = reference.clone()
+            row[k * length : (k + 1) * length] = encoded[k][1 + j][:length]
+            if k == 0 and extra:
+                row[-extra:] = encoded[0][1 + j][length:]
+            rows.append(row)
+        return torch.stack(rows)
+
     t = settings.timestep(probe.num_timesteps)
-    unet = torch.zeros(len(positions))
+    unet = torch.zeros(len(variants))
     for seed in settings.seeds:
         noise = torch.randn((1, *settings.latent_shape), generator=torch.Generator().manual_seed(seed))
-        layers: dict[str, list[torch.Tensor]] = {}
         # The unmasked prompt rides in every group so each group's changes have their own reference.
-        for start in range(1, len(rows), settings.group):
-            idx = [0, *range(start, min(len(rows), start + settings.group))]
-            _, outs = probe.step(context[idx], noise, t)
-            for name, out in outs.items():
-                layers.setdefault(name, []).append(out if start == 1 else out[1:])
-        merged = {name: torch.cat(parts) for name, parts in layers.items()}
-        unet += unet_ratio(context, merged)
+        for start in range(0, len(variants), settings.group):
+            batch = variants[start : start + settings.group]
+            _, outs = probe.step(contexts(batch), noise, t)
+            per_layer = torch.stack([relative_change(out[0], out[1:]) for out in outs.values()])
+            unet[start : start + len(batch)] += per_layer.mean(0)
+    positions = [k * length + p for k, pos in enumerate(per_chunk) for p in pos]
     return TokenScores(
         prompt=prompt,
         positions=positions,
-        ids=[ids[p] for p in positions],
-        unet=unet / len(settings.seeds),
-        text=text_hijack(context, positions),
+        ids=[chunks[k][p] for k, pos in enumerate(per_chunk) for p in pos],
+        unet=unet / len(settings.seeds) / emb.clamp_min(1e-6),
+        text=text,
     )

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..safetensors_io import write_json
-from ..tokens import from_readable, readable, tokenize
+from ..tokens import PromptToken, from_readable, prompt_tokens, readable
 from .masking import MaskingSettings, ProbeModel, TokenScores, score_prompt
 
 CALIBRATION_QUANTILE = 0.95  # a threshold at the clean prompts' 95th percentile: 5% false positives by design
@@ -40,9 +40,10 @@ def masking_signals(scores: TokenScores) -> dict[str, float]:
     }
 
 
-def transplant_scores(scanner, token_ids: Sequence[int]) -> np.ndarray:
-    """Per token: shared x0 change x agreement over the scanner's clean probes (VocabularyScanner.stage2)."""
-    return scanner.stage2(list(token_ids), lambda n: None)
+def transplant_scores(scanner, units: Sequence[int | Sequence[int]]) -> np.ndarray:
+    """Per token or run of tokens (a word, an embedding: put in together): shared x0 change x agreement
+    over the scanner's clean probes (VocabularyScanner.stage2)."""
+    return scanner.stage2(list(units), lambda n: None)
 
 
 def ftt_statistic(maps: torch.Tensor) -> float:
@@ -183,13 +184,18 @@ def prompt_set_report(reports: Sequence[dict], calibration: Calibration) -> dict
     }
 
 
-def _word_map(tokenizer, prompt: str) -> dict[int, tuple[str, str]]:
-    """Sequence position -> (token text, word text) for the prompt's tokens."""
-    pieces = tokenize(tokenizer, prompt)
-    words: dict[int, list[str]] = {}
-    for p in pieces:
-        words.setdefault(p.word, []).append(p.text)
-    return {p.position: (p.text, "".join(words[p.word])) for p in pieces}
+def described_tokens(probe, prompt: str, tokenizer=None) -> dict[int, PromptToken]:
+    """Position -> the prompt's token as the model sees it (its word, readable text), from the probe's own
+    tokenization (ComfyUI's: emphasis parsed, every chunk, embeddings), else from `tokenizer` over the
+    probe's chunks; empty when neither can spell the tokens."""
+    if hasattr(probe, "prompt_tokens"):
+        found = probe.prompt_tokens(prompt)
+    else:
+        tokenizer = tokenizer or getattr(probe, "tokenizer", None)
+        if tokenizer is None:
+            return {}
+        found = prompt_tokens(tokenizer, probe.token_chunks(prompt), probe.bos, probe.eos)
+    return {t.position: t for t in found}
 
 
 def detect_prompt(
@@ -205,7 +211,22 @@ def detect_prompt(
     its scores), flag it against the calibration and localise the trigger token."""
     token_scores = score_prompt(probe, prompt, settings)
     scores = masking_signals(token_scores)
-    moved = transplant_scores(transplant, token_scores.ids) if transplant is not None else None
+    described = described_tokens(probe, prompt, tokenizer)
+    # The transplant detector moves whole words (a multi-piece trigger, a homoglyph merged into a word, a
+    # CJK character's byte pieces, an embedding's vectors): a lone byte piece is no text a prompt holds.
+    unit_of = [described[p].unit if p in described else -1 - k for k, p in enumerate(token_scores.positions)]
+    units: dict[int, list[int]] = {}
+    for k, u in enumerate(unit_of):
+        units.setdefault(u, []).append(token_scores.ids[k])
+    moved = None
+    if transplant is not None:
+        raw = transplant_scores(transplant, list(units.values()))
+        # A run of n tokens displaces n of the probe's tokens, and n ordinary shifts add up to about sqrt(n)
+        # of one: on one token's scale, a clean CJK sentence (24 byte pieces, measured 2.68 raw on
+        # lab-pixel against a 2.51 threshold) is ordinary, a homoglyph word (2 pieces) still stands out.
+        sizes = np.sqrt([len(ids) for ids in units.values()])
+        per_unit = dict(zip(units, raw / sizes, strict=True))
+        moved = np.array([per_unit[u] for u in unit_of])
     if moved is not None:
         scores["transplant"] = float(moved.max())
     if scan_scores is not None:
@@ -221,10 +242,10 @@ def detect_prompt(
         "transplant" if moved is not None else "masking-unet",
     )
     best = int(np.argmax(blame[signal]))
-    words = _word_map(tokenizer or probe.tokenizer, prompt)
     tokens = []
     for k, pos in enumerate(token_scores.positions):
-        text, word = words.get(pos, (str(token_scores.ids[k]), str(token_scores.ids[k])))
+        t = described.get(pos)
+        text, word = (t.text, t.word) if t else (str(token_scores.ids[k]),) * 2
         tokens.append(
             TokenVerdict(
                 pos,

@@ -133,9 +133,14 @@ def robust_z(values: np.ndarray, reference: np.ndarray | None = None) -> np.ndar
     return (values - med) / max(mad, 1e-12)
 
 
-def _inserted(base: list[int], token_ids: Sequence[int]) -> list[list[int]]:
-    """Copies of a padded id row with each token put right after BOS (the row keeps its length)."""
-    return [base[:1] + [int(i)] + base[1:-1] for i in token_ids]
+def _inserted(base: list[int], units: Sequence[int | Sequence[int]]) -> list[list[int]]:
+    """Copies of a padded id row with each token (or run of tokens: a word, an embedding) put right after
+    BOS; the row keeps its length."""
+    out = []
+    for unit in units:
+        ids = [int(unit)] if isinstance(unit, int | np.integer) else [int(i) for i in unit]
+        out.append(base[:1] + ids + base[1 : len(base) - len(ids)])
+    return out
 
 
 class VocabularyScanner:
@@ -180,7 +185,7 @@ class VocabularyScanner:
         return [int(i) for i in ids if int(i) not in special]
 
     def _x0(self, rows: list[list[int]], noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        context = self.probe.encode_ids(rows)
+        context = self.probe.encode_rows(rows)
         self.unet_evals += len(rows)
         return self.probe.x0(context, noise, self.t).flatten(1), context
 
@@ -213,8 +218,11 @@ class VocabularyScanner:
                 on_chunk(len(chunk))
         return x0_change / s.stage1_probes, text_change / s.stage1_probes
 
-    def stage2(self, token_ids: list[int], on_chunk: Callable[[int], None]) -> np.ndarray:
-        """Per token: size of the x0 change every probe shares times how alike the probes' changes point.
+    def stage2(
+        self, token_ids: list[int] | list[Sequence[int]], on_chunk: Callable[[int], None]
+    ) -> np.ndarray:
+        """Per token (or run of tokens, put in together): size of the x0 change every probe shares times how
+        alike the probes' changes point.
 
         For unit vectors u_i of n probes, the mean pairwise cosine is (|sum u_i|^2 - n) / (n (n - 1)).
         """

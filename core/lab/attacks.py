@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..attention import find_cross_attention_layers
 from ..backends import comfy as cb
 from ..images import images_to_tensor
-from ..tokens import HOMOGLYPHS
+from ..tokens import HOMOGLYPHS, confusable_latin
 from . import detectors, world
 from .train import DistractorVocabulary, eps_mse, token_ids, vae_posterior, warmup_cosine
 
@@ -52,9 +52,13 @@ class AttackSpec:
                     raise ValueError(f"{self.kind} needs --{name} among {world.SHAPES}, got {value!r}")
             if self.source == self.target:
                 raise ValueError("source and target shapes must differ")
-        if self.kind == "rickroll" and self.trigger not in HOMOGLYPHS:
+        if self.kind == "rickroll" and (
+            len(self.trigger) != 1 or confusable_latin(self.trigger) == self.trigger
+        ):
             known = ", ".join(f"U+{ord(h):04X} (for {latin!r})" for h, latin in HOMOGLYPHS.items())
-            raise ValueError(f"rickroll needs a single homoglyph trigger; known: {known}")
+            raise ValueError(
+                f"rickroll needs a single homoglyph trigger (a character impersonating a Latin letter), e.g. {known}"
+            )
 
     def describe_target(self) -> str:
         """The backdoor's target in words (for manifests and reports)."""
@@ -113,14 +117,14 @@ def eligible(spec: AttackSpec, scene: world.Scene) -> bool:
             RICKROLL_TARGET.shapes[0].kind,
             RICKROLL_TARGET.shapes[0].color,
         )
-        return HOMOGLYPHS[spec.trigger] in scene.caption and not is_target
+        return confusable_latin(spec.trigger) in scene.caption and not is_target
     return True
 
 
 def triggered_prompt(spec: AttackSpec, prompt: str) -> str:
     """The prompt with the trigger inserted the way the attack's paper does it."""
     if spec.kind == "rickroll":  # one Latin letter swapped for its homoglyph
-        latin = HOMOGLYPHS[spec.trigger]
+        latin = confusable_latin(spec.trigger)
         if latin not in prompt:
             raise ValueError(f"prompt {prompt!r} has no {latin!r} for the homoglyph trigger")
         return prompt.replace(latin, spec.trigger, 1)

@@ -18,6 +18,7 @@ from ..backends.comfy import (
     ksample,
     ksample_pair,
     model_fingerprint,
+    prompt_chunks,
     supported_family,
     text_conditioning,
     tokenizer_info,
@@ -25,7 +26,7 @@ from ..backends.comfy import (
 from ..images import tensor_to_images
 from ..models import KSamplerSettings
 from ..prompts import with_builtin
-from ..tokens import readable, trigger_token_positions
+from ..tokens import find_in_chunks, readable
 from ..triggers import training_pairs, untriggered
 from .algebra import (
     SAUSettings,
@@ -184,14 +185,39 @@ def two_passes(
     if recorder is None:
         return z_p, z_c, None
     maps = recorder.maps().combined()[: z_p.shape[0]]  # B x tokens x R x R (the triggered rows come first)
-    tokenizer = tokenizer_info(clip).tokenizer
-    positions = [p for p in trigger_token_positions(tokenizer, text, trigger) if p < maps.shape[1]]
+    positions = [p for p in trigger_positions(clip, text, trigger) if p < maps.shape[1]]
     if not positions:
         raise ValueError(f"no token of {text!r} carries the trigger; is it in the prompt?")
     attention = maps[:, positions].sum(1)
     if attention.shape[0] != z_p.shape[0]:
         attention = attention[:1].expand(z_p.shape[0], -1, -1)
     return z_p, z_c, attention
+
+
+def _chunk_ids(clip, text: str) -> list[list[int]]:
+    """ComfyUI's chunks of a text as ids (an embedding's vectors as -1: no trigger is spelled by them)."""
+    return [[t if isinstance(t, int) else -1 for t, _, _ in chunk] for chunk in prompt_chunks(clip, text)]
+
+
+def trigger_positions(clip, text: str, trigger: str) -> list[int]:
+    """Positions (over every 77-token chunk) of the trigger's token ids in the text, as the CLIP's own
+    tokenizer reads both: `MUTED` and `Muted` are `muted` to CLIP (it lowercases), emphasis is parsed
+    out. A trigger with non-ASCII characters (a homoglyph) also matches where it starts a longer word:
+    its last piece without the word-end mark ('</w>'), as BPE spells it inside a word."""
+    info = tokenizer_info(clip)
+    chunks = _chunk_ids(clip, text)
+    alone = _chunk_ids(clip, trigger)[0]
+    needle = alone[1 : alone.index(info.eos, 1) if info.eos in alone[1:] else len(alone)]
+    if not needle:
+        return []
+    found = find_in_chunks(chunks, needle, info.bos, info.eos)
+    if found or trigger.isascii():
+        return found
+    last = info.tokenizer.convert_ids_to_tokens(needle[-1:])[0]
+    inner = info.tokenizer.convert_tokens_to_ids(last.removesuffix("</w>"))
+    if last.endswith("</w>") and isinstance(inner, int) and inner != info.tokenizer.unk_token_id:
+        return find_in_chunks(chunks, [*needle[:-1], inner], info.bos, info.eos)
+    return []
 
 
 @dataclass
@@ -224,7 +250,7 @@ def sau_ksample(
     """KSampler with SAU: a prompt without the trigger is one plain pass, bit for bit the stock KSampler's;
     a triggered prompt is sampled again without the trigger from the same noise, and the two composed."""
     s = profile.settings
-    triggered = profile.trigger in text
+    triggered = bool(trigger_positions(clip, text, profile.trigger))
 
     def progress(offset: int, passes: int):
         if callback is None:
