@@ -138,7 +138,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         side = str(args.latent_size)
         rec["info"] = run_command(["info", "--model", str(src)])
         rec["detect"] = run_command(
-            ["detect", "--model", str(src), "--prompt", PROMPT, "--latent-size", side, "--calibrate-n", "4"]
+            [
+                "detect",
+                "--model",
+                str(src),
+                "--prompt",
+                PROMPT,
+                "--latent-size",
+                side,
+                "--calibrate-n",
+                "4",
+                "--probe-prompts",
+                "4",
+            ]
         )
         for scope in args.scopes:
             out, lora = (

@@ -7,8 +7,9 @@ import json
 import time
 from pathlib import Path
 
-from ..models import add_model_argument
+from ..models import add_model_argument, positive_int
 from .scan import ScanSettings
+from .session import DetectOptions
 
 
 def _read_lines(path: str) -> list[str]:
@@ -35,6 +36,12 @@ def add_detect_commands(sub: argparse._SubParsersAction) -> None:
         "--calibrate-n", type=int, default=32, help="clean prompts to calibrate on when none is given"
     )
     p.add_argument("--save-calibration", default=None, help="write the calibration here (JSON)")
+    p.add_argument(
+        "--probe-prompts",
+        type=positive_int,
+        default=DetectOptions.probe_prompts,
+        help="clean prompts each token is put in front of (the transplant detector)",
+    )
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("scan", help="rank every vocabulary token by how strongly it hijacks the model")
@@ -61,6 +68,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     opts = DetectOptions(
         lab=bool(info),
         calibration_prompts=args.calibrate_n,
+        probe_prompts=args.probe_prompts,
         latent_side=latent_side(model, args.latent_size or 0),
     )
     detection = PromptDetection(model, clip, opts)
