@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 import warnings
@@ -17,33 +18,29 @@ class HFTokenizer(Protocol):
     def decode(self, ids: list[int], **kwargs: Any) -> str: ...
 
 
-# Homoglyph triggers (Rickrolling): the Cyrillic letter and the Latin letter it impersonates.
-HOMOGLYPHS = {
-    "\u043e": "o",
-    "\u0430": "a",
-    "\u0435": "e",
-    "\u0441": "c",
-    "\u0440": "p",
-    "\u0445": "x",
-    "\u0443": "y",
-    "\u0456": "i",
-}
+# Examples of homoglyph triggers (Rickrolling) for messages; the mapping itself is Unicode's data.
+HOMOGLYPH_EXAMPLES = {"\u043e": "o", "\u0430": "a", "\u03bf": "o", "\u0456": "i"}
 
 
+@functools.cache
 def confusable_latin(ch: str) -> str:
-    """The ASCII letter (or digit) one character impersonates, else the character itself.
+    """The ASCII letter or digit one character impersonates, else the character itself.
 
-    Unicode's confusables data (UTS #39 confusables.txt, through a maintained library such as
-    `confusable-homoglyphs`) is the right source, but none is installed here; this is the seam that
-    library replaces. Until then: compatibility folding (NFKD: fullwidth and mathematical letters),
-    then HOMOGLYPHS (Cyrillic look-alikes; Unicode names do not tell look-alikes: Cyrillic i is not
-    Latin i). A Greek omicron is not covered until the data is."""
+    Source: Unicode's confusables data (UTS #39 confusables.txt) through `confusable-homoglyphs`
+    (Cyrillic, Greek, mathematical and other look-alikes of Latin letters), then compatibility
+    folding (NFKD: fullwidth letters, which confusables.txt leaves out). Raises nothing."""
+    from confusable_homoglyphs import confusables
+
     if ch.isascii():
         return ch
+    for entry in confusables.is_confusable(ch, preferred_aliases=["latin"], greedy=True) or []:
+        for twin in entry["homoglyphs"]:
+            if len(twin["c"]) == 1 and twin["c"].isascii() and twin["c"].isalnum():
+                return twin["c"]
     folded = unicodedata.normalize("NFKD", ch)
     if len(folded) == 1 and folded.isascii() and folded.isalnum():
         return folded
-    return HOMOGLYPHS.get(ch, ch)
+    return ch
 
 
 def latin_twin(text: str) -> str:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..attention import find_cross_attention_layers
 from ..backends import comfy as cb
 from ..images import images_to_tensor
-from ..tokens import HOMOGLYPHS, confusable_latin
+from ..tokens import HOMOGLYPH_EXAMPLES, confusable_latin
 from . import detectors, world
 from .train import DistractorVocabulary, eps_mse, token_ids, vae_posterior, warmup_cosine
 
@@ -55,7 +55,7 @@ class AttackSpec:
         if self.kind == "rickroll" and (
             len(self.trigger) != 1 or confusable_latin(self.trigger) == self.trigger
         ):
-            known = ", ".join(f"U+{ord(h):04X} (for {latin!r})" for h, latin in HOMOGLYPHS.items())
+            known = ", ".join(f"U+{ord(h):04X} (for {latin!r})" for h, latin in HOMOGLYPH_EXAMPLES.items())
             raise ValueError(
                 f"rickroll needs a single homoglyph trigger (a character impersonating a Latin letter), e.g. {known}"
             )
