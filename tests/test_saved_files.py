@@ -1,6 +1,7 @@
 """Saved files are right and proven right (#20): a sanitized checkpoint reloaded with ComfyUI's stock loader
 is the patched model (dtype, prediction type, outputs, tensors = original + LoRA delta), and the kohya-layout
-LoRA loads in the stock LoraLoader with no unmatched key and in diffusers' kohya conversion.
+LoRA loads in the stock LoraLoader with no unmatched key and in diffusers' `load_lora_weights`, to the
+same outputs.
 
 Tiny instances of ComfyUI's real SD15 / SD20 (v-prediction) / SDXL classes; `tiny_detection` lets the
 stock loader's own detection recognise their files."""
@@ -8,6 +9,7 @@ stock loader's own detection recognise their files."""
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -183,6 +185,10 @@ def test_the_kohya_lora_loads_in_the_stock_lora_loader(fp16_input, tmp_path, sco
     if scope == "unet":
         conv = [t for k, t in kohya.items() if k.endswith("lora_down.weight") and t.ndim == 4]
         assert conv and all(t.shape[-1] == 3 or t.shape[-1] == 1 for t in conv)
+        # kohya's UNet spelling: diffusers' module names for SD1.x / SD2.x, the ldm path for SDXL
+        ldm = {k for k in kohya if k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks"))}
+        diffusers = {k for k in kohya if k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks"))}
+        assert (bool(ldm), bool(diffusers)) == ((True, False) if family == "sdxl" else (False, True))
     meta = read_metadata(path)
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
     assert (
@@ -210,25 +216,19 @@ def test_the_kohya_lora_loads_in_the_stock_lora_loader(fp16_input, tmp_path, sco
     assert _lora_not_loaded(caplog)
 
 
-@pytest.mark.parametrize("scope", ["attention", "unet"])
-def test_diffusers_converts_every_key_of_the_kohya_lora_onto_its_unet(comfy_root, tmp_path, scope):
-    """SD1.5: diffusers' own kohya conversion (what `load_lora_weights` runs before applying; `peft`, its
-    LoRA backend, is not installed here) renames every key of the saved file, and each renamed LoRA names a
-    module of the diffusers UNet of the same architecture with the shape its up @ down makes."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.lora_conversion_utils import (
-        _convert_non_diffusers_lora_to_diffusers,
-        _maybe_map_sgm_blocks_to_diffusers,
-    )
-    from safetensors.torch import load_file
+def _diffusers_sd15(model, clip, comfy_root):
+    """A diffusers StableDiffusionPipeline holding the tiny SD1.5 MODEL's UNet and CLIP's CLIP-L, converted by
+    diffusers' own ldm -> diffusers UNet conversion (`single_file_utils.convert_ldm_unet_checkpoint`, fed
+    the `model.diffusion_model.*` keys an ldm checkpoint holds) and transformers' CLIPTextModel (ComfyUI's
+    `clip_l.transformer.text_model.*`), with ComfyUI's SD1 tokenizer files; a tiny random VAE."""
+    import json
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from backdoor_seal.core.backends import comfy_families
-    from backdoor_seal.core.unlearn.save import save_lora
 
-    model, clip, _ = comfy_families.build_family("sd15", seed=2)
-    lora = comfy_families.random_lora(model, clip, scope, seed=3)
-    lora = {k: v for k, v in lora.items() if not k.endswith(".diff")}  # diffusers reads no full deltas
-    kohya = load_file(str(save_lora(tmp_path / "fix.safetensors", lora, model, clip)))
     tiny = comfy_families.TINY_UNET["sd15"]
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -237,21 +237,129 @@ def test_diffusers_converts_every_key_of_the_kohya_lora_onto_its_unet(comfy_root
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         layers_per_block=tiny["num_res_blocks"][0],
         cross_attention_dim=tiny["context_dim"],
-        attention_head_dim=tiny["num_heads"],
-        norm_num_groups=32,
+        attention_head_dim=tiny["num_heads"],  # diffusers' SD1 spelling: the number of heads
     )
-    mapped = _maybe_map_sgm_blocks_to_diffusers(dict(kohya), unet.config)
-    converted, alphas = _convert_non_diffusers_lora_to_diffusers(mapped)  # raises on any key left over
-    modules = dict(unet.named_modules())
-    downs = {k: v for k, v in converted.items() if ".down." in k}
-    assert len(downs) == sum(k.endswith("lora_down.weight") for k in kohya) and len(alphas) == len(downs)
-    for key, down in downs.items():
-        # diffusers' legacy spelling (attn1.processor.to_k_lora) -> the module (attn1.to_k), as its peft step does
-        name = key[len("unet.") :].removesuffix(".down.weight").removesuffix(".lora").removesuffix("_lora")
-        name = name.replace(".processor.", ".")
-        if name.endswith(".to_out"):
-            name += ".0"
-        assert name in modules, key
-        up = converted[key.replace(".down.", ".up.")]
-        weight = modules[name].weight
-        assert (up.shape[0], down[0].numel()) == (weight.shape[0], weight[0].numel()), key
+    ldm = {"model." + k: v for k, v in model.model.state_dict().items() if k.startswith("diffusion_model.")}
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ldm, unet.config), strict=True)
+
+    config = json.loads((comfy_root / "comfy" / "sd1_clip_config.json").read_text())
+    text = CLIPTextModel(CLIPTextConfig(**(config | comfy_families.TINY_TEXT["clip_l"])))
+    prefix = "clip_l.transformer."
+    state = {
+        k[len(prefix) :]: v for k, v in clip.cond_stage_model.state_dict().items() if k.startswith(prefix)
+    }
+    state.pop("text_projection.weight")  # CLIPTextModel has none (ComfyUI's is unset and unused for SD1)
+    if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers 5 drops the level
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    text.load_state_dict(state, strict=True)
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(block_out_channels=(32,), norm_num_groups=32),
+        text_encoder=text,
+        tokenizer=CLIPTokenizer.from_pretrained(str(comfy_root / "comfy" / "sd1_tokenizer")),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(steps_offset=1),  # SD1's own setting
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _comfy_eps(model, x, t, context):
+    """The MODEL's raw UNet output (eps) with its patches (a LoRA's) in the weights."""
+    import comfy.model_management as mm
+
+    from backdoor_seal.core.backends import comfy as cb
+
+    mm.load_models_gpu([model], force_patch_weights=True)
+    with torch.inference_mode():
+        return cb.unet(model)(x, timesteps=t, context=context).clone()
+
+
+def _diffusers_outputs(pipe, prompts, x, t, context):
+    """(text encoder's last hidden state, UNet eps) of the diffusers pipeline."""
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.inference_mode():
+        text = pipe.text_encoder(ids.input_ids).last_hidden_state
+        eps = pipe.unet(x, t, encoder_hidden_states=context).sample
+    return text, eps
+
+
+def _same(want, got, rel=1e-4):
+    return (want - got).abs().max().item() <= rel * want.abs().max().item()
+
+
+@pytest.mark.parametrize("scopes", [("text", "unet"), ("attn2-kv",)])
+def test_diffusers_load_lora_weights_applies_the_kohya_lora_as_comfyui_does(
+    comfy_root, tmp_path, scopes, caplog
+):
+    """SD1.5: a diffusers pipeline built from the tiny MODEL / CLIP (diffusers' own ldm conversion, transformers'
+    CLIPTextModel) computes ComfyUI's UNet eps and encoder output; `load_lora_weights` on the saved kohya file
+    (text encoder; UNet attention, projections, resnet convs and linears, conv_in/out, time embedding) then
+    computes ComfyUI's outputs with the same LoRA applied by `apply_lora`, to 1e-4 relative, with a LoRA layer
+    on every module the file names and no warning. Full deltas (`.diff`, 1-D weights) are left out: kohya's
+    and diffusers' LoRA formats hold none."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    from backdoor_seal.core.backends import comfy as cb
+    from backdoor_seal.core.backends import comfy_families
+    from backdoor_seal.core.backends.comfy_train import apply_lora
+    from backdoor_seal.core.unlearn.save import save_lora
+
+    model, clip, _ = comfy_families.build_family("sd15", seed=2)
+    pipe = _diffusers_sd15(model, clip, comfy_root)
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 500.0])
+    with torch.inference_mode():
+        context = cb.encode_prompts(clip, PROMPTS)
+    before = (context, _comfy_eps(model, x, t, context))
+    for want, got in zip(before, _diffusers_outputs(pipe, PROMPTS, x, t, context), strict=True):
+        assert _same(want, got), (want - got).abs().max()  # the conversion is exact before any LoRA
+
+    lora = {}
+    for i, scope in enumerate(scopes):
+        lora |= comfy_families.random_lora(model, clip, scope, seed=7 + i)
+    lora = {k: v for k, v in lora.items() if not k.endswith(".diff")}
+    path = save_lora(tmp_path / "fix.safetensors", lora, model, clip, {"scopes": list(scopes)})
+    kohya = load_file(str(path))
+    if "unet" in scopes:
+        assert any(k.endswith("lora_down.weight") and v.ndim == 4 for k, v in kohya.items())  # convs covered
+
+    caplog.clear()
+    handler = caplog.handler
+    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(str(path))
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    complaints = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    complaints += [
+        str(w.message) for w in caught if "key" in str(w.message) or "lora" in str(w.message).lower()
+    ]
+    if "text" not in scopes:  # diffusers says so for every UNet-only LoRA; anything else is a complaint
+        complaints = [c for c in complaints if not c.startswith("No LoRA keys associated to CLIPTextModel")]
+    assert complaints == []
+
+    layers = {
+        part: sum(isinstance(m, LoraLayer) for m in getattr(pipe, part).modules())
+        for part in ("unet", "text_encoder")
+    }
+    downs = [k for k in kohya if k.endswith(".lora_down.weight")]
+    assert layers["unet"] == sum(k.startswith("lora_unet_") for k in downs)
+    assert layers["text_encoder"] == sum(k.startswith("lora_te_") for k in downs)
+    assert layers["unet"] > 0 and (layers["text_encoder"] > 0) == ("text" in scopes)
+
+    patched, patched_clip = apply_lora(model, clip, lora)
+    with torch.inference_mode():
+        want_text = cb.encode_prompts(patched_clip, PROMPTS)
+    want = (want_text, _comfy_eps(patched, x, t, context))
+    got = _diffusers_outputs(pipe, PROMPTS, x, t, context)
+    for w, g_ in zip(want, got, strict=True):
+        assert _same(w, g_), (w - g_).abs().max()
+    assert not _same(want[1], before[1], rel=1e-2)  # the LoRA changed the UNet
+    assert ("text" in scopes) == (not _same(want[0], before[0], rel=1e-2))

@@ -299,6 +299,7 @@ def kohya_lora(
     for a key the model does not hold."""
     ensure_comfy_importable()
     import comfy.lora
+    import comfy.utils
 
     from .comfy_checkpoint import sd_family
     from .lora_layout import family_of_lora, is_kohya, kohya_metadata, kohya_name, split_key, to_kohya
@@ -313,9 +314,14 @@ def kohya_lora(
     weights = dict(model.model.state_dict())
     if clip is not None:
         weights |= clip.cond_stage_model.state_dict()
+    diffusers_unet = {  # ldm -> diffusers module paths of this UNet (SD1.x / SD2.x kohya names spell these)
+        ldm[: -len(".weight")]: name[: -len(".weight")]
+        for name, ldm in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items()
+        if name.endswith(".weight") and not name.startswith("class_embedding.")
+    }
     names, shapes = {}, {}
     for module in {split_key(k)[0] for k in lora}:
-        target, name = key_map.get(module), kohya_name(module, rows)
+        target, name = key_map.get(module), kohya_name(module, rows, diffusers_unet)
         if target is None or key_map.get(name) != target:
             raise ValueError(f"{module}: ComfyUI maps no kohya name of this {rows} model to this weight")
         names[module], shapes[module] = name, tuple(weights[target].shape)

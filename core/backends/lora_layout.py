@@ -5,8 +5,11 @@ The engine's LoRA names weights as ComfyUI's generic LoRA format does (`comfy.lo
 `.lora_up.weight` (out, rank), `.lora_down.weight` (rank, in*kh*kw), `.alpha`, or `.diff` (a full delta).
 The kohya layout (kohya sd-scripts; read by A1111, Forge, ComfyUI and diffusers) writes one module name
 with `.` -> `_` behind a prefix per part, one row per key family below; conv LoRAs are 4-D (down
-(rank, in, kh, kw), up (out, rank, 1, 1)). UNet names keep the ldm module path (`lora_unet_input_blocks_1_1_...`,
-as kohya's SDXL LoRAs and LyCORIS write them; ComfyUI, A1111 and diffusers' sgm mapping read it).
+(rank, in, kh, kw), up (out, rank, 1, 1)). UNet names follow the UNet kohya trains on (`UNET_NAMING`):
+SD1.x / SD2.x name diffusers' UNet2DConditionModel modules (`lora_unet_down_blocks_0_attentions_0_...`:
+kohya's `networks/lora.py` wraps diffusers' UNet there, and diffusers' SD1 `load_lora_weights` reads only
+that spelling: it remaps ldm block names for SDXL alone); SDXL names the ldm/sgm module path
+(`lora_unet_input_blocks_4_1_...`, kohya's `sdxl_original_unet`). ComfyUI and A1111 read both.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ KOHYA_ROWS: dict[str, tuple[tuple[str, str], ...]] = {
         ("text_encoders.clip_g.transformer.", "lora_te2_"),
     ),
 }
+# Which UNet's module names the kohya UNet keys spell, per family (see the module docstring).
+UNET_NAMING = {"sd15": "diffusers", "sd20": "diffusers", "sdxl": "ldm"}
 # The tensors of one module, in both layouts.
 SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha", ".diff", ".diff_b")
 # kohya's `ss_base_model_version` and SAI modelspec base architecture per family.
@@ -67,11 +72,19 @@ def family_of_lora(lora: Mapping[str, torch.Tensor]) -> str | None:
     return "sd15" if "clip_l" in text else None
 
 
-def kohya_name(module: str, family: str) -> str:
-    """The kohya module name of an engine-layout module name, by the family's rows."""
+def kohya_name(module: str, family: str, diffusers_unet: Mapping[str, str] | None = None) -> str:
+    """The kohya module name of an engine-layout module name, by the family's rows.
+
+    diffusers_unet: ldm module path -> diffusers module path of the model's UNet (`input_blocks.1.1.proj_in`
+    -> `down_blocks.0.attentions.0.proj_in`, ComfyUI's `comfy.utils.unet_to_diffusers`); used where the
+    family's kohya UNet names are diffusers' (SD1.x / SD2.x). Without it, or for a module it lacks, the
+    ldm path is spelled."""
     for engine_prefix, kohya_prefix in KOHYA_ROWS[family]:
         if module.startswith(engine_prefix):
-            return kohya_prefix + module[len(engine_prefix) :].replace(".", "_")
+            path = module[len(engine_prefix) :]
+            if kohya_prefix == "lora_unet_" and UNET_NAMING[family] == "diffusers" and diffusers_unet:
+                path = diffusers_unet.get(path, path)
+            return kohya_prefix + path.replace(".", "_")
     raise ValueError(f"{module}: no kohya name for this module in a {family} LoRA")
 
 

@@ -90,7 +90,7 @@ def save_lora(
             from ..backends.lora_layout import family_of_lora, kohya_metadata, to_kohya
 
             family = family_of_lora(tensors)
-            tensors = to_kohya(tensors, family or "sd15")  # UNet rows are the same in every family
+            tensors = to_kohya(tensors, family or "sd15")  # UNet names stay ldm paths without the MODEL
             extra = kohya_metadata(tensors, family, title=path.stem)
         meta = extra | meta
     return atomic_save(tensors, path, metadata=meta)
