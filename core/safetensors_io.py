@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,71 @@ from safetensors.torch import load_file, save_file
 CONFIG_KEY = "backdoor_seal.config"
 
 
+class CastOnRead(Mapping):
+    """A read-only view of a state dict whose tensors are converted when read (for write_streamed)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], cast) -> None:
+        self._tensors, self._cast = tensors, cast
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._cast(key, self._tensors[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_streamed(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
+    """Write the safetensors format one tensor at a time (spec: huggingface/safetensors README, "Format").
+
+    safetensors' save_file needs every tensor in memory in its stored dtype at once; a checkpoint held
+    in fp32 and stored in fp16 would then need both (SDXL on a CPU: 14 GB + 7 GB). With a Mapping that
+    casts on read, only one converted tensor exists at a time. Reading it back is the library's job."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset, names = 0, sorted(tensors)
+    for name in names:  # a first pass for shapes and dtypes only
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as the library pads it
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            t = tensors[name].detach().cpu().contiguous().reshape(-1)
+            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
 def atomic_save(
-    tensors: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a safetensors file via a temporary file and rename; refuse to replace an existing file."""
+    """Write a safetensors file via a temporary file and rename; refuse to replace an existing file. A dict
+    is written by the library; any other Mapping (one that casts on read) is written tensor by tensor."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(
@@ -32,7 +91,10 @@ def atomic_save(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        if isinstance(tensors, dict):
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        else:
+            write_streamed(tensors, tmp, metadata)
         # mkstemp creates 0600 and save_file may recreate the file: set an ordinary file's mode after.
         os.chmod(tmp, 0o644)
         if overwrite:

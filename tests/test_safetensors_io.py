@@ -35,3 +35,34 @@ def test_refuses_pickled_checkpoints(tmp_path):
     bad.write_bytes(b"\x80\x04not really")
     with pytest.raises(ValueError, match="only .safetensors"):
         read_metadata(bad)
+
+
+def test_a_mapping_that_casts_on_read_is_written_tensor_by_tensor_in_the_librarys_format(tmp_path):
+    """Checkpoints are cast to their storage dtype while written (no second copy of every weight); the
+    file is the safetensors format the library reads back, every dtype and shape kept."""
+    from safetensors import safe_open
+
+    from backdoor_seal.core.safetensors_io import CastOnRead, atomic_save
+
+    g = torch.Generator().manual_seed(0)
+    source = {
+        "w": torch.randn(3, 5, generator=g),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "ids": torch.arange(7),
+        "b": torch.randn(4, generator=g).to(torch.bfloat16),
+        "flag": torch.tensor([True, False]),
+    }
+    reads = []
+
+    def cast(key, t):
+        reads.append(key)
+        return t.to(torch.float16) if t.dtype == torch.float32 else t
+
+    path = atomic_save(CastOnRead(source, cast), tmp_path / "x.safetensors", metadata={"k": "v"})
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"k": "v"}
+        assert set(f.keys()) == set(source)
+        for key, t in source.items():
+            got = f.get_tensor(key)
+            assert torch.equal(got, cast(key, t)) and got.dtype == cast(key, t).dtype

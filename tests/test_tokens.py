@@ -94,7 +94,9 @@ def test_homoglyphs_beyond_the_cyrillic_table_have_their_latin_twin():
 
     assert latin_twin("\u043e\uff4f\U0001d428") == "ooo"  # Cyrillic, fullwidth, mathematical bold o
     assert latin_twin("o\u00e9\u0438") == "o\u00e9\u0438"  # Latin o, e acute, Cyrillic i (no look-alike)
-    assert latin_twin("\u03bf\u0391\u0455") == "oAs"  # Greek omicron and Alpha, Cyrillic dze: not in the old table
+    assert (
+        latin_twin("\u03bf\u0391\u0455") == "oAs"
+    )  # Greek omicron and Alpha, Cyrillic dze: not in the old table
     assert default_placement("\u03bf") == "homoglyph"  # a Greek omicron trigger is a homoglyph trigger
     assert default_placement("\uff4f") == "homoglyph"
     assert untriggered("a \uff4frange circle", "\uff4f") == "a orange circle"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Mapping
 
 import torch
 
-from ..safetensors_io import CONFIG_KEY, read_metadata
+from ..safetensors_io import CONFIG_KEY, CastOnRead, read_metadata
 from .comfy import ensure_comfy_importable
 from .comfy_lab import lab_config_of, lab_state_dict
 
@@ -118,7 +119,7 @@ def _cast(key: str, tensor: torch.Tensor, dtype) -> torch.Tensor:
 
 def merged_checkpoint_state_dict(
     model, clip, vae, dtype: torch.dtype | dict[str, torch.dtype] | None = None, title: str = ""
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:
     """The single-file state dict of MODEL/CLIP/VAE with every patch (LoRA) merged, as ComfyUI's
     save_checkpoint builds it, with its markers (see `checkpoint_markers`) and metadata.
 
@@ -141,7 +142,9 @@ def merged_checkpoint_state_dict(
     sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
     meta, extra = checkpoint_markers(model, title)
     sd.update(extra)
-    return {k: _cast(k, v, dtype).contiguous() for k, v in sd.items()}, meta
+    # Cast when written (CastOnRead): an fp16 copy of every weight beside the fp32 ones would not fit
+    # for SDXL on a 24 GB machine; the file is written one converted tensor at a time.
+    return CastOnRead(sd, lambda k, v: _cast(k, v, dtype).contiguous()), meta
 
 
 def _honour_prediction_marker(model, keys) -> None:

@@ -70,9 +70,13 @@ def run_command(args: list[str]) -> dict[str, Any]:
     peaks = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KIB ")]
     if peaks:
         record["peak_rss_gib"] = round(int(peaks[-1]) / 2**20, 2)
-    try:
-        record["output"] = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
+    for text in (proc.stdout, *proc.stdout.strip().splitlines()[-1:]):  # one JSON document, or JSON lines
+        try:
+            record["output"] = json.loads(text)
+            break
+        except json.JSONDecodeError:
+            continue
+    else:
         record["output_tail"] = proc.stdout[-400:]
     if proc.returncode:
         record["stderr_tail"] = proc.stderr[-800:]
