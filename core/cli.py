@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import sys
@@ -110,8 +111,20 @@ def _quiet_optional_audio(record: logging.LogRecord) -> bool:
     return "torchaudio missing" not in record.getMessage()
 
 
+def _return_large_buffers() -> None:
+    """glibc raises its mmap threshold after large frees and then keeps freed buffers in the heap: a
+    full-size SDXL training step on a CPU then holds 11 GB it no longer uses (measured: 23.4 GB of
+    anonymous memory after two steps against 12.4 GB with this). A fixed 1 MiB threshold (mallopt
+    M_MMAP_THRESHOLD) hands large buffers back to the system. Our own process only; not glibc: nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `backdoor-seal` console script."""
+    _return_large_buffers()
     logging.getLogger().addFilter(_quiet_optional_audio)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "--calibrate-n",
                 "4",
                 "--probe-prompts",
-                "4",
+                "8",
             ]
         )
         for scope in args.scopes:

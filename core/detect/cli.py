@@ -16,6 +16,13 @@ def _read_lines(path: str) -> list[str]:
     return [p.strip() for p in Path(path).read_text(encoding="utf-8").splitlines() if p.strip()]
 
 
+def _at_least_8(text: str) -> int:
+    value = positive_int(text)
+    if value < 8:
+        raise argparse.ArgumentTypeError(f"at least 8 (the transplant detector uses 8 probes), got {value}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     add_model_argument(p)
     p.add_argument(
@@ -38,9 +45,9 @@ def add_detect_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-calibration", default=None, help="write the calibration here (JSON)")
     p.add_argument(
         "--probe-prompts",
-        type=positive_int,
+        type=_at_least_8,
         default=DetectOptions.probe_prompts,
-        help="clean prompts each token is put in front of (the transplant detector)",
+        help="clean prompts each token is put in front of (the transplant detector; at least 8)",
     )
     p.set_defaults(func=cmd_detect)
 
