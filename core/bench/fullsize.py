@@ -48,12 +48,22 @@ def build_input(family: str, path: Path) -> dict[str, Any]:
     return {"file": str(path), "bytes": path.stat().st_size, "build_seconds": round(time.monotonic() - t0, 1)}
 
 
-# The command runs in a child that reports its own peak resident memory (ru_maxrss, KiB on Linux) last.
+# The command runs in a child that reports its own peak resident memory (KiB) last: VmHWM, the high-water
+# mark of the child's own address space. ru_maxrss is not used: Linux carries it across exec, so a child
+# spawned by this (large) process would report the parent's peak.
 _CHILD = (
     "import resource, sys\n"
     "from backdoor_seal.core.cli import main\n"
+    "def peak():\n"
+    "    try:\n"
+    "        for line in open('/proc/self/status'):\n"
+    "            if line.startswith('VmHWM:'):\n"
+    "                return int(line.split()[1])\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
     "try:\n    rc = main(sys.argv[1:])\n"
-    "finally:\n    print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "finally:\n    print('PEAK_RSS_KIB', peak(), file=sys.stderr)\n"
     "sys.exit(rc)\n"
 )
 
