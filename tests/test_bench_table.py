@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from backdoor_seal.core.bench.table import replace_between, unlearn_table
+from backdoor_seal.core.bench.table import fullsize_table, replace_between, unlearn_table
 from backdoor_seal.core.cli import main
 
 RECORD = {
@@ -109,3 +109,38 @@ def test_sau_rows_show_each_variant_with_both_decoders_and_mark_the_default():
         "| lab-pixel | attention (default) | 1.000 | 1.000 / 0.980 | 0.990 / 0.810 | 0.13 |"
     )
     assert rows[3].endswith("| 16/16 | 1.80 |") and rows[2].endswith("|  | 1.80 |")
+
+
+def test_fullsize_table_shows_the_latest_complete_run_per_family_and_flags_a_mismatch():
+    """One row per family from the latest record whose commands all exited 0; a saved file that is not
+    input + LoRA is said to be so, never shown as right."""
+
+    def record(family, rc=0, exact=True, seconds=10.0):
+        unlearn = {
+            "rc": rc,
+            "seconds_per_step": 2.5,
+            "peak_rss_gib": 6.5,
+            "check": {
+                "weights": 884,
+                "changed_by_lora": 72,
+                "changed_weights_match": True,
+                "every_other_weight_bit_identical": exact,
+            },
+        }
+        return {
+            "family": family,
+            "input": {"bytes": 2_132_625_342},
+            "info": {"rc": 0, "seconds": seconds, "peak_rss_gib": 6.5},
+            "detect": {"rc": 0, "seconds": 156.0},
+            "unlearn_text": unlearn,
+            "unlearn_attn2-kv": unlearn,
+        }
+
+    table = fullsize_table(
+        [record("sdxl", seconds=1.0), record("sd15", seconds=99.0), record("sd15", rc=1, seconds=5.0)]
+        + [record("sdxl", exact=False, seconds=62.0)]
+    )
+    rows = table.strip().splitlines()[2:]
+    assert [r.split("|")[1].split()[0] for r in rows] == ["sd15", "sdxl"]
+    assert "| 99 / 6.5 GiB" in rows[0] and "every other bit-identical" in rows[0]  # rc 1 run skipped
+    assert "| 62 / 6.5 GiB" in rows[1] and "MISMATCH" in rows[1]

@@ -101,5 +101,6 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unlearn", default="docs/results/unlearn.jsonl", help="saved `bench unlearn` output")
     p.add_argument("--detect", default="docs/results/detect.jsonl", help="saved `bench detect` output")
     p.add_argument("--sau", default="docs/results/sau.jsonl", help="saved `bench sau` output")
+    p.add_argument("--fullsize", default="docs/results/fullsize.jsonl", help="saved `bench fullsize` output")
     p.add_argument("--readme", default="README.md")
     p.set_defaults(func=cmd_table)

@@ -98,6 +98,40 @@ def sau_table(records: list[dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def fullsize_table(records: list[dict]) -> str:
+    """`bench fullsize` output as one row per family: the latest record whose commands all exited 0."""
+    commands = ("info", "detect", "unlearn_text", "unlearn_attn2-kv")
+    latest: dict[str, dict] = {}
+    for r in records:
+        if all(r.get(c, {}).get("rc") == 0 for c in commands):
+            latest[r["family"]] = r
+    head = (
+        "| family (file) | `info` s / peak RSS | `detect` s | `unlearn` text: s/step / peak RSS "
+        "| `unlearn` attn2-kv: s/step / peak RSS | saved file = input + LoRA |\n|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for family, r in sorted(latest.items()):
+        runs = [r["unlearn_text"], r["unlearn_attn2-kv"]]
+        checks = [u.get("check", {}) for u in runs]
+        exact = all(
+            c.get("changed_weights_match") and c.get("every_other_weight_bit_identical") for c in checks
+        )
+        saved = (
+            f"{' / '.join(str(c.get('changed_by_lora')) for c in checks)} of {checks[0].get('weights')} weights "
+            + ("changed, every other bit-identical" if exact else "changed; MISMATCH, see the record")
+        )
+        rows.append(
+            f"| {family} ({r['input']['bytes'] / 1e9:.2f} GB fp16) "
+            f"| {r['info']['seconds']:.0f} / {r['info'].get('peak_rss_gib', 0):.1f} GiB "
+            f"| {r['detect']['seconds']:.0f} "
+            + "".join(
+                f"| {u.get('seconds_per_step', 0):.1f} / {u.get('peak_rss_gib', 0):.1f} GiB " for u in runs
+            )
+            + f"| {saved} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
 def replace_between(text: str, name: str, body: str) -> str:
     """text with the part between <!-- results:name --> and <!-- /results:name --> replaced by body."""
     start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
@@ -117,6 +151,8 @@ def cmd_table(args: argparse.Namespace) -> int:
         text = replace_between(text, "detect", detect_table(read_records(args.detect)))
     if "<!-- results:sau -->" in text and Path(args.sau).exists():
         text = replace_between(text, "sau", sau_table(read_records(args.sau)))
+    if "<!-- results:fullsize -->" in text and Path(args.fullsize).exists():
+        text = replace_between(text, "fullsize", fullsize_table(read_records(args.fullsize)))
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, target)  # atomic: a reader sees the old README or the new one
