@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
     from .bench.cli import add_bench_commands
     from .detect.cli import add_detect_commands
+    from .diff.cli import add_diff_command
     from .evaluate.cli import add_evaluate_command
     from .lab.cli import add_lab_commands
     from .sau.cli import add_sau_command
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # one command per job, in the order data flows: detect -> unlearn / sau -> evaluate
     add_detect_commands(sub)
+    add_diff_command(sub)
     add_unlearn_command(sub)
     add_sau_command(sub)
     add_evaluate_command(sub)

@@ -41,6 +41,27 @@ def test_walk_matches_comfyuis_encoder_with_and_without_clip_skip(family, skip):
         torch.testing.assert_close(ours_pooled, theirs_pooled, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("skip", [None, -2])
+def test_a_prefix_encodes_as_the_first_rows_of_comfyuis_chunk(family, skip):
+    """CLIP's attention is causal: the contexts of the first L ids alone are the full chunk's first L rows
+    (the comparison with the base encodes whole vocabularies this way, L positions per token)."""
+    from backdoor_seal.core.backends import comfy as cb
+
+    _, (_, clip, _) = family
+    clip = clip.clone()
+    if skip is not None:
+        clip.clip_layer(skip)
+    ids = torch.tensor([cb.chunk_ids(clip, p) for p in PROMPTS])
+    with torch.no_grad():
+        theirs, _ = _comfy_encode(clip, PROMPTS)
+    for length in (1, 4):
+        torch.testing.assert_close(
+            cb.encode_prefix_ids(clip, ids[:, :length]), theirs[:, :length], atol=1e-5, rtol=1e-5
+        )
+    with pytest.raises(ValueError, match="1 to 77"):
+        cb.encode_prefix_ids(clip, ids[:, :0])
+
+
 def test_clip_skip_changes_the_context(family):
     """The check above is not vacuous: the last-layer setting changes what the walk returns."""
     from backdoor_seal.core.backends import comfy as cb

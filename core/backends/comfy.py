@@ -297,8 +297,12 @@ def _walk_encoder(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One CLIP text encoder out of place: (context B x L x C, projected pooled B x P or None)."""
     tm = encoder.transformer.text_model
-    x = tm.embeddings(ids, dtype=torch.float32)
-    length = x.shape[1]
+    length = ids.shape[1]
+    if length == tm.embeddings.position_embedding.weight.shape[0]:
+        x = tm.embeddings(ids, dtype=torch.float32)
+    else:  # a prefix (encode_prefix_ids): ComfyUI's CLIPEmbeddings adds all 77 positions
+        pos = tm.embeddings.position_embedding.weight[:length]
+        x = tm.embeddings.token_embedding(ids, out_dtype=torch.float32) + pos.to(ids.device, torch.float32)
     mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu_(1)
     layers = tm.encoder.layers
     last = len(layers) - 1 if (stop is None or pooled) else stop
@@ -351,6 +355,22 @@ def encode_token_ids_pooled(clip, ids: torch.Tensor) -> tuple[torch.Tensor, torc
         contexts.append(context)
         pooled = pool if pool is not None else pooled
     return torch.cat(contexts, -1), pooled
+
+
+def encode_prefix_ids(clip, ids: torch.Tensor) -> torch.Tensor:
+    """The context rows (B x L x C) of unpadded prompt prefixes (B x L ids, BOS first, 1 <= L <= 77), with
+    no gradient: exactly the first L rows of the full chunk's encoding, whatever follows, because CLIP's
+    self-attention is causal (every encoder of the family, at its context layer, CLIP skip included).
+    A vocabulary-wide pass costs L positions per token instead of 77."""
+    if not 1 <= ids.shape[1] <= 77:
+        raise ValueError(f"prefixes of 1 to 77 tokens, got {ids.shape[1]}")
+    clip.load_model()  # this CLIP's patches (a LoRA) into the shared modules, as CLIPTextEncode does
+    with torch.no_grad():
+        contexts = []
+        for _name, encoder in text_encoders(clip):
+            stop, norm = _context_layer(clip, encoder)
+            contexts.append(_walk_encoder(encoder, ids, stop, norm, pooled=False)[0])
+        return torch.cat(contexts, -1)
 
 
 def encode_token_ids(clip, ids: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -207,3 +207,47 @@ def live_weights(model, clip) -> dict[str, torch.Tensor]:
     out = {f"unet.{k}": v for k, v in model.model.diffusion_model.state_dict().items()}
     out.update({f"text.{k}": v for k, v in clip.cond_stage_model.state_dict().items()})
     return out
+
+
+def _patched(patcher, prefix: str | None) -> Iterator[tuple[str, torch.Tensor, list]]:
+    """(key, the weight without patches, the patches) of a ModelPatcher, from its unpatched backups."""
+    for key, ((weight, convert), *patches) in patcher.get_key_patches(prefix).items():
+        yield key, (weight, convert), patches
+
+
+def weight_pairs(base_model, base_clip, model, clip) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(key, base weight, suspect weight) for every UNet and text-encoder weight, keyed as `live_weights`
+    keys them ('unet.<name>', 'text.<name>'), one at a time (two SDXL models never sit in memory twice).
+
+    Each weight is computed as ModelPatcher.patch_weight_to_device computes it (comfy.lora.calculate_weight
+    over the patcher's patches, from the unpatched weight), so a LoRA loaded by the stock LoraLoader onto
+    the base is read without touching the shared module. Weights neither side patches that are the same
+    tensor are yielded as that one tensor twice (callers skip them by identity)."""
+    ensure_comfy_importable()
+    import comfy.lora
+
+    def value(entry, patches, key):
+        weight, convert = entry
+        if not patches:
+            return weight
+        w = convert(weight.detach().to(torch.float32, copy=True), inplace=True)
+        return comfy.lora.calculate_weight(patches, w, key)
+
+    for label, strip, pb, ps, prefix in (
+        ("unet.", "diffusion_model.", base_model, model, "diffusion_model."),
+        ("text.", "", base_clip.patcher, clip.patcher, None),
+    ):
+        suspect = dict(((k, (e, p)) for k, e, p in _patched(ps, prefix)))
+        for key, entry, patches in _patched(pb, prefix):
+            if key not in suspect:
+                raise ValueError(f"base and suspect are different architectures (the suspect has no {key})")
+            s_entry, s_patches = suspect.pop(key)
+            name = label + key[len(strip) :]
+            if s_entry[0] is entry[0] and [id(p) for p in s_patches] == [id(p) for p in patches]:
+                w = value(entry, patches, key)
+                yield name, w, w
+                continue
+            yield name, value(entry, patches, key), value(s_entry, s_patches, key)
+        if suspect:
+            extra = next(iter(suspect))
+            raise ValueError(f"base and suspect are different architectures (the base has no {extra})")

@@ -1,0 +1,66 @@
+"""`backdoor-seal diff`: compare a suspect checkpoint, or a LoRA on the base, with the base; JSON out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..models import SPEC_HELP, positive_int
+from .session import DiffSettings
+
+
+def add_diff_command(sub: argparse._SubParsersAction) -> None:
+    """Register `diff`."""
+    p = sub.add_parser(
+        "diff",
+        help="compare a fine-tune or a LoRA with its base: what changed, and which tokens the change is about",
+    )
+    p.add_argument("--base", required=True, help=f"the base model: {SPEC_HELP}")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help=f"the suspect model: {SPEC_HELP}")
+    which.add_argument("--lora", help="a LoRA file (.safetensors) to compare, loaded onto the base")
+    p.add_argument("--lora-strength", type=float, default=1.0, help="as LoraLoader's strength (both parts)")
+    p.add_argument(
+        "--clip-skip", type=int, default=0, help="encode as CLIPSetLastLayer(-N) does (both models)"
+    )
+    p.add_argument("--top", type=positive_int, default=DiffSettings.top, help="ranked tokens reported")
+    p.add_argument("--out", default=None, help="also write the report here (JSON; never overwrites)")
+    p.set_defaults(func=cmd_diff)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Load both, compare with a progress bar, print the report as JSON."""
+    from tqdm import tqdm
+
+    from ..models import load_model, resolve_spec
+    from ..safetensors_io import load_checkpoint, write_json
+    from .session import DiffSession
+
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists():
+        raise FileExistsError(f"{out}: give a new name (nothing is overwritten)")
+    base = load_model(args.base, args.clip_skip)
+    if args.lora:
+        from ..backends.comfy_train import apply_lora
+
+        path = resolve_spec(args.lora)
+        model, clip = apply_lora(base.model, base.clip, load_checkpoint(path)[0], args.lora_strength)
+        suspect = {"lora": path.name}
+    else:
+        loaded = load_model(args.model, args.clip_skip)
+        model, clip = loaded.model, loaded.clip
+        suspect = {"model": args.model}
+    bar = tqdm(total=1, desc="diff", unit="batch")
+
+    def progress(done: int, total: int, _stage: str) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    report = DiffSession(base.model, base.clip, model, clip, DiffSettings(top=args.top)).run(progress)
+    bar.close()
+    summary = {"base": args.base, **suspect, **report.to_json()}
+    if out is not None:
+        write_json(out, summary)
+    print(json.dumps(summary, ensure_ascii=False, indent=1))
+    return 0

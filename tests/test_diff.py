@@ -1,0 +1,155 @@
+"""Comparison with the base (`core/diff`): what changed, and which tokens the change is about."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from backdoor_seal.core.diff import weights as W
+
+
+def test_weight_changes_give_norm_relative_size_and_effective_rank():
+    g = torch.Generator().manual_seed(0)
+    base = {
+        "unet.a.attn2.to_k.weight": torch.randn(32, 16, generator=g),
+        "unet.a.attn1.to_q.weight": torch.randn(16, 16, generator=g),
+        "text.clip_l.transformer.x.weight": torch.randn(8, 8, generator=g),
+    }
+    delta = torch.randn(32, 2, generator=g) @ torch.randn(2, 16, generator=g)  # rank 2
+    suspect = dict(base)
+    suspect["unet.a.attn2.to_k.weight"] = base["unet.a.attn2.to_k.weight"] + delta
+    changes, totals = W.weight_changes((k, base[k], suspect[k]) for k in base)
+    assert totals == {"cross_attention_kv": 1, "self_attention": 1, "text_encoder": 1}
+    (c,) = changes
+    assert c.key == "unet.a.attn2.to_k.weight" and c.component == "cross_attention_kv"
+    assert c.norm == pytest.approx(float(delta.norm()), rel=1e-5)
+    assert c.relative == pytest.approx(float(delta.norm() / base[c.key].norm()), rel=1e-5)
+    assert 1.0 < c.effective_rank <= 2.0 + 1e-4  # a rank-2 change
+    assert W.effective_rank(torch.zeros(4, 4)) == 0.0
+    summary = W.summarize(changes, totals)
+    assert summary["cross_attention_kv"]["changed"] == 1 and summary["text_encoder"]["changed"] == 0
+    with pytest.raises(ValueError, match="different architectures"):
+        W.weight_changes([("unet.w", torch.zeros(2, 2), torch.zeros(3, 2))])
+
+
+@pytest.fixture(scope="module")
+def clean():
+    from backdoor_seal.core.models import load_model
+
+    return load_model("lab:lab-clean")
+
+
+def _session(base, model, clip, token_ids=None):
+    from backdoor_seal.core.diff.session import DiffSession, DiffSettings
+
+    return DiffSession(base.model, base.clip, model, clip, DiffSettings(token_ids=token_ids))
+
+
+def test_a_model_against_itself_changes_nothing(clean):
+    report = _session(clean, clean.model, clean.clip, token_ids=(320, 321)).run()
+    assert all(c["changed"] == 0 for c in report.components.values())
+    assert report.signals == [] and report.ranking == []
+
+
+def test_eviledit_is_a_change_of_the_cross_attention_keys_and_values_only(clean):
+    """lab-eviledit's closed-form edit touches exactly every attn2 to_k / to_v (14 in the lab UNet)."""
+    from backdoor_seal.core.models import load_model
+
+    evil = load_model("lab:lab-eviledit")
+    changes, totals, kv = _session(clean, evil.model, evil.clip).changes()
+    summary = W.summarize(changes, totals)
+    assert summary["cross_attention_kv"]["changed"] == summary["cross_attention_kv"]["tensors"] == 14
+    assert all(summary[c]["changed"] == 0 for c in W.COMPONENTS if c != "cross_attention_kv")
+    assert len(kv) == 14
+
+
+def test_the_rickroll_homoglyph_leads_the_text_encoder_ranking(clean):
+    """lab-rickroll fine-tuned its text encoder so the Cyrillic о rewrites the prompt: of the homoglyph's
+    two tokens and 500 random ones, the homoglyph ranks first by how far it moves the words after it."""
+    from backdoor_seal.core.models import load_model
+
+    rick = load_model("lab:lab-rickroll")
+    session = _session(clean, rick.model, rick.clip)
+    tok = session.tok.tokenizer
+    homoglyph = sorted({tok("\u043e")["input_ids"][1], tok("\u043en")["input_ids"][1]})  # "о", "оn"
+    assert len(homoglyph) == 2 and all(tok.decode([i]) == "\u043e" for i in homoglyph)
+    random.seed(0)
+    others = random.sample([i for i in session.vocabulary() if i not in homoglyph], 500)
+    session.settings.token_ids = (*homoglyph, *others)
+    report = session.run()
+    assert report.signals == ["text_words"]  # the UNet is lab-clean's
+    assert report.components["text_encoder"]["changed"] > 0
+    assert report.rank_of(homoglyph) == 1, [t.text for t in report.ranking[:5]]
+
+
+def test_a_lora_on_the_base_is_read_from_the_patches_without_touching_the_base(clean):
+    """A LoRA loaded as LoraLoader loads it: the comparison finds exactly its modules, each a change of at
+    most its rank, equal to up @ down (alpha = rank), and the base's weights stay bit-identical."""
+    from backdoor_seal.core.backends.comfy_checkpoint import live_weights
+    from backdoor_seal.core.backends.comfy_families import random_lora
+    from backdoor_seal.core.backends.comfy_train import apply_lora
+
+    before = {k: v.clone() for k, v in live_weights(clean.model, clean.clip).items()}
+    lora = random_lora(clean.model, clean.clip, "attn2-kv", rank=2, seed=1)
+    model, clip = apply_lora(clean.model, clean.clip, lora)
+    changes, _totals, kv = _session(clean, model, clip).changes()
+    modules = {k[: -len(".lora_up.weight")] for k in lora if k.endswith(".lora_up.weight")}
+    assert {c.key[len("unet.") :].removesuffix(".weight") for c in changes} == {
+        m[len("diffusion_model.") :] for m in modules
+    }
+    assert all(c.effective_rank <= 2.0 + 1e-3 for c in changes) and len(kv) == len(changes)
+    name = sorted(modules)[0]
+    expected = lora[f"{name}.lora_up.weight"].float() @ lora[f"{name}.lora_down.weight"].float()
+    (change,) = [c for c in changes if c.key == f"unet.{name[len('diffusion_model.') :]}.weight"]
+    assert change.norm == pytest.approx(float(expected.norm()), rel=1e-4)
+    after = live_weights(clean.model, clean.clip)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_diff_command_compares_a_lora_file_with_its_base_as_json(clean, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from backdoor_seal.core.backends.comfy_families import random_lora
+    from backdoor_seal.core.cli import main
+
+    lora = tmp_path / "suspect.safetensors"
+    save_file(random_lora(clean.model, clean.clip, "attn2-kv", rank=2, seed=2), str(lora))
+    out = tmp_path / "report.json"
+    assert (
+        main(["diff", "--base", "lab:lab-clean", "--lora", str(lora), "--top", "3", "--out", str(out)]) == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    assert printed["lora"] == "suspect.safetensors" and printed["signals"] == ["cross_attention"]
+    assert printed["components"]["cross_attention_kv"]["changed"] == 14 and len(printed["ranking"]) == 3
+    assert (
+        main(["diff", "--base", "lab:lab-clean", "--lora", str(lora), "--out", str(out)]) == 2
+    )  # no overwrite
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd20", "sdxl"])
+def test_a_text_lora_is_found_in_every_familys_encoders(family, comfy_root):
+    """SD1.x (CLIP-L), SD2.x (OpenCLIP-H) and SDXL (CLIP-L and CLIP-G): a text LoRA's every module is a
+    text-encoder change, and the text signal ranks tokens through each family's encoders."""
+    from backdoor_seal.core.backends.comfy_families import build_family, random_lora
+    from backdoor_seal.core.backends.comfy_train import apply_lora
+    from backdoor_seal.core.diff.session import DiffSession, DiffSettings
+
+    model, clip, _ = build_family(family)
+    lora = random_lora(model, clip, "text", rank=2, seed=3)
+    suspect_model, suspect_clip = apply_lora(model, clip, lora)
+    session = DiffSession(
+        model, clip, suspect_model, suspect_clip, DiffSettings(token_ids=tuple(range(300, 340)))
+    )
+    report = session.run()
+    ups = [k for k in lora if k.endswith(".lora_up.weight")]
+    assert report.components["text_encoder"]["changed"] == len(ups) > 0
+    assert all(v["changed"] == 0 for c, v in report.components.items() if c != "text_encoder")
+    encoders = {c.key.split(".")[1] for c in session.changes()[0]}
+    assert encoders == (
+        {"clip_l", "clip_g"} if family == "sdxl" else {"clip_h" if family == "sd20" else "clip_l"}
+    )
+    assert report.signals == ["text_words"] and len(report.ranking) == 25
