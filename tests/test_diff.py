@@ -153,3 +153,43 @@ def test_a_text_lora_is_found_in_every_familys_encoders(family, comfy_root):
         {"clip_l", "clip_g"} if family == "sdxl" else {"clip_h" if family == "sd20" else "clip_l"}
     )
     assert report.signals == ["text_words"] and len(report.ranking) == 25
+
+
+def test_bench_diff_prints_one_record_per_suspect_with_the_issues_keys(capsys):
+    from backdoor_seal.core.cli import main
+
+    assert (
+        main(
+            [
+                "bench",
+                "diff",
+                "--models",
+                "lab-clean",
+                "lab-eviledit",
+                "--forms",
+                "checkpoint",
+                "--fire-prompts",
+                "0",
+            ]
+        )
+        == 0
+    )
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["model"] for r in records] == ["lab-clean", "lab-eviledit"]
+    keys = {
+        "model",
+        "base",
+        "form",
+        "attack",
+        "trigger",
+        "trigger_rank",
+        "flagged",
+        "top5_fire",
+        "unet_evals",
+        "seconds",
+    }
+    assert all(keys <= set(r) for r in records)
+    clean, evil = records
+    assert clean["attack"] == "none" and clean["trigger_rank"] is None and clean["signals"] == []
+    assert evil["form"] == "checkpoint" and evil["attack"] == "eviledit" and evil["unet_evals"] == 0
+    assert evil["changed"]["cross_attention_kv"] == 14 and isinstance(evil["trigger_rank"], int)

@@ -294,6 +294,37 @@ def apply_lora(model, clip, lora: dict[str, torch.Tensor], strength: float = 1.0
     return new_model, (new_clip if has_text else clip)
 
 
+def _kohya_targets(
+    model, clip, modules, rows: str | None = None
+) -> tuple[str, dict[str, tuple[str, tuple[int, ...]] | None]]:
+    """(the kohya rows used, engine module -> (its kohya name, the weight's shape), or None where no kohya
+    name of this model reaches the same weight in ComfyUI's key maps). rows: `lora_layout.KOHYA_ROWS` key;
+    by default the model's family (a lab model: SD1.x's, its CLIP is an SD1 clip_l)."""
+    import comfy.lora
+    import comfy.utils
+
+    from .comfy_checkpoint import sd_family
+    from .lora_layout import kohya_name
+
+    rows = rows or sd_family(model) or "sd15"
+    clip_keys = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
+    key_map = comfy.lora.model_lora_keys_unet(model.model, dict(clip_keys))
+    weights = dict(model.model.state_dict())
+    if clip is not None:
+        weights |= clip.cond_stage_model.state_dict()
+    diffusers_unet = {  # ldm -> diffusers module paths of this UNet (SD1.x / SD2.x kohya names spell these)
+        ldm[: -len(".weight")]: name[: -len(".weight")]
+        for name, ldm in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items()
+        if name.endswith(".weight") and not name.startswith("class_embedding.")
+    }
+    out: dict[str, tuple[str, tuple[int, ...]] | None] = {}
+    for module in modules:
+        target, name = key_map.get(module), kohya_name(module, rows, diffusers_unet)
+        ok = target is not None and key_map.get(name) == target
+        out[module] = (name, tuple(weights[target].shape)) if ok else None
+    return rows, out
+
+
 def kohya_lora(
     model, clip, lora: dict[str, torch.Tensor], title: str = ""
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -304,32 +335,48 @@ def kohya_lora(
     4-D kohya shapes from the MODEL's weights. clip may be None for a UNet-only LoRA. Raises ValueError
     for a key the model does not hold."""
     ensure_comfy_importable()
-    import comfy.lora
-    import comfy.utils
 
     from .comfy_checkpoint import sd_family
-    from .lora_layout import family_of_lora, is_kohya, kohya_metadata, kohya_name, split_key, to_kohya
+    from .lora_layout import family_of_lora, is_kohya, kohya_metadata, split_key, to_kohya
 
-    family = sd_family(model)  # None for a lab model: SD1.x's rows (its CLIP is an SD1 clip_l), no base named
-    rows = family or family_of_lora(lora) or "sd15"
-    clip_keys = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
-    key_map = comfy.lora.model_lora_keys_unet(model.model, dict(clip_keys))
+    family = sd_family(model)
     prediction = "v" if getattr(model.model.model_type, "name", "") == "V_PREDICTION" else "epsilon"
     if is_kohya(lora):
         return dict(lora), kohya_metadata(lora, family, prediction, title)
-    weights = dict(model.model.state_dict())
-    if clip is not None:
-        weights |= clip.cond_stage_model.state_dict()
-    diffusers_unet = {  # ldm -> diffusers module paths of this UNet (SD1.x / SD2.x kohya names spell these)
-        ldm[: -len(".weight")]: name[: -len(".weight")]
-        for name, ldm in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items()
-        if name.endswith(".weight") and not name.startswith("class_embedding.")
-    }
+    rows, targets = _kohya_targets(
+        model, clip, {split_key(k)[0] for k in lora}, family or family_of_lora(lora) or "sd15"
+    )
     names, shapes = {}, {}
-    for module in {split_key(k)[0] for k in lora}:
-        target, name = key_map.get(module), kohya_name(module, rows, diffusers_unet)
-        if target is None or key_map.get(name) != target:
+    for module, found in targets.items():
+        if found is None:
             raise ValueError(f"{module}: ComfyUI maps no kohya name of this {rows} model to this weight")
-        names[module], shapes[module] = name, tuple(weights[target].shape)
+        names[module], shapes[module] = found
     tensors = to_kohya(lora, rows, names, shapes)
     return tensors, kohya_metadata(tensors, family, prediction, title)
+
+
+def lora_addressable(model, clip, layout: str = "comfy") -> dict[str, str]:
+    """Every weight a LoRA can change: live-weight key ('unet.<name>.weight', 'text.<name>.weight', as
+    `comfy_checkpoint.live_weights` keys them) -> the engine's LoRA module name for it (`diffusion_model.<name>`,
+    `text_encoders.<name>`). layout 'comfy': every weight ComfyUI's LoraLoader reads in its generic key form
+    (comfy.lora.model_lora_keys_unet / _clip); 'kohya': only those a kohya-layout file can name (kohya's
+    text keys cover the encoder layers' linear weights, not the embeddings)."""
+    ensure_comfy_importable()
+    import comfy.lora
+
+    clip_keys = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
+    key_map = comfy.lora.model_lora_keys_unet(model.model, dict(clip_keys))
+    out: dict[str, str] = {}
+    for module, target in key_map.items():
+        if not isinstance(target, str):
+            continue  # (weight, slice) targets of fused weights: none in SD1.x / SD2.x / SDXL
+        if module.startswith(UNET_MODULE_PREFIX) and target.startswith(UNET_MODULE_PREFIX):
+            out["unet." + target[len(UNET_MODULE_PREFIX) :]] = module
+        elif module.startswith(CLIP_LORA_PREFIX) and not target.startswith(UNET_MODULE_PREFIX):
+            out["text." + target] = module
+    if layout == "kohya":
+        _, targets = _kohya_targets(model, clip, set(out.values()))
+        out = {key: module for key, module in out.items() if targets[module] is not None}
+    elif layout != "comfy":
+        raise ValueError(f"unknown LoRA layout {layout!r}; one of comfy, kohya")
+    return out

@@ -91,6 +91,10 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
 
     add_detect_bench(bench_sub)
 
+    from .diff import add_diff_bench
+
+    add_diff_bench(bench_sub)
+
     from .sau import add_sau_bench
 
     add_sau_bench(bench_sub)

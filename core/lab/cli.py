@@ -97,10 +97,25 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", default=None, help="folder of lab checkpoints (default: the shipped lab_models)")
     p.set_defaults(func=cmd_list)
 
-    p = lab_sub.add_parser("eval", help="measure a lab model's ASR and clean accuracy (JSON)")
-    p.add_argument(
-        "--model", required=True, help="lab:NAME (a shipped model, see `lab list`) or a lab .safetensors path"
+    p = lab_sub.add_parser(
+        "extract-lora",
+        help="an attacked lab model's change as a kohya-layout LoRA of its base (SVD), with its own ASR",
     )
+    p.add_argument("--model", required=True, help="lab:NAME of an attacked lab model")
+    p.add_argument(
+        "--base", default="lab:lab-clean", help="the lab model it was made from (default lab-clean)"
+    )
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank per weight (default 8)")
+    p.add_argument("--out", required=True, help="output .safetensors (never overwritten)")
+    p.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per measurement (0: skip)")
+    p.set_defaults(func=cmd_extract_lora)
+
+    p = lab_sub.add_parser("eval", help="measure a lab model's ASR and clean accuracy (JSON)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--model", help="lab:NAME (a shipped model, see `lab list`) or a lab .safetensors path"
+    )
+    which.add_argument("--lora", help="a lab LoRA file (`lab extract-lora`): measured on the base it names")
     p.add_argument("--n", type=int, default=128, help="held-out prompts per measurement (default 128)")
     p.set_defaults(func=cmd_eval)
 
@@ -351,14 +366,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Sample a lab model on held-out prompts and print its ASR and clean accuracy as one JSON object."""
     from ..backends import comfy_lab as cb
-    from . import attacks, evaluate, zoo
+    from . import attacks, evaluate, lora_form, zoo
 
     if args.n < 1:
         raise ValueError(f"--n {args.n}: measure at least one prompt")
-    path = zoo.resolve(args.model)
     t0 = time.monotonic()
-    model, clip, vae, _ = cb.load_lab_checkpoint(path)
-    info = zoo.lab_info(path)
+    if args.lora:
+        model, clip, vae, path, info = lora_form.load_lab_lora(args.lora)
+    else:
+        path = zoo.resolve(args.model)
+        model, clip, vae, _ = cb.load_lab_checkpoint(path)
+        info = zoo.lab_info(path)
     spec = attacks.AttackSpec(**info["spec"]) if info.get("spec") else None
     result = evaluate.evaluate_lab_model(model, clip, vae, spec, n=args.n)
     out = {
@@ -375,6 +393,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out["clean_target_rate"] = result["clean_target_rate"]
     out["sampler"] = result["sampler"]
     print(json.dumps(out))
+    return 0
+
+
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    """Extract, save (kohya layout, lab record in the metadata), reload onto the base and measure."""
+    from ..backends import comfy_lab as cb
+    from ..backends.comfy_checkpoint import weight_pairs
+    from ..backends.comfy_train import kohya_lora, lora_addressable
+    from ..safetensors_io import atomic_save
+    from . import attacks, evaluate, lora_form, zoo
+
+    out = _new_output(args.out)
+    source, base = zoo.resolve(args.model), zoo.resolve(args.base)
+    if base.parent != zoo.LAB_MODELS and base.parent != source.parent:
+        raise ValueError(f"{base.name}: the base must be a lab model beside {source.name}")
+    info = zoo.lab_info(source)
+    if not info.get("spec"):
+        raise ValueError(f"{source.name} carries no attack to extract")
+    t0 = time.monotonic()
+    b_model, b_clip, _, _ = cb.load_lab_checkpoint(base)
+    s_model, s_clip, _, _ = cb.load_lab_checkpoint(source)
+    lora, stats = lora_form.extract_lora(
+        weight_pairs(b_model, b_clip, s_model, s_clip), lora_addressable(b_model, b_clip, "kohya"), args.rank
+    )
+    tensors, meta = kohya_lora(b_model, b_clip, lora, title=out.stem)
+    meta[zoo.LAB_INFO_KEY] = lora_form.lab_record(info, base, stats, source.name)
+    atomic_save(tensors, out, metadata=meta)
+    result = {
+        "lora": str(out),
+        "source": source.stem,
+        "base": base.stem,
+        **stats,
+        "bytes": out.stat().st_size,
+    }
+    result["dropped"] = stats["dropped"][:8]
+    if args.eval_prompts:
+        model, clip, vae, _, lora_info = lora_form.load_lab_lora(out)
+        spec = attacks.AttackSpec(**lora_info["spec"])
+        measured = evaluate.evaluate_lab_model(model, clip, vae, spec, n=args.eval_prompts)
+        result.update(
+            {
+                "asr": measured["asr"],
+                "asr_checkpoint": info.get("asr"),
+                "clean_accuracy": measured["clean_accuracy"],
+                "clean_target_rate": measured["clean_target_rate"],
+                "n_prompts": measured["n_prompts"],
+            }
+        )
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    print(json.dumps(result))
     return 0
 
 
