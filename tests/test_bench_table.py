@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from backdoor_seal.core.bench.table import fullsize_table, replace_between, unlearn_table
+from backdoor_seal.core.bench.table import (
+    diff_table,
+    fullsize_table,
+    lab_loras_table,
+    replace_between,
+    unlearn_table,
+)
 from backdoor_seal.core.cli import main
 
 RECORD = {
@@ -144,3 +150,47 @@ def test_fullsize_table_shows_the_latest_complete_run_per_family_and_flags_a_mis
     assert [r.split("|")[1].split()[0] for r in rows] == ["sd15", "sdxl"]
     assert "| 99 / 6.5 GiB" in rows[0] and "every other bit-identical" in rows[0]  # rc 1 run skipped
     assert "| 62 / 6.5 GiB" in rows[1] and "MISMATCH" in rows[1]
+
+
+def test_diff_table_keeps_the_latest_record_per_suspect_and_says_what_was_not_measured():
+    base = {"base": "lab-clean", "attack": "eviledit", "flagged": [], "unet_evals": 0, "seconds": 22.0}
+    old = {
+        **base,
+        "model": "lab-eviledit",
+        "form": "checkpoint",
+        "trigger_rank": 999,
+        "top5": [],
+        "top5_fire": 0,
+    }
+    new = {
+        **base,
+        "model": "lab-eviledit",
+        "form": "checkpoint",
+        "trigger_rank": 12,
+        "top5": ["a|b", "\u2060"],
+        "top5_fire": None,
+        "changed": {"text_encoder": 0, "cross_attention_kv": 14, "self_attention": 1},
+    }
+    lora = {**new, "form": "lora", "trigger_rank": 3, "top5_fire": 2}
+    rows = diff_table([old, new, lora]).strip().splitlines()[2:]
+    assert len(rows) == 2
+    assert "| 12 |" in rows[0] and "not measured" in rows[0] and "| 0 / 14 / 1 |" in rows[0]
+    assert "'a\\|b'" in rows[0] and "'\\u2060'" in rows[0]  # pipes escaped, invisible characters spelled
+    assert "| lora |" in rows[1] and "| 3 |" in rows[1] and "| 2 |" in rows[1]
+
+
+def test_lab_loras_table_shows_each_attacks_lora_with_what_it_keeps():
+    record = {
+        "source": "lab-rickroll",
+        "rank": 8,
+        "tensors": 24,
+        "dropped_tensors": 44,
+        "kept_energy_mean": 0.8594,
+        "bytes": 157184,
+        "asr": 0.546875,
+        "asr_checkpoint": 0.90625,
+        "clean_accuracy": 0.828125,
+        "n_prompts": 64,
+    }
+    (row,) = lab_loras_table([{**record, "asr": 0.1}, record]).strip().splitlines()[2:]
+    assert row == "| lab-rickroll | 8 | 24 / 44 | 0.86 | 154 | 0.547 (0.906) | 0.828 | 64 |"

@@ -106,5 +106,9 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detect", default="docs/results/detect.jsonl", help="saved `bench detect` output")
     p.add_argument("--sau", default="docs/results/sau.jsonl", help="saved `bench sau` output")
     p.add_argument("--fullsize", default="docs/results/fullsize.jsonl", help="saved `bench fullsize` output")
+    p.add_argument("--diff", default="docs/results/diff.jsonl", help="saved `bench diff` output")
+    p.add_argument(
+        "--lab-loras", default="docs/results/lab-loras.jsonl", help="saved `lab extract-lora` output"
+    )
     p.add_argument("--readme", default="README.md")
     p.set_defaults(func=cmd_table)

@@ -132,6 +132,44 @@ def fullsize_table(records: list[dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def diff_table(records: list[dict]) -> str:
+    """`bench diff` output: one row per suspect, the latest record of each (model, form)."""
+    latest = {(r["model"], r["form"]): r for r in records}
+    head = (
+        "| suspect | form | attack | changed (text / cross-attn k,v / rest of UNet) | trigger rank (target <= 5) "
+        "| top 5 | top 5 that fire | UNet evals | s |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in latest.values():
+        c = r.get("changed", {})
+        rest = sum(v for k, v in c.items() if k not in ("text_encoder", "cross_attention_kv"))
+        fire = "not measured" if r.get("top5_fire") is None else str(r["top5_fire"])
+        rank = "" if r.get("trigger_rank") is None else str(r["trigger_rank"])
+        top5 = ", ".join(repr(t).replace("|", "\\|") for t in r.get("top5", []))
+        rows.append(
+            f"| {r['model']} | {r['form']} | {r['attack']} "
+            f"| {c.get('text_encoder', 0)} / {c.get('cross_attention_kv', 0)} / {rest} "
+            f"| {rank} | {top5} | {fire} | {r.get('unet_evals', 0)} | {r.get('seconds', 0):.0f} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def lab_loras_table(records: list[dict]) -> str:
+    """`lab extract-lora` output: each lab attack as a LoRA, its rank, size and the ASR it keeps."""
+    latest = {r["source"]: r for r in records}
+    head = (
+        "| LoRA of | rank | weights carried / dropped | energy kept (mean) | KB | ASR: LoRA (checkpoint) "
+        "| clean accuracy | prompts |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = [
+        f"| {r['source']} | {r['rank']} | {r['tensors']} / {r.get('dropped_tensors', len(r.get('dropped', [])))} "
+        f"| {r['kept_energy_mean']:.2f} | {r['bytes'] / 1024:.0f} | {_fmt(r.get('asr'))} ({_fmt(r.get('asr_checkpoint'))}) "
+        f"| {_fmt(r.get('clean_accuracy'))} | {r.get('n_prompts', '')} |"
+        for r in latest.values()
+    ]
+    return head + "\n".join(rows) + "\n"
+
+
 def replace_between(text: str, name: str, body: str) -> str:
     """text with the part between <!-- results:name --> and <!-- /results:name --> replaced by body."""
     start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
@@ -151,6 +189,10 @@ def cmd_table(args: argparse.Namespace) -> int:
         text = replace_between(text, "detect", detect_table(read_records(args.detect)))
     if "<!-- results:sau -->" in text and Path(args.sau).exists():
         text = replace_between(text, "sau", sau_table(read_records(args.sau)))
+    if "<!-- results:lab-loras -->" in text and Path(args.lab_loras).exists():
+        text = replace_between(text, "lab-loras", lab_loras_table(read_records(args.lab_loras)))
+    if "<!-- results:diff -->" in text and Path(args.diff).exists():
+        text = replace_between(text, "diff", diff_table(read_records(args.diff)))
     if "<!-- results:fullsize -->" in text and Path(args.fullsize).exists():
         text = replace_between(text, "fullsize", fullsize_table(read_records(args.fullsize)))
     tmp = target.with_name(f".{target.name}.tmp")

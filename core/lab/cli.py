@@ -427,7 +427,7 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
         **stats,
         "bytes": out.stat().st_size,
     }
-    result["dropped"] = stats["dropped"][:8]
+    result["dropped_tensors"], result["dropped"] = len(stats["dropped"]), stats["dropped"][:8]
     if args.eval_prompts:
         model, clip, vae, _, lora_info = lora_form.load_lab_lora(out)
         spec = attacks.AttackSpec(**lora_info["spec"])
