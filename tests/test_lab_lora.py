@@ -90,3 +90,18 @@ def test_extract_lora_writes_a_kohya_lora_that_reproduces_the_attacks_weights(tm
     worst = max(float((ours[k] - theirs[k]).abs().max()) for k in theirs)
     assert worst < 1e-4
     assert main(args) == 2  # never overwrites
+
+
+@pytest.mark.parametrize("path", sorted(lora_form.LORA_DIR.glob("*.safetensors")), ids=lambda p: p.stem)
+def test_each_shipped_lab_lora_loads_whole_onto_the_base_it_names(path, caplog):
+    """Every shipped attack LoRA: kohya keys, a lab record naming lab-clean with its hash, and the stock
+    loader reads every key of it (no 'lora key not loaded')."""
+    from backdoor_seal.core.safetensors_io import load_checkpoint
+
+    tensors, _ = load_checkpoint(path)
+    assert tensors and all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors)
+    caplog.clear()
+    model, clip, _, _, info = lora_form.load_lab_lora(path)
+    assert info["form"] == "lora" and info["base"] == "lab-clean.safetensors" and info["spec"]
+    assert not [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert len(model.patches) + len(clip.patcher.patches) == info["tensors"]
