@@ -30,6 +30,22 @@ def suspects(forms: tuple[str, ...] = ("checkpoint", "lora")) -> list[tuple[str,
     return out
 
 
+def trigger_tokens(tokenizer, spec, n: int = 8) -> list[int]:
+    """The trigger's token ids as prompts hold it: its own tokens, and the tokens of held-out triggered
+    prompts that their clean twins lack and that carry a character of the trigger (a homoglyph inside a
+    word is another token than the homoglyph alone)."""
+    from ..lab import attacks
+
+    ids = set(tokenizer(spec.trigger)["input_ids"][1:-1])
+    chars = set(spec.trigger) - {" "}
+    for scene in attacks.eval_scenes(spec, n, seed=555):
+        clean = set(tokenizer(scene.caption)["input_ids"])
+        for i in tokenizer(attacks.triggered_prompt(spec, scene.caption))["input_ids"]:
+            if i not in clean and chars & set(tokenizer.decode([i])):
+                ids.add(i)
+    return sorted(ids)
+
+
 def evaluate_suspect(name: str, form: str, path: Path, fire_prompts: int) -> dict[str, Any]:
     """The comparison of one suspect with lab-clean, and how many of its top five tokens fire."""
     from ..backends import comfy_lab as cl
@@ -67,9 +83,7 @@ def evaluate_suspect(name: str, form: str, path: Path, fire_prompts: int) -> dic
         "seconds": round(seconds, 1),
     }
     if spec:
-        tok = session.tok.tokenizer
-        ids = tok(spec.trigger)["input_ids"][1:-1]
-        record["trigger_rank"] = report.rank_of(ids)
+        record["trigger_rank"] = report.rank_of(trigger_tokens(session.tok.tokenizer, spec))
         if fire_prompts and report.ranking:
             asr = [candidate_asr(model, clip, vae, spec, t.text, n=fire_prompts) for t in report.ranking[:5]]
             record["top5_asr"] = asr
