@@ -40,9 +40,16 @@ def add_detect_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", required=True, help="a prompt to check (repeatable)")
     p.add_argument("--calibration", default=None, help="calibration JSON (written by --save-calibration)")
     p.add_argument(
-        "--calibrate-n", type=int, default=32, help="clean prompts to calibrate on when none is given"
+        "--calibrate-n",
+        type=int,
+        default=32,
+        help="clean prompts to calibrate on when none is given (fewer is faster; each costs one detection)",
     )
-    p.add_argument("--save-calibration", default=None, help="write the calibration here (JSON)")
+    p.add_argument(
+        "--save-calibration",
+        default=None,
+        help="write the calibration here (JSON; reuse it with --calibration)",
+    )
     p.add_argument(
         "--probe-prompts",
         type=_at_least_8,
@@ -82,8 +89,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if args.calibration:
         detection.calibration = Calibration.load(args.calibration)
     else:
+        from tqdm import tqdm
+
         own = _read_lines(args.clean_prompts) if args.clean_prompts else []
-        detection.calibrate(detection.calibration_set(own, builtin=not own), name=args.model)
+        prompts = detection.calibration_set(own, builtin=not own)
+        # each calibration prompt is a full detection: minutes apiece for SD1.5 / SDXL on a CPU
+        with tqdm(total=len(prompts), desc="calibrate", unit="prompt") as bar:
+            detection.calibrate(prompts, name=args.model, tick=bar.update)
         if args.save_calibration:
             detection.calibration.save(args.save_calibration)
     for prompt in args.prompt:

@@ -107,10 +107,11 @@ def load_lab_lora(lora: str | os.PathLike):
     lab record). Raises ValueError for a file that is not a lab LoRA."""
     from ..backends import comfy_lab as cb
     from ..backends.comfy_train import apply_lora
-    from ..models import resolve_spec
     from ..safetensors_io import load_checkpoint
 
-    path = resolve_spec(lora)
+    path = Path(lora)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise FileNotFoundError(f"{path}: no such .safetensors file (only safetensors LoRAs are read)")
     info = lora_info(path)
     if info.get("form") != "lora":
         raise ValueError(
