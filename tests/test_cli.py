@@ -149,6 +149,23 @@ def test_bad_files_get_one_line_errors_and_nothing_is_written(comfy_root, tmp_pa
             "whitespace",
         ),
         (["lab", "eval", "--model", "lab:lab-pixel", "--n", "0"], "at least one prompt"),
+        (
+            ["unlearn", "--model", "lab:lab-pixel", "--trigger", "x", "--out", str(tmp_path / "u.ckpt")],
+            "ending in .safetensors",
+        ),
+        (
+            [
+                "unlearn",
+                "--model",
+                "lab:lab-pixel",
+                "--trigger",
+                "x",
+                "--out",
+                str(tmp_path / "same.safetensors"),
+            ]
+            + ["--lora-out", str(tmp_path / "same.safetensors")],
+            "each its own file",
+        ),
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
@@ -190,3 +207,17 @@ def test_written_reports_are_ordinary_files(tmp_path):
     from backdoor_seal.core.safetensors_io import write_json
 
     assert (write_json(tmp_path / "r.json", {"a": 1}).stat().st_mode & 0o777) == 0o644
+
+
+def test_unlearn_records_the_clip_skip_it_trained_for(tmp_path, capsys):
+    """A fix trained for CLIPSetLastLayer(-2) says so in its provenance: it must be drawn with the same."""
+    from backdoor_seal.core.cli import main
+    from backdoor_seal.core.safetensors_io import read_metadata
+    from backdoor_seal.core.unlearn.save import PROVENANCE_KEY
+
+    out, lora = tmp_path / "u.safetensors", tmp_path / "u-lora.safetensors"
+    argv = ["unlearn", "--model", "lab:lab-pixel", "--trigger", "U+2060", "--steps", "1", "--batch", "2"]
+    assert main([*argv, "--clip-skip", "2", "--out", str(out), "--lora-out", str(lora)]) == 0
+    capsys.readouterr()
+    for path in (out, lora):
+        assert json.loads(read_metadata(path)[PROVENANCE_KEY])["clip_skip"] == 2

@@ -120,8 +120,12 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     for target in (out, Path(args.lora_out) if args.lora_out else None):
-        if target is not None and (target.exists() or target.suffix != ".safetensors"):
-            raise FileExistsError(f"{target}: give a new .safetensors name (nothing is overwritten)")
+        if target is not None and target.suffix != ".safetensors":
+            raise ValueError(f"{target}: outputs are .safetensors files; give a name ending in .safetensors")
+        if target is not None and target.exists():
+            raise FileExistsError(f"{target} already exists; give a new name (nothing is overwritten)")
+    if args.lora_out and Path(args.lora_out).resolve() == out.resolve():
+        raise ValueError(f"--out and --lora-out are both {out}; give each its own file")
     trigger = parse_trigger(args.trigger)
     model, clip, vae, info = load_model(args.model, args.clip_skip)
     user_prompts = Path(args.prompts).read_text(encoding="utf-8").splitlines() if args.prompts else []
@@ -140,6 +144,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     new_model, new_clip, lora = session.outputs()
     provenance = session.provenance()
     provenance["source"] = spec_label(args.model)
+    if args.clip_skip:  # the fix is for this encoding: draw with the same CLIPSetLastLayer
+        provenance["clip_skip"] = args.clip_skip
     # ComfyUI on CPU holds weights in fp32: the input file's header says what each part was stored in
     dtypes = None if info else checkpoint_dtypes(resolve_spec(args.model))
     saved = [str(save_sanitized(out, new_model, new_clip, vae, None, provenance, dtype=dtypes))]
