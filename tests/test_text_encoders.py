@@ -103,3 +103,14 @@ def test_families_the_pack_does_not_handle_get_one_clear_error(comfy_root):
     model.model.__class__ = comfy.model_base.SD21UNCLIP  # an unCLIP model: extra image conditioning
     with pytest.raises(UnsupportedModelError, match=r"SD15 \(SD21UNCLIP\) is not a model family"):
         cb.supported_family(model)
+
+
+def test_a_clip_skip_past_the_encoders_depth_is_refused(family):
+    """ComfyUI's CLIPSetLastLayer falls back to the last layer silently; the engine says so instead."""
+    from backdoor_seal.core.backends import comfy as cb
+
+    _, (_, clip, _) = family
+    layers = min(len(e.transformer.text_model.encoder.layers) for _, e in cb.text_encoders(clip))
+    assert cb.clip_skip(cb.with_clip_skip(clip, layers)) is not None
+    with pytest.raises(ValueError, match=f"has {layers} layers"):
+        cb.with_clip_skip(clip, layers + 1)

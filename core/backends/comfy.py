@@ -266,6 +266,9 @@ def with_clip_skip(clip, skip: int):
     """A clone of the CLIP that encodes from layer -skip, as the stock CLIPSetLastLayer(-skip) makes it."""
     if skip < 1:
         raise ValueError(f"CLIP skip must be 1 or more (2 = the penultimate layer), got {skip}")
+    layers = min(len(e.transformer.text_model.encoder.layers) for _, e in text_encoders(clip))
+    if skip > layers:  # ComfyUI would fall back to the last layer without a word
+        raise ValueError(f"CLIP skip {skip}: this text encoder has {layers} layers (SD1.5 fine-tunes use 2)")
     out = clip.clone()
     out.clip_layer(-skip)
     return out
