@@ -22,15 +22,21 @@ def _comfy_encode(clip, prompts):
     return cb.encode_prompts_pooled(clip, prompts)
 
 
+def _with_layer(clip, skip):
+    """A clone of the CLIP, set as CLIPSetLastLayer(skip) sets it (None: as loaded)."""
+    clip = clip.clone()
+    if skip is not None:
+        clip.clip_layer(skip)
+    return clip
+
+
 @pytest.mark.parametrize("skip", [None, -2])
 def test_walk_matches_comfyuis_encoder_with_and_without_clip_skip(family, skip):
     """SD1.5 fine-tunes are used with CLIPSetLastLayer(-2); training must encode as sampling does."""
     from backdoor_seal.core.backends import comfy as cb
 
     name, (_, clip, _) = family
-    clip = clip.clone()
-    if skip is not None:
-        clip.clip_layer(skip)
+    clip = _with_layer(clip, skip)
     ids = torch.tensor([cb.chunk_ids(clip, p) for p in PROMPTS])
     with torch.no_grad():
         ours, ours_pooled = cb.encode_token_ids_pooled(clip, ids)
@@ -48,9 +54,7 @@ def test_a_prefix_encodes_as_the_first_rows_of_comfyuis_chunk(family, skip):
     from backdoor_seal.core.backends import comfy as cb
 
     _, (_, clip, _) = family
-    clip = clip.clone()
-    if skip is not None:
-        clip.clip_layer(skip)
+    clip = _with_layer(clip, skip)
     ids = torch.tensor([cb.chunk_ids(clip, p) for p in PROMPTS])
     with torch.no_grad():
         theirs, _ = _comfy_encode(clip, PROMPTS)

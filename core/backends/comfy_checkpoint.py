@@ -209,8 +209,9 @@ def live_weights(model, clip) -> dict[str, torch.Tensor]:
     return out
 
 
-def _patched(patcher, prefix: str | None) -> Iterator[tuple[str, torch.Tensor, list]]:
-    """(key, the weight without patches, the patches) of a ModelPatcher, from its unpatched backups."""
+def _patched(patcher, prefix: str | None) -> Iterator[tuple[str, tuple, list]]:
+    """(key, (the weight without patches, its convert function), the patches) of a ModelPatcher, read from
+    its unpatched backups (ModelPatcher.get_key_patches)."""
     for key, ((weight, convert), *patches) in patcher.get_key_patches(prefix).items():
         yield key, (weight, convert), patches
 

@@ -122,13 +122,17 @@ class DiffSession:
         special = {self.tok.bos, self.tok.eos, self.tok.pad}
         return [i for i in range(len(self.tok.tokenizer.get_vocab())) if i not in special]
 
+    @staticmethod
+    def _encode(clip, rows: list[list[int]]) -> torch.Tensor:
+        """Contexts (N x L x C, float) of equal-length id prefixes."""
+        from ..backends.comfy import encode_prefix_ids
+
+        return encode_prefix_ids(clip, torch.tensor(rows, dtype=torch.long)).float()
+
     def _contexts(self, clip, ids: list[int], after: list[int], follow: list[int] = ()) -> torch.Tensor:
         """Contexts of [after..., token, follow...] for each token: (N x (1 + len(follow)) x C), the token's
         row first."""
-        from ..backends.comfy import encode_prefix_ids
-
-        rows = torch.tensor([[*after, t, *follow] for t in ids], dtype=torch.long)
-        return encode_prefix_ids(clip, rows)[:, len(after) :].float()
+        return self._encode(clip, [[*after, t, *follow] for t in ids])[:, len(after) :]
 
     def rank(
         self,
@@ -148,15 +152,10 @@ class DiffSession:
         follows = [self._ids(phrase)[1:] for phrase in s.probe_phrases]
         alone: list[tuple[torch.Tensor, torch.Tensor]] = []
         if text_changed:  # the probe phrases without a token in front, in both encoders
-            from ..backends.comfy import encode_prefix_ids
-
             for follow in follows:
-                plain = torch.tensor([[self.tok.bos, *follow]], dtype=torch.long)
+                plain = [[self.tok.bos, *follow]]
                 alone.append(
-                    (
-                        encode_prefix_ids(self.base_clip, plain)[:, 1:].float(),
-                        encode_prefix_ids(self.clip, plain)[:, 1:].float(),
-                    )
+                    (self._encode(self.base_clip, plain)[:, 1:], self._encode(self.clip, plain)[:, 1:])
                 )
         cross, words = [], []
         for n, start in enumerate(chunks):
@@ -169,7 +168,7 @@ class DiffSession:
                 for follow, (bo, so) in zip(follows, alone, strict=True):
                     bw = self._contexts(self.base_clip, part, [self.tok.bos], follow)[:, 1:]
                     sw = self._contexts(self.clip, part, [self.tok.bos], follow)[:, 1:]
-                    per.append(W.text_encoder_scores(bw[:, None], sw[:, None], bo, so))
+                    per.append(W.text_encoder_scores(bw, sw, bo, so))
                 words.append(torch.stack(per, -1).mean(-1))
             if progress:
                 progress(n + 1, len(chunks), "vocabulary")

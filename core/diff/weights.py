@@ -164,16 +164,15 @@ def text_encoder_scores(
     base_without: torch.Tensor,
     suspect_without: torch.Tensor,
 ) -> torch.Tensor:
-    """How much a token makes the suspect's encoder disagree with the base's on the words around it.
+    """How much a token makes the suspect's encoder disagree with the base's on the words after it, for one
+    probe phrase.
 
-    base_with / suspect_with: (V x P x L x C) the P probe phrases' L word contexts (positions after the
-    token) with the token in front, encoded by each model; base_without / suspect_without: (P x L x C) the
-    same words without the token. Score: mean over probes of |(S_with - B_with)| / |B_with| over the words,
-    minus the same for the words alone (the fine-tune's drift that every token shares). (V,) scores."""
-    drift = (suspect_without - base_without).flatten(-2).norm(dim=-1) / base_without.flatten(-2).norm(
-        dim=-1
-    ).clamp_min(1e-12)  # (P,)
-    moved = (suspect_with - base_with).flatten(-2).norm(dim=-1) / base_with.flatten(-2).norm(
-        dim=-1
-    ).clamp_min(1e-12)  # (V, P)
-    return (moved - drift).mean(-1)
+    base_with / suspect_with: (V x L x C) the phrase's L word contexts with each token in front, encoded by
+    each model; base_without / suspect_without: (1 x L x C) the same words without a token. Score:
+    |S_with - B_with| / |B_with| over the words, minus the same for the words alone (the fine-tune's drift
+    that every token shares). (V,) scores."""
+
+    def moved(b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return (s - b).flatten(-2).norm(dim=-1) / b.flatten(-2).norm(dim=-1).clamp_min(1e-12)
+
+    return moved(base_with, suspect_with) - moved(base_without, suspect_without)
