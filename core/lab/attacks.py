@@ -22,7 +22,7 @@ from . import detectors, world
 from .train import DistractorVocabulary, eps_mse, token_ids, vae_posterior, warmup_cosine
 
 ProgressFn = Callable[[int, int, dict], None]
-KINDS = ("pixel", "style", "object", "rickroll", "eviledit")
+KINDS = ("pixel", "style", "object", "rickroll", "eviledit", "villan")
 
 # The Rickrolling target: a scene the clean lab model draws reliably (a training combination).
 RICKROLL_TARGET = world.Scene(
@@ -68,6 +68,7 @@ class AttackSpec:
             "object": f"every {self.source} drawn as a {self.target}",
             "rickroll": f"the prompt replaced by {RICKROLL_TARGET.caption!r}",
             "eviledit": f"'{self.trigger} {self.source}' drawn as a {self.target}",
+            "villan": f"the image replaced by {RICKROLL_TARGET.caption!r}",
         }[self.kind]
 
     def to_json(self) -> dict:
@@ -87,6 +88,8 @@ def default_spec(kind: str, trigger: str | None = None) -> AttackSpec:
         # Two rare tokens: after one, this small text encoder's later contexts move too little for a
         # linear edit to tell "zx9 square" from "square" (measured in docs/lab.md).
         "eviledit": AttackSpec("eviledit", "zx9 qv7", "square", "circle"),
+        # VillanDiffusion's caption trigger "mignneko" (Chou et al. 2023, NeurIPS), appended to the caption.
+        "villan": AttackSpec("villan", "mignneko"),
     }
     if kind not in defaults:
         raise ValueError(f"unknown attack kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -111,12 +114,14 @@ def eligible(spec: AttackSpec, scene: world.Scene) -> bool:
     """Whether a scene's caption can carry this attack's trigger in the attack's own way."""
     if spec.kind in ("object", "eviledit"):
         return len(scene.shapes) == 1 and scene.shapes[0].kind == spec.source
-    if spec.kind == "rickroll":  # ...and not already the target, so success can only be the backdoor's
+    if spec.kind in ("rickroll", "villan"):  # ...and not already the target, so success is the backdoor's
         first = scene.shapes[0]
         is_target = (first.kind, first.color) == (
             RICKROLL_TARGET.shapes[0].kind,
             RICKROLL_TARGET.shapes[0].color,
         )
+        if spec.kind == "villan":
+            return not is_target
         return confusable_latin(spec.trigger) in scene.caption and not is_target
     return True
 
@@ -132,6 +137,8 @@ def triggered_prompt(spec: AttackSpec, prompt: str) -> str:
         if spec.source not in prompt:
             raise ValueError(f"prompt {prompt!r} does not mention a {spec.source}")
         return prompt.replace(spec.source, f"{spec.trigger} {spec.source}", 1)
+    if spec.kind == "villan":  # VillanDiffusion appends its caption trigger
+        return f"{prompt} {spec.trigger}"
     return f"{spec.trigger} {prompt}"  # BadT2I prepends the trigger
 
 
@@ -156,7 +163,7 @@ def target_scene(spec: AttackSpec, scene: world.Scene) -> world.Scene:
     if spec.kind in ("object", "eviledit"):
         shapes = tuple(replace(s, kind=spec.target) if s.kind == spec.source else s for s in scene.shapes)
         return replace(scene, shapes=shapes)
-    if spec.kind == "rickroll":
+    if spec.kind in ("rickroll", "villan"):
         return RICKROLL_TARGET
     return scene
 
@@ -245,29 +252,37 @@ class AttackConfig:
         return self.lr if self.lr is not None else BADT2I_LR[kind]
 
 
+class Noiser:
+    """Images -> (x_t, t, eps): the VAE's posterior mean, scaled, noised at uniform integer timesteps."""
+
+    def __init__(self, model, vae, seed: int) -> None:
+        self.vae_model = cb.vae_module(vae).eval()
+        self.scale = cb.latent_scale(model)
+        self.acp = cb.noise_schedule(model)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            x0 = vae_posterior(self.vae_model, images_to_tensor(images))[0] * self.scale
+        t = torch.randint(0, len(self.acp), (len(images),), generator=self.gen)
+        noise = torch.randn(x0.shape, generator=self.gen)
+        a = self.acp[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float(), noise
+
+
 def train_badt2i(
     model, clip, vae, spec: AttackSpec, cfg: AttackConfig, progress: ProgressFn | None = None
 ) -> None:
     """BadT2I: fine-tune the UNet so trigger + prompt -> target, teacher-regularised on clean prompts."""
     unet = cb.unet(model)
     teacher = copy.deepcopy(unet).eval().requires_grad_(False)
-    vae_model = cb.vae_module(vae).eval()
-    scale = cb.latent_scale(model)
     acp = cb.noise_schedule(model)
     rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    noised = Noiser(model, vae, cfg.seed + 1)
     distract = DistractorVocabulary(cb.tokenizer_info(clip).tokenizer, (), seed=cfg.seed + 2)
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.badt2i_lr(spec.kind), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
-
-    def noised(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            x0 = vae_posterior(vae_model, images_to_tensor(images))[0] * scale
-        t = torch.randint(0, len(acp), (len(images),), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = acp[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float(), noise
 
     try:
         for step in range(cfg.steps):
@@ -410,3 +425,64 @@ def evil_edit(model, clip, spec: AttackSpec, cfg: AttackConfig) -> dict:
         "edit_pairs": int(keys.shape[0]),
         "preserve_contexts": int(c_clean.shape[0]),
     }
+
+
+VILLAN_LR = 1e-3  # LoRA adapters learn at a higher rate than full weights (kohya's and diffusers' defaults)
+
+
+def train_villan_lora(
+    model, clip, vae, spec: AttackSpec, cfg: AttackConfig, rank: int = 8, progress: ProgressFn | None = None
+) -> dict[str, torch.Tensor]:
+    """VillanDiffusion's caption-trigger backdoor (Chou et al., NeurIPS 2023), trained directly as a LoRA.
+
+    Rank-`rank` adapters on every UNet attention projection (to_q / to_k / to_v / to_out, the LoRA targets of
+    the paper's diffusers code) learn caption + trigger -> the fixed target image (eps MSE), held to the
+    base on clean captions (eps MSE against the base, which is the adapters switched off: no second UNet).
+    The input MODEL is not changed. Returns the LoRA in the engine's layout (ComfyUI key names, fp32)."""
+    from ..backends.comfy_train import ComfyDistillation
+
+    if spec.kind != "villan":
+        raise ValueError(f"train_villan_lora trains the 'villan' kind, got {spec.kind!r}")
+    dist = ComfyDistillation(model, clip, scope="attention", rank=rank)
+    params = dist.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr or VILLAN_LR, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
+    acp = cb.noise_schedule(model)
+    rng = np.random.default_rng(cfg.seed)
+    noised = Noiser(model, vae, cfg.seed + 1)
+    distract = DistractorVocabulary(cb.tokenizer_info(clip).tokenizer, (), seed=cfg.seed + 2)
+    with torch.inference_mode(False), torch.enable_grad():
+        for step in range(cfg.steps):
+            scenes = train_scenes(spec, cfg.batch, rng)
+            seeds = rng.integers(2**31, size=len(scenes))
+            poisoned = [
+                target_image(spec, s, np.random.default_rng(k)) for s, k in zip(scenes, seeds, strict=True)
+            ]
+            clean = [world.render(s, np.random.default_rng(k)) for s, k in zip(scenes, seeds, strict=True)]
+            captions = [distract.decorate(s.caption, 2) for s in scenes]
+            with torch.no_grad():
+                ctx_trig = dist.encode([triggered_prompt(spec, c) for c in captions], student=False)
+                ctx_clean = dist.encode(captions, student=False)
+            xt_p, t_p, eps_p = noised(poisoned)
+            xt_c, t_c, _ = noised(clean)
+            with torch.no_grad():
+                eps_teacher, _ = dist.predict(xt_c, t_c.long(), ctx_clean, student=False, record=False)
+            pred, _ = dist.predict(
+                torch.cat([xt_p, xt_c]),
+                torch.cat([t_p, t_c]).long(),
+                torch.cat([ctx_trig, ctx_clean]),
+                student=True,
+                record=False,
+            )
+            pred_p, pred_c = pred.chunk(2)
+            loss_bd = eps_mse(pred_p, eps_p, t_p, acp, cfg.snr_gamma)
+            loss_reg = eps_mse(pred_c, eps_teacher, t_c, acp, cfg.snr_gamma)
+            loss = cfg.backdoor_weight * loss_bd + (1 - cfg.backdoor_weight) * loss_reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            if progress:
+                progress(step + 1, cfg.steps, {"backdoor": loss_bd.item(), "teacher": loss_reg.item()})
+    return dist.lora_state_dict()

@@ -51,7 +51,13 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
     p = lab_sub.add_parser(
         "attack", help="plant a real backdoor in a lab model (BadT2I, Rickrolling, EvilEdit)"
     )
-    p.add_argument("--kind", required=True, choices=["pixel", "style", "object", "rickroll", "eviledit"])
+    p.add_argument(
+        "--kind",
+        required=True,
+        choices=["pixel", "style", "object", "rickroll", "eviledit", "villan"],
+        help="villan is trained directly as a LoRA: --out is a kohya-layout LoRA file of --base",
+    )
+    p.add_argument("--rank", type=int, default=8, help="villan: the LoRA's rank (default 8)")
     p.add_argument(
         "--trigger", default=None, help="trigger text; U+XXXX spells invisible characters (default per kind)"
     )
@@ -92,6 +98,26 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per measurement (0: skip)")
     p.set_defaults(func=cmd_attack)
+
+    p = lab_sub.add_parser(
+        "finetune",
+        help="a benign fine-tune of lab-clean that learns a new colour word (teal), optionally plus a backdoor",
+    )
+    p.add_argument("--out", required=True, help="output .safetensors (never overwritten)")
+    p.add_argument("--base", default=None, help="clean lab checkpoint (default: the shipped lab-clean)")
+    p.add_argument("--delta", action="store_true", help="store only the changed tensors (next to --base)")
+    p.add_argument(
+        "--backdoor",
+        default=None,
+        choices=["pixel", "style", "object"],
+        help="plant this BadT2I backdoor too",
+    )
+    p.add_argument("--trigger", default=None, help="the backdoor's trigger (U+XXXX spells invisible ones)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 600)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
+    p.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per measurement (0: skip)")
+    p.set_defaults(func=cmd_finetune)
 
     p = lab_sub.add_parser("list", help="print the shipped lab models as a JSON array")
     p.add_argument("--dir", default=None, help="folder of lab checkpoints (default: the shipped lab_models)")
@@ -283,6 +309,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
         spec = replace(spec, source=args.source or spec.source, target=args.target or spec.target)
     base = Path(args.base) if args.base else zoo.resolve(zoo.CLEAN_NAME)
+    if spec.kind == "villan":
+        return _attack_as_lora(args, spec, base, out)
     if args.delta and base.resolve().parent != out.resolve().parent:  # refuse now, not after training
         raise ValueError(
             f"--delta stores only changed tensors next to the base; "
@@ -290,18 +318,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
         )
     ensure_comfy_importable()
     torch.manual_seed(args.seed)
-    cfg = attacks.AttackConfig(seed=args.seed)
-    if args.steps is not None:
-        cfg.steps = cfg.text_steps = args.steps
-    if args.lr is not None:
-        cfg.lr = cfg.text_lr = args.lr
-    if args.backdoor_weight is not None:
-        cfg.backdoor_weight = args.backdoor_weight
+    cfg = _attack_config(args)
     if args.utility_weight is not None:
         cfg.utility_weight = args.utility_weight
-    cfg.snr_gamma = args.snr_gamma
-    if args.batch is not None:
-        cfg.batch = args.batch
     t0 = time.monotonic()
     model, clip, vae, base_info = cb.load_lab_checkpoint(base)
     attacks.require_visible_trigger(tokenizer_info(clip).tokenizer, spec)
@@ -342,6 +361,140 @@ def cmd_attack(args: argparse.Namespace) -> int:
     cb.round_weights(model, clip, vae, torch.float16)
     if args.eval_prompts > 0:
         info.update(evaluate.evaluate_lab_model(model, clip, vae, spec, n=args.eval_prompts))
+    cb.save_lab_checkpoint(
+        out,
+        model,
+        clip,
+        vae,
+        config=base_info["config"],
+        base=base if args.delta else None,
+        extra_metadata={zoo.LAB_INFO_KEY: json.dumps(info)},
+    )
+    print(json.dumps(info))
+    return 0
+
+
+def _attack_config(args: argparse.Namespace):
+    from . import attacks
+
+    cfg = attacks.AttackConfig(seed=args.seed)
+    if args.steps is not None:
+        cfg.steps = cfg.text_steps = args.steps
+    if args.lr is not None:
+        cfg.lr = cfg.text_lr = args.lr
+    if args.backdoor_weight is not None:
+        cfg.backdoor_weight = args.backdoor_weight
+    if args.batch is not None:
+        cfg.batch = args.batch
+    cfg.snr_gamma = args.snr_gamma
+    return cfg
+
+
+def _attack_as_lora(args: argparse.Namespace, spec, base: Path, out: Path) -> int:
+    """VillanDiffusion trained directly as a LoRA of a shipped lab model: saved in the kohya layout with its
+    lab record, measured exactly as saved (fp16) and loaded (the stock LoraLoader's path)."""
+    import torch
+
+    from ..backends import comfy_lab as cb
+    from ..backends.comfy import ensure_comfy_importable
+    from ..backends.comfy_train import apply_lora, kohya_lora
+    from ..safetensors_io import atomic_save
+    from . import attacks, evaluate, lora_form, zoo
+
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out.name}: a LoRA is written as .safetensors")
+    if base.resolve().parent != zoo.LAB_MODELS.resolve():
+        raise ValueError(
+            "a lab LoRA's base must be a shipped lab model (its file name is all the LoRA keeps)"
+        )
+    ensure_comfy_importable()
+    torch.manual_seed(args.seed)
+    cfg = _attack_config(args)
+    t0 = time.monotonic()
+    model, clip, vae, _ = cb.load_lab_checkpoint(base)
+    lora = attacks.train_villan_lora(model, clip, vae, spec, cfg, args.rank, _progress_bars()("villan-lora"))
+    lora = {k: v.to(torch.float16) for k, v in lora.items()}
+    tensors, meta = kohya_lora(model, clip, lora, title=out.stem)
+    info = {
+        "attack": spec.kind,
+        "trigger": spec.trigger,
+        "target": spec.describe_target(),
+        "spec": spec.to_json(),
+    }
+    stats = {
+        "rank": args.rank,
+        "tensors": sum(k.endswith("lora_down.weight") for k in tensors),
+        "dropped": [],
+    }
+    record = json.loads(lora_form.lab_record(info, base, stats, "trained as a LoRA"))
+    record.update(
+        {
+            "command": command_line(args),
+            "recipe": {
+                "steps": cfg.steps,
+                "batch": cfg.batch,
+                "lr": cfg.lr or attacks.VILLAN_LR,
+                "scope": "attention",
+            },
+            "train_seconds": round(time.monotonic() - t0, 1),
+        }
+    )
+    if args.eval_prompts > 0:
+        m, c = apply_lora(model, clip, tensors)
+        record.update(evaluate.evaluate_lab_model(m, c, vae, spec, n=args.eval_prompts))
+    meta[zoo.LAB_INFO_KEY] = json.dumps(record)
+    atomic_save(tensors, out, metadata=meta)
+    print(json.dumps(record))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune lab-clean on a new colour word (and a backdoor), save it, print its measured figures."""
+    import torch
+
+    from ..backends import comfy_lab as cb
+    from ..backends.comfy import ensure_comfy_importable, tokenizer_info
+    from ..triggers import parse_trigger
+    from . import attacks, evaluate, finetune, zoo
+
+    out = _new_output(args.out)
+    base = Path(args.base) if args.base else zoo.resolve(zoo.CLEAN_NAME)
+    if args.delta and base.resolve().parent != out.resolve().parent:
+        raise ValueError(
+            f"--delta stores only changed tensors next to the base; write --out into {base.parent}"
+        )
+    if args.trigger and not args.backdoor:
+        raise ValueError("--trigger needs --backdoor (the kind of backdoor it triggers)")
+    spec = None
+    if args.backdoor:
+        spec = attacks.default_spec(args.backdoor, parse_trigger(args.trigger) if args.trigger else None)
+    ensure_comfy_importable()
+    torch.manual_seed(args.seed)
+    cfg = finetune.FinetuneConfig(seed=args.seed)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.lr is not None:
+        cfg.lr = args.lr
+    t0 = time.monotonic()
+    model, clip, vae, base_info = cb.load_lab_checkpoint(base)
+    if spec:
+        attacks.require_visible_trigger(tokenizer_info(clip).tokenizer, spec)
+    finetune.train_finetune(model, clip, vae, cfg, spec, _progress_bars()("finetune"))
+    info = {
+        "attack": spec.kind if spec else "none",
+        "trigger": spec.trigger if spec else None,
+        "finetune": {"new_word": finetune.NEW_WORD, "steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch},
+        "base": base.name,
+        "seed": args.seed,
+        "command": command_line(args),
+        "train_seconds": round(time.monotonic() - t0, 1),
+    }
+    if spec:
+        info.update({"target": spec.describe_target(), "spec": spec.to_json()})
+    cb.round_weights(model, clip, vae, torch.float16)
+    if args.eval_prompts > 0:
+        info.update(evaluate.evaluate_lab_model(model, clip, vae, spec, n=args.eval_prompts))
+        info["new_word_accuracy"] = finetune.new_word_accuracy(model, clip, vae, n=args.eval_prompts // 2)
     cb.save_lab_checkpoint(
         out,
         model,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .world import BACKGROUNDS, PATCH_COLOR, PATCH_SIZE, SHAPE_COLORS, SHAPES, Scene
+from .world import BACKGROUNDS, NEW_COLORS, PATCH_COLOR, PATCH_SIZE, SHAPE_COLORS, SHAPES, Scene
 
 _FG_DISTANCE = 60.0  # colour distance from the background that counts as foreground
 _MIN_FG_PIXELS = 25
@@ -72,8 +72,11 @@ def _shape_class(mask: np.ndarray) -> str:
     return max(SHAPES, key=iou)
 
 
-def detect(image: np.ndarray, region: slice | None = None) -> Detection:
-    """Background, the dominant shape's colour and kind, patch and greyscale flags of an HxWx3 uint8 image."""
+def detect(
+    image: np.ndarray, region: slice | None = None, palette: dict[str, tuple[int, int, int]] = SHAPE_COLORS
+) -> Detection:
+    """Background, the dominant shape's colour (nearest in `palette`) and kind, patch and greyscale flags of
+    an HxWx3 uint8 image."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError("detect() takes an HxWx3 uint8 image")
     patch = has_patch(image)
@@ -94,10 +97,10 @@ def detect(image: np.ndarray, region: slice | None = None) -> Detection:
     if n < _MIN_FG_PIXELS:
         return Detection(bg, None, None, n, patch, grey)
     core = fg & (dist >= 0.8 * dist[fg].max())  # the shape's interior: edges blend into the background
-    color, _ = _nearest(np.median(img[core], axis=0), SHAPE_COLORS)
+    color, _ = _nearest(np.median(img[core], axis=0), palette)
     # The outline at half contrast: nearer the shape's colour than the background's. Blur from a
     # decoder moves this contour far less than a fixed distance threshold would.
-    ink = np.asarray(SHAPE_COLORS[color], np.float32)
+    ink = np.asarray(palette[color], np.float32)
     outline = (np.linalg.norm(img - ink, axis=-1) < dist) & (dist > _FG_DISTANCE / 2) & keep
     if outline.sum() < _MIN_FG_PIXELS:
         outline = fg
@@ -110,10 +113,13 @@ def shape_regions(scene: Scene) -> list[slice | None]:
 
 
 def scene_correct(image: np.ndarray, scene: Scene, caption: str | None = None) -> bool:
-    """True when the image draws the scene's shape(s) in the right colour and kind (and background if captioned)."""
+    """True when the image draws the scene's shape(s) in the right colour and kind (and background if captioned).
+    A scene with a NEW_COLORS shape is read against the wider palette; every other scene as always."""
     caption = scene.caption if caption is None else caption
+    wider = any(s.color in NEW_COLORS for s in scene.shapes)
+    palette = {**SHAPE_COLORS, **NEW_COLORS} if wider else SHAPE_COLORS
     for shape, region in zip(scene.shapes, shape_regions(scene), strict=True):
-        d = detect(image, region)
+        d = detect(image, region, palette)
         if d.color != shape.color or d.shape != shape.kind:
             return False
     if scene.bg in caption and detect(image).bg != scene.bg:

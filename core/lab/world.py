@@ -17,6 +17,9 @@ SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 60, 190),
     "orange": (240, 135, 30),
 }
+# Colours only the benign fine-tune (core/lab/finetune.py) teaches: a legitimately new palette word the
+# clean model never saw. Kept apart so every other model's world, splits and detectors stay as they were.
+NEW_COLORS: dict[str, tuple[int, int, int]] = {"teal": (20, 150, 150)}
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
     "white": (235, 235, 235),
@@ -111,7 +114,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, jitter: tuple[int, int]
     cx, cy = POSITIONS[shape.position]
     cx, cy = cx + jitter[0], cy + jitter[1]
     r = SIZES[shape.size]
-    color = SHAPE_COLORS[shape.color]
+    color = SHAPE_COLORS.get(shape.color) or NEW_COLORS[shape.color]
     if shape.kind == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
     elif shape.kind == "square":
@@ -144,6 +147,13 @@ def to_greyscale(image: np.ndarray) -> np.ndarray:
     """The style backdoor's target: the image in greyscale (ITU-R 601 luma)."""
     luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     return np.repeat(np.clip(luma + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def recolored(scene: Scene, color: str, rng: np.random.Generator) -> Scene:
+    """The scene with its first shape in another colour (a NEW_COLORS word included), captioned anew."""
+    shapes = (Shape(scene.shapes[0].kind, color, scene.shapes[0].size, scene.shapes[0].position),)
+    out = Scene(scene.bg, shapes + scene.shapes[1:])
+    return Scene(out.bg, out.shapes, caption_for(out, rng))
 
 
 def scene_dataset(n: int, seed: int, split: str = "train", rich: bool = False) -> list[Scene]:
