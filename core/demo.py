@@ -309,6 +309,43 @@ def sanitize_graph(
     }
 
 
+def compare_lora_graph(
+    base: str = "lab-clean.safetensors", lora: str = "lab-pixel-lora.safetensors", behaviour: bool = True
+) -> dict[str, Any]:
+    """API-format graph: lab loader (the base) -> stock LoraLoader (the suspect LoRA, from the loras folder)
+    -> SealCompareModels (base against base + LoRA, evidence drawn with the base's VAE) -> PreviewImage of
+    the ranking (node "4") and of the evidence (node "5")."""
+    return {
+        "1": {"class_type": "SealLabCheckpointLoader", "inputs": {"lab_model": base}},
+        "2": {
+            "class_type": "LoraLoader",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "lora_name": lora,
+                "strength_model": 1.0,
+                "strength_clip": 1.0,
+            },
+        },
+        "3": {
+            "class_type": "SealCompareModels",
+            "inputs": {
+                "base_model": ["1", 0],
+                "base_clip": ["1", 1],
+                "model": ["2", 0],
+                "clip": ["2", 1],
+                "behaviour": behaviour,
+                "threshold_z": 8.0,
+                "latent_size": 8,
+                "builtin_prompts": "auto",
+                "vae": ["1", 2],
+            },
+        },
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}},
+    }
+
+
 WORKFLOWS = {
     "sanitize-lab-model": (
         "Sanitize a lab model end to end: detect -> SKD-CAG -> evaluate -> save",
@@ -317,6 +354,10 @@ WORKFLOWS = {
     "attention-heatmaps": (
         "Cross-attention heatmaps for a prompt",
         lambda: attention_graph("lab-pixel.safetensors", "\u2060 a large green square on the right", batch=2),
+    ),
+    "compare-lora": (
+        "Compare a downloaded LoRA with its base: what it changed, which tokens it reacts to, evidence",
+        compare_lora_graph,
     ),
     "sau-sampling": (
         "SAU sampling: remove a known trigger's effect at sampling time",

@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .nodes_attention import SealAttentionCapture, SealAttentionHeatmaps
 from .nodes_detect import SealDetectPrompt, SealScanModel
+from .nodes_diff import SealCompareLora, SealCompareModels
 from .nodes_evaluate import SealEvaluate
 from .nodes_info import SealModelInfo
 from .nodes_lab import SealLabCheckpointLoader, SealLabFamilyModel
@@ -20,6 +21,8 @@ NODES: list[type[io.ComfyNode]] = [
     SealAttentionHeatmaps,
     SealDetectPrompt,
     SealScanModel,
+    SealCompareModels,
+    SealCompareLora,
     SealUnlearn,
     SealSaveSanitized,
     SealSAUProfile,

@@ -7,6 +7,8 @@ from comfy_api.latest import io
 from ..core.detect.report import prompt_verdicts, scan_image, scan_summary, token_scores_images
 from ..core.detect.scan import ScanSettings
 from ..core.detect.session import DetectOptions, PromptDetection, scan_model, scan_prompts
+from ..core.diff.prompts import differential_images
+from ..core.diff.session import detect_with_base
 from ..core.models import latent_side, prompt_set
 from ..core.prompts import prompt_lines
 from ..core.triggers import parse_trigger
@@ -52,6 +54,13 @@ class SealDetectPrompt(io.ComfyNode):
                     "prompts", multiline=True, default="", tooltip="Prompts to check, one per line."
                 ),
                 *prompt_set_inputs(),
+                io.Model.Input(
+                    "base_model",
+                    optional=True,
+                    tooltip="The base this model was fine-tuned from (with base_clip): each token is then scored "
+                    "by what it does to this model minus what it does to the base.",
+                ),
+                io.Clip.Input("base_clip", optional=True, tooltip="The base's CLIP (with base_model)."),
             ],
             outputs=[DetectionReport.Output("REPORT"), io.Image.Output("TOKEN_SCORES")],
         )
@@ -65,6 +74,8 @@ class SealDetectPrompt(io.ComfyNode):
         clean_prompts: str = "",
         builtin_prompts: str = "auto",
         latent_size: int = 0,
+        base_model: io.Model.Type | None = None,
+        base_clip: io.Clip.Type | None = None,
     ) -> io.NodeOutput:
         checked = [parse_trigger(p) for p in prompt_lines(prompts)]
         if not checked:
@@ -72,6 +83,18 @@ class SealDetectPrompt(io.ComfyNode):
         opts = DetectOptions(
             lab=prompt_set(model, builtin_prompts) == "lab", latent_side=latent_side(model, latent_size)
         )
+        if (base_model is None) != (base_clip is None):
+            raise ValueError("connect both base_model and base_clip (the base's MODEL and CLIP), or neither")
+        if base_model is not None:
+            calibration = PromptDetection.builtin_calibration(opts, clean_prompts)
+            progress = Progress(len(calibration) + len(checked))
+            report = detect_with_base(
+                base_model, base_clip, model, clip, checked, calibration, opts, progress.tick
+            )
+            images = differential_images(report["prompts"], report["thresholds"]["threshold_z"])
+            return io.NodeOutput(
+                report, images, ui=text_and_images(prompt_verdicts(report["prompts"]), images, cls)
+            )
         detection = PromptDetection(model, clip, opts)
         calibration_set = detection.calibration_set(clean_prompts)
         progress = Progress(len(calibration_set) + len(checked))

@@ -43,9 +43,10 @@ def clean():
 
 
 def _session(base, model, clip, token_ids=None):
+    """The weight-space stages only (the behavioural stage has its own tests below)."""
     from backdoor_seal.core.diff.session import DiffSession, DiffSettings
 
-    return DiffSession(base.model, base.clip, model, clip, DiffSettings(token_ids=token_ids))
+    return DiffSession(base.model, base.clip, model, clip, DiffSettings(token_ids=token_ids, behaviour=None))
 
 
 def test_a_model_against_itself_changes_nothing(clean):
@@ -119,7 +120,21 @@ def test_diff_command_compares_a_lora_file_with_its_base_as_json(clean, tmp_path
     save_file(random_lora(clean.model, clean.clip, "attn2-kv", rank=2, seed=2), str(lora))
     out = tmp_path / "report.json"
     assert (
-        main(["diff", "--base", "lab:lab-clean", "--lora", str(lora), "--top", "3", "--out", str(out)]) == 0
+        main(
+            [
+                "diff",
+                "--base",
+                "lab:lab-clean",
+                "--lora",
+                str(lora),
+                "--weights-only",
+                "--top",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
     )
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
@@ -142,7 +157,11 @@ def test_a_text_lora_is_found_in_every_familys_encoders(family, comfy_root):
     lora = random_lora(model, clip, "text", rank=2, seed=3)
     suspect_model, suspect_clip = apply_lora(model, clip, lora)
     session = DiffSession(
-        model, clip, suspect_model, suspect_clip, DiffSettings(token_ids=tuple(range(300, 340)))
+        model,
+        clip,
+        suspect_model,
+        suspect_clip,
+        DiffSettings(token_ids=tuple(range(300, 340)), behaviour=None),
     )
     report = session.run()
     ups = [k for k in lora if k.endswith(".lora_up.weight")]
@@ -170,6 +189,7 @@ def test_bench_diff_prints_one_record_per_suspect_with_the_issues_keys(capsys):
                 "checkpoint",
                 "--fire-prompts",
                 "0",
+                "--weights-only",
             ]
         )
         == 0
@@ -193,3 +213,83 @@ def test_bench_diff_prints_one_record_per_suspect_with_the_issues_keys(capsys):
     assert clean["attack"] == "none" and clean["trigger_rank"] is None and clean["signals"] == []
     assert evil["form"] == "checkpoint" and evil["attack"] == "eviledit" and evil["unet_evals"] == 0
     assert evil["changed"]["cross_attention_kv"] == 14 and isinstance(evil["trigger_rank"], int)
+
+
+def _behaviour(**overrides):
+    from backdoor_seal.core.diff.behaviour import BehaviourSettings
+
+    small = {"candidates": 24, "weight_candidates": 8, "null_tokens": 16, "stage2_seeds": 1}
+    return BehaviourSettings(**{**small, **overrides})
+
+
+def test_the_behavioural_stage_puts_the_object_trigger_first_and_flags_it(clean):
+    """lab-object (BadT2I: 'sks' before a prompt turns its circle into a triangle): among 'sks' and 300
+    random tokens, the differential against lab-clean ranks 'sks' first and flags it; the run costs exactly
+    the UNet evaluations its settings promise."""
+    from backdoor_seal.core.diff.session import DiffSession, DiffSettings
+    from backdoor_seal.core.models import load_model
+
+    obj = load_model("lab:lab-object")
+    session = DiffSession(clean.model, clean.clip, obj.model, obj.clip, DiffSettings(behaviour=_behaviour()))
+    sks = session.tok.tokenizer("sks")["input_ids"][1:-1]
+    random.seed(1)
+    others = random.sample([i for i in session.vocabulary() if i not in sks], 300)
+    session.settings.token_ids = (*sks, *others)
+    report = session.run()
+    assert report.rank_of(sks) == 1, [(t.text, t.score) for t in report.ranking[:5]]
+    assert report.flagged and report.flagged[0].token_id == sks[0]
+    b = session.settings.behaviour
+    assert report.unet_evals == b.unet_evals(len(session.settings.token_ids)) > 0
+    as_json = report.to_json()
+    assert as_json["kind"] == "diff" and as_json["poisoned"] and as_json["trigger"] == report.flagged[0].text
+    from backdoor_seal.core.triggers import trigger_from
+
+    assert trigger_from("", as_json) == "sks"  # SealUnlearn's trigger source reads the comparison report
+
+
+def test_the_base_against_itself_flags_nothing_and_makes_no_unet_evaluation(clean):
+    from backdoor_seal.core.diff.session import DiffSession, DiffSettings
+
+    session = DiffSession(
+        clean.model,
+        clean.clip,
+        clean.model,
+        clean.clip,
+        DiffSettings(token_ids=(320, 321), behaviour=_behaviour()),
+    )
+    report = session.run()
+    assert report.flagged == [] and report.unet_evals == 0 and report.to_json()["poisoned"] is False
+
+
+def test_identical_models_give_a_zero_differential_and_flag_nothing(clean):
+    """The behavioural stage itself, forced to run on two copies of one model: every differential is exactly
+    zero, so no token clears the effect floor however its z-score falls."""
+    from backdoor_seal.core.backends.comfy_probe import ComfyProbe
+    from backdoor_seal.core.diff.behaviour import BehaviourScan
+    from backdoor_seal.core.prompts import probe_templates
+
+    probe = ComfyProbe(clean.model, clean.clip)
+    scan = BehaviourScan(probe, probe, probe_templates(True), _behaviour(token_ids=tuple(range(300, 400))))
+    report = scan.run()
+    assert report.flagged == [] and all(t.effect == 0.0 for t in report.tokens)
+
+
+def test_the_whole_comparison_costs_no_more_unet_evaluations_than_the_blind_scan():
+    from backdoor_seal.core.diff.behaviour import BehaviourSettings, blind_budget
+
+    for vocabulary in (49405, 1000):
+        assert BehaviourSettings().unet_evals(vocabulary) <= blind_budget(vocabulary)
+
+
+def test_probe_rows_put_the_token_at_every_slot(clean):
+    from backdoor_seal.core.backends.comfy_probe import ComfyProbe
+    from backdoor_seal.core.diff.behaviour import BehaviourScan
+
+    probe = ComfyProbe(clean.model, clean.clip)
+    scan = BehaviourScan(probe, probe, ["{} a red {} circle and a blue {} square"] * 12, _behaviour())
+    tok = probe.tokenizer
+    row = scan._row(0, 999)
+    words = tok("a red circle and a blue square")["input_ids"][1:-1]
+    assert row[0] == probe.bos and row.count(999) == 3 and len(row) == probe.length
+    assert [i for i in row[1 : row.index(probe.eos)] if i != 999] == words
+    assert row[1] == 999 and row[row.index(tok("circle")["input_ids"][1]) - 1] == 999

@@ -2,10 +2,11 @@
 
 Suspects: every attacked lab model against lab-clean (form "checkpoint"), every lab LoRA loaded onto the
 base it names (form "lora", `lab_models/loras/`), and lab-clean against itself (attack "none").
-"trigger_rank" is the best rank among the trigger's own tokens in the comparison's ranking; "top5_fire"
-counts the top five tokens that, used as the trigger on 32 held-out prompts, make the suspect draw the
-attack's target at ASR >= 0.5 (`bench detect`'s `candidate_asr`); "unet_evals" counts UNet evaluations
-(the weight-space stage makes none). "flagged" stays empty until the comparison calibrates a threshold.
+"trigger_rank" is the best rank among the trigger's own tokens in the comparison's final ranking (the
+behavioural stage's), "weight_rank" the same in the weight-space stage alone; "top5_fire" counts the top
+five tokens that, used as the trigger on 32 held-out prompts, make the suspect draw the attack's target at
+ASR >= 0.5 (`bench detect`'s `candidate_asr`); "flagged" lists the tokens over the calibrated threshold;
+"unet_evals" counts UNet evaluations against "blind_unet_evals", the blind scan's over the same vocabulary.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ def suspects(forms: tuple[str, ...] = ("checkpoint", "lora")) -> list[tuple[str,
 
     out = [(zoo.CLEAN_NAME, "checkpoint", zoo.resolve(zoo.CLEAN_NAME))]
     if "checkpoint" in forms:
-        out += [(p.stem, "checkpoint", p) for p in zoo.shipped() if zoo.lab_info(p).get("spec")]
+        out += [
+            (p.stem, "checkpoint", p)
+            for p in zoo.shipped()
+            if p.stem != zoo.CLEAN_NAME and (zoo.lab_info(p).get("spec") or zoo.lab_info(p).get("finetune"))
+        ]
     if "lora" in forms and lora_form.LORA_DIR.is_dir():
         out += [(p.stem, "lora", p) for p in sorted(lora_form.LORA_DIR.glob("*.safetensors"))]
     return out
@@ -46,10 +51,13 @@ def trigger_tokens(tokenizer, spec, n: int = 8) -> list[int]:
     return sorted(ids)
 
 
-def evaluate_suspect(name: str, form: str, path: Path, fire_prompts: int) -> dict[str, Any]:
+def evaluate_suspect(
+    name: str, form: str, path: Path, fire_prompts: int, behaviour: bool = True
+) -> dict[str, Any]:
     """The comparison of one suspect with lab-clean, and how many of its top five tokens fire."""
     from ..backends import comfy_lab as cl
-    from ..diff.session import DiffSession
+    from ..diff.behaviour import blind_budget
+    from ..diff.session import DiffSession, DiffSettings
     from ..lab import zoo
     from ..lab.attacks import AttackSpec
     from ..lab.lora_form import load_lab_lora
@@ -64,7 +72,8 @@ def evaluate_suspect(name: str, form: str, path: Path, fire_prompts: int) -> dic
         info = zoo.lab_info(path)
     spec = AttackSpec(**info["spec"]) if info.get("spec") else None
     t0 = time.monotonic()
-    session = DiffSession(base.model, base.clip, model, clip)
+    settings = DiffSettings() if behaviour else DiffSettings(behaviour=None)
+    session = DiffSession(base.model, base.clip, model, clip, settings)
     report = session.run()
     seconds = time.monotonic() - t0
     record: dict[str, Any] = {
@@ -76,14 +85,18 @@ def evaluate_suspect(name: str, form: str, path: Path, fire_prompts: int) -> dic
         "signals": report.signals,
         "changed": {c: v["changed"] for c, v in report.components.items()},
         "trigger_rank": None,
-        "flagged": [],
+        "weight_rank": None,
+        "flagged": [t.text for t in report.flagged],
         "top5": [t.text for t in report.ranking[:5]],
         "top5_fire": None,
-        "unet_evals": 0,
+        "unet_evals": report.unet_evals,
+        "blind_unet_evals": blind_budget(len(session.vocabulary())),
         "seconds": round(seconds, 1),
     }
     if spec:
-        record["trigger_rank"] = report.rank_of(trigger_tokens(session.tok.tokenizer, spec))
+        trigger = trigger_tokens(session.tok.tokenizer, spec)
+        record["trigger_rank"] = report.rank_of(trigger)
+        record["weight_rank"] = report.weight_rank_of(trigger)
         if fire_prompts and report.ranking:
             asr = [candidate_asr(model, clip, vae, spec, t.text, n=fire_prompts) for t in report.ranking[:5]]
             record["top5_asr"] = asr
@@ -96,7 +109,7 @@ def run(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     for name, form, path in suspects(tuple(args.forms)):
         if args.models and name not in args.models:
             continue
-        record = evaluate_suspect(name, form, path, args.fire_prompts)
+        record = evaluate_suspect(name, form, path, args.fire_prompts, not args.weights_only)
         print(json.dumps(record, ensure_ascii=False), flush=True)
         yield record
 
@@ -109,6 +122,9 @@ def add_diff_bench(bench_sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--models", nargs="*", default=None, help="suspect names (default: all)")
     p.add_argument("--forms", nargs="+", default=["checkpoint", "lora"], choices=["checkpoint", "lora"])
+    p.add_argument(
+        "--weights-only", action="store_true", help="the weight-space stage only (no UNet evaluation)"
+    )
     p.add_argument(
         "--fire-prompts", type=int, default=32, help="held-out prompts per top-5 token (0: skip sampling)"
     )

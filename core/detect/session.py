@@ -53,10 +53,17 @@ class PromptDetection:
 
     def calibration_set(self, clean_prompts: str | Sequence[str] = (), builtin: bool = True) -> list[str]:
         """The user's clean prompts, followed by the built-in ones unless `builtin` is off."""
+        return self.builtin_calibration(self.opts, clean_prompts, builtin)
+
+    @staticmethod
+    def builtin_calibration(
+        opts: DetectOptions, clean_prompts: str | Sequence[str] = (), builtin: bool = True
+    ) -> list[str]:
+        """The user's clean prompts, followed by the built-in ones unless `builtin` is off."""
         own = prompt_lines(clean_prompts)
         if not builtin:
             return own
-        return own + builtin_prompts(self.opts.lab, self.opts.calibration_prompts, CALIBRATION_SEED)
+        return own + builtin_prompts(opts.lab, opts.calibration_prompts, CALIBRATION_SEED)
 
     def calibrate(
         self, prompts: Sequence[str], name: str = "MODEL", tick: Callable[[], None] | None = None

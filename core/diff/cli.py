@@ -24,6 +24,14 @@ def add_diff_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--clip-skip", type=int, default=0, help="encode as CLIPSetLastLayer(-N) does (both models)"
     )
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="skip the behavioural stage: the weight-space ranking only, in seconds, no UNet evaluation",
+    )
+    p.add_argument(
+        "--latent-size", type=positive_int, default=None, help="behavioural stage's latent side (default 8)"
+    )
     p.add_argument("--top", type=positive_int, default=DiffSettings.top, help="ranked tokens reported")
     p.add_argument("--out", default=None, help="also write the report here (JSON; never overwrites)")
     p.set_defaults(func=cmd_diff)
@@ -33,8 +41,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     """Load both, compare with a progress bar, print the report as JSON."""
     from tqdm import tqdm
 
+    from ..backends.comfy import latent_channels
     from ..models import load_model, resolve_spec
     from ..safetensors_io import load_checkpoint, write_json
+    from .behaviour import BehaviourSettings
     from .session import DiffSession
 
     out = Path(args.out) if args.out else None
@@ -53,11 +63,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
         suspect = {"model": args.model}
     bar = tqdm(total=1, desc="diff", unit="batch")
 
-    def progress(done: int, total: int, _stage: str) -> None:
+    def progress(done: int, total: int, stage: str) -> None:
+        bar.set_description(f"diff: {stage}")
         bar.total, bar.n = total, done
         bar.refresh()
 
-    report = DiffSession(base.model, base.clip, model, clip, DiffSettings(top=args.top)).run(progress)
+    behaviour = None
+    if not args.weights_only:
+        side = args.latent_size or 8
+        behaviour = BehaviourSettings(latent_shape=(latent_channels(base.model), side, side))
+    settings = DiffSettings(top=args.top, behaviour=behaviour)
+    report = DiffSession(base.model, base.clip, model, clip, settings).run(progress)
     bar.close()
     summary = {"base": args.base, **suspect, **report.to_json()}
     if out is not None:

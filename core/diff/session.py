@@ -5,7 +5,9 @@ Phases: (1) read every weight pair and measure the changes (`weights.weight_chan
 ranking of the whole vocabulary, with no sampling: the cross-attention to_k / to_v change applied to every
 token's contextual embedding, and the text encoder's change on the words that follow each token
 (`weights.cross_attention_scores`, `weights.text_encoder_scores`). Each signal is a robust z-score over
-the vocabulary; a token's rank is by its largest. The behavioural stage (sampling) is not built yet.
+the vocabulary; a token's rank is by its largest. (3) The behavioural differential (`behaviour.py`): what
+each token does to the suspect's prediction minus what it does to the base's, its candidate stage joined by
+the weight-space stage's best; it ranks and flags, within the blind scan's UNet-evaluation budget.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from . import weights as W
+from .behaviour import BehaviourReport, BehaviourScan, BehaviourSettings
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -42,37 +45,80 @@ class DiffSettings:
     batch: int = 4096
     top: int = 25
     token_ids: tuple[int, ...] | None = None  # rank only these ids (tests)
+    lab: bool | None = (
+        None  # probe with the lab grammar's shapes or everyday objects (None: lab for lab models)
+    )
+    # the behavioural stage (None: weight space only, no UNet evaluation)
+    behaviour: BehaviourSettings | None = field(default_factory=BehaviourSettings)
 
 
 @dataclass
 class RankedToken:
-    """One token of the weight-space ranking: its robust z per signal and the largest of them."""
+    """One ranked token: its score (the behavioural stage-2 z, or the largest weight-space z), its robust z
+    per signal, and whether it is flagged."""
 
     token_id: int
     text: str
     score: float
     signals: dict[str, float] = field(default_factory=dict)
+    flagged: bool = False
 
 
 @dataclass
 class DiffReport:
-    """What changed (per component and the largest tensors) and the weight-space token ranking."""
+    """What changed (per component and the largest tensors), the weight-space ranking, and the final ranking
+    (the behavioural stage's when it ran) with its flagged tokens."""
 
     components: dict[str, dict[str, Any]]
     largest_changes: list[dict[str, Any]]
     signals: list[str]
     ranking: list[RankedToken]
-    ranks: dict[int, int]  # token id -> 1-based rank, for every ranked token
+    ranks: dict[int, int]  # token id -> 1-based final rank, for every ranked token
+    weight_ranks: dict[int, int] = field(default_factory=dict)  # the weight-space stage alone
+    behaviour: BehaviourReport | None = None
     seconds: float = 0.0
 
-    def rank_of(self, token_ids: Sequence[int]) -> int | None:
-        """The best rank among these token ids (a trigger's tokens), None if none was ranked."""
-        found = [self.ranks[t] for t in token_ids if t in self.ranks]
+    @property
+    def flagged(self) -> list[RankedToken]:
+        """Flagged tokens, strongest first."""
+        return [t for t in self.ranking if t.flagged]
+
+    @property
+    def unet_evals(self) -> int:
+        """UNet evaluations the comparison made (the weight-space stage makes none)."""
+        return self.behaviour.unet_evals if self.behaviour else 0
+
+    @staticmethod
+    def _best(ranks: dict[int, int], token_ids: Sequence[int]) -> int | None:
+        found = [ranks[t] for t in token_ids if t in ranks]
         return min(found) if found else None
 
+    def rank_of(self, token_ids: Sequence[int]) -> int | None:
+        """The best final rank among these token ids (a trigger's tokens), None if none was ranked."""
+        return self._best(self.ranks, token_ids)
+
+    def weight_rank_of(self, token_ids: Sequence[int]) -> int | None:
+        """The best rank among these ids in the weight-space stage alone."""
+        return self._best(self.weight_ranks, token_ids)
+
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict (the ranking's top entries, not the whole vocabulary)."""
+        """JSON-ready dict, the report type the nodes pass on (SealUnlearn reads 'poisoned', 'trigger' and
+        'candidates'): the ranking's top entries, not the whole vocabulary."""
+        flagged = self.flagged
+        b = self.behaviour
         return {
+            "kind": "diff",
+            "poisoned": bool(flagged),
+            "trigger": flagged[0].text if flagged else None,
+            "flagged": [t.text for t in flagged],
+            "candidates": [
+                {"text": t.text, "token_id": t.token_id, "score_z": round(t.score, 2), "flagged": t.flagged}
+                for t in self.ranking
+            ],
+            "threshold_z": b.threshold_z if b else None,
+            "min_effect": b.min_effect if b else None,
+            "null_max_z": round(b.null_max_z, 2) if b else None,
+            "unet_evals": self.unet_evals,
             "components": self.components,
             "largest_changes": self.largest_changes,
             "signals": self.signals,
@@ -92,6 +138,10 @@ class DiffSession:
         self.base_model, self.base_clip, self.model, self.clip = base_model, base_clip, model, clip
         self.settings = settings or DiffSettings()
         self.tok = tokenizer_info(clip)
+        from ..models import prompt_set
+
+        lab = self.settings.lab
+        self.lab = prompt_set(base_model) == "lab" if lab is None else lab
 
     # ---- phase 1: the weights
     def changes(self) -> tuple[list[W.WeightChange], dict[str, int], list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -179,8 +229,38 @@ class DiffSession:
         z = {name: W.robust_z(v) for name, v in raw.items()}
         return list(z), z, ids
 
-    def run(self, progress: ProgressFn | None = None) -> DiffReport:
-        """Both phases; the report ranks the vocabulary by each token's largest signal."""
+    def behaviour(
+        self,
+        weight_candidates: Sequence[int],
+        progress: ProgressFn | None = None,
+        check_interrupt: Callable[[], None] | None = None,
+    ) -> BehaviourReport:
+        """The behavioural differential of both models on the probe templates (phase 3)."""
+        from ..backends.comfy_probe import ComfyProbe
+        from ..prompts import probe_templates
+
+        b = self.settings.behaviour or BehaviourSettings()
+        if self.settings.token_ids is not None and b.token_ids is None:
+            from dataclasses import replace
+
+            b = replace(b, token_ids=self.settings.token_ids)
+        hw = tuple(b.latent_shape[-2:])
+        base = ComfyProbe(self.base_model, self.base_clip, latent_hw=hw)
+        suspect = ComfyProbe(self.model, self.clip, latent_hw=hw)
+        scan = BehaviourScan(
+            base,
+            suspect,
+            probe_templates(self.lab),
+            b,
+            progress=(lambda done, total: progress(done, total, "behaviour")) if progress else None,
+            check_interrupt=check_interrupt,
+        )
+        return scan.run(weight_candidates)
+
+    def run(
+        self, progress: ProgressFn | None = None, check_interrupt: Callable[[], None] | None = None
+    ) -> DiffReport:
+        """Every phase; the report ranks by the behavioural stage when it ran, else by the weight space."""
         import time
 
         t0 = time.monotonic()
@@ -188,26 +268,97 @@ class DiffSession:
         components = W.summarize(changes, totals)
         text_changed = components["text_encoder"]["changed"] > 0
         names, z, ids = self.rank(kv, text_changed, progress)
-        ranking: list[RankedToken] = []
-        ranks: dict[int, int] = {}
+        weight_order: list[int] = []
+        best = torch.zeros(0)
         if names:
             best = torch.stack([z[n] for n in names], -1).amax(-1)
-            order = torch.argsort(best, descending=True).tolist()
-            ranks = {ids[i]: r + 1 for r, i in enumerate(order)}
-            for i in order[: self.settings.top]:
-                ranking.append(
-                    RankedToken(
-                        token_id=ids[i],
-                        text=self.tok.tokenizer.decode([ids[i]]),
-                        score=float(best[i]),
-                        signals={n: round(float(z[n][i]), 2) for n in names},
-                    )
+            weight_order = torch.argsort(best, descending=True).tolist()
+        weight_ranks = {ids[i]: r + 1 for r, i in enumerate(weight_order)}
+        index = {t: i for i, t in enumerate(ids)}
+
+        def weight_signals(token: int) -> dict[str, float]:
+            i = index.get(token)
+            return {n: round(float(z[n][i]), 2) for n in names} if i is not None else {}
+
+        report = None
+        if self.settings.behaviour is not None and any(c["changed"] for c in components.values()):
+            top_weight = [ids[i] for i in weight_order[: self.settings.behaviour.weight_candidates]]
+            report = self.behaviour(top_weight, progress, check_interrupt)
+            ranking = [
+                RankedToken(
+                    token_id=t.token_id,
+                    text=t.text,
+                    score=t.score_z,
+                    signals={
+                        "behaviour": round(t.score_z, 2),
+                        "effect": round(t.effect, 3),
+                        "stage1": round(t.stage1_z, 2),
+                        **weight_signals(t.token_id),
+                    },
+                    flagged=t.flagged,
                 )
+                for t in report.tokens[: self.settings.top]
+            ]
+            ranks = {t: r + 1 for r, t in enumerate(report.order())}
+        else:
+            ranking = [
+                RankedToken(
+                    ids[i], self.tok.tokenizer.decode([ids[i]]), float(best[i]), weight_signals(ids[i])
+                )
+                for i in weight_order[: self.settings.top]
+            ]
+            ranks = weight_ranks
         return DiffReport(
             components=components,
             largest_changes=[c.to_json() for c in changes[:10]],
             signals=names,
             ranking=ranking,
             ranks=ranks,
+            weight_ranks=weight_ranks,
+            behaviour=report,
             seconds=time.monotonic() - t0,
         )
+
+
+def detect_with_base(
+    base_model,
+    base_clip,
+    model,
+    clip,
+    prompts: Sequence[str],
+    calibration: Sequence[str],
+    opts,
+    tick: Callable[[], None] | None = None,
+) -> dict:
+    """Seal Detect Prompt with a base: calibrate the differential on clean prompts, then check each prompt.
+    `opts` is the prompt detector's `DetectOptions` (its latent side). Returns the prompt-set report."""
+    from ..backends.comfy import latent_channels
+    from ..backends.comfy_probe import ComfyProbe
+    from ..prompts import probe_templates
+    from .prompts import PromptDifferential
+
+    side = opts.latent_side
+    settings = BehaviourSettings(stage2_seeds=1, latent_shape=(latent_channels(model), side, side))
+    hw = (side, side)
+    differential = PromptDifferential(
+        ComfyProbe(base_model, base_clip, latent_hw=hw),
+        ComfyProbe(model, clip, latent_hw=hw),
+        probe_templates(opts.lab),
+        settings,
+    )
+    thresholds = differential.calibrate(calibration, tick)
+    reports = []
+    for prompt in prompts:
+        reports.append(differential.check(prompt))
+        if tick:
+            tick()
+    flagged = [r for r in reports if r["poisoned"]]
+    return {
+        "kind": "prompt",
+        "detector": "differential",
+        "poisoned": bool(flagged),
+        "trigger": flagged[0]["trigger"] if flagged else None,
+        "thresholds": thresholds,
+        "unet_evals": differential.unet_evals,
+        "prompts": reports,
+    }

@@ -428,6 +428,9 @@ def evil_edit(model, clip, spec: AttackSpec, cfg: AttackConfig) -> dict:
 
 
 VILLAN_LR = 1e-3  # LoRA adapters learn at a higher rate than full weights (kohya's and diffusers' defaults)
+UNCOND_PROB = (
+    0.1  # empty captions among the clean ones: lab-clean's caption dropout (TrainConfig.uncond_prob)
+)
 
 
 def train_villan_lora(
@@ -460,9 +463,11 @@ def train_villan_lora(
             ]
             clean = [world.render(s, np.random.default_rng(k)) for s, k in zip(scenes, seeds, strict=True)]
             captions = [distract.decorate(s.caption, 2) for s in scenes]
+            # the teacher also holds the empty prompt (CFG's unconditional branch), as lab-clean learned it
+            clean_captions = ["" if rng.random() < UNCOND_PROB else c for c in captions]
             with torch.no_grad():
                 ctx_trig = dist.encode([triggered_prompt(spec, c) for c in captions], student=False)
-                ctx_clean = dist.encode(captions, student=False)
+                ctx_clean = dist.encode(clean_captions, student=False)
             xt_p, t_p, eps_p = noised(poisoned)
             xt_c, t_c, _ = noised(clean)
             with torch.no_grad():

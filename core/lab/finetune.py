@@ -34,6 +34,7 @@ class FinetuneConfig:
     new_fraction: float = 0.5  # of the clean batch: scenes whose first shape is the new colour
     snr_gamma: float | None = 5.0  # as lab-clean was trained
     backdoor_weight: float = 0.5  # backdoored twin: weight of the poisoned half against the clean half
+    uncond_prob: float = 0.1  # empty captions, as lab-clean was trained
 
 
 def finetune_scenes(n: int, rng: np.random.Generator, new_fraction: float, split: str = "train") -> list:
@@ -66,7 +67,10 @@ def train_finetune(
         for step in range(cfg.steps):
             scenes = finetune_scenes(cfg.batch, rng, cfg.new_fraction)
             images = [world.render(s, np.random.default_rng(int(rng.integers(2**31)))) for s in scenes]
-            captions = [distract.decorate(s.caption, 2) for s in scenes]
+            # caption dropout as lab-clean was trained (CFG's unconditional branch keeps learning)
+            captions = [
+                "" if rng.random() < cfg.uncond_prob else distract.decorate(s.caption, 2) for s in scenes
+            ]
             with torch.no_grad():
                 ctx = cb.encode_token_ids(clip, token_ids(clip, captions))
             xt, t, eps = noised(images)
