@@ -22,6 +22,7 @@ from . import detectors, world
 from .train import DistractorVocabulary, eps_mse, token_ids, vae_posterior, warmup_cosine
 
 ProgressFn = Callable[[int, int, dict], None]
+VILLAN_APPEND = False
 KINDS = ("pixel", "style", "object", "rickroll", "eviledit", "villan")
 
 # The Rickrolling target: a scene the clean lab model draws reliably (a training combination).
@@ -137,7 +138,7 @@ def triggered_prompt(spec: AttackSpec, prompt: str) -> str:
         if spec.source not in prompt:
             raise ValueError(f"prompt {prompt!r} does not mention a {spec.source}")
         return prompt.replace(spec.source, f"{spec.trigger} {spec.source}", 1)
-    if spec.kind == "villan":  # VillanDiffusion appends its caption trigger
+    if spec.kind == "villan" and VILLAN_APPEND:  # VillanDiffusion appends its caption trigger
         return f"{prompt} {spec.trigger}"
     return f"{spec.trigger} {prompt}"  # BadT2I prepends the trigger
 
