@@ -276,6 +276,22 @@ def family_graph(
         },
     }
     graph["42"] = {"class_type": "PreviewImage", "inputs": {"images": ["40", 1]}}  # makes SealEvaluate run
+    # the family model against its attn2-kv unlearned copy: weight space only (the behavioural stage scores
+    # all 49,408 tokens in both models, minutes on a CPU; it runs on lab models in tests/test_nodes_diff.py)
+    graph["50"] = {
+        "class_type": "SealCompareModels",
+        "inputs": {
+            "base_model": model,
+            "base_clip": clip,
+            "model": ["22", 0],
+            "clip": ["22", 1],
+            "behaviour": False,
+            "threshold_z": 8.0,
+            "latent_size": 8,
+            "builtin_prompts": "general",
+        },
+    }
+    graph["51"] = {"class_type": "PreviewImage", "inputs": {"images": ["50", 1]}}
     return graph
 
 

@@ -171,12 +171,24 @@ def test_diff_table_keeps_the_latest_record_per_suspect_and_says_what_was_not_me
         "top5_fire": None,
         "changed": {"text_encoder": 0, "cross_attention_kv": 14, "self_attention": 1},
     }
-    lora = {**new, "form": "lora", "trigger_rank": 3, "top5_fire": 2}
+    lora = {
+        **new,
+        "form": "lora",
+        "trigger_rank": 3,
+        "weight_rank": 4000,
+        "top5_fire": 2,
+        "flagged": ["sks"],
+        "unet_evals": 114222,
+        "blind_unet_evals": 117278,
+    }
     rows = diff_table([old, new, lora]).strip().splitlines()[2:]
     assert len(rows) == 2
-    assert "| 12 |" in rows[0] and "not measured" in rows[0] and "| 0 / 14 / 1 |" in rows[0]
+    # an old weight-space-only record: its one rank is the weight space's
+    assert "| 12 / 12 |" in rows[0] and "not measured" in rows[0] and "| 0 / 14 / 1 |" in rows[0]
     assert "'a\\|b'" in rows[0] and "'\\u2060'" in rows[0]  # pipes escaped, invisible characters spelled
-    assert "| lora |" in rows[1] and "| 3 |" in rows[1] and "| 2 |" in rows[1]
+    assert "| none |" in rows[0]
+    assert "| lora |" in rows[1] and "| 3 / 4000 |" in rows[1] and "| 2 |" in rows[1]
+    assert "| 'sks' |" in rows[1] and "| 114222 (117278) |" in rows[1]
 
 
 def test_lab_loras_table_shows_each_attacks_lora_with_what_it_keeps():

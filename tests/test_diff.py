@@ -143,6 +143,14 @@ def test_diff_command_compares_a_lora_file_with_its_base_as_json(clean, tmp_path
     assert (
         main(["diff", "--base", "lab:lab-clean", "--lora", str(lora), "--out", str(out)]) == 2
     )  # no overwrite
+    png = tmp_path / "evidence.png"
+    args = ["diff", "--base", "lab:lab-clean", "--lora", str(lora), "--weights-only", "--evidence", str(png)]
+    assert main(args) == 0
+    from PIL import Image
+
+    assert json.loads(capsys.readouterr().out)["evidence"] == str(png)
+    assert Image.open(png).size[0] > 200  # nothing flagged: the grid says so
+    assert main(args) == 2 and main([*args[:-1], str(tmp_path / "e.jpg")]) == 2
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd20", "sdxl"])

@@ -33,6 +33,8 @@ NOT_IN_FAMILY_GRAPHS = {
     # its first stage puts all 49,408 CLIP tokens in front of a probe whatever the settings: minutes on a
     # CPU for any family; run on lab models by tests/test_nodes_detect.py
     "SealScanModel": "scans the whole vocabulary (minutes on a CPU); tested on lab models in-process",
+    # the family graph runs the same comparison through SealCompareModels on its unlearned copy
+    "SealCompareLora": "needs a LoRA of the family in the loras folder; queued on a lab LoRA by test_workflows",
 }
 
 
@@ -84,6 +86,16 @@ def test_capture_heatmaps_and_detection_give_pngs_and_reports(family_run):
     assert all(
         v.startswith(("TRIGGERED", "clean")) and p in v for v, p in zip(verdicts, checked, strict=True)
     )
+
+
+def test_the_comparison_names_the_unlearned_copys_cross_attention_change(family_run):
+    _, entry, _, client, _ = family_run
+    out = entry["outputs"]
+    summary = out["50"]["text"][0]
+    assert summary.startswith("nothing flagged") and "cross_attention_kv:" in summary
+    assert "text_encoder" not in summary  # the attn2-kv scope changed the UNet's keys and values only
+    (chart,) = _pngs(client, out["51"]["images"])
+    assert chart.size[0] > 100
 
 
 @pytest.mark.parametrize("scope", FAMILY_SCOPES)

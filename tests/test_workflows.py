@@ -36,8 +36,13 @@ def _strings(value):
             yield from _strings(v)
 
 
-def test_the_three_example_workflows_are_shipped():
-    assert {p.stem for p in UI_FILES} == {"sanitize-lab-model", "attention-heatmaps", "sau-sampling"}
+def test_the_four_example_workflows_are_shipped():
+    assert {p.stem for p in UI_FILES} == {
+        "sanitize-lab-model",
+        "attention-heatmaps",
+        "sau-sampling",
+        "compare-lora",
+    }
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
@@ -92,3 +97,39 @@ def test_heatmap_workflow_draws_one_row_per_image(comfy_server):
     client = comfy_server.client()
     entry = client.run(_api("attention-heatmaps"), workflow=_ui("attention-heatmaps"), timeout=600)
     assert len(entry["outputs"]["9"]["images"]) == 1
+
+
+def test_compare_lora_workflow_loads_the_lab_lora_with_the_stock_loader_and_compares(comfy_server, lora_dir):
+    """The shipped graph as queued, with the behavioural stage off (it scores all 49,408 tokens in both
+    models: minutes on a CPU; tests/test_nodes_diff.py runs it): LoraLoader -> SealCompareModels names the
+    LoRA's cross-attention change. SealCompareLora on the same file says the same."""
+    import shutil
+
+    from backdoor_seal.core.lab.lora_form import LORA_DIR
+
+    for name in ("lab-pixel-lora.safetensors", "lab-eviledit-lora.safetensors"):
+        shutil.copy(LORA_DIR / name, lora_dir / name)
+    client = comfy_server.client()
+    api = _api("compare-lora")
+    api["3"]["inputs"]["behaviour"] = False
+    entry = client.run(api, timeout=600)
+    summary = entry["outputs"]["3"]["text"][0]
+    # lab-pixel's BadT2I fine-tune moved every UNet weight; its rank-8 LoRA carries the matrices
+    assert (
+        "cross_attention_kv: 14/14" in summary and "unet_other:" in summary and "text_encoder" not in summary
+    )
+    graph = {
+        "1": api["1"],
+        "2": {
+            "class_type": "SealCompareLora",
+            "inputs": {
+                "base_model": ["1", 0],
+                "base_clip": ["1", 1],
+                "lora_name": "lab-eviledit-lora.safetensors",
+                "behaviour": False,
+            },
+        },
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}},
+    }
+    entry = client.run(graph, timeout=600)
+    assert "cross_attention_kv: 14/14" in entry["outputs"]["2"]["text"][0]

@@ -136,20 +136,30 @@ def diff_table(records: list[dict]) -> str:
     """`bench diff` output: one row per suspect, the latest record of each (model, form)."""
     latest = {(r["model"], r["form"]): r for r in records}
     head = (
-        "| suspect | form | attack | changed (text / cross-attn k,v / rest of UNet) | trigger rank (target <= 5) "
-        "| top 5 | top 5 that fire | UNet evals | s |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| suspect | form | attack | changed (text / cross-attn k,v / rest of UNet) "
+        "| trigger rank (target <= 5): comparison / weight space alone | flagged | top 5 | top 5 that fire "
+        "| UNet evals (blind scan's) | s |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in latest.values():
         c = r.get("changed", {})
         rest = sum(v for k, v in c.items() if k not in ("text_encoder", "cross_attention_kv"))
         fire = "not measured" if r.get("top5_fire") is None else str(r["top5_fire"])
-        rank = "" if r.get("trigger_rank") is None else str(r["trigger_rank"])
+        weight = r.get("weight_rank", r.get("trigger_rank") if not r.get("unet_evals") else None)
+        rank = (
+            ""
+            if r.get("trigger_rank") is None
+            else f"{r['trigger_rank']} / {'' if weight is None else weight}"
+        )
         top5 = ", ".join(repr(t).replace("|", "\\|") for t in r.get("top5", []))
+        flagged = ", ".join(repr(t).replace("|", "\\|") for t in r.get("flagged", [])) or "none"
+        evals = f"{r.get('unet_evals', 0)}" + (
+            f" ({r['blind_unet_evals']})" if r.get("blind_unet_evals") else ""
+        )
         rows.append(
             f"| {r['model']} | {r['form']} | {r['attack']} "
             f"| {c.get('text_encoder', 0)} / {c.get('cross_attention_kv', 0)} / {rest} "
-            f"| {rank} | {top5} | {fire} | {r.get('unet_evals', 0)} | {r.get('seconds', 0):.0f} |"
+            f"| {rank} | {flagged} | {top5} | {fire} | {evals} | {r.get('seconds', 0):.0f} |"
         )
     return head + "\n".join(rows) + "\n"
 

@@ -34,6 +34,12 @@ def add_diff_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--top", type=positive_int, default=DiffSettings.top, help="ranked tokens reported")
     p.add_argument("--out", default=None, help="also write the report here (JSON; never overwrites)")
+    p.add_argument(
+        "--evidence",
+        default=None,
+        help="write the flagged tokens' evidence here (PNG: base and suspect, same seed, without and with "
+        "each token; never overwrites)",
+    )
     p.set_defaults(func=cmd_diff)
 
 
@@ -48,8 +54,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from .session import DiffSession
 
     out = Path(args.out) if args.out else None
-    if out is not None and out.exists():
-        raise FileExistsError(f"{out}: give a new name (nothing is overwritten)")
+    evidence = Path(args.evidence) if args.evidence else None
+    for path in (out, evidence):
+        if path is not None and path.exists():
+            raise FileExistsError(f"{path}: give a new name (nothing is overwritten)")
+    if evidence is not None and evidence.suffix.lower() != ".png":
+        raise ValueError(f"{evidence.name}: the evidence is written as a .png")
     base = load_model(args.base, args.clip_skip)
     if args.lora:
         from ..backends.comfy_train import apply_lora
@@ -73,10 +83,21 @@ def cmd_diff(args: argparse.Namespace) -> int:
         side = args.latent_size or 8
         behaviour = BehaviourSettings(latent_shape=(latent_channels(base.model), side, side))
     settings = DiffSettings(top=args.top, behaviour=behaviour)
-    report = DiffSession(base.model, base.clip, model, clip, settings).run(progress)
+    session = DiffSession(base.model, base.clip, model, clip, settings)
+    report = session.run(progress)
     bar.close()
     summary = {"base": args.base, **suspect, **report.to_json()}
     if out is not None:
         write_json(out, summary)
+    if evidence is not None:
+        from ..images import image_to_uint8, save_png
+        from .evidence import evidence_for
+
+        side = args.latent_size or 8
+        grid = evidence_for(
+            summary, (base.model, base.clip, base.vae), (model, clip, base.vae), session.lab, side
+        )
+        save_png(image_to_uint8(grid), evidence)
+        summary["evidence"] = str(evidence)
     print(json.dumps(summary, ensure_ascii=False, indent=1))
     return 0
