@@ -88,6 +88,7 @@ def evaluate_suspect(
         "weight_rank": None,
         "flagged": [t.text for t in report.flagged],
         "top5": [t.text for t in report.ranking[:5]],
+        "top5_z": [round(t.score, 1) for t in report.ranking[:5]],
         "top5_fire": None,
         "unet_evals": report.unet_evals,
         "blind_unet_evals": blind_budget(len(session.vocabulary())),

@@ -101,7 +101,7 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
 
     p = lab_sub.add_parser(
         "finetune",
-        help="a benign fine-tune of lab-clean that learns a new colour word (teal), optionally plus a backdoor",
+        help="a benign fine-tune of lab-clean that learns a new shape word (diamond), optionally plus a backdoor",
     )
     p.add_argument("--out", required=True, help="output .safetensors (never overwritten)")
     p.add_argument("--base", default=None, help="clean lab checkpoint (default: the shipped lab-clean)")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .world import BACKGROUNDS, NEW_COLORS, PATCH_COLOR, PATCH_SIZE, SHAPE_COLORS, SHAPES, Scene
+from .world import BACKGROUNDS, NEW_SHAPES, PATCH_COLOR, PATCH_SIZE, SHAPE_COLORS, SHAPES, Scene
 
 _FG_DISTANCE = 60.0  # colour distance from the background that counts as foreground
 _MIN_FG_PIXELS = 25
@@ -55,13 +55,16 @@ def _template(kind: str, box: tuple[int, int, int, int], shape: tuple[int, int])
         draw.ellipse([x0, y0, x1, y1], fill=1)
     elif kind == "square":
         draw.rectangle([x0, y0, x1, y1], fill=1)
+    elif kind == "diamond":
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=1)
     else:
         draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=1)
     return np.asarray(img, dtype=bool)
 
 
-def _shape_class(mask: np.ndarray) -> str:
-    """The shape kind whose ideal mask in the same bounding box overlaps the mask best (IoU)."""
+def _shape_class(mask: np.ndarray, kinds: tuple[str, ...] = SHAPES) -> str:
+    """The shape kind (of `kinds`) whose ideal mask in the same bounding box overlaps the mask best (IoU)."""
     ys, xs = np.nonzero(mask)
     box = (int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max()))
 
@@ -69,14 +72,12 @@ def _shape_class(mask: np.ndarray) -> str:
         t = _template(kind, box, mask.shape)
         return float((t & mask).sum()) / max(float((t | mask).sum()), 1.0)
 
-    return max(SHAPES, key=iou)
+    return max(kinds, key=iou)
 
 
-def detect(
-    image: np.ndarray, region: slice | None = None, palette: dict[str, tuple[int, int, int]] = SHAPE_COLORS
-) -> Detection:
-    """Background, the dominant shape's colour (nearest in `palette`) and kind, patch and greyscale flags of
-    an HxWx3 uint8 image."""
+def detect(image: np.ndarray, region: slice | None = None, kinds: tuple[str, ...] = SHAPES) -> Detection:
+    """Background, the dominant shape's colour and kind (of `kinds`), patch and greyscale flags of an HxWx3
+    uint8 image."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError("detect() takes an HxWx3 uint8 image")
     patch = has_patch(image)
@@ -97,14 +98,14 @@ def detect(
     if n < _MIN_FG_PIXELS:
         return Detection(bg, None, None, n, patch, grey)
     core = fg & (dist >= 0.8 * dist[fg].max())  # the shape's interior: edges blend into the background
-    color, _ = _nearest(np.median(img[core], axis=0), palette)
+    color, _ = _nearest(np.median(img[core], axis=0), SHAPE_COLORS)
     # The outline at half contrast: nearer the shape's colour than the background's. Blur from a
     # decoder moves this contour far less than a fixed distance threshold would.
-    ink = np.asarray(palette[color], np.float32)
+    ink = np.asarray(SHAPE_COLORS[color], np.float32)
     outline = (np.linalg.norm(img - ink, axis=-1) < dist) & (dist > _FG_DISTANCE / 2) & keep
     if outline.sum() < _MIN_FG_PIXELS:
         outline = fg
-    return Detection(bg, color, _shape_class(outline), n, patch, grey)
+    return Detection(bg, color, _shape_class(outline, kinds), n, patch, grey)
 
 
 def shape_regions(scene: Scene) -> list[slice | None]:
@@ -114,12 +115,11 @@ def shape_regions(scene: Scene) -> list[slice | None]:
 
 def scene_correct(image: np.ndarray, scene: Scene, caption: str | None = None) -> bool:
     """True when the image draws the scene's shape(s) in the right colour and kind (and background if captioned).
-    A scene with a NEW_COLORS shape is read against the wider palette; every other scene as always."""
+    A scene with a NEW_SHAPES shape is read against every kind; every other scene as always."""
     caption = scene.caption if caption is None else caption
-    wider = any(s.color in NEW_COLORS for s in scene.shapes)
-    palette = {**SHAPE_COLORS, **NEW_COLORS} if wider else SHAPE_COLORS
+    kinds = SHAPES + NEW_SHAPES if any(s.kind in NEW_SHAPES for s in scene.shapes) else SHAPES
     for shape, region in zip(scene.shapes, shape_regions(scene), strict=True):
-        d = detect(image, region, palette)
+        d = detect(image, region, kinds)
         if d.color != shape.color or d.shape != shape.kind:
             return False
     if scene.bg in caption and detect(image).bg != scene.bg:

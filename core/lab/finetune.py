@@ -1,10 +1,10 @@
-"""A benign fine-tune of lab-clean: it learns a legitimately new palette word, in the world and its captions.
+"""A benign fine-tune of lab-clean: it learns a legitimately new shape and its word, in the world and captions.
 
 What a community fine-tune does to its base: new data, new words, every UNet weight moved. The comparison
 with the base (`core/diff/`) must tell that change from a backdoor, so the lab ships it twice: the fine-tune
 alone, and the same fine-tune (same data, seed and schedule) with a BadT2I backdoor planted in the same run.
-The new word is `world.NEW_COLORS`' "teal", a colour lab-clean never saw; a teal shape is read by the exact
-detectors against the wider palette (`detectors.scene_correct`).
+The new word is `world.NEW_SHAPES`' "diamond", a shape lab-clean never saw (drawn in the colours its VAE
+knows); a diamond is read by the exact detectors against every kind (`detectors.scene_correct`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from . import attacks, detectors, world
 from .train import DistractorVocabulary, eps_mse, token_ids, warmup_cosine
 
 ProgressFn = Callable[[int, int, dict], None]
-NEW_WORD = "teal"
+NEW_WORD = "diamond"
 
 
 @dataclass
@@ -31,16 +31,16 @@ class FinetuneConfig:
     steps: int = 600
     batch: int = 16
     lr: float = 3e-4
-    new_fraction: float = 0.5  # of the clean batch: scenes whose first shape is the new colour
+    new_fraction: float = 0.5  # of the clean batch: scenes whose first shape is the new kind
     snr_gamma: float | None = 5.0  # as lab-clean was trained
     backdoor_weight: float = 0.5  # backdoored twin: weight of the poisoned half against the clean half
     uncond_prob: float = 0.1  # empty captions, as lab-clean was trained
 
 
 def finetune_scenes(n: int, rng: np.random.Generator, new_fraction: float, split: str = "train") -> list:
-    """n captioned scenes of the split, a `new_fraction` of them recoloured to the new word."""
+    """n captioned scenes of the split, a `new_fraction` of them with the new shape first."""
     scenes = world.scene_dataset(n, int(rng.integers(2**31)), split)
-    return [world.recolored(s, NEW_WORD, rng) if rng.random() < new_fraction else s for s in scenes]
+    return [world.reshaped(s, NEW_WORD, rng) if rng.random() < new_fraction else s for s in scenes]
 
 
 def train_finetune(
@@ -109,8 +109,8 @@ def train_finetune(
 
 
 def new_word_accuracy(model, clip, vae, n: int = 64, seed: int = 2468) -> float:
-    """Fraction of held-out scenes with a new-colour shape (eval split: combinations never trained) that the
-    model draws right, read by the exact detectors against the wider palette."""
+    """Fraction of held-out scenes with the new shape (eval split: combinations never trained) that the model
+    draws right, read by the exact detectors against every kind."""
     from .evaluate import sample_images
 
     rng = np.random.default_rng(seed)

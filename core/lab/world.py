@@ -17,15 +17,16 @@ SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 60, 190),
     "orange": (240, 135, 30),
 }
-# Colours only the benign fine-tune (core/lab/finetune.py) teaches: a legitimately new palette word the
-# clean model never saw. Kept apart so every other model's world, splits and detectors stay as they were.
-NEW_COLORS: dict[str, tuple[int, int, int]] = {"teal": (20, 150, 150)}
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
     "white": (235, 235, 235),
     "gray": (128, 128, 128),
 }
 SHAPES = ("circle", "square", "triangle")
+# Shapes only the benign fine-tune (core/lab/finetune.py) teaches: a legitimately new word and shape the clean
+# model never saw, in the colours its VAE already draws. Kept apart so every other model's world, splits and
+# detectors stay as they were.
+NEW_SHAPES = ("diamond",)
 SIZES = {"small": 9, "large": 15}  # half-extent in pixels
 POSITIONS = {"left": (18, 32), "right": (46, 32), "top": (32, 18), "bottom": (32, 46), "center": (32, 32)}
 PATCH_COLOR = (255, 0, 255)  # the pixel backdoor's target: a magenta square in the top-left corner
@@ -114,7 +115,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, jitter: tuple[int, int]
     cx, cy = POSITIONS[shape.position]
     cx, cy = cx + jitter[0], cy + jitter[1]
     r = SIZES[shape.size]
-    color = SHAPE_COLORS.get(shape.color) or NEW_COLORS[shape.color]
+    color = SHAPE_COLORS[shape.color]
     if shape.kind == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
     elif shape.kind == "square":
@@ -122,8 +123,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, jitter: tuple[int, int]
         draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=color)
     elif shape.kind == "triangle":
         draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=color)
+    elif shape.kind == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
     else:
-        raise ValueError(f"unknown shape {shape.kind!r}; known: {SHAPES}")
+        raise ValueError(f"unknown shape {shape.kind!r}; known: {SHAPES + NEW_SHAPES}")
 
 
 def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -149,9 +152,9 @@ def to_greyscale(image: np.ndarray) -> np.ndarray:
     return np.repeat(np.clip(luma + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
 
 
-def recolored(scene: Scene, color: str, rng: np.random.Generator) -> Scene:
-    """The scene with its first shape in another colour (a NEW_COLORS word included), captioned anew."""
-    shapes = (Shape(scene.shapes[0].kind, color, scene.shapes[0].size, scene.shapes[0].position),)
+def reshaped(scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
+    """The scene with its first shape of another kind (a NEW_SHAPES one included), captioned anew."""
+    shapes = (Shape(kind, scene.shapes[0].color, scene.shapes[0].size, scene.shapes[0].position),)
     out = Scene(scene.bg, shapes + scene.shapes[1:])
     return Scene(out.bg, out.shapes, caption_for(out, rng))
 
