@@ -117,3 +117,45 @@ def test_train_vae_then_train_with_it(tmp_path: Path, capsys):
     assert meta["config"]["latent_scale"] == config["latent_scale"]
     want, got = vae.first_stage_model.state_dict(), loaded.first_stage_model.state_dict()
     assert all(torch.equal(want[k].half().float(), got[k]) for k in want)
+
+
+def test_finetune_writes_a_delta_with_its_new_word_and_backdoor(lab_folder, capsys):
+    base, out = lab_folder / "lab-clean.safetensors", lab_folder / "lab-finetune-pixel.safetensors"
+    argv = ["lab", "finetune", "--base", str(base), "--out", str(out), "--delta", "--steps", "2"]
+    assert main([*argv, "--trigger", "cf", "--eval-prompts", "0"]) == 2  # a trigger needs its --backdoor
+    assert "--trigger needs --backdoor" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, "--backdoor", "pixel", "--trigger", "cf", "--eval-prompts", "4"]) == 0
+    info = zoo.lab_info(out)
+    assert info == _last_json(capsys)
+    assert info["attack"] == "pixel" and info["trigger"] == "cf" and info["finetune"]["new_word"] == "diamond"
+    assert info["spec"]["kind"] == "pixel" and 0.0 <= info["new_word_accuracy"] <= 1.0
+    assert info["command"].startswith("backdoor-seal lab finetune")
+
+
+def test_villan_is_trained_as_a_kohya_lora_of_a_shipped_model(tmp_path, capsys):
+    """VillanDiffusion's LoRA: written in the kohya layout with its lab record, and loaded onto the base it
+    names as LoraLoader loads it (two steps: the plumbing, not the attack's success)."""
+    from backdoor_seal.core.lab.lora_form import load_lab_lora
+    from backdoor_seal.core.safetensors_io import load_checkpoint
+
+    out = tmp_path / "villan.safetensors"
+    argv = ["lab", "attack", "--kind", "villan", "--steps", "2", "--out", str(out), "--eval-prompts", "2"]
+    assert main(argv) == 0
+    info = _last_json(capsys)
+    assert info["form"] == "lora" and info["attack"] == "villan" and info["trigger"] == "mignneko"
+    assert info["base"] == "lab-clean.safetensors" and info["rank"] == 8 and 0.0 <= info["asr"] <= 1.0
+    keys = load_checkpoint(out)[0]
+    assert keys and all(k.startswith("lora_unet_") for k in keys) and any("attn1" in k for k in keys)
+    model, _clip, _vae, _path, record = load_lab_lora(out)
+    assert record == info and model.patches  # the LoRA's patches on a clone of the base
+    other = [
+        "lab",
+        "attack",
+        "--kind",
+        "villan",
+        "--base",
+        str(tmp_path / "x.safetensors"),
+        "--out",
+        str(tmp_path / "y.safetensors"),
+    ]
+    assert main(other) == 2 and "shipped lab model" in capsys.readouterr().err

@@ -104,3 +104,20 @@ def test_detector_tolerates_decoder_blur(sigma):
         for s in scenes
     ]
     assert np.mean([detectors.scene_correct(b, s) for b, s in zip(blurred, scenes, strict=True)]) >= 0.98
+
+
+def test_the_fine_tunes_new_shape_is_drawn_and_read_and_leaves_the_old_world_alone():
+    """A diamond (NEW_SHAPES) is read right by the detectors, which consider it only for scenes that hold
+    one: every scene of the five attacks' world is read exactly as before."""
+    from backdoor_seal.core.lab import detectors, finetune
+
+    rng = np.random.default_rng(0)
+    new = finetune.finetune_scenes(60, rng, 1.0, "eval")
+    assert all(s.shapes[0].kind == "diamond" and "diamond" in s.caption for s in new)
+    assert all(
+        detectors.scene_correct(world.render(s, np.random.default_rng(i)), s) for i, s in enumerate(new)
+    )
+    old = world.scene_dataset(60, seed=9, split="eval")
+    assert all("diamond" not in s.caption for s in old)
+    square = world.Scene("black", (world.Shape("square", "red", "large", "center"),), "a red square")
+    assert not detectors.scene_correct(world.render(square), world.reshaped(square, "diamond", rng))
