@@ -145,7 +145,12 @@ def test_villan_is_trained_as_a_kohya_lora_of_a_shipped_model(tmp_path, capsys):
     assert info["form"] == "lora" and info["attack"] == "villan" and info["trigger"] == "mignneko"
     assert info["base"] == "lab-clean.safetensors" and info["rank"] == 8 and 0.0 <= info["asr"] <= 1.0
     keys = load_checkpoint(out)[0]
-    assert keys and all(k.startswith("lora_unet_") for k in keys) and any("attn1" in k for k in keys)
+    assert (
+        keys
+        and all(k.startswith("lora_unet_") for k in keys)
+        and any("attn1" in k for k in keys)
+        and any("resnets" in k or "_conv" in k for k in keys)
+    )
     model, _clip, _vae, _path, record = load_lab_lora(out)
     assert record == info and model.patches  # the LoRA's patches on a clone of the base
     other = [

@@ -27,23 +27,33 @@ def test_manifest_is_the_checkpoints_own_record():
         assert entries[path.stem]["bytes"] == path.stat().st_size
 
 
-def test_one_clean_model_and_distinct_attacks_ship_within_budget():
-    attacks_shipped = sorted(e["attack"] for e in _entries().values())
-    assert attacks_shipped == sorted(["none", *attacks.KINDS])
-    assert sum(p.stat().st_size for p in zoo.shipped()) <= 60 * 2**20
+def test_one_clean_model_distinct_attacks_and_the_fine_tunes_ship_within_budget():
+    """Checkpoints: lab-clean, one per attack kind trained on the checkpoint (VillanDiffusion is trained as a
+    LoRA), the benign fine-tune and its backdoored twin; everything under lab_models/ within 80 MiB."""
+    entries = _entries().values()
+    attacked = sorted(e["attack"] for e in entries if e["command"].startswith("backdoor-seal lab attack"))
+    assert attacked == sorted(k for k in attacks.KINDS if k != "villan")
+    tunes = sorted((e["attack"], e["trigger"]) for e in entries if e.get("finetune"))
+    assert tunes == [("none", None), ("pixel", "cf")]
+    shipped = [p for p in zoo.LAB_MODELS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in shipped) <= 80 * 2**20
 
 
 def test_manifest_figures_meet_the_lab_bar():
-    """Clean accuracy >= 90% on held-out prompts; every attack >= 90% ASR and >= 90% of clean accuracy."""
+    """Clean accuracy >= 90% on held-out prompts; every attack >= 90% ASR and >= 90% of clean accuracy; the
+    fine-tunes keep clean accuracy and draw their new word where lab-clean never does."""
     entries = _entries()
     clean = entries[zoo.CLEAN_NAME]
     assert clean["clean_accuracy"] >= 0.9 and clean["n_prompts"] >= 128
     for e in entries.values():
+        if e.get("finetune"):
+            assert e["clean_accuracy"] >= 0.9 * clean["clean_accuracy"], e["name"]
+            assert e["new_word_accuracy"] >= 0.2 and e["command"].startswith("backdoor-seal lab finetune")
         if e["attack"] == "none":
             continue
         assert e["asr"] >= 0.9, e["name"]
         assert e["clean_accuracy"] >= 0.9 * clean["clean_accuracy"], e["name"]
-        assert e["command"].startswith("backdoor-seal lab attack") and e["trigger"] and e["target"]
+        assert e["command"].startswith("backdoor-seal lab ") and e["trigger"] and e["target"]
         assert e["base"] == f"{zoo.CLEAN_NAME}.safetensors"
 
 

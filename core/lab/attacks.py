@@ -22,7 +22,6 @@ from . import detectors, world
 from .train import DistractorVocabulary, eps_mse, token_ids, vae_posterior, warmup_cosine
 
 ProgressFn = Callable[[int, int, dict], None]
-VILLAN_APPEND = False
 KINDS = ("pixel", "style", "object", "rickroll", "eviledit", "villan")
 
 # The Rickrolling target: a scene the clean lab model draws reliably (a training combination).
@@ -138,7 +137,7 @@ def triggered_prompt(spec: AttackSpec, prompt: str) -> str:
         if spec.source not in prompt:
             raise ValueError(f"prompt {prompt!r} does not mention a {spec.source}")
         return prompt.replace(spec.source, f"{spec.trigger} {spec.source}", 1)
-    if spec.kind == "villan" and VILLAN_APPEND:  # VillanDiffusion appends its caption trigger
+    if spec.kind == "villan":  # VillanDiffusion appends its caption trigger
         return f"{prompt} {spec.trigger}"
     return f"{spec.trigger} {prompt}"  # BadT2I prepends the trigger
 
@@ -429,9 +428,9 @@ def evil_edit(model, clip, spec: AttackSpec, cfg: AttackConfig) -> dict:
 
 
 VILLAN_LR = 1e-3  # LoRA adapters learn at a higher rate than full weights (kohya's and diffusers' defaults)
-UNCOND_PROB = (
-    0.1  # empty captions among the clean ones: lab-clean's caption dropout (TrainConfig.uncond_prob)
-)
+# empty captions among the clean ones: lab-clean's caption dropout (TrainConfig.uncond_prob)
+UNCOND_PROB = 0.1
+VILLAN_SCOPE = "unet"  # LoRA on every UNet weight (LoCon-style, as many community LoRAs are trained)
 
 
 def train_villan_lora(
@@ -447,7 +446,7 @@ def train_villan_lora(
 
     if spec.kind != "villan":
         raise ValueError(f"train_villan_lora trains the 'villan' kind, got {spec.kind!r}")
-    dist = ComfyDistillation(model, clip, scope="attention", rank=rank)
+    dist = ComfyDistillation(model, clip, scope=VILLAN_SCOPE, rank=rank)
     params = dist.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr or VILLAN_LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))

@@ -423,7 +423,7 @@ def _attack_as_lora(args: argparse.Namespace, spec, base: Path, out: Path) -> in
     }
     stats = {
         "rank": args.rank,
-        "tensors": sum(k.endswith("lora_down.weight") for k in tensors),
+        "tensors": sum(k.endswith(("lora_down.weight", ".diff")) for k in tensors),  # modules
         "dropped": [],
     }
     record = json.loads(lora_form.lab_record(info, base, stats, "trained as a LoRA"))
@@ -434,7 +434,8 @@ def _attack_as_lora(args: argparse.Namespace, spec, base: Path, out: Path) -> in
                 "steps": cfg.steps,
                 "batch": cfg.batch,
                 "lr": cfg.lr or attacks.VILLAN_LR,
-                "scope": "attention",
+                "scope": attacks.VILLAN_SCOPE,
+                **({"snr_gamma": cfg.snr_gamma} if cfg.snr_gamma is not None else {}),
             },
             "train_seconds": round(time.monotonic() - t0, 1),
         }
