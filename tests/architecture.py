@@ -41,7 +41,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("lab", frozenset({"lab"})),  # the toy world, its models and attacks
     ("shared", frozenset({"prompts", "models"})),  # prompt sets and model specs, lab ones included
     # the jobs, in the order data flows: capture -> detect -> unlearn / SAU -> evaluate
-    ("detect", frozenset({"detect", "diff"})),  # find: in a prompt, in the vocabulary, against the base
+    ("detect", frozenset({"detect"})),  # find: in a prompt, in the vocabulary
+    ("compare", frozenset({"diff"})),  # find against the base: builds on detect's probes and statistics
     ("remove", frozenset({"unlearn", "sau"})),
     ("evaluate", frozenset({"evaluate"})),
     ("top", frozenset({"bench", "cli", "demo"})),  # commands, benchmarks and the demo use everything
