@@ -29,12 +29,12 @@ def test_manifest_is_the_checkpoints_own_record():
 
 def test_one_clean_model_distinct_attacks_and_the_fine_tunes_ship_within_budget():
     """Checkpoints: lab-clean, one per attack kind trained on the checkpoint (VillanDiffusion is trained as a
-    LoRA), the benign fine-tune and its backdoored twin; everything under lab_models/ within 80 MiB."""
+    LoRA), the benign fine-tune; everything under lab_models/ within 80 MiB."""
     entries = _entries().values()
     attacked = sorted(e["attack"] for e in entries if e["command"].startswith("backdoor-seal lab attack"))
     assert attacked == sorted(k for k in attacks.KINDS if k != "villan")
-    tunes = sorted((e["attack"], e["trigger"]) for e in entries if e.get("finetune"))
-    assert tunes == [("none", None), ("pixel", "cf")]
+    tunes = [(e["attack"], e["trigger"]) for e in entries if e.get("finetune")]
+    assert tunes == [("none", None)]  # the backdoored twin does not ship yet (docs/diff.md)
     shipped = [p for p in zoo.LAB_MODELS.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in shipped) <= 80 * 2**20
 
