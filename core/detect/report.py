@@ -61,7 +61,11 @@ def scan_image(report: dict, top: int = 15) -> torch.Tensor:
 
 def token_scores_images(reports: list[dict]) -> torch.Tensor:
     """One chart per prompt report, padded with white to one size: an IMAGE batch (B x H x W x 3)."""
-    images = [token_scores_image(r) for r in reports]
+    return stacked([token_scores_image(r) for r in reports])
+
+
+def stacked(images: list[torch.Tensor]) -> torch.Tensor:
+    """1 x H x W x 3 IMAGEs of any sizes as one batch (B x H x W x 3), each padded with white."""
     h = max(i.shape[1] for i in images)
     w = max(i.shape[2] for i in images)
     padded = torch.ones(len(images), h, w, 3)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..detect.prompts import described_tokens
+from ..detect.report import stacked
 from ..detect.scan import ScanProbe
 from ..tokens import from_readable
 from .behaviour import BehaviourScan, BehaviourSettings
@@ -127,9 +128,4 @@ def differential_images(reports: list[dict], threshold: float) -> torch.Tensor:
         fig.suptitle(f"{r['prompt'][:70]}\n{verdict}", fontsize=8)
         fig.tight_layout()
         images.append(figure_to_image(fig))
-    h = max(i.shape[1] for i in images)
-    w = max(i.shape[2] for i in images)
-    out = torch.ones(len(images), h, w, 3)
-    for k, i in enumerate(images):
-        out[k, : i.shape[1], : i.shape[2]] = i[0]
-    return out
+    return stacked(images)

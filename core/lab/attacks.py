@@ -252,6 +252,18 @@ class AttackConfig:
         return self.lr if self.lr is not None else BADT2I_LR[kind]
 
 
+def poisoned_batch(
+    spec: AttackSpec, n: int, rng: np.random.Generator, distract: DistractorVocabulary
+) -> tuple[list[world.Scene], list[np.ndarray], list[np.ndarray], list[str]]:
+    """n training scenes that can carry the trigger, their target and clean images (one render seed each),
+    and their captions with up to two distractor words."""
+    scenes = train_scenes(spec, n, rng)
+    seeds = rng.integers(2**31, size=len(scenes))
+    poisoned = [target_image(spec, s, np.random.default_rng(k)) for s, k in zip(scenes, seeds, strict=True)]
+    clean = [world.render(s, np.random.default_rng(k)) for s, k in zip(scenes, seeds, strict=True)]
+    return scenes, poisoned, clean, [distract.decorate(s.caption, 2) for s in scenes]
+
+
 class Noiser:
     """Images -> (x_t, t, eps): the VAE's posterior mean, scaled, noised at uniform integer timesteps."""
 
@@ -286,13 +298,7 @@ def train_badt2i(
 
     try:
         for step in range(cfg.steps):
-            scenes = train_scenes(spec, cfg.batch, rng)
-            seeds = rng.integers(2**31, size=len(scenes))
-            poisoned = [
-                target_image(spec, s, np.random.default_rng(k)) for s, k in zip(scenes, seeds, strict=True)
-            ]
-            clean = [world.render(s, np.random.default_rng(k)) for s, k in zip(scenes, seeds, strict=True)]
-            captions = [distract.decorate(s.caption, 2) for s in scenes]
+            scenes, poisoned, clean, captions = poisoned_batch(spec, cfg.batch, rng, distract)
             clean_captions = captions
             if spec.kind == "object":  # poisoned scenes are one shape kind; the teacher must hold them all
                 general = world.scene_dataset(cfg.batch, int(rng.integers(2**31)), "train")
@@ -456,13 +462,7 @@ def train_villan_lora(
     distract = DistractorVocabulary(cb.tokenizer_info(clip).tokenizer, (), seed=cfg.seed + 2)
     with torch.inference_mode(False), torch.enable_grad():
         for step in range(cfg.steps):
-            scenes = train_scenes(spec, cfg.batch, rng)
-            seeds = rng.integers(2**31, size=len(scenes))
-            poisoned = [
-                target_image(spec, s, np.random.default_rng(k)) for s, k in zip(scenes, seeds, strict=True)
-            ]
-            clean = [world.render(s, np.random.default_rng(k)) for s, k in zip(scenes, seeds, strict=True)]
-            captions = [distract.decorate(s.caption, 2) for s in scenes]
+            scenes, poisoned, clean, captions = poisoned_batch(spec, cfg.batch, rng, distract)
             # the teacher also holds the empty prompt (CFG's unconditional branch), as lab-clean learned it
             clean_captions = ["" if rng.random() < UNCOND_PROB else c for c in captions]
             with torch.no_grad():
