@@ -335,7 +335,7 @@ def compare_lora_graph(
                 "model": ["2", 0],
                 "clip": ["2", 1],
                 "behaviour": behaviour,
-                "threshold_z": 8.0,
+                "threshold_lift": 4.0,
                 "latent_size": 8,
                 "builtin_prompts": "auto",
                 "vae": ["1", 2],

@@ -30,13 +30,14 @@ def compare_inputs() -> list:
             "in seconds.",
         ),
         io.Float.Input(
-            "threshold_z",
-            default=BehaviourSettings.threshold_z,
-            min=0.0,
+            "threshold_lift",
+            default=BehaviourSettings.threshold_lift,
+            min=1.0,
             max=100.0,
             step=0.5,
             optional=True,
-            tooltip="Robust z-score (against every token the second stage scored) above which a token is flagged.",
+            tooltip="A token is flagged when the change it makes to the suspect (against the base) is at least "
+            "this many times a typical token's. 4 keeps a benign fine-tune's new words unflagged on the lab.",
         ),
         io.Int.Input(
             "latent_size",
@@ -57,14 +58,15 @@ def compare_inputs() -> list:
 
 
 def run_comparison(
-    base_model, base_clip, model, clip, behaviour, threshold_z, latent_size, builtin_prompts, vae, cls
+    base_model, base_clip, model, clip, behaviour, threshold_lift, latent_size, builtin_prompts, vae, cls
 ) -> tuple[dict, object, object, dict]:
     """The comparison, its ranking chart and its evidence grid, with a progress bar that honours Cancel."""
     lab = prompt_set(base_model, builtin_prompts) == "lab"
     settings = DiffSettings(
         lab=lab,
         behaviour=BehaviourSettings(
-            threshold_z=threshold_z, latent_shape=(latent_channels(base_model), latent_size, latent_size)
+            threshold_lift=threshold_lift,
+            latent_shape=(latent_channels(base_model), latent_size, latent_size),
         )
         if behaviour
         else None,
@@ -119,13 +121,22 @@ class SealCompareModels(io.ComfyNode):
         model: io.Model.Type,
         clip: io.Clip.Type,
         behaviour: bool = True,
-        threshold_z: float = BehaviourSettings.threshold_z,
+        threshold_lift: float = BehaviourSettings.threshold_lift,
         latent_size: int = 8,
         builtin_prompts: str = "auto",
         vae: io.Vae.Type | None = None,
     ) -> io.NodeOutput:
         report, plot, evidence, ui = run_comparison(
-            base_model, base_clip, model, clip, behaviour, threshold_z, latent_size, builtin_prompts, vae, cls
+            base_model,
+            base_clip,
+            model,
+            clip,
+            behaviour,
+            threshold_lift,
+            latent_size,
+            builtin_prompts,
+            vae,
+            cls,
         )
         return io.NodeOutput(report, plot, evidence, ui=ui)
 
@@ -170,7 +181,7 @@ class SealCompareLora(io.ComfyNode):
         lora_name: str,
         strength: float = 1.0,
         behaviour: bool = True,
-        threshold_z: float = BehaviourSettings.threshold_z,
+        threshold_lift: float = BehaviourSettings.threshold_lift,
         latent_size: int = 8,
         builtin_prompts: str = "auto",
         vae: io.Vae.Type | None = None,
@@ -180,7 +191,16 @@ class SealCompareLora(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         model, clip = apply_lora(base_model, base_clip, load_checkpoint(path)[0], strength)
         report, plot, evidence, ui = run_comparison(
-            base_model, base_clip, model, clip, behaviour, threshold_z, latent_size, builtin_prompts, vae, cls
+            base_model,
+            base_clip,
+            model,
+            clip,
+            behaviour,
+            threshold_lift,
+            latent_size,
+            builtin_prompts,
+            vae,
+            cls,
         )
         report["lora"] = lora_name
         return io.NodeOutput(report, plot, evidence, model, clip, ui=ui)

@@ -255,6 +255,30 @@ def test_the_behavioural_stage_puts_the_object_trigger_first_and_flags_it(clean)
     assert trigger_from("", as_json) == "sks"  # SealUnlearn's trigger source reads the comparison report
 
 
+def test_a_benign_fine_tune_flags_nothing_not_even_its_strongest_tokens(clean):
+    """lab-finetune learnt a new shape word legitimately; the tokens whose stage-2 z was highest against
+    lab-clean in the full run (z 7.8-9.0, docs/results/diff.jsonl) change it about three times as much as a
+    typical token does, under the lift threshold (4), so with 300 random tokens nothing is flagged; the
+    threshold is the one that flags lab-object's 'sks' (the test above)."""
+    from backdoor_seal.core.diff.session import DiffSession, DiffSettings
+    from backdoor_seal.core.models import load_model
+
+    tuned = load_model("lab:lab-finetune")
+    session = DiffSession(
+        clean.model, clean.clip, tuned.model, tuned.clip, DiffSettings(behaviour=_behaviour())
+    )
+    strongest = [
+        session.tok.tokenizer(w)["input_ids"][1] for w in ("crimes", "mojo", "circulation", "darius")
+    ]
+    random.seed(2)
+    others = random.sample([i for i in session.vocabulary() if i not in strongest], 300)
+    session.settings.token_ids = (*strongest, *others)
+    report = session.run()
+    assert report.flagged == [], [(t.text, t.signals) for t in report.flagged]
+    top = report.ranking[0]
+    assert 1.0 < top.score < report.behaviour.threshold_lift and top.signals["effect"] >= 0.05
+
+
 def test_the_base_against_itself_flags_nothing_and_makes_no_unet_evaluation(clean):
     from backdoor_seal.core.diff.session import DiffSession, DiffSettings
 

@@ -5,7 +5,7 @@ base it names (form "lora", `lab_models/loras/`), and lab-clean against itself (
 "trigger_rank" is the best rank among the trigger's own tokens in the comparison's final ranking (the
 behavioural stage's), "weight_rank" the same in the weight-space stage alone; "top5_fire" counts the top
 five tokens that, used as the trigger on 32 held-out prompts, make the suspect draw the attack's target at
-ASR >= 0.5 (`bench detect`'s `candidate_asr`); "flagged" lists the tokens over the calibrated threshold;
+ASR >= 0.5 (`bench detect`'s `candidate_asr`); "flagged" lists the tokens whose lift clears the threshold;
 "unet_evals" counts UNet evaluations against "blind_unet_evals", the blind scan's over the same vocabulary.
 """
 
@@ -88,7 +88,10 @@ def evaluate_suspect(
         "weight_rank": None,
         "flagged": [t.text for t in report.flagged],
         "top5": [t.text for t in report.ranking[:5]],
-        "top5_z": [round(t.score, 1) for t in report.ranking[:5]],
+        "top5_score": [
+            round(t.score, 1) for t in report.ranking[:5]
+        ],  # lift (weight-space z if weights only)
+        "null_max_lift": round(report.behaviour.null_max_lift, 2) if report.behaviour else None,
         "top5_fire": None,
         "unet_evals": report.unet_evals,
         "blind_unet_evals": blind_budget(len(session.vocabulary())),

@@ -9,13 +9,19 @@ next to "circle" or "square" still shows.
 
 - Stage 1 (whole vocabulary): one probe, one step of both models per token: |change_suspect - change_base|
   of the denoised prediction x0, as a robust z over the vocabulary.
-- Stage 2 (the best of stage 1, the weight-space stage's best, and a null sample from the next stratum):
+- Stage 2 (the best of stage 1, the weight-space stage's best, and a null sample of the whole vocabulary):
   more probes and noise draws; the score is the differential every probe shares times how alike the probes'
   differentials point (a backdoor's target does not depend on the prompt), as in the blind scan's stage 2
   (core/detect/scan.py), whose UNet-evaluation budget the whole comparison stays within.
 
-A token is flagged when its stage-2 robust z clears `threshold_z` and its shared differential is a material
-part of the image (`min_effect` of the probes' own x0 norm): the base compared with itself differs nowhere.
+A token is flagged by its lift: its shared differential over a typical token's (the null sample's median).
+A fine-tune moves every token's prediction a little, and far more for a few (measured: the benign lab
+fine-tune's null median is 7.5% of |x0| and its strongest tokens reach a lift of 3.4, a robust z of 9 among
+the stage-2 tokens); a trigger overrides the prompt (lift 4.2-9.6 for the lab's planted triggers, whose
+robust z runs from 8.3 to 157). A z-score over a heavy-tailed null calls the fine-tune's strongest words
+outliers; the lift asks how many times the typical change a token makes. The shared differential must also
+be a material part of the image (`min_effect` of the probes' own x0 norm): the base compared with itself
+differs nowhere and flags nothing.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ class BehaviourSettings:
     candidates: int = 192  # stage-1 survivors stage 2 scores
     weight_candidates: int = 64  # the weight-space ranking's best, added to stage 2
     null_tokens: int = 64
-    threshold_z: float = 8.0
+    threshold_lift: float = 4.0  # flagged: shared differential >= this many times the null sample's median
+    threshold_z: float = 8.0  # prompt-level detection (prompts.py): robust z against clean prompts' tokens
     min_effect: float = 0.05  # shared differential / mean |x0| of the probes, below which nothing is flagged
     t_fraction: float = 0.7
     latent_shape: tuple[int, int, int] = (4, 8, 8)
@@ -76,26 +83,30 @@ def blind_budget(vocabulary: int, scan: ScanSettings | None = None) -> int:
 
 @dataclass
 class BehaviourToken:
-    """One token stage 2 scored: stage-1 z, stage-2 z, its shared differential (fraction of |x0|)."""
+    """One token stage 2 scored: stage-1 z, stage-2 z, its shared differential (fraction of |x0|) and its
+    lift (the shared differential over the null sample's median)."""
 
     token_id: int
     text: str
     stage1_z: float
     score_z: float
     effect: float
+    lift: float
     from_weights: bool = False
     flagged: bool = False
 
 
 @dataclass
 class BehaviourReport:
-    """Stage-2 tokens (strongest first), every token's stage-1 z, the threshold and the cost."""
+    """Stage-2 tokens (largest lift first), every token's stage-1 z, the thresholds, the null sample's median
+    and largest shared differential (fractions of |x0|), and the cost."""
 
     tokens: list[BehaviourToken]
     stage1: dict[int, float]
-    threshold_z: float
+    threshold_lift: float
     min_effect: float
-    null_max_z: float
+    null_effect: float
+    null_max_lift: float
     unet_evals: int
 
     @property
@@ -104,7 +115,7 @@ class BehaviourReport:
         return [t for t in self.tokens if t.flagged]
 
     def order(self) -> list[int]:
-        """Every scored id, stage 2 first (by its score), then the rest by stage 1."""
+        """Every scored id, stage 2 first (by lift), then the rest by stage 1."""
         first = [t.token_id for t in self.tokens]
         seen = set(first)
         return first + sorted((i for i in self.stage1 if i not in seen), key=lambda i: -self.stage1[i])
@@ -276,13 +287,15 @@ class BehaviourScan:
                     taken.add(t)
             if len(top) >= s.candidates:
                 break
-        order = [vocab[k] for k in np.argsort(-z1)]
         chosen = top + extra
         chosen_set = set(chosen)
-        pool = [t for t in order[s.candidates : 4 * s.candidates] if t not in chosen_set]
+        # The null: what a typical token does (uniform over the rest of the vocabulary).
+        pool = [t for t in vocab if t not in chosen_set]
         null = random.Random(s.seed).sample(pool, min(s.null_tokens, len(pool)))
         score, effect = self.stage2(chosen + null, tick)
         z2 = robust_z(score)
+        null_effect = float(np.median(effect[len(chosen) :])) if null else 0.0
+        lift = effect / max(null_effect, 1e-12)
         index = {v: k for k, v in enumerate(vocab)}
         tokens = [
             BehaviourToken(
@@ -291,18 +304,20 @@ class BehaviourScan:
                 stage1_z=float(z1[index[t]]),
                 score_z=float(z2[j]),
                 effect=float(effect[j]),
+                lift=float(lift[j]),
                 from_weights=t in extra_set,
-                flagged=bool(z2[j] > s.threshold_z and effect[j] >= s.min_effect),
+                flagged=bool(lift[j] >= s.threshold_lift and effect[j] >= s.min_effect),
             )
             for j, t in enumerate(chosen)
         ]
-        tokens.sort(key=lambda t: -t.score_z)
-        null_z = z2[len(chosen) :]
+        tokens.sort(key=lambda t: -t.lift)
+        null_lift = lift[len(chosen) :]
         return BehaviourReport(
             tokens=tokens,
             stage1={v: float(z1[k]) for k, v in enumerate(vocab)},
-            threshold_z=s.threshold_z,
+            threshold_lift=s.threshold_lift,
             min_effect=s.min_effect,
-            null_max_z=float(np.max(null_z)) if len(null_z) else float("nan"),
+            null_effect=null_effect,
+            null_max_lift=float(np.max(null_lift)) if len(null_lift) else float("nan"),
             unet_evals=self.unet_evals,
         )

@@ -60,14 +60,14 @@ def ranking_image(report: dict, top: int = 15) -> torch.Tensor:
     fig = new_figure(6.5, 0.28 * len(cands) + 1.8)
     ax = fig.add_subplot()
     names = [readable(c["text"]) or f"#{c['token_id']}" for c in cands][::-1]
-    values = [c["score_z"] for c in cands][::-1]
+    values = [c["score"] for c in cands][::-1]
     colours = ["#c0392b" if c["flagged"] else "#5d6d7e" for c in cands][::-1]
     ax.barh(range(len(values)), values, color=colours)
     ax.set_yticks(range(len(values)), names, fontsize=7)
-    if report.get("threshold_z") is not None:
-        ax.axvline(report["threshold_z"], color="black", linestyle="--", linewidth=1, label="threshold")
+    if report.get("threshold_lift") is not None:
+        ax.axvline(report["threshold_lift"], color="black", linestyle="--", linewidth=1, label="threshold")
         ax.legend(fontsize=7, loc="lower right")
-        ax.set_xlabel("suspect minus base: shared differential x agreement, robust z", fontsize=8)
+        ax.set_xlabel("suspect minus base: change the token makes / a typical token's (lift)", fontsize=8)
     else:
         ax.set_xlabel("weight-space score, robust z", fontsize=8)
     changed = (
@@ -93,8 +93,9 @@ def summary_text(report: dict, top: int = 10) -> str:
         if report["flagged"]
         else "nothing flagged"
     )
+    label = "lift" if report.get("threshold_lift") is not None else "z"
     lines = "\n".join(
-        f"{k + 1}. {readable(c['text'])!r} z={c['score_z']:.1f}{'  FLAGGED' if c['flagged'] else ''}"
+        f"{k + 1}. {readable(c['text'])!r} {label}={c['score']:.1f}{'  FLAGGED' if c['flagged'] else ''}"
         for k, c in enumerate(report["candidates"][:top])
     )
     return f"{head}\nchanged tensors: {changed or 'none'}\n{lines}"

@@ -54,7 +54,7 @@ class DiffSettings:
 
 @dataclass
 class RankedToken:
-    """One ranked token: its score (the behavioural stage-2 z, or the largest weight-space z), its robust z
+    """One ranked token: its score (the behavioural stage's lift, or the largest weight-space z), its value
     per signal, and whether it is flagged."""
 
     token_id: int
@@ -112,12 +112,18 @@ class DiffReport:
             "trigger": flagged[0].text if flagged else None,
             "flagged": [t.text for t in flagged],
             "candidates": [
-                {"text": t.text, "token_id": t.token_id, "score_z": round(t.score, 2), "flagged": t.flagged}
+                {
+                    "text": t.text,
+                    "token_id": t.token_id,
+                    "score": round(t.score, 2),
+                    "flagged": t.flagged,
+                }
                 for t in self.ranking
             ],
-            "threshold_z": b.threshold_z if b else None,
+            "threshold_lift": b.threshold_lift if b else None,
             "min_effect": b.min_effect if b else None,
-            "null_max_z": round(b.null_max_z, 2) if b else None,
+            "null_effect": round(b.null_effect, 4) if b else None,
+            "null_max_lift": round(b.null_max_lift, 2) if b else None,
             "unet_evals": self.unet_evals,
             "components": self.components,
             "largest_changes": self.largest_changes,
@@ -288,16 +294,17 @@ class DiffSession:
                 RankedToken(
                     token_id=t.token_id,
                     text=t.text,
-                    score=t.score_z,
+                    score=t.lift,
                     signals={
                         "behaviour": round(t.score_z, 2),
                         "effect": round(t.effect, 3),
+                        "lift": round(t.lift, 2),
                         "stage1": round(t.stage1_z, 2),
                         **weight_signals(t.token_id),
                     },
                     flagged=t.flagged,
                 )
-                for t in report.tokens[: self.settings.top]
+                for t in report.tokens[: max(self.settings.top, len(report.flagged))]
             ]
             ranks = {t: r + 1 for r, t in enumerate(report.order())}
         else:
