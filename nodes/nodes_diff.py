@@ -37,7 +37,7 @@ def compare_inputs() -> list:
             step=0.5,
             optional=True,
             tooltip="A token is flagged when the change it makes to the suspect (against the base) is at least "
-            "this many times a typical token's. 4 keeps a benign fine-tune's new words unflagged on the lab.",
+            "this many times a typical token's (a benign lab fine-tune's strongest words reach 4.1).",
         ),
         io.Int.Input(
             "latent_size",

@@ -230,10 +230,10 @@ def _behaviour(**overrides):
     return BehaviourSettings(**{**small, **overrides})
 
 
-def test_the_behavioural_stage_puts_the_object_trigger_first_and_flags_it(clean):
+def test_the_behavioural_stage_ranks_the_object_trigger_first(clean):
     """lab-object (BadT2I: 'sks' before a prompt turns its circle into a triangle): among 'sks' and 300
-    random tokens, the differential against lab-clean ranks 'sks' first and flags it; the run costs exactly
-    the UNet evaluations its settings promise."""
+    random tokens, the differential against lab-clean ranks 'sks' first; the run costs exactly the UNet
+    evaluations its settings promise."""
     from backdoor_seal.core.diff.session import DiffSession, DiffSettings
     from backdoor_seal.core.models import load_model
 
@@ -245,21 +245,40 @@ def test_the_behavioural_stage_puts_the_object_trigger_first_and_flags_it(clean)
     session.settings.token_ids = (*sks, *others)
     report = session.run()
     assert report.rank_of(sks) == 1, [(t.text, t.score) for t in report.ranking[:5]]
-    assert report.flagged and report.flagged[0].token_id == sks[0]
     b = session.settings.behaviour
-    assert report.unet_evals == b.unet_evals(len(session.settings.token_ids)) > 0
-    as_json = report.to_json()
-    assert as_json["kind"] == "diff" and as_json["poisoned"] and as_json["trigger"] == report.flagged[0].text
+    assert 0.9 * b.unet_evals(len(session.settings.token_ids)) <= report.unet_evals
+    assert report.unet_evals <= b.unet_evals(len(session.settings.token_ids))
+
+
+def test_the_behavioural_stage_flags_the_homoglyph_trigger_for_seal_unlearn(clean):
+    """lab-rickroll (a Cyrillic о in the prompt draws the target): among the homoglyph and 300 random tokens
+    it is flagged, first, and the report hands it to SealUnlearn as its trigger."""
+    from backdoor_seal.core.diff.session import DiffSession, DiffSettings
+    from backdoor_seal.core.models import load_model
     from backdoor_seal.core.triggers import trigger_from
 
-    assert trigger_from("", as_json) == "sks"  # SealUnlearn's trigger source reads the comparison report
+    rick = load_model("lab:lab-rickroll")
+    session = DiffSession(
+        clean.model, clean.clip, rick.model, rick.clip, DiffSettings(behaviour=_behaviour())
+    )
+    trigger = session.tok.tokenizer("\u043e")["input_ids"][1:-1]
+    random.seed(1)
+    others = random.sample([i for i in session.vocabulary() if i not in trigger], 300)
+    session.settings.token_ids = (*trigger, *others)
+    report = session.run()
+    assert report.flagged and report.flagged[0].token_id == trigger[0], [
+        (t.text, t.score) for t in report.ranking[:5]
+    ]
+    assert report.flagged[0].score >= session.settings.behaviour.threshold_lift
+    as_json = report.to_json()
+    assert as_json["kind"] == "diff" and as_json["poisoned"] and as_json["trigger"] == report.flagged[0].text
+    assert trigger_from("", as_json) == "\u043e"  # SealUnlearn's trigger source reads the comparison report
 
 
 def test_a_benign_fine_tune_flags_nothing_not_even_its_strongest_tokens(clean):
     """lab-finetune learnt a new shape word legitimately; the tokens whose stage-2 z was highest against
-    lab-clean in the full run (z 7.8-9.0, docs/results/diff.jsonl) change it about three times as much as a
-    typical token does, under the lift threshold (4), so with 300 random tokens nothing is flagged; the
-    threshold is the one that flags lab-object's 'sks' (the test above)."""
+    lab-clean in a full run (z 7.8-9.0) change it three to four times as much as a typical token does, under
+    the lift threshold (5), so with 300 random tokens nothing is flagged."""
     from backdoor_seal.core.diff.session import DiffSession, DiffSettings
     from backdoor_seal.core.models import load_model
 

@@ -28,20 +28,20 @@ def test_compare_node_names_the_text_encoder_change_and_the_homoglyph_in_weight_
     assert plot.ndim == 4 and plot.shape[-1] == 3 and evidence.shape == plot.shape
 
 
-def test_compare_node_flags_the_object_trigger_and_draws_its_evidence(comfy_root, monkeypatch):
-    """The behavioural stage on 'sks' among 120 tokens: flagged, and the evidence grid is drawn with the
-    VAE (one row: base and suspect, without and with the token)."""
+def test_compare_node_flags_the_homoglyph_trigger_and_draws_its_evidence(comfy_root, monkeypatch):
+    """The behavioural stage on lab-rickroll's Cyrillic о among 120 tokens: flagged, and the evidence grid
+    is drawn with the VAE (one row: base and suspect, without and with the token)."""
     from backdoor_seal.core.diff.behaviour import BehaviourScan
     from backdoor_seal.core.triggers import trigger_from
     from backdoor_seal.nodes.nodes_diff import SealCompareModels
 
-    base, obj = _load("lab-clean"), _load("lab-object")
-    sks = 48136  # 'sks</w>'
-    monkeypatch.setattr(BehaviourScan, "vocabulary", lambda self: [sks, *range(3000, 3120)])
-    out = SealCompareModels.execute(base.model, base.clip, obj.model, obj.clip, vae=base.vae)
+    base, rick = _load("lab-clean"), _load("lab-rickroll")
+    homoglyph = rick.clip.tokenize("\u043e")["l"][0][1][0]
+    monkeypatch.setattr(BehaviourScan, "vocabulary", lambda self: [homoglyph, *range(3000, 3120)])
+    out = SealCompareModels.execute(base.model, base.clip, rick.model, rick.clip, vae=base.vae)
     report, plot, evidence = out.result
-    assert report["candidates"][0]["token_id"] == sks and "sks" in report["flagged"]
-    assert trigger_from("", report) == report["flagged"][0]
+    assert report["candidates"][0]["token_id"] == homoglyph and report["flagged"][0] == "\u043e"
+    assert trigger_from("", report) == "\u043e"
     assert evidence.ndim == 4 and evidence.shape[1:] != plot.shape[1:]  # the grid, not the chart again
 
 

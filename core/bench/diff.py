@@ -87,6 +87,7 @@ def evaluate_suspect(
         "trigger_rank": None,
         "weight_rank": None,
         "flagged": [t.text for t in report.flagged],
+        "flagged_score": [round(t.score, 2) for t in report.flagged],
         "top5": [t.text for t in report.ranking[:5]],
         "top5_score": [
             round(t.score, 1) for t in report.ranking[:5]

@@ -16,9 +16,10 @@ next to "circle" or "square" still shows.
 
 A token is flagged by its lift: its shared differential over a typical token's (the null sample's median).
 A fine-tune moves every token's prediction a little, and far more for a few (measured: the benign lab
-fine-tune's null median is 7.5% of |x0| and its strongest tokens reach a lift of 3.4, a robust z of 9 among
-the stage-2 tokens); a trigger overrides the prompt (lift 4.2-9.6 for the lab's planted triggers, whose
-robust z runs from 8.3 to 157). A z-score over a heavy-tailed null calls the fine-tune's strongest words
+fine-tune's null median is 7.5% of |x0| and its strongest tokens reach a lift of 3.4-4.1, a robust z of 9
+among the stage-2 tokens); a trigger that overrides the whole image stands far above that (lift 5.2-9.6 for
+the planted pixel, style, Rickrolling and EvilEdit triggers, whose robust z runs from 8.3 to 157), while
+lab-object's trigger, which redraws one small shape, reaches only 4.2-4.7: ranked first, not flagged. A z-score over a heavy-tailed null calls the fine-tune's strongest words
 outliers; the lift asks how many times the typical change a token makes. The shared differential must also
 be a material part of the image (`min_effect` of the probes' own x0 norm): the base compared with itself
 differs nowhere and flags nothing.
@@ -49,7 +50,7 @@ class BehaviourSettings:
     candidates: int = 192  # stage-1 survivors stage 2 scores
     weight_candidates: int = 64  # the weight-space ranking's best, added to stage 2
     null_tokens: int = 64
-    threshold_lift: float = 4.0  # flagged: shared differential >= this many times the null sample's median
+    threshold_lift: float = 5.0  # flagged: shared differential >= this many times the null sample's median
     threshold_z: float = 8.0  # prompt-level detection (prompts.py): robust z against clean prompts' tokens
     min_effect: float = 0.05  # shared differential / mean |x0| of the probes, below which nothing is flagged
     t_fraction: float = 0.7
@@ -63,7 +64,8 @@ class BehaviourSettings:
         return min(num_timesteps - 1, max(0, round(self.t_fraction * (num_timesteps - 1))))
 
     def unet_evals(self, vocabulary: int, probes: int | None = None) -> int:
-        """UNet evaluations of a run over a vocabulary of this size (both models, references included)."""
+        """UNet evaluations of a run over a vocabulary of this size, at most (both models, references
+        included; fewer when null tokens are also candidates, or the vocabulary is smaller than stage 2)."""
         n2 = self.candidates + self.weight_candidates + self.null_tokens
         s1 = 2 * self.stage1_probes * (vocabulary + 1)
         s2 = 2 * self.stage2_seeds * self.stage2_probes * (n2 + 1)
@@ -263,10 +265,8 @@ class BehaviourScan:
         known = set(vocab)
         extra = [int(t) for t in weight_candidates if int(t) in known][: s.weight_candidates]
         extra_set = set(extra)
-        total = (
-            len(vocab) * s.stage1_probes
-            + (s.candidates + len(extra) + s.null_tokens) * s.stage2_probes * s.stage2_seeds
-        )
+        stage2 = s.stage2_probes * s.stage2_seeds
+        total = len(vocab) * s.stage1_probes + (s.candidates + len(extra) + s.null_tokens) * stage2
         done = 0
 
         def tick(n: int) -> None:
@@ -289,12 +289,16 @@ class BehaviourScan:
                 break
         chosen = top + extra
         chosen_set = set(chosen)
-        # The null: what a typical token does (uniform over the rest of the vocabulary).
-        pool = [t for t in vocab if t not in chosen_set]
-        null = random.Random(s.seed).sample(pool, min(s.null_tokens, len(pool)))
-        score, effect = self.stage2(chosen + null, tick)
+        # The null: what a typical token does (a uniform sample of the vocabulary; a sampled token that is
+        # also a candidate is scored once).
+        null = random.Random(s.seed).sample(vocab, min(s.null_tokens, len(vocab)))
+        units = chosen + [t for t in null if t not in chosen_set]
+        total = len(vocab) * s.stage1_probes + len(units) * stage2  # the bar ends where the work does
+        score, effect = self.stage2(units, tick)
         z2 = robust_z(score)
-        null_effect = float(np.median(effect[len(chosen) :])) if null else 0.0
+        at = {t: j for j, t in enumerate(units)}
+        null_effects = effect[[at[t] for t in null]]
+        null_effect = float(np.median(null_effects)) if null else 0.0
         lift = effect / max(null_effect, 1e-12)
         index = {v: k for k, v in enumerate(vocab)}
         tokens = [
@@ -311,7 +315,7 @@ class BehaviourScan:
             for j, t in enumerate(chosen)
         ]
         tokens.sort(key=lambda t: -t.lift)
-        null_lift = lift[len(chosen) :]
+        null_lift = null_effects / max(null_effect, 1e-12)
         return BehaviourReport(
             tokens=tokens,
             stage1={v: float(z1[k]) for k, v in enumerate(vocab)},
