@@ -143,14 +143,43 @@ def test_diff_command_compares_a_lora_file_with_its_base_as_json(clean, tmp_path
     assert (
         main(["diff", "--base", "lab:lab-clean", "--lora", str(lora), "--out", str(out)]) == 2
     )  # no overwrite
+    assert printed["poisoned"] is None  # the weight space ranks; only the behavioural stage judges
     png = tmp_path / "evidence.png"
-    args = ["diff", "--base", "lab:lab-clean", "--lora", str(lora), "--weights-only", "--evidence", str(png)]
-    assert main(args) == 0
-    from PIL import Image
+    args = ["diff", "--base", "lab:lab-clean", "--lora", str(lora), "--evidence", str(png)]
+    assert main([*args, "--weights-only"]) == 2  # evidence needs flagged tokens: the behavioural stage
+    assert main([*args[:-1], str(tmp_path / "e.jpg")]) == 2
+    assert main([*args, "--out", str(png)]) == 2 and not png.exists()  # one file for two outputs
 
-    assert json.loads(capsys.readouterr().out)["evidence"] == str(png)
-    assert Image.open(png).size[0] > 200  # nothing flagged: the grid says so
-    assert main(args) == 2 and main([*args[:-1], str(tmp_path / "e.jpg")]) == 2
+
+def test_diff_command_refuses_a_lora_for_another_base_and_swapped_files(clean, tmp_path, capsys):
+    """A LoRA whose shapes fit another model would be skipped weight by weight by ComfyUI (a log line each)
+    and the comparison would report nothing changed: it is refused in one line instead; a checkpoint given
+    as --lora, and a LoRA given as --model, are named for what they are. Inputs are left untouched."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from backdoor_seal.core.cli import main
+    from backdoor_seal.core.lab.lora_form import LORA_DIR
+    from backdoor_seal.core.lab.zoo import resolve
+
+    src = LORA_DIR / "lab-eviledit-lora.safetensors"
+    wide = {
+        k: torch.cat([v, torch.zeros(8, *v.shape[1:])]) if "lora_up" in k else v
+        for k, v in load_file(src).items()
+    }
+    other = tmp_path / "for-another-model.safetensors"
+    save_file(wide, str(other))
+    checkpoint = resolve("lab-clean")
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (src, checkpoint)}
+    base = ["diff", "--base", "lab:lab-clean", "--weights-only"]
+    assert main([*base, "--lora", str(other)]) == 2
+    assert "does not fit this base" in capsys.readouterr().err
+    assert main([*base, "--lora", str(checkpoint)]) == 2
+    assert "checkpoint, not a LoRA" in capsys.readouterr().err
+    assert main([*base, "--model", str(src)]) == 2
+    assert "LoRA, not a checkpoint" in capsys.readouterr().err
+    assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (src, checkpoint)}
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd20", "sdxl"])

@@ -24,7 +24,7 @@ def test_compare_node_names_the_text_encoder_change_and_the_homoglyph_in_weight_
     changed = {k for k, v in report["components"].items() if v["changed"]}
     assert changed == {"text_encoder"} and report["unet_evals"] == 0
     assert report["candidates"][0]["text"] == "\u043e"
-    assert report["poisoned"] is False and report["threshold_lift"] is None  # only the behaviour stage flags
+    assert report["poisoned"] is None and report["threshold_lift"] is None  # only the behaviour stage judges
     assert plot.ndim == 4 and plot.shape[-1] == 3 and evidence.shape == plot.shape
 
 

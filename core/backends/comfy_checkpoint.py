@@ -183,9 +183,13 @@ def load_single_file_checkpoint(
     except RuntimeError as e:
         if "Could not detect model type" not in str(e):
             raise
+        with safe_open(str(path), framework="pt") as f:
+            lora = looks_like_lora(f.keys())
         raise ValueError(
-            f"{path}: ComfyUI recognises no model in this file (backdoor-seal reads single-file SD1.x, SD2.x "
-            "and SDXL checkpoints)"
+            f"{path}: this is a LoRA, not a checkpoint: compare it with --lora (or Seal Compare LoRA)"
+            if lora
+            else f"{path}: ComfyUI recognises no model in this file (backdoor-seal reads single-file SD1.x, "
+            "SD2.x and SDXL checkpoints)"
         ) from None
     if model is None:
         raise ValueError(f"{path}: holds no diffusion model (a LoRA, VAE or text-encoder file?)")
@@ -252,3 +256,17 @@ def weight_pairs(base_model, base_clip, model, clip) -> Iterator[tuple[str, torc
         if suspect:
             extra = next(iter(suspect))
             raise ValueError(f"base and suspect are different architectures (the base has no {extra})")
+
+
+LORA_MARKERS = ("lora_up.", "lora_down.", "lora_A.", "lora_B.", ".alpha", "hada_w1", "lokr_w1")
+CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+
+def looks_like_lora(keys) -> bool:
+    """Whether a file's tensor names are a LoRA's (kohya / diffusers / LyCORIS)."""
+    return any(m in k for k in keys for m in LORA_MARKERS)
+
+
+def looks_like_checkpoint(keys) -> bool:
+    """Whether a file's tensor names are a single-file checkpoint's."""
+    return any(k.startswith(CHECKPOINT_MARKERS) for k in keys)

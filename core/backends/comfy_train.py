@@ -282,16 +282,51 @@ def apply_lora(model, clip, lora: dict[str, torch.Tensor], strength: float = 1.0
     import comfy.lora_convert
     import comfy.sd
 
+    from .comfy_checkpoint import looks_like_checkpoint
+
+    if looks_like_checkpoint(lora):
+        raise ValueError("this is a checkpoint, not a LoRA: compare it as the suspect model (--model)")
     clip_keys = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
     key_map = comfy.lora.model_lora_keys_unet(model.model, dict(clip_keys))
     loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)), key_map)
     if not loaded:
         raise ValueError("the LoRA holds no weight of this model (a LoRA for another model, or not a LoRA)")
+    misfits = lora_misfits(loaded, model, clip)
+    if misfits:
+        key, got, want = misfits[0]
+        raise ValueError(
+            f"the LoRA does not fit this base: {len(misfits)} of {len(loaded)} weights have other shapes "
+            f"(e.g. {key}: LoRA {tuple(got)}, base {tuple(want)}); it was made for another model family"
+        )
     has_text = bool(set(loaded) & set(clip_keys.values()))  # the CLIP is cloned only when the LoRA touches it
     new_model, new_clip = comfy.sd.load_lora_for_models(
         model, clip if has_text else None, lora, strength, strength
     )
     return new_model, (new_clip if has_text else clip)
+
+
+def lora_misfits(loaded: dict, model, clip) -> list[tuple[str, tuple, tuple]]:
+    """(key, the LoRA's (out, in), the base weight's shape) of each low-rank or full-difference patch whose
+    shape does not fit the weight it names (ComfyUI logs these and skips them, leaving the base as it was).
+    Patches of other kinds (LoHa, LoKr, sliced keys) are not checked."""
+    shapes = {k: v.shape for k, v in model.model.state_dict().items()}
+    shapes.update({k: v.shape for k, v in clip.cond_stage_model.state_dict().items()})
+    out = []
+    for key, patch in loaded.items():
+        if not isinstance(key, str) or key not in shapes:
+            continue
+        want = tuple(shapes[key])
+        kind = type(patch).__name__
+        w = getattr(patch, "weights", None)
+        if kind == "LoRAAdapter" and w is not None and len(want) >= 2:
+            got = (w[0].shape[0], w[1].shape[1])
+            if got != want[:2]:
+                out.append((key, got, want))
+        elif isinstance(patch, tuple) and patch and patch[0] == "diff":
+            got = tuple(patch[1][0].shape)
+            if got != want:
+                out.append((key, got, want))
+    return out
 
 
 def _kohya_targets(

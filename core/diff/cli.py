@@ -60,6 +60,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{path}: give a new name (nothing is overwritten)")
     if evidence is not None and evidence.suffix.lower() != ".png":
         raise ValueError(f"{evidence.name}: the evidence is written as a .png")
+    if evidence is not None and args.weights_only:
+        raise ValueError("--evidence draws flagged tokens, which only the behavioural stage flags: drop one")
+    if out is not None and evidence is not None and out.resolve() == evidence.resolve():
+        raise ValueError(f"{out}: --out and --evidence name the same file; give each its own")
+    if out is not None and out.suffix.lower() != ".json":
+        raise ValueError(f"{out.name}: the report is written as .json")
     base = load_model(args.base, args.clip_skip)
     if args.lora:
         from ..backends.comfy_train import apply_lora

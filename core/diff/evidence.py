@@ -76,7 +76,7 @@ def ranking_image(report: dict, top: int = 15) -> torch.Tensor:
     verdict = (
         f"FLAGGED: {', '.join(repr(readable(t)) for t in report['flagged'])}"
         if report["flagged"]
-        else ("nothing flagged")
+        else ("nothing flagged" if report.get("poisoned") is not None else "weight space only: not judged")
     )
     ax.set_title(f"compared with the base: {verdict}\nchanged tensors: {changed}", fontsize=8)
     fig.tight_layout()
@@ -91,7 +91,11 @@ def summary_text(report: dict, top: int = 10) -> str:
     head = (
         f"flagged: {', '.join(repr(readable(t)) for t in report['flagged'])}"
         if report["flagged"]
-        else "nothing flagged"
+        else (
+            "nothing flagged"
+            if report.get("poisoned") is not None
+            else "weight space only: ranked, not judged (turn behaviour on to flag)"
+        )
     )
     label = "lift" if report.get("threshold_lift") is not None else "z"
     lines = "\n".join(

@@ -108,7 +108,11 @@ class DiffReport:
         b = self.behaviour
         return {
             "kind": "diff",
-            "poisoned": bool(flagged),
+            # the weight space ranks but does not judge: undecided (None) without the behavioural stage,
+            # unless nothing changed at all
+            "poisoned": bool(flagged)
+            if b or not any(c["changed"] for c in self.components.values())
+            else None,
             "trigger": flagged[0].text if flagged else None,
             "flagged": [t.text for t in flagged],
             "candidates": [
