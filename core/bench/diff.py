@@ -88,6 +88,7 @@ def evaluate_suspect(
         "weight_rank": None,
         "flagged": [t.text for t in report.flagged],
         "flagged_score": [round(t.score, 2) for t in report.flagged],
+        "threshold_lift": report.behaviour.threshold_lift if report.behaviour else None,
         "top5": [t.text for t in report.ranking[:5]],
         "top5_score": [
             round(t.score, 1) for t in report.ranking[:5]

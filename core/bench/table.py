@@ -152,7 +152,10 @@ def diff_table(records: list[dict]) -> str:
             else f"{r['trigger_rank']} / {'' if weight is None else weight}"
         )
         top5 = ", ".join(repr(t).replace("|", "\\|") for t in r.get("top5", []))
-        flagged = ", ".join(repr(t).replace("|", "\\|") for t in r.get("flagged", [])) or "none"
+        names = [repr(t).replace("|", "\\|") for t in r.get("flagged", [])]
+        flagged = ", ".join(names[:4]) + (f" +{len(names) - 4} more" if len(names) > 4 else "") or "none"
+        if r.get("threshold_lift") is not None:
+            flagged += f" (lift >= {r['threshold_lift']:g})"
         evals = f"{r.get('unet_evals', 0)}" + (
             f" ({r['blind_unet_evals']})" if r.get("blind_unet_evals") else ""
         )
