@@ -92,7 +92,7 @@ def test_the_comparison_names_the_unlearned_copys_cross_attention_change(family_
     _, entry, _, client, _ = family_run
     out = entry["outputs"]
     summary = out["50"]["text"][0]
-    assert summary.startswith("nothing flagged") and "cross_attention_kv:" in summary
+    assert summary.startswith("weight space only: ranked, not judged") and "cross_attention_kv:" in summary
     assert "text_encoder" not in summary  # the attn2-kv scope changed the UNet's keys and values only
     (chart,) = _pngs(client, out["51"]["images"])
     assert chart.size[0] > 100

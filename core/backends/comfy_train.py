@@ -8,6 +8,7 @@ second UNet.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -319,8 +320,11 @@ def lora_misfits(loaded: dict, model, clip) -> list[tuple[str, tuple, tuple]]:
         kind = type(patch).__name__
         w = getattr(patch, "weights", None)
         if kind == "LoRAAdapter" and w is not None and len(want) >= 2:
-            got = (w[0].shape[0], w[1].shape[1])
-            if got != want[:2]:
+            # a conv LoRA's down may be flattened (r, in*kh*kw) or carry the kernel in a Tucker mid
+            mid = w[3]
+            fan_in = math.prod(w[1].shape[1:]) * (math.prod(mid.shape[2:]) if mid is not None else 1)
+            got = (w[0].shape[0], fan_in)
+            if got != (want[0], math.prod(want[1:])):
                 out.append((key, got, want))
         elif isinstance(patch, tuple) and patch and patch[0] == "diff":
             got = tuple(patch[1][0].shape)
