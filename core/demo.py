@@ -315,6 +315,8 @@ def compare_lora_graph(
     """API-format graph: lab loader (the base) -> stock LoraLoader (the suspect LoRA, from the loras folder)
     -> SealCompareModels (base against base + LoRA, evidence drawn with the base's VAE) -> PreviewImage of
     the ranking (node "4") and of the evidence (node "5")."""
+    from .diff.behaviour import BehaviourSettings
+
     return {
         "1": {"class_type": "SealLabCheckpointLoader", "inputs": {"lab_model": base}},
         "2": {
@@ -335,7 +337,7 @@ def compare_lora_graph(
                 "model": ["2", 0],
                 "clip": ["2", 1],
                 "behaviour": behaviour,
-                "threshold_lift": 4.0,
+                "threshold_lift": BehaviourSettings.threshold_lift,
                 "latent_size": 8,
                 "builtin_prompts": "auto",
                 "vae": ["1", 2],

@@ -58,9 +58,11 @@ def compare_inputs() -> list:
 
 
 def run_comparison(
-    base_model, base_clip, model, clip, behaviour, threshold_lift, latent_size, builtin_prompts, vae, cls
+    cls, base: tuple, suspect: tuple, behaviour, threshold_lift, latent_size, builtin_prompts, vae
 ) -> tuple[dict, object, object, dict]:
-    """The comparison, its ranking chart and its evidence grid, with a progress bar that honours Cancel."""
+    """The comparison of suspect = (MODEL, CLIP) with base = (MODEL, CLIP), its ranking chart and its
+    evidence grid, with a progress bar that honours Cancel."""
+    (base_model, base_clip), (model, clip) = base, suspect
     lab = prompt_set(base_model, builtin_prompts) == "lab"
     settings = DiffSettings(
         lab=lab,
@@ -127,16 +129,14 @@ class SealCompareModels(io.ComfyNode):
         vae: io.Vae.Type | None = None,
     ) -> io.NodeOutput:
         report, plot, evidence, ui = run_comparison(
-            base_model,
-            base_clip,
-            model,
-            clip,
+            cls,
+            (base_model, base_clip),
+            (model, clip),
             behaviour,
             threshold_lift,
             latent_size,
             builtin_prompts,
             vae,
-            cls,
         )
         return io.NodeOutput(report, plot, evidence, ui=ui)
 
@@ -191,16 +191,14 @@ class SealCompareLora(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         model, clip = apply_lora(base_model, base_clip, load_checkpoint(path)[0], strength)
         report, plot, evidence, ui = run_comparison(
-            base_model,
-            base_clip,
-            model,
-            clip,
+            cls,
+            (base_model, base_clip),
+            (model, clip),
             behaviour,
             threshold_lift,
             latent_size,
             builtin_prompts,
             vae,
-            cls,
         )
         report["lora"] = lora_name
         return io.NodeOutput(report, plot, evidence, model, clip, ui=ui)

@@ -286,7 +286,7 @@ def family_graph(
             "model": ["22", 0],
             "clip": ["22", 1],
             "behaviour": False,
-            "threshold_lift": 4.0,
+            "threshold_lift": 5.0,
             "latent_size": 8,
             "builtin_prompts": "general",
         },

@@ -310,6 +310,8 @@ def lora_misfits(loaded: dict, model, clip) -> list[tuple[str, tuple, tuple]]:
     """(key, the LoRA's (out, in), the base weight's shape) of each low-rank or full-difference patch whose
     shape does not fit the weight it names (ComfyUI logs these and skips them, leaving the base as it was).
     Patches of other kinds (LoHa, LoKr, sliced keys) are not checked."""
+    from comfy.weight_adapter import LoRAAdapter
+
     shapes = {k: v.shape for k, v in model.model.state_dict().items()}
     shapes.update({k: v.shape for k, v in clip.cond_stage_model.state_dict().items()})
     out = []
@@ -317,10 +319,9 @@ def lora_misfits(loaded: dict, model, clip) -> list[tuple[str, tuple, tuple]]:
         if not isinstance(key, str) or key not in shapes:
             continue
         want = tuple(shapes[key])
-        kind = type(patch).__name__
-        w = getattr(patch, "weights", None)
-        if kind == "LoRAAdapter" and w is not None and len(want) >= 2:
+        if isinstance(patch, LoRAAdapter) and len(want) >= 2:
             # a conv LoRA's down may be flattened (r, in*kh*kw) or carry the kernel in a Tucker mid
+            w = patch.weights
             mid = w[3]
             fan_in = math.prod(w[1].shape[1:]) * (math.prod(mid.shape[2:]) if mid is not None else 1)
             got = (w[0].shape[0], fan_in)

@@ -90,9 +90,8 @@ def evaluate_suspect(
         "flagged_score": [round(t.score, 2) for t in report.flagged],
         "threshold_lift": report.behaviour.threshold_lift if report.behaviour else None,
         "top5": [t.text for t in report.ranking[:5]],
-        "top5_score": [
-            round(t.score, 1) for t in report.ranking[:5]
-        ],  # lift (weight-space z if weights only)
+        # lift (the weight-space z when the behavioural stage did not run)
+        "top5_score": [round(t.score, 1) for t in report.ranking[:5]],
         "null_max_lift": round(report.behaviour.null_max_lift, 2) if report.behaviour else None,
         "top5_fire": None,
         "unet_evals": report.unet_evals,

@@ -19,8 +19,9 @@ A fine-tune moves every token's prediction a little, and far more for a few (mea
 fine-tune's null median is 7.5% of |x0| and its strongest tokens reach a lift of 3.4-4.1, a robust z of 9
 among the stage-2 tokens); a trigger that overrides the whole image stands far above that (lift 5.2-9.6 for
 the planted pixel, style, Rickrolling and EvilEdit triggers, whose robust z runs from 8.3 to 157), while
-lab-object's trigger, which redraws one small shape, reaches only 4.2-4.7: ranked first, not flagged. A z-score over a heavy-tailed null calls the fine-tune's strongest words
-outliers; the lift asks how many times the typical change a token makes. The shared differential must also
+lab-object's trigger, which redraws one small shape, reaches only 4.2-5.0: ranked first, at the edge. A
+z-score over a heavy-tailed null calls the fine-tune's strongest words outliers; the lift asks how many
+times the typical change a token makes. The shared differential must also
 be a material part of the image (`min_effect` of the probes' own x0 norm): the base compared with itself
 differs nowhere and flags nothing.
 """
