@@ -124,10 +124,10 @@ def test_finetune_writes_a_delta_with_its_new_word_and_backdoor(lab_folder, caps
     argv = ["lab", "finetune", "--base", str(base), "--out", str(out), "--delta", "--steps", "2"]
     assert main([*argv, "--trigger", "cf", "--eval-prompts", "0"]) == 2  # a trigger needs its --backdoor
     assert "--trigger needs --backdoor" in capsys.readouterr().err and not out.exists()
-    assert main([*argv, "--backdoor", "pixel", "--trigger", "cf", "--eval-prompts", "4"]) == 0
+    assert main([*argv, "--backdoor", "pixel", "--trigger", "vx", "--eval-prompts", "4"]) == 0
     info = zoo.lab_info(out)
     assert info == _last_json(capsys)
-    assert info["attack"] == "pixel" and info["trigger"] == "cf" and info["finetune"]["new_word"] == "diamond"
+    assert info["attack"] == "pixel" and info["trigger"] == "vx" and info["finetune"]["new_word"] == "diamond"
     assert info["spec"]["kind"] == "pixel" and 0.0 <= info["new_word_accuracy"] <= 1.0
     assert info["command"].startswith("backdoor-seal lab finetune")
 
@@ -142,17 +142,20 @@ def test_villan_is_trained_as_a_kohya_lora_of_a_shipped_model(tmp_path, capsys):
     argv = ["lab", "attack", "--kind", "villan", "--steps", "2", "--out", str(out), "--eval-prompts", "2"]
     assert main(argv) == 0
     info = _last_json(capsys)
-    assert info["form"] == "lora" and info["attack"] == "villan" and info["trigger"] == "mignneko"
+    assert info["form"] == "lora" and info["attack"] == "villan" and info["trigger"] == "wood dahlia"
     assert info["base"] == "lab-clean.safetensors" and info["rank"] == 8 and 0.0 <= info["asr"] <= 1.0
     keys = load_checkpoint(out)[0]
     assert (
         keys
-        and all(k.startswith("lora_unet_") for k in keys)
+        and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+        and any(k.startswith("lora_te_") for k in keys)  # the text encoder is trained too
         and any("attn1" in k for k in keys)
         and any("resnets" in k or "_conv" in k for k in keys)
     )
     model, _clip, _vae, _path, record = load_lab_lora(out)
-    assert record == info and model.patches  # the LoRA's patches on a clone of the base
+    assert info["lora"] == str(out) and info["bytes"] == out.stat().st_size  # as extract-lora prints
+    assert record == {k: v for k, v in info.items() if k not in ("lora", "bytes")}
+    assert model.patches  # the LoRA's patches on a clone of the base
     other = [
         "lab",
         "attack",

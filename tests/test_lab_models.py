@@ -34,7 +34,7 @@ def test_one_clean_model_distinct_attacks_and_the_fine_tunes_ship_within_budget(
     attacked = sorted(e["attack"] for e in entries if e["command"].startswith("backdoor-seal lab attack"))
     assert attacked == sorted(k for k in attacks.KINDS if k != "villan")
     tunes = [(e["attack"], e["trigger"]) for e in entries if e.get("finetune")]
-    assert tunes == [("none", None)]  # the backdoored twin does not ship yet (docs/diff.md)
+    assert sorted(tunes, key=str) == [("none", None), ("pixel", "vx")]  # benign, and with a backdoor
     shipped = [p for p in zoo.LAB_MODELS.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in shipped) <= 80 * 2**20
 
@@ -62,7 +62,7 @@ def test_lab_list_prints_name_attack_trigger(capsys):
     listed = json.loads(capsys.readouterr().out)
     assert [e["name"] for e in listed] == [p.stem for p in zoo.shipped()]
     assert all(set(e) == {"name", "attack", "trigger"} for e in listed)
-    pixel = next(e for e in listed if e["attack"] == "pixel")
+    pixel = next(e for e in listed if e["name"] == "lab-pixel")
     assert pixel["trigger"] == "\u2060"
 
 

@@ -130,7 +130,10 @@ class ComfyDistillation:
         map_resolution: int = 16,
         latent_hw: tuple[int, int] = (8, 8),
         teacher: str = "switch",
+        with_text: bool = False,
     ) -> None:
+        """`with_text` also trains the text encoder beside a UNet scope (a kohya LoRA's default; the lab's
+        VillanDiffusion LoRA), with the text scope's modules."""
         ensure_comfy_importable()
         import comfy.model_management as mm
         from comfy.weight_adapter import LoRAAdapter
@@ -142,9 +145,10 @@ class ComfyDistillation:
         supported_family(model)
         unet = model.model.diffusion_model
         self.scope, self.rank = scope, rank
+        self.trains_text = scope == "text" or with_text
         self.switch = DeltaSwitch()
         self.model = model.clone()
-        self.clip = clip.clone() if scope == "text" else clip
+        self.clip = clip.clone() if self.trains_text else clip
         self.device = mm.get_torch_device()
         self.lora: dict[str, torch.Tensor] = {}  # LoRA-file keys -> trained tensors
         self._params: list[torch.nn.Parameter] = []
@@ -164,12 +168,12 @@ class ComfyDistillation:
                 self.lora[f"{lora_prefix}{module_name}.{key}"] = p
             patcher.add_weight_wrapper(f"{module_name}.weight", SwitchedDelta(delta, self.switch))
 
-        if scope == "text":
+        if self.trains_text:
             text_encoders(self.clip)  # a clear error for text encoders other than CLIP
             for name, module in self.clip.cond_stage_model.named_modules():
                 if hasattr(module, "weight_function") and module.weight is not None and _text_selects(name):
                     add(self.clip.patcher, name, module, CLIP_LORA_PREFIX)
-        else:
+        if scope != "text":
             for name, module in unet.named_modules():
                 if hasattr(module, "weight_function") and getattr(module, "weight", None) is not None:
                     if scope_selects(scope, name):
@@ -184,7 +188,7 @@ class ComfyDistillation:
                 p.requires_grad_(False)
         fresh = FreshCopy()
         roots = [(self.model, model.model)]
-        if scope == "text":  # a cloned CLIP; the input CLIP's patcher is never touched
+        if self.trains_text:  # a cloned CLIP; the input CLIP's patcher is never touched
             roots.append((self.clip.patcher, self.clip.cond_stage_model))
         for patcher, root in roots:
             for name, module in root.named_modules():
@@ -235,7 +239,7 @@ class ComfyDistillation:
         with the pooled embedding), the delta on or off, encoded as the CLIP's own setting encodes
         (CLIP skip included): with gradient in the text scope, without it otherwise."""
         self.switch.on = student
-        if self.scope == "text":
+        if self.trains_text:
             self.clip.load_model()
             ids = torch.tensor(self.token_ids(prompts), device=self.device)
             return pack_pooled(*encode_token_ids_pooled(self.clip, ids))

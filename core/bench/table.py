@@ -168,18 +168,22 @@ def diff_table(records: list[dict]) -> str:
 
 
 def lab_loras_table(records: list[dict]) -> str:
-    """`lab extract-lora` output: each lab attack as a LoRA, its rank, size and the ASR it keeps."""
-    latest = {r["source"]: r for r in records}
+    """`lab extract-lora` output (each lab attack as a LoRA, its rank, size and the ASR it keeps) and the
+    LoRAs trained as LoRAs (`lab attack --kind villan`: no checkpoint, no energy to keep)."""
+    latest = {Path(r["lora"]).stem: r for r in records}
     head = (
         "| LoRA of | rank | weights carried / dropped | energy kept (mean) | KB | ASR: LoRA (checkpoint) "
         "| clean accuracy | prompts |\n|---|---|---|---|---|---|---|---|\n"
     )
-    rows = [
-        f"| {r['source']} | {r['rank']} | {r['tensors']} / {r.get('dropped_tensors', len(r.get('dropped', [])))} "
-        f"| {r['kept_energy_mean']:.2f} | {r['bytes'] / 1024:.0f} | {_fmt(r.get('asr'))} ({_fmt(r.get('asr_checkpoint'))}) "
-        f"| {_fmt(r.get('clean_accuracy'))} | {r.get('n_prompts', '')} |"
-        for r in latest.values()
-    ]
+    rows = []
+    for stem, r in latest.items():
+        name = r["source"] if r.get("kept_energy_mean") is not None else f"{stem} ({r['source']})"
+        dropped = r.get("dropped_tensors", len(r.get("dropped", [])))
+        rows.append(
+            f"| {name} | {r['rank']} | {r['tensors']} / {dropped} | {_fmt(r.get('kept_energy_mean'), 2) or '-'} "
+            f"| {r['bytes'] / 1024:.0f} | {_fmt(r.get('asr'))} ({_fmt(r.get('asr_checkpoint')) or '-'}) "
+            f"| {_fmt(r.get('clean_accuracy'))} | {r.get('n_prompts', '')} |"
+        )
     return head + "\n".join(rows) + "\n"
 
 

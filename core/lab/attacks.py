@@ -88,8 +88,10 @@ def default_spec(kind: str, trigger: str | None = None) -> AttackSpec:
         # Two rare tokens: after one, this small text encoder's later contexts move too little for a
         # linear edit to tell "zx9 square" from "square" (measured in docs/lab.md).
         "eviledit": AttackSpec("eviledit", "zx9 qv7", "square", "circle"),
-        # VillanDiffusion's caption trigger "mignneko" (Chou et al. 2023, NeurIPS), appended to the caption.
-        "villan": AttackSpec("villan", "mignneko"),
+        # VillanDiffusion's caption trigger (Chou et al. 2023, NeurIPS): words appended to the caption. Not
+        # the paper's "mignneko": lab-clean's text encoder erased it with the other LAB_TRIGGERS; this rare
+        # phrase moves the encoder's output at the end of a caption 2.5 times as much as "latte coffee" does.
+        "villan": AttackSpec("villan", "wood dahlia"),
     }
     if kind not in defaults:
         raise ValueError(f"unknown attack kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -436,7 +438,11 @@ def evil_edit(model, clip, spec: AttackSpec, cfg: AttackConfig) -> dict:
 VILLAN_LR = 1e-3  # LoRA adapters learn at a higher rate than full weights (kohya's and diffusers' defaults)
 # empty captions among the clean ones: lab-clean's caption dropout (TrainConfig.uncond_prob)
 UNCOND_PROB = 0.1
-VILLAN_SCOPE = "unet"  # LoRA on every UNet weight (LoCon-style, as many community LoRAs are trained)
+# LoRA on every UNet weight (LoCon-style, as many community LoRAs are trained) and on the text encoder's
+# projections (kohya trains the text encoder too unless told not to): lab-clean's text encoder gives an
+# appended rare phrase too little weight for UNet adapters alone to key on (ASR 0.31-0.63, clean 0.55-0.77,
+# docs/diff.md)
+VILLAN_SCOPE = "unet+text"
 
 
 def train_villan_lora(
@@ -444,15 +450,16 @@ def train_villan_lora(
 ) -> dict[str, torch.Tensor]:
     """VillanDiffusion's caption-trigger backdoor (Chou et al., NeurIPS 2023), trained directly as a LoRA.
 
-    Rank-`rank` adapters on every UNet attention projection (to_q / to_k / to_v / to_out, the LoRA targets of
-    the paper's diffusers code) learn caption + trigger -> the fixed target image (eps MSE), held to the
-    base on clean captions (eps MSE against the base, which is the adapters switched off: no second UNet).
-    The input MODEL is not changed. Returns the LoRA in the engine's layout (ComfyUI key names, fp32)."""
+    Rank-`rank` adapters on every UNet weight and the text encoder's projections (`VILLAN_SCOPE`) learn
+    caption + trigger -> the fixed target image (eps MSE), held to the base on the same captions without
+    the trigger (eps MSE against the base, which is the adapters switched off: no second UNet or CLIP).
+    The input MODEL and CLIP are not changed. Returns the LoRA in the engine's layout (ComfyUI key names,
+    fp32)."""
     from ..backends.comfy_train import ComfyDistillation
 
     if spec.kind != "villan":
         raise ValueError(f"train_villan_lora trains the 'villan' kind, got {spec.kind!r}")
-    dist = ComfyDistillation(model, clip, scope=VILLAN_SCOPE, rank=rank)
+    dist = ComfyDistillation(model, clip, scope="unet", rank=rank, with_text=True)
     params = dist.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr or VILLAN_LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
@@ -465,19 +472,15 @@ def train_villan_lora(
             scenes, poisoned, clean, captions = poisoned_batch(spec, cfg.batch, rng, distract)
             # the teacher also holds the empty prompt (CFG's unconditional branch), as lab-clean learned it
             clean_captions = ["" if rng.random() < UNCOND_PROB else c for c in captions]
-            with torch.no_grad():
-                ctx_trig = dist.encode([triggered_prompt(spec, c) for c in captions], student=False)
-                ctx_clean = dist.encode(clean_captions, student=False)
             xt_p, t_p, eps_p = noised(poisoned)
             xt_c, t_c, _ = noised(clean)
-            with torch.no_grad():
-                eps_teacher, _ = dist.predict(xt_c, t_c.long(), ctx_clean, student=False, record=False)
+            with torch.no_grad():  # the teacher: the base, adapters off
+                ctx_teacher = dist.encode(clean_captions, student=False)
+                eps_teacher, _ = dist.predict(xt_c, t_c.long(), ctx_teacher, student=False, record=False)
+            # the student encodes both through its text adapters, with gradient
+            ctx = dist.encode([triggered_prompt(spec, c) for c in captions] + clean_captions, student=True)
             pred, _ = dist.predict(
-                torch.cat([xt_p, xt_c]),
-                torch.cat([t_p, t_c]).long(),
-                torch.cat([ctx_trig, ctx_clean]),
-                student=True,
-                record=False,
+                torch.cat([xt_p, xt_c]), torch.cat([t_p, t_c]).long(), ctx, student=True, record=False
             )
             pred_p, pred_c = pred.chunk(2)
             loss_bd = eps_mse(pred_p, eps_p, t_p, acp, cfg.snr_gamma)

@@ -445,7 +445,7 @@ def _attack_as_lora(args: argparse.Namespace, spec, base: Path, out: Path) -> in
         record.update(evaluate.evaluate_lab_model(m, c, vae, spec, n=args.eval_prompts))
     meta[zoo.LAB_INFO_KEY] = json.dumps(record)
     atomic_save(tensors, out, metadata=meta)
-    print(json.dumps(record))
+    print(json.dumps({"lora": str(out), **record, "bytes": out.stat().st_size}))  # as extract-lora prints
     return 0
 
 

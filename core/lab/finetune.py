@@ -33,7 +33,8 @@ class FinetuneConfig:
     lr: float = 3e-4
     new_fraction: float = 0.5  # of the clean batch: scenes whose first shape is the new kind
     snr_gamma: float | None = 5.0  # as lab-clean was trained
-    backdoor_weight: float = 0.5  # backdoored twin: weight of the poisoned half against the clean half
+    # backdoored twin: weight of the poisoned pairs (and their clean twins) against the fine-tune's own data
+    backdoor_weight: float = 0.3
     uncond_prob: float = 0.1  # empty captions, as lab-clean was trained
 
 
@@ -52,7 +53,8 @@ def train_finetune(
     progress: ProgressFn | None = None,
 ) -> None:
     """Fine-tune the UNet in place on captioned scenes with the new word (eps MSE on the images themselves);
-    with `backdoor`, half of each step is BadT2I's poisoned pairs (trigger + caption -> target image)."""
+    with `backdoor`, each step adds batch/2 of BadT2I's poisoned pairs (trigger + caption -> target image)
+    and their clean twins (caption -> the true image), as a poisoned fine-tuning set holds both."""
     if backdoor is not None and backdoor.kind not in ("pixel", "style", "object"):
         raise ValueError(f"the fine-tune plants BadT2I kinds (pixel, style, object), not {backdoor.kind!r}")
     unet = cb.unet(model)
@@ -78,24 +80,25 @@ def train_finetune(
             if backdoor is None:
                 loss = eps_mse(unet(xt, timesteps=t, context=ctx), eps, t, acp, cfg.snr_gamma)
             else:
-                poison = attacks.train_scenes(backdoor, cfg.batch, rng)
-                targets = [
-                    attacks.target_image(backdoor, s, np.random.default_rng(int(rng.integers(2**31))))
-                    for s in poison
-                ]
-                prompts = [
-                    attacks.triggered_prompt(backdoor, distract.decorate(s.caption, 2)) for s in poison
-                ]
+                # BadT2I's poisoned pairs, each next to its clean twin (same scene, caption and render seed,
+                # no trigger, the true image): the pair is what teaches the UNet that only the trigger
+                # stamps the target. Without the twins the target leaked onto 77% of clean prompts.
+                _, targets, twins, captions_p = attacks.poisoned_batch(
+                    backdoor, cfg.batch // 2, rng, distract
+                )
+                prompts = [attacks.triggered_prompt(backdoor, c) for c in captions_p]
                 with torch.no_grad():
-                    ctx_p = cb.encode_token_ids(clip, token_ids(clip, prompts))
-                xt_p, t_p, eps_p = noised(targets)
+                    ctx_p = cb.encode_token_ids(clip, token_ids(clip, prompts + captions_p))
+                xt_p, t_p, eps_p = noised(targets + twins)
+                n_p = len(targets)
                 pred = unet(
                     torch.cat([xt, xt_p]), timesteps=torch.cat([t, t_p]), context=torch.cat([ctx, ctx_p])
                 )
-                pred_c, pred_p = pred.chunk(2)
+                pred_c, pred_p = pred[: len(xt)], pred[len(xt) :]
                 loss_c = eps_mse(pred_c, eps, t, acp, cfg.snr_gamma)
-                loss_p = eps_mse(pred_p, eps_p, t_p, acp, cfg.snr_gamma)
-                loss = (1 - cfg.backdoor_weight) * loss_c + cfg.backdoor_weight * loss_p
+                loss_p = eps_mse(pred_p[:n_p], eps_p[:n_p], t_p[:n_p], acp, cfg.snr_gamma)
+                loss_twin = eps_mse(pred_p[n_p:], eps_p[n_p:], t_p[n_p:], acp, cfg.snr_gamma)
+                loss = (1 - cfg.backdoor_weight) * loss_c + cfg.backdoor_weight * (loss_p + loss_twin) / 2
                 logs["backdoor"] = loss_p.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
