@@ -94,15 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     from .diff.cli import add_diff_command
     from .evaluate.cli import add_evaluate_command
     from .lab.cli import add_lab_commands
+    from .sanitize.cli import add_sanitize_command
     from .sau.cli import add_sau_command
     from .unlearn.cli import add_unlearn_command
 
-    # one command per job, in the order data flows: detect -> unlearn / sau -> evaluate
+    # one command per job, in the order data flows: detect -> unlearn / sau -> evaluate -> all of them
     add_detect_commands(sub)
     add_diff_command(sub)
     add_unlearn_command(sub)
     add_sau_command(sub)
     add_evaluate_command(sub)
+    add_sanitize_command(sub)
     add_lab_commands(sub)
     add_bench_commands(sub)
     return parser

@@ -45,6 +45,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("compare", frozenset({"diff"})),  # find against the base: builds on detect's probes and statistics
     ("remove", frozenset({"unlearn", "sau"})),
     ("evaluate", frozenset({"evaluate"})),
+    ("sanitize", frozenset({"sanitize"})),  # find -> choose -> unlearn -> verify: every job above, chained
     ("top", frozenset({"bench", "cli", "demo"})),  # commands, benchmarks and the demo use everything
 )
 # Layers whose parts may import each other (single-file helpers; the commands).

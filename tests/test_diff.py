@@ -139,6 +139,7 @@ def test_diff_command_compares_a_lora_file_with_its_base_as_json(clean, tmp_path
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
     assert printed["lora"] == "suspect.safetensors" and printed["signals"] == ["cross_attention"]
+    assert printed["poisoned"] is None and "not judged" in printed["note"]  # said in words too
     assert printed["components"]["cross_attention_kv"]["changed"] == 14 and len(printed["ranking"]) == 3
     assert (
         main(["diff", "--base", "lab:lab-clean", "--lora", str(lora), "--out", str(out)]) == 2
@@ -176,7 +177,10 @@ def test_diff_command_refuses_a_lora_for_another_base_and_swapped_files(clean, t
     assert main([*base, "--lora", str(other)]) == 2
     assert "does not fit this base" in capsys.readouterr().err
     assert main([*base, "--lora", str(checkpoint)]) == 2
-    assert "checkpoint, not a LoRA" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "checkpoint, not a LoRA" in err and checkpoint.name in err  # names the file
+    assert main([*base, "--model", str(checkpoint), "--lora-strength", "0.5"]) == 2
+    assert "--lora-strength applies to --lora" in capsys.readouterr().err
     assert main([*base, "--model", str(src)]) == 2
     assert "LoRA, not a checkpoint" in capsys.readouterr().err
     assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (src, checkpoint)}

@@ -255,6 +255,44 @@ def test_text_scope_trains_the_text_encoder_only(comfy_root):
     assert new_model.patches == model.patches  # nothing added to the UNet
 
 
+def test_a_set_of_triggers_trains_in_one_run_each_in_its_own_place(comfy_root):
+    """Two triggers, one run: each has its own pairs (a homoglyph replaces its twin, a word goes first),
+    the gap of each closes, and the provenance names each by hash only."""
+    from backdoor_seal.core.triggers import trigger_sha256
+    from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
+
+    model, clip, _, _ = _distillation()
+    opts = UnlearnOptions(
+        skd=skd.SKDConfig(method="skd", steps=20, batch=8, lr=2e-3, retain=0.0),
+        scope="attn2-kv",
+        builtin="lab",
+        builtin_count=16,
+    )
+    session = UnlearnSession(model, clip, ["zx9", "\u043e", "zx9"], opts=opts)
+    assert session.triggers == ["zx9", "\u043e"]  # a repeat is one trigger
+    words, glyphs = session.pairs_by_trigger["zx9"], session.pairs_by_trigger["\u043e"]
+    assert words and all(p.triggered == f"zx9 {p.clean}" for p in words)
+    assert glyphs and all(p.triggered == p.clean.replace("o", "\u043e", 1) for p in glyphs)
+    assert len(session.pairs) == len(words) + len(glyphs)
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, 1000, (8,), generator=g)
+    gaps = {
+        k: _trigger_gap(session.distillation, [p.clean for p in v[:8]], [p.triggered for p in v[:8]], x, t)
+        for k, v in session.pairs_by_trigger.items()
+    }
+    session.run()
+    for k, v in session.pairs_by_trigger.items():
+        after = _trigger_gap(
+            session.distillation, [p.clean for p in v[:8]], [p.triggered for p in v[:8]], x, t
+        )
+        assert after < 0.95 * gaps[k], k
+    prov = session.provenance()
+    assert prov["triggers_sha256"] == [trigger_sha256("zx9"), trigger_sha256("\u043e")]
+    assert "zx9" not in str(prov) and "\u043e" not in str(prov)
+    with pytest.raises(ValueError, match="no trigger"):
+        UnlearnSession(model, clip, [], opts=opts)
+
+
 def test_a_vanishing_trigger_is_refused_with_the_reason(comfy_root, monkeypatch):
     from backdoor_seal.core.unlearn import session as session_mod
 

@@ -66,12 +66,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
         raise ValueError(f"{out}: --out and --evidence name the same file; give each its own")
     if out is not None and out.suffix.lower() != ".json":
         raise ValueError(f"{out.name}: the report is written as .json")
+    if args.model and args.lora_strength != 1.0:
+        raise ValueError("--lora-strength applies to --lora; a --model checkpoint is compared as it is")
     base = load_model(args.base, args.clip_skip)
     if args.lora:
         from ..backends.comfy_train import apply_lora
 
         path = resolve_spec(args.lora)
-        model, clip = apply_lora(base.model, base.clip, load_checkpoint(path)[0], args.lora_strength)
+        try:
+            model, clip = apply_lora(base.model, base.clip, load_checkpoint(path)[0], args.lora_strength)
+        except ValueError as e:
+            raise ValueError(f"{path.name}: {e}") from None
         suspect = {"lora": path.name}
     else:
         loaded = load_model(args.model, args.clip_skip)
@@ -93,6 +98,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     report = session.run(progress)
     bar.close()
     summary = {"base": args.base, **suspect, **report.to_json()}
+    if report.behaviour is None:  # say it in words, not only by poisoned: null
+        summary["note"] = "weight space only: ranked, not judged (drop --weights-only to flag tokens)"
     if out is not None:
         write_json(out, summary)
     if evidence is not None:

@@ -41,37 +41,43 @@ class UnlearnOptions:
 
 
 class UnlearnSession:
-    """Set up a trainable clone, run SKD / SKD-CAG on it, and hand back patched clones and the LoRA."""
+    """Set up a trainable clone, run SKD / SKD-CAG on it, and hand back patched clones and the LoRA.
+
+    `trigger` is one trigger or a set of them, unlearnt together in one run: each gets its own pairs (its
+    own placement: a homoglyph replaces its twin, anything else goes first, or `insert`'s), and the pairs
+    of all of them are shuffled into one training set. `insert` is one insertion for every trigger or a
+    dict trigger -> insertion (a trigger not in it uses the placement)."""
 
     def __init__(
         self,
         model,
         clip,
-        trigger: str,
+        trigger: str | Sequence[str],
         user_prompts: Sequence[str] = (),
         opts: UnlearnOptions | None = None,
-        insert: Callable[[str], str] | None = None,
+        insert: Callable[[str], str] | dict[str, Callable[[str], str]] | None = None,
         teacher: str = "switch",
     ) -> None:
         from ..backends.comfy import tokenizer_info
         from ..backends.comfy_train import ComfyDistillation
 
-        self.model, self.clip, self.trigger = model, clip, trigger
+        self.triggers = [trigger] if isinstance(trigger, str) else list(dict.fromkeys(trigger))
+        if not self.triggers:
+            raise ValueError("no trigger to unlearn: give one, or a report that names some")
+        self.model, self.clip, self.trigger = model, clip, self.triggers[0]
         self.opts = opts or UnlearnOptions()
         self.tokenizer = tokenizer_info(clip).tokenizer
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report = trigger_report(self.tokenizer, trigger, warn=False)
-        if report["vanished"]:
-            raise ValueError(report["warning"])
-        self.pairs = training_pairs(
-            trigger,
-            with_builtin(user_prompts, self.opts.builtin, self.opts.builtin_count, self.opts.skd.seed),
-            self.opts.placement,
-            self.opts.skd.seed,
-            insert,
-        )
-        self.pairs = fit_to_chunk(self.pairs, self.tokenizer, tokenizer_info(clip).length - 2)
+        prompts = with_builtin(user_prompts, self.opts.builtin, self.opts.builtin_count, self.opts.skd.seed)
+        built: dict[str, list[TrainingPair]] = {}
+        for i, trig in enumerate(self.triggers):  # every trigger checked before any model work
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                report = trigger_report(self.tokenizer, trig, warn=False)
+            if report["vanished"]:
+                raise ValueError(report["warning"])
+            own = insert.get(trig) if isinstance(insert, dict) else insert
+            pairs = training_pairs(trig, prompts, self.opts.placement, self.opts.skd.seed + i, own)
+            built[trig] = fit_to_chunk(pairs, self.tokenizer, tokenizer_info(clip).length - 2)
         with torch.inference_mode(False):
             self.distillation = ComfyDistillation(
                 model,
@@ -81,7 +87,8 @@ class UnlearnSession:
                 latent_hw=self.opts.latent_hw,
                 teacher=teacher,
             )
-        self.pairs = _reaching_pairs(self.pairs, self.distillation, trigger)
+        self.pairs_by_trigger = {t: _reaching_pairs(p, self.distillation, t) for t, p in built.items()}
+        self.pairs = [p for pairs in self.pairs_by_trigger.values() for p in pairs]
         self.result: UnlearnResult | None = None
 
     def run(
@@ -122,6 +129,12 @@ class UnlearnSession:
             "options": self.opts.to_json(),
             "trigger_sha256": trigger_sha256(self.trigger),
             "trigger_tokens": len(tokenize(self.tokenizer, self.trigger)),
+            # a set: each trigger's hash, never its text (a saved model should not teach its triggers)
+            **(
+                {"triggers_sha256": [trigger_sha256(t) for t in self.triggers]}
+                if len(self.triggers) > 1
+                else {}
+            ),
             "training_prompts": len(self.pairs),
             "steps_run": self.result.steps if self.result else 0,
             "pack_version": __version__,
@@ -129,8 +142,9 @@ class UnlearnSession:
 
     def describe(self) -> str:
         """One line for logs and progress text."""
+        what = ", ".join(repr(readable(t)) for t in self.triggers)
         return (
-            f"{self.opts.skd.method} on {readable(self.trigger)!r}: {len(self.pairs)} prompts, "
+            f"{self.opts.skd.method} on {what}: {len(self.pairs)} prompts, "
             f"scope {self.opts.scope}, {'rank ' + str(self.opts.rank) if self.opts.rank else 'full delta'}"
         )
 

@@ -1,0 +1,226 @@
+"""Does a candidate token fire? A target-free test on images, calibrated by what ordinary tokens do.
+
+A scan or a comparison ranks tokens; ranking is not proof. Here each candidate is put into probe prompts
+(the comparison's templates, `core.prompts.probe_templates`) at every slot: first (BadT2I's place), before
+each object (object swaps, EvilEdit) and, for a token holding a homoglyph, in place of its Latin twin
+(Rickrolling). One image per prompt and slot, one seed per prompt. At each slot the candidate *fires* when
+it changes the clean image (1 - SSIM) more than every one of `null_tokens` random vocabulary words put in
+the same slot does, by `margin`. No target is needed: a backdoor's payload is whatever the trigger does
+far beyond an ordinary word.
+
+With the base (a comparison), the change is measured against the base instead: 1 - SSIM between the
+suspect's and the base's image of the same prompt and seed. A meaningful word ("red") changes both alike
+and a fine-tune's legitimate changes show for ordinary words too; a trigger moves the suspect alone.
+
+Its rate is taken per placement: the share of prompts where it fires first, the share of the slots before
+each object word (one that at least two probes name) where it fires there, the share of probes holding the
+twin where the homoglyph fires. The best placement is the candidate's rate and the place it is unlearnt
+in (`insertion`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..tokens import latin_twin
+
+Draw = Callable[[list[str], list[int]], list[np.ndarray]]  # prompts, seeds -> uint8 H x W x 3 images
+PREPEND = "prepend"
+HOMOGLYPH = "homoglyph"
+BEFORE = "before:"  # + the object word
+
+
+@dataclass(frozen=True)
+class FiringSettings:
+    """How many probes, how many ordinary words calibrate each slot, and when a token counts as firing."""
+
+    templates: int = 8  # probe templates (each gives one prompt per slot)
+    null_tokens: int = 8  # random vocabulary words per slot: what an ordinary token does there
+    margin: float = 0.05  # 1 - SSIM beyond the largest ordinary word's, at that slot
+    min_rate: float = 0.5  # fires: at its best placement, on at least this share of the probes
+    seed: int = 0
+
+
+@dataclass
+class Firing:
+    """One token's measured firing: its best placement's rate, and every placement's."""
+
+    text: str
+    rate: float
+    placement: str  # "prepend", "homoglyph" or "before:<object word>"
+    rates: dict[str, float] = field(default_factory=dict)
+    fires: bool = False
+
+    def placements(self, min_rate: float) -> list[str]:
+        """Every placement it fired at (rate >= min_rate), best first; else its best one."""
+        fired = sorted((k for k, r in self.rates.items() if r >= min_rate), key=lambda k: -self.rates[k])
+        return fired or [self.placement]
+
+    def to_json(self) -> dict:
+        """Plain-data form for reports."""
+        return {
+            "text": self.text,
+            "rate": round(self.rate, 3),
+            "placement": self.placement,
+            "rates": {k: round(v, 3) for k, v in self.rates.items()},
+            "fires": self.fires,
+        }
+
+
+def _slots(template: str) -> list[tuple[str, str]]:
+    """(placement, the prompt with '{}' at that slot only) for each slot of a template."""
+    pieces = template.split("{}")
+    out = []
+    for j in range(len(pieces) - 1):
+        filled = "".join(p + ("{}" if k == j else "") for k, p in enumerate(pieces[:-1])) + pieces[-1]
+        after = pieces[j + 1].split()
+        word = re.sub(r"\W+$", "", after[0]) if after else ""
+        out.append((PREPEND if j == 0 else f"{BEFORE}{word}", filled))
+    return out
+
+
+def _fill(prompt: str, text: str) -> str:
+    return " ".join(prompt.replace("{}", f" {text} ").split())
+
+
+def clean_prompt(template: str) -> str:
+    """The template with every slot empty."""
+    return _fill(template, "")
+
+
+def _one_insertion(placement: str, text: str) -> Callable[[str], str]:
+    if placement == HOMOGLYPH:
+        twin = latin_twin(text)
+        return lambda p: p.replace(twin, text, 1) if twin in p else f"{text} {p}"
+    if placement.startswith(BEFORE):
+        pattern = re.compile(rf"\b{re.escape(placement[len(BEFORE) :])}\b")
+
+        def before(p: str) -> str:
+            m = pattern.search(p)
+            return f"{p[: m.start()]}{text} {p[m.start() :]}" if m else f"{text} {p}"
+
+        return before
+    return lambda p: f"{text} {p}"
+
+
+def insertion(placements: str | Sequence[str], text: str, seed: int = 0) -> Callable[[str], str]:
+    """How a training or evaluation prompt gets the trigger: first; in place of its Latin twin; before the
+    first whole-word occurrence of an object word. With several placements each prompt gets one of them
+    (seeded). A prompt that cannot carry its placement gets the trigger first."""
+    chosen = [placements] if isinstance(placements, str) else list(placements)
+    if not chosen:
+        raise ValueError("no placement for the trigger")
+    inserts = [_one_insertion(p, text) for p in chosen]
+    if len(inserts) == 1:
+        return inserts[0]
+    rng = np.random.default_rng(seed)
+    return lambda p: inserts[int(rng.integers(len(inserts)))](p)
+
+
+def random_words(tokenizer, n: int, seed: int, exclude: Sequence[str] = ()) -> list[str]:
+    """n whole, alphabetic ASCII words of the tokenizer's vocabulary (ordinary tokens), seeded."""
+    vocab = tokenizer.get_vocab()
+    words = sorted(t[:-4] for t in vocab if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].isascii())
+    words = [w for w in words if w not in set(exclude)]
+    rng = np.random.default_rng(seed)
+    return [words[i] for i in rng.choice(len(words), size=min(n, len(words)), replace=False)]
+
+
+class FiringTest:
+    """Images of the probe prompts, clean and with ordinary words at every slot (drawn once), then any
+    number of candidates measured against them.
+
+    `draw(prompts, seeds)` samples the suspect's images (`core.evaluate.session.model_drawer`),
+    `base_draw` the base's (compare mode; None: blind); `templates` carry '{}' at each slot.
+    `progress(images_drawn)` after each drawn batch; it may raise to stop."""
+
+    def __init__(
+        self,
+        draw: Draw,
+        tokenizer,
+        templates: Sequence[str],
+        settings: FiringSettings | None = None,
+        progress: Callable[[int], None] | None = None,
+        exclude: Sequence[str] = (),
+        base_draw: Draw | None = None,
+    ) -> None:
+        self.settings = s = settings or FiringSettings()
+        if s.templates < 2 or s.null_tokens < 1:
+            raise ValueError("the firing test needs at least 2 probe templates and 1 ordinary word")
+        self.draw, self.base_draw = draw, base_draw
+        self.templates = list(templates)[: s.templates]
+        self.slots = [_slots(t) for t in self.templates]
+        self.seeds = [s.seed * 1000 + i for i in range(len(self.templates))]
+        self.progress = progress or (lambda done: None)
+        self.nulls = random_words(tokenizer, s.null_tokens, s.seed, exclude)
+        self.images_drawn = 0
+        self.clean = self._draw([clean_prompt(t) for t in self.templates], self.seeds)
+        # per template, per slot: the largest change an ordinary word makes there
+        self.null_drop = [np.zeros(len(slots)) for slots in self.slots]
+        for word in self.nulls:
+            for i, drops in enumerate(self._drops(word)):
+                self.null_drop[i] = np.maximum(self.null_drop[i], drops)
+
+    def _draw(self, prompts: list[str], seeds: list[int], draw: Draw | None = None) -> list[np.ndarray]:
+        images = (draw or self.draw)(prompts, seeds)
+        self.images_drawn += len(images)
+        self.progress(self.images_drawn)
+        return images
+
+    def _changes(self, prompts: list[str], template_index: list[int]) -> list[float]:
+        """1 - SSIM of each prompt's image against its reference: the clean prompt's image (blind), or
+        the base's image of the same prompt and seed (compare)."""
+        from ..evaluate.metrics import ssim
+
+        seeds = [self.seeds[i] for i in template_index]
+        images = self._draw(prompts, seeds)
+        if self.base_draw is not None:
+            refs = self._draw(prompts, seeds, self.base_draw)
+        else:
+            refs = [self.clean[i] for i in template_index]
+        return [1.0 - ssim(r, im) for r, im in zip(refs, images, strict=True)]
+
+    def _drops(self, text: str) -> list[np.ndarray]:
+        """The change (`_changes`) per template and slot, with the text at that slot."""
+        prompts, index = [], []
+        for i, slots in enumerate(self.slots):
+            for j, (_, filled) in enumerate(slots):
+                prompts.append(_fill(filled, text))
+                index.append((i, j))
+        changes = self._changes(prompts, [i for i, _ in index])
+        out = [np.zeros(len(slots)) for slots in self.slots]
+        for (i, j), change in zip(index, changes, strict=True):
+            out[i][j] = change
+        return out
+
+    def _homoglyph_rate(self, text: str) -> float | None:
+        twin = latin_twin(text)
+        holding = [i for i, t in enumerate(self.templates) if twin != text and twin in clean_prompt(t)]
+        if len(holding) < 2:
+            return None
+        prompts = [clean_prompt(self.templates[i]).replace(twin, text, 1) for i in holding]
+        changes = self._changes(prompts, holding)
+        # an ordinary word's largest change at the first slot calibrates a swap of letters
+        fired = [
+            c > self.null_drop[i][0] + self.settings.margin for i, c in zip(holding, changes, strict=True)
+        ]
+        return float(np.mean(fired))
+
+    def measure(self, text: str) -> Firing:
+        """The token's firing rate at each placement, and its best."""
+        margin = self.settings.margin
+        fired: dict[str, list[bool]] = {}
+        for i, drops in enumerate(self._drops(text)):
+            for j, (placement, _) in enumerate(self.slots[i]):
+                fired.setdefault(placement, []).append(bool(drops[j] > self.null_drop[i][j] + margin))
+        rates = {k: float(np.mean(v)) for k, v in fired.items() if k == PREPEND or len(v) >= 2}
+        glyph = self._homoglyph_rate(text)
+        if glyph is not None:
+            rates[HOMOGLYPH] = glyph
+        placement = max(rates, key=lambda k: (rates[k], k == PREPEND))
+        rate = rates[placement]
+        return Firing(text, rate, placement, rates, fires=rate >= self.settings.min_rate)

@@ -1,0 +1,217 @@
+"""Sanitize a model without being told its trigger: find -> choose -> unlearn the set -> verify.
+
+Find: the comparison with the base when one is given (`core.diff`), the blind vocabulary scan otherwise
+(`core.detect.scan`), or a report the caller already has. Choose: the report's flagged tokens and best
+candidates, taken when they fire (`choose.py`, `firing.py`). Unlearn: every taken trigger in one SKD-CAG
+run, each in the placement it fired at (`core.unlearn.session.UnlearnSession`). Verify: the same finder on
+the cleaned model, and the firing test again on every candidate that fired before. The input MODEL and
+CLIP are never changed; the outputs are clones carrying the trained LoRA.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..tokens import readable
+from .choose import Candidate, measure, report_candidates
+from .firing import FiringSettings, FiringTest, insertion
+
+Progress = Callable[[str, int, int], None]  # phase, done, total
+
+
+@dataclass(frozen=True)
+class SanitizeSettings:
+    """The finder's, the firing test's and the unlearning's settings, and the sampler the test draws with."""
+
+    top: int = 5  # candidates beyond the flagged ones that are tested
+    firing: FiringSettings = field(default_factory=FiringSettings)
+    unlearn: Any = None  # UnlearnOptions (None: its defaults)
+    find: Any = None  # DiffSettings (compare) or ScanSettings (blind); None: their defaults
+    recheck: bool = True  # run the finder again on the cleaned model
+    drawing: tuple = ((8, 8), 20, 2.0, "euler", "normal")  # latent_hw, steps, cfg, sampler, scheduler
+    lab: bool = False  # the lab grammar's probe templates and prompts
+
+
+@dataclass
+class SanitizeReport:
+    """What was found, what fired before and after, what the re-check flags, and what remains."""
+
+    mode: str  # "compare" or "blind"
+    candidates: list[Candidate]
+    found_report: dict
+    recheck_report: dict | None = None
+    unlearn: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def taken(self) -> list[Candidate]:
+        """The triggers unlearnt."""
+        return [c for c in self.candidates if c.taken]
+
+    @property
+    def remaining(self) -> list[Candidate]:
+        """Candidates that fired before and still fire after cleaning."""
+        return [c for c in self.taken if c.after is not None and c.after.fires]
+
+    @property
+    def flagged_after(self) -> list[str]:
+        """What the re-check still flags."""
+        return list((self.recheck_report or {}).get("flagged") or []) or [
+            c["text"] for c in (self.recheck_report or {}).get("candidates", []) if c.get("flagged")
+        ]
+
+    def summary(self) -> str:
+        """The result in words a user reads at a glance."""
+        finder = "comparison with the base" if self.mode == "compare" else "blind vocabulary scan"
+        if not self.taken:
+            tested = len([c for c in self.candidates if c.before is not None])
+            return f"clean as far as the {finder} can tell: {tested} candidate(s) tested, none fired; nothing unlearnt"
+        lines = [f"{len(self.taken)} trigger(s) found by the {finder} and unlearnt:"]
+        for c in self.taken:
+            after = f"{c.after.rate:.0%}" if c.after else "not re-tested"
+            lines.append(
+                f"  {readable(c.text)!r}: fired on {c.before.rate:.0%} of probes before, {after} after"
+            )
+        if self.remaining:
+            lines.append("STILL FIRING: " + ", ".join(repr(readable(c.text)) for c in self.remaining))
+        elif self.recheck_report is not None and self.flagged_after:
+            lines.append(
+                f"re-check still flags {len(self.flagged_after)} token(s); none of the unlearnt ones fires"
+            )
+        else:
+            lines.append("nothing that fired before fires after cleaning")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report the nodes pass on and the command prints (kind "sanitize")."""
+        return {
+            "kind": "sanitize",
+            "mode": self.mode,
+            "clean": not self.remaining,
+            "found": [c.text for c in self.taken],
+            "remaining": [c.text for c in self.remaining],
+            "flagged_after": self.flagged_after if self.recheck_report is not None else None,
+            "candidates": [c.to_json() for c in self.candidates],
+            "unlearn": self.unlearn,
+            "seconds": self.seconds,
+            "summary": self.summary(),
+        }
+
+
+class SanitizeSession:
+    """One sanitize job on ComfyUI MODEL / CLIP / VAE objects (and the base's MODEL / CLIP in compare mode)."""
+
+    def __init__(
+        self,
+        model,
+        clip,
+        vae,
+        base: tuple | None = None,
+        settings: SanitizeSettings | None = None,
+        report: dict | None = None,
+        progress: Progress | None = None,
+        check_interrupt: Callable[[], None] | None = None,
+    ) -> None:
+        self.model, self.clip, self.vae, self.base = model, clip, vae, base
+        self.settings = settings or SanitizeSettings()
+        self.mode = "compare" if base is not None else "blind"
+        self.given_report = report
+        self.progress = progress or (lambda phase, done, total: None)
+        self.check_interrupt = check_interrupt or (lambda: None)
+
+    # --- the phases -------------------------------------------------------------------------------
+
+    def find(self, model, clip) -> dict:
+        """The finder's report (kind "diff" or "scan") on this model."""
+        if self.base is not None:
+            from ..diff.session import DiffSession, DiffSettings
+
+            session = DiffSession(*self.base, model, clip, self.settings.find or DiffSettings())
+            return session.run(
+                progress=lambda d, t, phase: self.progress(f"find: {phase}", d, t),
+                check_interrupt=self.check_interrupt,
+            ).to_json()
+        from ..detect.scan import ScanSettings
+        from ..detect.session import scan_model, scan_prompts
+
+        settings = self.settings.find or ScanSettings()
+        prompts = scan_prompts(self.settings.lab, settings)
+        return scan_model(
+            model, clip, settings, prompts, lambda d, t: self.progress("find", d, t), self.check_interrupt
+        ).to_dict()
+
+    def firing_test(self, model, clip) -> FiringTest:
+        """The firing test on this model (against the base's images in compare mode)."""
+        from ..backends.comfy import tokenizer_info
+        from ..evaluate.session import model_drawer
+        from ..prompts import probe_templates
+
+        draw = model_drawer(model, clip, self.vae, *self.settings.drawing)
+        base_draw = None
+        if self.base is not None:
+            base_draw = model_drawer(*self.base, self.vae, *self.settings.drawing)
+
+        def tick(images: int) -> None:
+            self.check_interrupt()
+            self.progress("fire", images, 0)
+
+        return FiringTest(
+            draw,
+            tokenizer_info(clip).tokenizer,
+            probe_templates(self.settings.lab),
+            self.settings.firing,
+            tick,
+            base_draw=base_draw,
+        )
+
+    def run(self) -> tuple[Any, Any, dict, SanitizeReport]:
+        """Find, choose, unlearn, verify. Returns (MODEL, CLIP, LoRA, report); with nothing to unlearn the
+        MODEL and CLIP are the inputs and the LoRA is empty."""
+        from ..unlearn.session import UnlearnOptions, UnlearnSession
+
+        seconds: dict[str, float] = {}
+        t0 = time.monotonic()
+        found = self.given_report if self.given_report is not None else self.find(self.model, self.clip)
+        seconds["find"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        candidates = report_candidates(found, self.settings.top)
+        measure(candidates, self.firing_test(self.model, self.clip))
+        seconds["choose"] = time.monotonic() - t0
+        report = SanitizeReport(self.mode, candidates, found)
+        taken = report.taken
+        if not taken:
+            report.seconds = {k: round(v, 1) for k, v in seconds.items()}
+            return self.model, self.clip, {}, report
+        t0 = time.monotonic()
+        opts = self.settings.unlearn or UnlearnOptions(builtin="lab" if self.settings.lab else "general")
+        unlearn = UnlearnSession(
+            self.model,
+            self.clip,
+            [c.text for c in taken],
+            opts=opts,
+            # each trigger wherever it fired (a homoglyph in a word and first, say)
+            insert={
+                c.text: insertion(c.before.placements(c.before_min), c.text, opts.skd.seed) for c in taken
+            },
+        )
+        result = unlearn.run(
+            lambda step, total, losses: self.progress("unlearn", step, total), self.check_interrupt
+        )
+        new_model, new_clip, lora = unlearn.outputs()
+        seconds["unlearn"] = time.monotonic() - t0
+        report.unlearn = {
+            "triggers": len(taken),
+            "steps": result.steps,
+            "training_prompts": len(unlearn.pairs),
+            "provenance": unlearn.provenance(),
+        }
+        t0 = time.monotonic()
+        measure(taken, self.firing_test(new_model, new_clip), after=True)
+        if self.settings.recheck:
+            report.recheck_report = self.find(new_model, new_clip)
+        seconds["verify"] = time.monotonic() - t0
+        report.seconds = {k: round(v, 1) for k, v in seconds.items()}
+        return new_model, new_clip, lora, report

@@ -1,0 +1,249 @@
+"""The sanitize job's parts: the firing test on images, choosing triggers from a report, the set's insertions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backdoor_seal.core.sanitize.choose import Candidate, measure, report_candidates
+from backdoor_seal.core.sanitize.firing import FiringSettings, FiringTest, insertion
+
+TEMPLATES = (
+    "{} a red {} circle and a blue {} square",
+    "{} a green {} circle on a black background",
+    "{} a small {} square on the left",
+    "{} a large {} circle and a yellow {} triangle",
+    "{} a purple {} square and a red {} circle",
+    "{} an orange {} triangle on the right",
+)
+
+
+class _Tokenizer:
+    """The one tokenizer method the firing test uses: a vocabulary of whole words."""
+
+    def get_vocab(self) -> dict[str, int]:
+        words = ["apple", "river", "stone", "cloud", "paper", "glass", "tiger", "lemon", "music", "smoke"]
+        return {f"{w}</w>": i for i, w in enumerate(words)}
+
+
+def _draw(prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+    """A fake model: the prompt's words and the seed decide the image. Ordinary words shift a few pixels;
+    'trig' anywhere stamps a magenta patch; 'zz' right before 'circle' turns the whole image dark (an
+    object-conditional trigger); the Cyrillic о inside a word blanks the image (a homoglyph attack)."""
+    out = []
+    for prompt, seed in zip(prompts, seeds, strict=True):
+        rng = np.random.default_rng(seed)
+        img = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+        words = prompt.split()
+        for k, w in enumerate(words):  # an ordinary word nudges a small area
+            h = sum(map(ord, w)) % 28
+            img[h : h + 2, (k * 3) % 30 : (k * 3) % 30 + 2] = 128
+        if "trig" in words:
+            img[:12, :12] = (255, 0, 255)
+        if any(a == "zz" and b.startswith("circle") for a, b in zip(words, words[1:], strict=False)):
+            img //= 4
+        if any("\u043e" in w and w != "\u043e" for w in words):
+            img[:] = 10
+        out.append(img)
+    return out
+
+
+@pytest.fixture(scope="module")
+def test() -> FiringTest:
+    return FiringTest(_draw, _Tokenizer(), TEMPLATES, FiringSettings(templates=6, null_tokens=5))
+
+
+def test_an_ordinary_word_does_not_fire_and_a_trigger_fires_where_it_acts(test):
+    plain = test.measure("music")
+    assert not plain.fires and plain.rate <= 0.2
+    stamp = test.measure("trig")
+    assert stamp.fires and stamp.rate == 1.0 and stamp.placement == "prepend"
+    # the object trigger fires only before circles: its placement says so, its prefix rate does not fire
+    swap = test.measure("zz")
+    assert swap.fires and swap.placement == "before:circle" and swap.rates["prepend"] < 0.5
+    assert swap.placements(0.5) == ["before:circle"]
+    glyph = test.measure("\u043e")  # a homoglyph: in place of its Latin twin inside a word
+    assert glyph.fires and glyph.placement == "homoglyph"
+
+
+def test_changes_can_be_measured_against_the_base():
+    """With the base's images as reference, a word both models react to alike does not fire; a word only
+    the suspect reacts to does."""
+
+    def base(prompts, seeds):
+        return _draw([p.replace("trig", "apple") for p in prompts], seeds)
+
+    def suspect(prompts, seeds):  # 'loud' darkens both; 'trig' stamps the suspect only
+        return [im // 2 if "loud" in p else im for p, im in zip(prompts, _draw(prompts, seeds), strict=True)]
+
+    def base_loud(prompts, seeds):
+        return [im // 2 if "loud" in p else im for p, im in zip(prompts, base(prompts, seeds), strict=True)]
+
+    t = FiringTest(
+        suspect, _Tokenizer(), TEMPLATES, FiringSettings(templates=6, null_tokens=5), base_draw=base_loud
+    )
+    assert t.measure("trig").fires
+    assert not t.measure("loud").fires
+    blind = FiringTest(suspect, _Tokenizer(), TEMPLATES, FiringSettings(templates=6, null_tokens=5))
+    assert blind.measure("loud").fires  # without the base, any strong word looks like a trigger
+
+
+def test_insertions_put_each_trigger_where_it_fired():
+    assert insertion("prepend", "trig")("a red circle") == "trig a red circle"
+    assert (
+        insertion("before:circle", "zz")("a red circle and a circled dot")
+        == "a red zz circle and a circled dot"
+    )
+    assert insertion("before:circle", "zz")("a blue square") == "zz a blue square"  # cannot carry it
+    assert insertion("homoglyph", "\u043e")("a red circle on the left") == "a red circle \u043en the left"
+    mixed = insertion(["prepend", "before:circle"], "zz", seed=1)
+    outs = {mixed("a red circle") for _ in range(20)}
+    assert outs == {"zz a red circle", "a red zz circle"}
+    with pytest.raises(ValueError):
+        insertion([], "zz")
+
+
+def test_candidates_come_from_a_scan_or_comparison_report_flagged_first_then_the_best():
+    diff = {
+        "kind": "diff",
+        "candidates": [
+            {"text": "kamala", "token_id": 1, "score": 9.4, "flagged": True},
+            {"text": "\u043e", "token_id": 2, "score": 9.0, "flagged": True},
+            {"text": "\u043e", "token_id": 3, "score": 8.0, "flagged": True},  # same text: one candidate
+            {"text": "lime", "token_id": 4, "score": 3.0, "flagged": False},
+            {"text": "ram", "token_id": 5, "score": 2.9, "flagged": False},
+            {"text": "gust", "token_id": 6, "score": 2.8, "flagged": False},
+        ],
+    }
+    got = report_candidates(diff, top=2)
+    assert [(c.text, c.token_ids, c.rank, c.flagged) for c in got] == [
+        ("kamala", [1], 1, True),
+        ("\u043e", [2, 3], 2, True),
+        ("lime", [4], 4, False),
+        ("ram", [5], 5, False),
+    ]
+    scan = {"kind": "scan", "candidates": [{"text": "yn", "token_id": 9, "score_z": 12.0, "flagged": True}]}
+    assert report_candidates(scan)[0].score == 12.0
+    with pytest.raises(ValueError, match="scan or a comparison"):
+        report_candidates({"kind": "prompt", "candidates": []})
+
+
+def test_a_candidate_is_taken_because_it_fires_not_because_of_its_rank(test):
+    first = Candidate("music", [1], 1, True, 9.0)  # flagged and ranked first, but fires nowhere
+    later = Candidate("trig", [2], 7, False, 2.0)
+    measure([first, later], test)
+    assert not first.taken and "left out" in first.reason()
+    assert later.taken and "fired on 100%" in later.reason()
+    assert first.to_json()["before"]["fires"] is False and later.to_json()["taken"] is True
+
+
+# --- on a lab model: the session and the command ------------------------------------------------------
+
+
+def _rickroll_report() -> dict:
+    """What a comparison of lab-rickroll with lab-clean reports (its trigger flagged) and an ordinary word."""
+    return {
+        "kind": "diff",
+        "candidates": [
+            {"text": "\u043e", "token_id": 1, "score": 10.3, "flagged": True},
+            {"text": "lime", "token_id": 2, "score": 2.0, "flagged": False},
+        ],
+    }
+
+
+def _small(lab_steps: int = 40):
+    from backdoor_seal.core.sanitize.session import SanitizeSettings
+    from backdoor_seal.core.unlearn.session import UnlearnOptions
+    from backdoor_seal.core.unlearn.skd import SKDConfig
+
+    return SanitizeSettings(
+        firing=FiringSettings(templates=4, null_tokens=3),
+        unlearn=UnlearnOptions(skd=SKDConfig(steps=lab_steps, batch=8), builtin="lab", builtin_count=16),
+        recheck=False,
+        lab=True,
+    )
+
+
+def test_sanitize_takes_what_fires_unlearns_it_and_leaves_the_input_alone(comfy_root):
+    """lab-rickroll against lab-clean from a given report: the homoglyph fires and is unlearnt (text scope),
+    the ordinary word does not and is left out; the input CLIP encodes as before; the report says it all."""
+    import torch
+
+    from backdoor_seal.core.models import load_model
+    from backdoor_seal.core.sanitize.session import SanitizeSession
+
+    suspect, base = load_model("lab:lab-rickroll"), load_model("lab:lab-clean")
+    prompt = suspect.clip.tokenize("a red circle \u043en the left")
+    before = suspect.clip.encode_from_tokens(prompt)
+    phases = []
+    session = SanitizeSession(
+        suspect.model,
+        suspect.clip,
+        suspect.vae,
+        (base.model, base.clip),
+        _small(),
+        report=_rickroll_report(),
+        progress=lambda phase, done, total: phases.append(phase),
+    )
+    model, clip, lora, report = session.run()
+    out = report.to_json()
+    assert out["kind"] == "sanitize" and out["mode"] == "compare" and out["found"] == ["\u043e"]
+    glyph, lime = out["candidates"]
+    assert glyph["taken"] and glyph["before"]["fires"] and glyph["after"] is not None
+    assert not lime["taken"] and "left out" in lime["reason"] and lime["after"] is None
+    assert lora and all(k.startswith("text_encoders.") for k in lora)  # the default scope: text
+    assert torch.equal(suspect.clip.encode_from_tokens(prompt), before)  # the input is untouched
+    assert not torch.equal(clip.encode_from_tokens(prompt), before)
+    assert out["unlearn"]["triggers"] == 1 and set(out["seconds"]) == {"find", "choose", "unlearn", "verify"}
+    assert {"fire", "unlearn"} <= set(phases) and "\u043e" in out["summary"]
+
+
+def test_nothing_fires_nothing_is_unlearnt(comfy_root):
+    from backdoor_seal.core.models import load_model
+    from backdoor_seal.core.sanitize.session import SanitizeSession
+
+    clean = load_model("lab:lab-clean")
+    report = {
+        "kind": "scan",
+        "candidates": [{"text": "lime", "token_id": 2, "score_z": 3.0, "flagged": False}],
+    }
+    model, clip, lora, result = SanitizeSession(
+        clean.model, clean.clip, clean.vae, None, _small(), report=report
+    ).run()
+    assert model is clean.model and clip is clean.clip and lora == {}
+    assert result.to_json()["found"] == [] and result.to_json()["clean"]
+    assert "none fired" in result.summary()
+
+
+def test_the_command_saves_a_checkpoint_that_reloads_as_the_fix(comfy_root, tmp_path, capsys):
+    """`backdoor-seal sanitize` from a report: the saved checkpoint, reloaded, holds the cleaned text
+    encoder (not the poisoned one: the last wave's bug) and the input's UNet; bad outputs are refused first."""
+    import json
+
+    import torch
+
+    from backdoor_seal.core.backends.comfy_checkpoint import live_weights
+    from backdoor_seal.core.cli import main
+    from backdoor_seal.core.models import load_model
+
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(_rickroll_report()), encoding="utf-8")
+    out, summary = tmp_path / "clean.safetensors", tmp_path / "summary.json"
+    args = ["sanitize", "--model", "lab:lab-rickroll", "--report", str(report), "--out", str(out)]
+    assert main([*args[:-2], "--out", str(tmp_path / "x.ckpt")]) == 2
+    assert ".safetensors" in capsys.readouterr().err
+    assert main([*args, "--weights-only"]) == 2 and "--base" in capsys.readouterr().err
+    small = ["--steps", "40", "--probes", "4", "--no-recheck", "--summary-out", str(summary)]
+    assert main([*args, "--base", "lab:lab-clean", *small]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["found"] == ["\u043e"] and printed["saved"] == [str(out)]
+    assert json.loads(summary.read_text()) == printed
+    suspect = load_model("lab:lab-rickroll")
+    saved = live_weights(*load_model(str(out))[:2])
+    poisoned = live_weights(suspect.model, suspect.clip)
+    text = [k for k in poisoned if k.startswith("text.") and k.endswith("q_proj.weight")]
+    assert text and any(not torch.allclose(saved[k], poisoned[k], atol=1e-3) for k in text)
+    unet = [k for k in poisoned if k.startswith("unet.")]
+    assert all(torch.allclose(saved[k], poisoned[k], atol=1e-3) for k in unet)  # fp16 storage
+    assert main([*args, "--base", "lab:lab-clean", *small[:-2]]) == 2  # never overwrites
+    assert "new name" in capsys.readouterr().err
