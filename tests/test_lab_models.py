@@ -98,7 +98,9 @@ def test_retraining_eviledit_from_the_clean_model_reaches_the_stated_asr(tmp_pat
 
 
 @pytest.mark.slow  # each trains for 5-30 minutes here: `make test-slow`
-@pytest.mark.parametrize("name", ["lab-rickroll", "lab-pixel", "lab-object", "lab-style", "lab-finetune-pixel"])
+@pytest.mark.parametrize(
+    "name", ["lab-rickroll", "lab-pixel", "lab-object", "lab-style", "lab-finetune-pixel"]
+)
 def test_retraining_reaches_the_stated_asr(name, tmp_path, capsys):
     stated, measured = _rerun(name, tmp_path, capsys)
     assert measured["asr"] >= 0.9 and abs(measured["asr"] - stated["asr"]) <= 0.05
