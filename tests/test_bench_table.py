@@ -206,3 +206,16 @@ def test_lab_loras_table_shows_each_attacks_lora_with_what_it_keeps():
     }
     (row,) = lab_loras_table([{**record, "asr": 0.1}, record]).strip().splitlines()[2:]
     assert row == "| lab-rickroll | 8 | 24 / 44 | 0.86 | 154 | 0.547 (0.906) | 0.828 | 64 |"
+    trained = {  # a LoRA trained as a LoRA: no checkpoint to keep energy or ASR of
+        "lora": "lab_models/loras/lab-villan-lora.safetensors",
+        "source": "trained as a LoRA",
+        "rank": 8,
+        "tensors": 188,
+        "dropped_tensors": 0,
+        "bytes": 956094,
+        "asr": 0.984375,
+        "clean_accuracy": 0.875,
+        "n_prompts": 64,
+    }
+    (row,) = lab_loras_table([trained]).strip().splitlines()[2:]
+    assert row == "| lab-villan-lora (trained as a LoRA) | 8 | 188 / 0 | - | 934 | 0.984 (-) | 0.875 | 64 |"

@@ -170,7 +170,7 @@ def diff_table(records: list[dict]) -> str:
 def lab_loras_table(records: list[dict]) -> str:
     """`lab extract-lora` output (each lab attack as a LoRA, its rank, size and the ASR it keeps) and the
     LoRAs trained as LoRAs (`lab attack --kind villan`: no checkpoint, no energy to keep)."""
-    latest = {Path(r["lora"]).stem: r for r in records}
+    latest = {Path(r["lora"]).stem if r.get("lora") else r["source"]: r for r in records}
     head = (
         "| LoRA of | rank | weights carried / dropped | energy kept (mean) | KB | ASR: LoRA (checkpoint) "
         "| clean accuracy | prompts |\n|---|---|---|---|---|---|---|---|\n"
