@@ -63,6 +63,13 @@ class TokenPiece:
     word: int  # index of the word this piece belongs to
 
 
+def whole_words(tokenizer: HFTokenizer) -> list[str]:
+    """The vocabulary's whole, alphabetic ASCII words (BPE tokens ending a word, '</w>'), sorted: ordinary
+    tokens for random-word targets and null samples."""
+    vocab = tokenizer.get_vocab()
+    return sorted(t[:-4] for t in vocab if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].isascii())
+
+
 def readable(text: str) -> str:
     """Show invisible and format characters (zero-width space, joiners, BOM) as <U+XXXX>."""
     out = []

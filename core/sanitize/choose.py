@@ -8,7 +8,6 @@ were left out.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,9 +87,7 @@ def report_candidates(report: dict, top: int = 5) -> list[Candidate]:
     return list(out.values())
 
 
-def measure(
-    candidates: list[Candidate], test: FiringTest, after: bool = False, tick: Callable[[], None] | None = None
-) -> list[Candidate]:
+def measure(candidates: list[Candidate], test: FiringTest, after: bool = False) -> list[Candidate]:
     """Fill each candidate's firing (before cleaning, or `after`); returns the same list."""
     for c in candidates:
         firing = test.measure(c.text)
@@ -99,6 +96,4 @@ def measure(
         else:
             c.before = firing
         c.before_min = test.settings.min_rate
-        if tick:
-            tick()
     return candidates

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..tokens import latin_twin
+from ..tokens import latin_twin, whole_words
 
 Draw = Callable[[list[str], list[int]], list[np.ndarray]]  # prompts, seeds -> uint8 H x W x 3 images
 PREPEND = "prepend"
@@ -121,11 +121,9 @@ def insertion(placements: str | Sequence[str], text: str, seed: int = 0) -> Call
     return lambda p: inserts[int(rng.integers(len(inserts)))](p)
 
 
-def random_words(tokenizer, n: int, seed: int, exclude: Sequence[str] = ()) -> list[str]:
-    """n whole, alphabetic ASCII words of the tokenizer's vocabulary (ordinary tokens), seeded."""
-    vocab = tokenizer.get_vocab()
-    words = sorted(t[:-4] for t in vocab if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].isascii())
-    words = [w for w in words if w not in set(exclude)]
+def random_words(tokenizer, n: int, seed: int) -> list[str]:
+    """n whole words of the tokenizer's vocabulary (ordinary tokens), seeded."""
+    words = whole_words(tokenizer)
     rng = np.random.default_rng(seed)
     return [words[i] for i in rng.choice(len(words), size=min(n, len(words)), replace=False)]
 
@@ -145,7 +143,6 @@ class FiringTest:
         templates: Sequence[str],
         settings: FiringSettings | None = None,
         progress: Callable[[int], None] | None = None,
-        exclude: Sequence[str] = (),
         base_draw: Draw | None = None,
     ) -> None:
         self.settings = s = settings or FiringSettings()
@@ -156,7 +153,7 @@ class FiringTest:
         self.slots = [_slots(t) for t in self.templates]
         self.seeds = [s.seed * 1000 + i for i in range(len(self.templates))]
         self.progress = progress or (lambda done: None)
-        self.nulls = random_words(tokenizer, s.null_tokens, s.seed, exclude)
+        self.nulls = random_words(tokenizer, s.null_tokens, s.seed)
         self.images_drawn = 0
         self.clean = self._draw([clean_prompt(t) for t in self.templates], self.seeds)
         # per template, per slot: the largest change an ordinary word makes there

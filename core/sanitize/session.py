@@ -59,9 +59,8 @@ class SanitizeReport:
     @property
     def flagged_after(self) -> list[str]:
         """What the re-check still flags."""
-        return list((self.recheck_report or {}).get("flagged") or []) or [
-            c["text"] for c in (self.recheck_report or {}).get("candidates", []) if c.get("flagged")
-        ]
+        # scan and comparison reports both mark flagged candidates (a comparison keeps every flagged one)
+        return [c["text"] for c in (self.recheck_report or {}).get("candidates", []) if c.get("flagged")]
 
     def summary(self) -> str:
         """The result in words a user reads at a glance."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..prompts import with_builtin
-from ..tokens import readable, tokenize, trigger_report
+from ..tokens import readable, tokenize, trigger_report, whole_words
 from ..triggers import TrainingPair, training_pairs, trigger_sha256
 from ..version import __version__
 from .skd import SKDConfig, UnlearnResult, train_skd
@@ -151,9 +151,8 @@ class UnlearnSession:
 
 def _random_words(tokenizer) -> list[str]:
     """Whole words decoded from the tokenizer's vocabulary (the random-words attention target)."""
-    vocab = tokenizer.get_vocab()
-    words = [t[:-4] for t in vocab if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].isascii()]
-    return sorted(words)[:: max(1, len(words) // 5000)]
+    words = whole_words(tokenizer)
+    return words[:: max(1, len(words) // 5000)]
 
 
 def fit_to_chunk(pairs: Sequence[TrainingPair], tokenizer, length: int = 75) -> list[TrainingPair]:
