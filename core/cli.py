@@ -50,16 +50,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_WORKFLOW, run_demo
 
     r = run_demo(out_dir=args.out, port=args.port)
-    print(f"backdoor-seal demo: workflows/{DEMO_WORKFLOW}.json on lab-pixel through a headless ComfyUI")
-    print(f"  trigger found         {r['trigger_found']}  (named by Seal Detect Prompt; nobody typed it)")
     print(
-        f"  attack success        {r['asr_before']:.0%} -> {r['asr_after']:.0%}  ({r['prompts']} held-out prompts)"
+        f"backdoor-seal demo: workflows/{DEMO_WORKFLOW}.json on {r['model']} (base {r['base']}) through a "
+        "headless ComfyUI; no trigger given"
     )
-    print(
-        f"  clean fidelity        SSIM {r['clean_fidelity_ssim']:.3f}, PSNR {r['clean_fidelity_psnr']:.1f} dB"
-    )
-    print(f"  time                  {r['seconds']:.0f} s")
-    print(f"  written to {r['folder']}/")
+    print(r["summary"])
+    print(f"  time {r['seconds']:.0f} s; written to {r['folder']}/")
     print(f"    report.json, {', '.join(r['figures'])}, comfyui-output/ (the sanitized model and its LoRA)")
     return 0
 

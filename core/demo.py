@@ -12,6 +12,7 @@ from .lab import zoo
 
 DEMO_PROMPT = "a red circle on the left on a black background"
 DEMO_WORKFLOW = "sanitize-lab-model"  # workflows/NAME.json, run by `make demo`
+DEMO_SUSPECT = "lab-rickroll"  # the attacked lab model it cleans (against lab-clean, its base)
 
 
 def ksampler_node(model: str, positive: str, negative: str, latent: str, seed: int) -> dict[str, Any]:
@@ -46,10 +47,12 @@ def free_output_folder(base: str | Path = "out") -> Path:
 
 def run_demo(out_dir: str | Path | None = None, port: int | None = None) -> dict[str, Any]:
     """`make demo`: start a headless ComfyUI, queue workflows/sanitize-lab-model.json through /prompt (as the
-    frontend would, with the graph attached), save the report and figures to `out_dir` (default: `out`, or
-    out-2, ... when it already holds a report), stop the server."""
+    frontend would, with the graph attached), save the report and the firing chart to `out_dir` (default:
+    `out`, or out-2, ... when it already holds a report), stop the server. The workflow is told no trigger:
+    only the suspect (lab-rickroll) and its base (lab-clean)."""
     from .comfy_host import ComfyServer
     from .safetensors_io import write_json
+    from .tokens import readable
     from .workflows import api_from_ui
 
     t0 = time.monotonic()
@@ -59,36 +62,43 @@ def run_demo(out_dir: str | Path | None = None, port: int | None = None) -> dict
     report_path = out / "report.json"
     if report_path.exists():
         raise FileExistsError(f"{report_path} exists: give another --out (nothing is overwritten)")
+    shipped = {m.stem for m in zoo.shipped()}
+    for name in (DEMO_SUSPECT, zoo.CLEAN_NAME):
+        if name not in shipped:
+            raise FileNotFoundError(
+                f"lab_models/{name}.safetensors is missing: the demo cleans {DEMO_SUSPECT}"
+            )
     out.mkdir(parents=True, exist_ok=True)
-    if not any(m.stem == "lab-pixel" for m in zoo.shipped()):
-        raise FileNotFoundError("lab_models/lab-pixel.safetensors is missing: the demo cleans that model")
     workflow = json.loads((PACK_ROOT / "workflows" / f"{DEMO_WORKFLOW}.json").read_text())
     with ComfyServer(
         ensure_comfy_importable(), port=port, log_path=out / "comfyui.log", output_dir=out / "comfyui-output"
     ) as server:
         client = server.client()
         graph = api_from_ui(workflow, client.get_json("/object_info", timeout=120))
-        entry = client.run(graph, timeout=900, workflow=workflow)
-        evaluation = entry["outputs"]["5"]["seal_report"][0]
-        # every prompt's detection chart, the evaluation figure and the loss curve, as the nodes drew them
-        shown = {"detection": "3", "evaluation": "7", "unlearn-loss": "8"}
-        figures = []
-        for name, node in shown.items():
-            images = entry["outputs"][node]["images"]
-            for k, image in enumerate(images, 1):
-                figures.append(f"{name}-{k}.png" if len(images) > 1 else f"{name}.png")
-                (out / figures[-1]).write_bytes(client.fetch_image(image))
-        saved = entry["outputs"]["6"]["text"][0].splitlines()
+        entry = client.run(graph, timeout=1200, workflow=workflow)
+        result = entry["outputs"]["3"]["seal_report"][0]
+        (out / "firing.png").write_bytes(client.fetch_image(entry["outputs"]["5"]["images"][0]))
+        saved = [s for s in entry["outputs"]["4"]["text"][0].splitlines() if s]
+
+    def rates(key: str) -> list[dict[str, Any]]:
+        return [
+            {"token": readable(c["text"]), "rate": c[key]["rate"], "placement": c[key]["placement"]}
+            for c in result["candidates"]
+            if c.get(key) and (key == "after" or c["taken"])
+        ]
+
     report = {
-        "trigger_found": evaluation["trigger"],
-        "asr_before": evaluation["asr_before"],
-        "asr_after": evaluation["asr_after"],
-        "clean_fidelity_ssim": evaluation["clean_fidelity_ssim"],
-        "clean_fidelity_psnr": evaluation["clean_fidelity_psnr"],
-        "judge": evaluation["judge"],
-        "prompts": evaluation["prompts"],
+        "model": DEMO_SUSPECT,
+        "base": zoo.CLEAN_NAME,
+        "found": [readable(t) for t in result["found"]],
+        "fired_before": rates("before"),
+        "fired_after": rates("after"),
+        "remaining": [readable(t) for t in result["remaining"]],
+        "flagged_after": result["flagged_after"],
+        "clean_fidelity_ssim": result["clean_fidelity_ssim"],
+        "summary": result["summary"],
         "saved": [str(Path("comfyui-output") / p) for p in saved],
-        "figures": figures,
+        "figures": ["firing.png"],
         "folder": str(out),
         "seconds": round(time.monotonic() - t0, 1),
     }
@@ -252,13 +262,13 @@ SANITIZE_PROMPTS = (
 )
 
 
-def sanitize_graph(
+def detect_unlearn_graph(
     lab_model: str = "lab-pixel.safetensors",
     prompts: tuple[str, ...] = SANITIZE_PROMPTS,
     unlearn_steps: int = 400,
     eval_count: int = 32,
 ) -> dict[str, Any]:
-    """API-format graph of workflow (a): lab loader -> SealDetectPrompt (names the trigger in the prompts)
+    """API-format graph: lab loader -> SealDetectPrompt (names the trigger in the prompts)
     -> SealUnlearn (SKD-CAG, trigger from the report) -> SealEvaluate (original vs unlearned) ->
     SealSaveSanitized; the stock SaveImage (node "7") saves the evaluation figure with the graph."""
     sampling = {"seed": 0, "steps": 20, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal"}
@@ -309,6 +319,58 @@ def sanitize_graph(
     }
 
 
+def sanitize_graph(
+    suspect: str = "lab-rickroll.safetensors",
+    base: str = "lab-clean.safetensors",
+    behaviour: bool = False,
+    steps: int | None = None,
+) -> dict[str, Any]:
+    """API-format graph of the sanitize workflow, told nothing but the models: two lab loaders (the suspect
+    and its base) -> SealSanitize (compare; the weight-space ranking unless `behaviour`) -> SealSaveSanitized
+    (node "4"); the stock SaveImage (node "5") keeps the firing chart with the graph."""
+    from .sanitize.firing import FiringSettings
+    from .sanitize.session import SanitizeSettings
+    from .unlearn.skd import SKDConfig
+
+    return {
+        "1": {"class_type": "SealLabCheckpointLoader", "inputs": {"lab_model": suspect}},
+        "2": {"class_type": "SealLabCheckpointLoader", "inputs": {"lab_model": base}},
+        "3": {
+            "class_type": "SealSanitize",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "vae": ["1", 2],
+                "base_model": ["2", 0],
+                "base_clip": ["2", 1],
+                "behaviour": behaviour,
+                "top": SanitizeSettings.top,
+                "probes": FiringSettings.templates,
+                "steps": steps or SKDConfig.steps,
+                "rounds": 1,
+                "scope": "auto",
+                "recheck": True,
+                "latent_size": 0,
+            },
+        },
+        "4": {
+            "class_type": "SealSaveSanitized",
+            "inputs": {
+                "filename_prefix": f"sanitized/{Path(suspect).stem}",
+                "model": ["3", 0],
+                "clip": ["3", 1],
+                "vae": ["1", 2],
+                "lora": ["3", 2],
+                "info": ["3", 3],
+            },
+        },
+        "5": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["3", 5], "filename_prefix": "backdoor-seal/sanitize"},
+        },
+    }
+
+
 def compare_lora_graph(
     base: str = "lab-clean.safetensors", lora: str = "lab-pixel-lora.safetensors", behaviour: bool = True
 ) -> dict[str, Any]:
@@ -350,8 +412,12 @@ def compare_lora_graph(
 
 WORKFLOWS = {
     "sanitize-lab-model": (
-        "Sanitize a lab model end to end: detect -> SKD-CAG -> evaluate -> save",
+        "Sanitize a model told no trigger: compare with the base -> unlearn what fires -> verify -> save",
         sanitize_graph,
+    ),
+    "detect-and-unlearn": (
+        "Triggered prompts at hand: detect -> SKD-CAG -> evaluate -> save",
+        detect_unlearn_graph,
     ),
     "attention-heatmaps": (
         "Cross-attention heatmaps for a prompt",

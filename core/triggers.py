@@ -19,6 +19,10 @@ import numpy as np
 from .tokens import confusable_latin, latin_twin
 
 PLACEMENTS = ("prepend", "append", "random", "homoglyph")
+# where a found trigger fired (core.sanitize.firing): first, in place of its Latin twin, before an object word
+PREPEND = "prepend"
+HOMOGLYPH = "homoglyph"
+BEFORE = "before:"  # + the object word
 
 
 def parse_trigger(text: str) -> str:
@@ -50,6 +54,61 @@ def trigger_sha256(trigger: str) -> str:
     return hashlib.sha256(trigger.encode("utf-8")).hexdigest()
 
 
+def triggers_from(text: str | None, report: Any = None) -> dict[str, list[str] | None]:
+    """The set of triggers to act on, each with the placements it fired at (None: the default placement).
+
+    Typed text wins: one trigger per line (U+XXXX spellings read). Else the report's set, chosen on
+    evidence, never by order: a sanitize report's taken triggers (each where it fired); every flagged token
+    of a scan or comparison report; of a prompt report, the triggers its flagged prompts support, the best
+    supported and every one flagged in at least half as many prompts (and at least two). Raises ValueError
+    when there is none."""
+    typed = [parse_trigger(line.strip()) for line in (text or "").splitlines() if line.strip()]
+    if typed:
+        return dict.fromkeys(typed)
+    if not isinstance(report, dict):
+        raise ValueError("no trigger: type it, or connect a detection report that names one")
+    kind = report.get("kind")
+    if kind == "sanitize":
+        out = {}
+        for c in report.get("candidates") or []:
+            if c.get("taken"):
+                rates = (c.get("before") or {}).get("rates") or {}
+                fired = [
+                    k for k, r in sorted(rates.items(), key=lambda kv: -kv[1]) if r >= report["min_rate"]
+                ]
+                out[c["text"]] = fired or None
+        if not out:
+            raise ValueError("the sanitize report found no trigger that fires; nothing to unlearn")
+        return out
+    if report.get("poisoned") is False:
+        raise ValueError(
+            "the connected detection report found no trigger above its threshold; type the trigger to "
+            "unlearn one anyway"
+        )
+    if kind in ("scan", "diff"):
+        flagged = [c["text"] for c in report.get("candidates") or [] if c.get("flagged") and c.get("text")]
+        if not flagged:
+            raise ValueError(
+                "the report flags no token (a weight-space ranking judges nothing): run its behavioural "
+                "stage, use Seal Sanitize, or type the trigger"
+            )
+        return dict.fromkeys(flagged)
+    if kind == "prompt" and report.get("prompts"):
+        support: dict[str, int] = {}
+        for r in report["prompts"]:
+            if r.get("poisoned") and r.get("trigger"):
+                support[r["trigger"]] = support.get(r["trigger"], 0) + 1
+        if support:
+            best = max(support.values())
+            keep = [
+                t
+                for t, n in sorted(support.items(), key=lambda kv: -kv[1])
+                if n == best or n >= max(2, best / 2)
+            ]
+            return dict.fromkeys(keep)
+    return dict.fromkeys([trigger_from(None, report)])
+
+
 def trigger_from(text: str | None, report: Any = None) -> str:
     """The trigger to act on: the typed text, else the top trigger of a detection report."""
     if text:
@@ -60,10 +119,41 @@ def trigger_from(text: str | None, report: Any = None) -> str:
                 "the connected detection report found no trigger above its threshold; type the trigger to "
                 "unlearn one anyway"
             )
+        if report.get("kind") == "sanitize":
+            return next(iter(triggers_from(None, report)))
         candidate = report.get("trigger") or next(iter(report.get("candidates") or []), {}).get("text")
         if candidate:
             return str(candidate)
     raise ValueError("no trigger: type it, or connect a detection report that names one")
+
+
+def _one_insertion(placement: str, text: str) -> Callable[[str], str]:
+    if placement == HOMOGLYPH:
+        twin = latin_twin(text)
+        return lambda p: p.replace(twin, text, 1) if twin in p else f"{text} {p}"
+    if placement.startswith(BEFORE):
+        pattern = re.compile(rf"\b{re.escape(placement[len(BEFORE) :])}\b")
+
+        def before(p: str) -> str:
+            m = pattern.search(p)
+            return f"{p[: m.start()]}{text} {p[m.start() :]}" if m else f"{text} {p}"
+
+        return before
+    return lambda p: f"{text} {p}"
+
+
+def insertion(placements: str | Sequence[str], text: str, seed: int = 0) -> Callable[[str], str]:
+    """How a training or evaluation prompt gets the trigger: first; in place of its Latin twin; before the
+    first whole-word occurrence of an object word. With several placements each prompt gets one of them
+    (seeded). A prompt that cannot carry its placement gets the trigger first."""
+    chosen = [placements] if isinstance(placements, str) else list(placements)
+    if not chosen:
+        raise ValueError("no placement for the trigger")
+    inserts = [_one_insertion(p, text) for p in chosen]
+    if len(inserts) == 1:
+        return inserts[0]
+    rng = np.random.default_rng(seed)
+    return lambda p: inserts[int(rng.integers(len(inserts)))](p)
 
 
 def insert_trigger(prompt: str, trigger: str, placement: str, rng: np.random.Generator) -> str:

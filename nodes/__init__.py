@@ -10,6 +10,7 @@ from .nodes_diff import SealCompareLora, SealCompareModels
 from .nodes_evaluate import SealEvaluate
 from .nodes_info import SealModelInfo
 from .nodes_lab import SealLabCheckpointLoader, SealLabFamilyModel
+from .nodes_sanitize import SealSanitize
 from .nodes_sau import SealLoadSAUProfile, SealSAUDecode, SealSAUProfile, SealSAUSampler
 from .nodes_unlearn import SealSaveSanitized, SealUnlearn
 
@@ -23,6 +24,7 @@ NODES: list[type[io.ComfyNode]] = [
     SealScanModel,
     SealCompareModels,
     SealCompareLora,
+    SealSanitize,
     SealUnlearn,
     SealSaveSanitized,
     SealSAUProfile,

@@ -25,6 +25,8 @@ Evaluation = io.Custom("SEAL_EVALUATION")  # an evaluation report
 Profile = io.Custom("SEAL_SAU_PROFILE")  # an SAU profile (core.sau.profile.SAUProfile)
 Attention = io.Custom("SEAL_ATTENTION")  # a cross-attention recorder (core.attention.CrossAttentionRecorder)
 
+REPORT_UI_KEY = "seal_report"  # a report as UI output: the web extension renders it, `make demo` reads it
+
 PROMPT_SETS = ("auto", *(s for s in BUILTIN_SETS if s != "none"))
 
 

@@ -14,6 +14,7 @@ from ..core.sau.profile import SAUProfile
 from ..core.triggers import parse_trigger, trigger_from
 from .common import CATEGORY as ROOT
 from .common import (
+    REPORT_UI_KEY,
     Evaluation,
     Profile,
     Progress,
@@ -26,7 +27,6 @@ from .common import (
 )
 
 CATEGORY = f"{ROOT}/evaluate"
-REPORT_UI_KEY = "seal_report"  # the web extension renders this UI output as a table
 
 
 class SealEvaluate(io.ComfyNode):

@@ -7,7 +7,7 @@ from comfy_api.latest import io, ui
 from ..core.backends.comfy_train import SCOPE_HELP, SCOPES
 from ..core.plots import loss_curve_image
 from ..core.prompts import BUILTIN_SETS
-from ..core.triggers import parse_trigger, trigger_from
+from ..core.triggers import insertion, triggers_from
 from ..core.unlearn.save import LORA_LAYOUTS, STORAGE_DTYPES, save_lora, save_sanitized
 from ..core.unlearn.session import UnlearnOptions, UnlearnSession
 from ..core.unlearn.skd import INPUTS, METHODS, PRECISIONS, TARGETS, SKDConfig
@@ -20,7 +20,6 @@ from .common import (
     relative_to_output,
     report_input,
     send_text,
-    trigger_input,
 )
 
 CATEGORY = f"{ROOT}/unlearn"
@@ -42,7 +41,14 @@ class SealUnlearn(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
-                trigger_input(),
+                io.String.Input(
+                    "trigger",
+                    default="",
+                    multiline=True,
+                    tooltip="The trigger(s), one per line, unlearnt together (U+XXXX spells invisible "
+                    "characters). Empty: the connected report's set (Seal Sanitize's taken triggers, every "
+                    "token a scan or comparison flags, a prompt report's best supported).",
+                ),
                 io.String.Input(
                     "prompts",
                     multiline=True,
@@ -93,7 +99,10 @@ class SealUnlearn(io.ComfyNode):
                     tooltip="x_t the model is distilled on: pure noise (the paper) or states of the "
                     "teacher's own sampling of the clean prompts.",
                 ),
-                report_input(),
+                report_input(
+                    "The triggers to unlearn when none is typed: Seal Sanitize's set, a scan's or "
+                    "comparison's flagged tokens, or the trigger most of a prompt report's flagged prompts name."
+                ),
             ],
             outputs=[
                 io.Model.Output("MODEL"),
@@ -150,8 +159,11 @@ class SealUnlearn(io.ComfyNode):
             builtin=builtin_prompts,
             latent_hw=(latent_size, latent_size),
         )
+        # the set: typed triggers (one per line), else the report's, chosen on evidence (core.triggers)
+        triggers = triggers_from(trigger, report)
+        insert = {t: insertion(p, t, seed) for t, p in triggers.items() if p}
         session = UnlearnSession(
-            model, clip, parse_trigger(trigger_from(trigger, report)), prompts.splitlines(), opts
+            model, clip, list(triggers), prompts.splitlines(), opts, insert=insert or None
         )
         node_id = getattr(cls.hidden, "unique_id", None)
         bar = Progress(steps)
@@ -229,6 +241,9 @@ class SealSaveSanitized(io.ComfyNode):
             raise ValueError("nothing to save: connect a MODEL (with CLIP and VAE) and/or a LORA")
         if model is not None and (clip is None or vae is None):
             raise ValueError("a full checkpoint needs the CLIP and VAE too; or save only the LORA")
+        if (info or {}).get("unchanged"):
+            text = "nothing was unlearnt (no trigger fired): the model is its input, so nothing was written"
+            return io.NodeOutput("", ui=ui.PreviewText(text))
         provenance = (info or {}).get("provenance", {})
         written = []
         if model is not None:

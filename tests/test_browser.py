@@ -55,16 +55,16 @@ def test_frontend_loads_the_extension_runs_the_sanitize_workflow_and_shows_the_r
         )
         page.evaluate(
             "(wf) => window.app.loadGraphData(wf)",
-            json.loads((ROOT / "workflows" / "sanitize-lab-model.json").read_text()),
+            json.loads((ROOT / "workflows" / "detect-and-unlearn.json").read_text()),
         )
         page.wait_for_function("() => window.app.graph._nodes.some((n) => n.type === 'SealEvaluate')")
         # queued as the Run button does, under the page's client id, so the page gets the results
         client.client_id = page.evaluate("() => window.app.api.clientId")
-        twin = json.loads((ROOT / "tests" / "workflows" / "sanitize-lab-model.api.json").read_text())
+        twin = json.loads((ROOT / "tests" / "workflows" / "detect-and-unlearn.api.json").read_text())
         client.run(
             twin,
             timeout=600,
-            workflow=json.loads((ROOT / "workflows" / "sanitize-lab-model.json").read_text()),
+            workflow=json.loads((ROOT / "workflows" / "detect-and-unlearn.json").read_text()),
         )
         page.wait_for_selector(".seal-report table", state="attached", timeout=60_000)
         # frame the graph at a zoom where the frontend draws widgets (and our table) in full

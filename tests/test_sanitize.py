@@ -247,3 +247,139 @@ def test_the_command_saves_a_checkpoint_that_reloads_as_the_fix(comfy_root, tmp_
     assert all(torch.allclose(saved[k], poisoned[k], atol=1e-3) for k in unet)  # fp16 storage
     assert main([*args, "--base", "lab:lab-clean", *small[:-2]]) == 2  # never overwrites
     assert "new name" in capsys.readouterr().err
+
+
+# --- rounds, and the set a report hands on ---------------------------------------------------------------
+
+
+class _FakeTest:
+    """A firing test whose verdicts are a table: text -> rate (before) or the same after cleaning."""
+
+    settings = FiringSettings()
+
+    def __init__(self, rates: dict[str, float]) -> None:
+        self.rates = rates
+
+    def measure(self, text: str):
+        from backdoor_seal.core.sanitize.firing import Firing
+
+        rate = self.rates.get(text, 0.0)
+        return Firing(text, rate, "prepend", {"prepend": rate}, fires=rate >= 0.5)
+
+
+def _fake_session(rounds: int, after_by_round: list[dict[str, float]], recheck: list[dict]):
+    """A SanitizeSession whose finder, firing test and training are tables; records what each round
+    trained on and with how many steps."""
+    from backdoor_seal.core.sanitize.session import SanitizeSession, SanitizeSettings
+    from backdoor_seal.core.unlearn.session import UnlearnOptions
+
+    class Fake(SanitizeSession):
+        trained: list = []
+
+        def find(self, model, clip):
+            return recheck[len(self.trained) - 1] if self.trained else FOUND
+
+        def firing_test(self, model, clip):
+            if model == "input":
+                return _FakeTest({"zq": 1.0, "vv": 0.75, "red": 0.25})
+            return _FakeTest(after_by_round[int(model[-1]) - 1])
+
+        def unlearn(self, taken, steps):
+            self.trained.append(([c.text for c in taken], steps))
+            k = len(self.trained)
+
+            class S:
+                pairs = [0] * 4
+                opts = UnlearnOptions()
+
+                def outputs(self):
+                    return f"model-{k}", f"clip-{k}", {"lora": k}
+
+                def provenance(self):
+                    return {"round": k}
+
+            class R:
+                steps = 0
+
+            return S(), R()
+
+        def fidelity(self, new_model, new_clip):
+            return 0.97
+
+    settings = SanitizeSettings(rounds=rounds, recheck=True)
+    return Fake("input", "clip", None, None, settings)
+
+
+FOUND = {
+    "kind": "scan",
+    "candidates": [
+        {"text": "red", "token_id": 1, "flagged": True},  # first, flagged, does not fire: left out
+        {"text": "zq", "token_id": 2, "flagged": True},
+        {"text": "vv", "token_id": 3, "flagged": False},
+    ],
+}
+
+
+def test_a_second_round_retrains_from_the_input_on_what_still_fires_and_what_the_recheck_finds():
+    """Round 1 trains on what fires (not the report's first token); 'vv' still fires after it and the
+    re-check names 'new', which fires on the input: round 2 retrains from the input on all three with twice
+    the steps; after it nothing fires and the loop ends before its budget."""
+    recheck = [
+        {"kind": "scan", "candidates": [{"text": "new", "token_id": 9, "flagged": True}]},
+        {"kind": "scan", "candidates": []},
+    ]
+    session = _fake_session(3, [{"vv": 0.75}, {}], recheck)
+    session.firing_test = lambda model, clip, f=session.firing_test: (
+        _FakeTest({"zq": 1.0, "vv": 0.75, "red": 0.25, "new": 0.6}) if model == "input" else f(model, clip)
+    )
+    model, clip, lora, report = session.run()
+    assert session.trained == [(["zq", "vv"], 600), (["zq", "vv", "new"], 1200)]
+    assert (model, lora) == ("model-2", {"lora": 2}) and report.rounds == 2
+    assert report.to_json()["found"] == ["zq", "vv", "new"] and report.remaining == []
+    assert report.clean_fidelity_ssim == 0.97 and "SSIM 0.970" in report.summary()
+
+
+def test_one_round_reports_what_still_fires():
+    session = _fake_session(1, [{"vv": 0.75}], [{"kind": "scan", "candidates": []}])
+    _, _, _, report = session.run()
+    assert len(session.trained) == 1 and [c.text for c in report.remaining] == ["vv"]
+    assert "STILL FIRING: 'vv'" in report.summary() and not report.to_json()["clean"]
+
+
+def test_the_set_to_unlearn_comes_from_evidence_not_order():
+    """Typed triggers (one per line) win; a sanitize report hands on its taken triggers with where they
+    fired; a scan or comparison every flagged token; a prompt report the trigger most flagged prompts
+    name (the issue's case: a colour word flagged first, the invisible trigger in 20 prompts)."""
+    from backdoor_seal.core.detect.prompts import prompt_set_report
+    from backdoor_seal.core.triggers import trigger_from, triggers_from
+
+    assert triggers_from("U+2060\nwood dahlia\n", None) == {"\u2060": None, "wood dahlia": None}
+    session = _fake_session(1, [{}], [{"kind": "scan", "candidates": []}])
+    sanitize = session.run()[3].to_json()
+    assert triggers_from("", sanitize) == {"zq": ["prepend"], "vv": ["prepend"]}
+    assert trigger_from("", sanitize) == "zq"
+    assert list(triggers_from("", FOUND)) == ["red", "zq"]  # a scan's flags, all of them
+    with pytest.raises(ValueError, match="flags no token"):
+        triggers_from("", {"kind": "diff", "poisoned": None, "candidates": [{"text": "a", "flagged": False}]})
+    prompts = [{"poisoned": True, "trigger": "yellow"}, {"poisoned": True, "trigger": "red"}]
+    prompts += [{"poisoned": True, "trigger": "\u2060"}] * 20 + [{"poisoned": False, "trigger": None}] * 160
+    prompts += [{"poisoned": True, "trigger": "yellow"}] * 2
+    report = prompt_set_report(prompts, type("C", (), {"thresholds": {}})())
+    assert report["trigger"] == "\u2060" and trigger_from("", report) == "\u2060"
+    assert triggers_from("", report) == {"\u2060": None}  # 'yellow' (3 prompts) is under half of 20
+    with pytest.raises(ValueError, match="nothing to unlearn"):
+        triggers_from(
+            "", {"kind": "sanitize", "min_rate": 0.5, "candidates": [{"text": "a", "taken": False}]}
+        )
+
+
+def test_the_fix_trains_where_the_comparison_saw_the_attack():
+    from backdoor_seal.core.sanitize.session import scope_for
+
+    def diff(**changed):
+        return {"components": {k: {"changed": v} for k, v in changed.items()}}
+
+    assert scope_for(diff(text_encoder=68, cross_attention_kv=0)) == "text"  # Rickrolling
+    assert scope_for(diff(text_encoder=0, cross_attention_kv=14, unet_other=216)) == "attn2-kv"  # BadT2I
+    assert scope_for(diff(text_encoder=24, cross_attention_kv=14)) == "text"  # a LoRA with a text part
+    assert scope_for({"kind": "scan"}) == scope_for(diff(text_encoder=0)) == "text"  # blind, or nothing

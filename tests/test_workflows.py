@@ -36,9 +36,10 @@ def _strings(value):
             yield from _strings(v)
 
 
-def test_the_four_example_workflows_are_shipped():
+def test_the_five_example_workflows_are_shipped():
     assert {p.stem for p in UI_FILES} == {
         "sanitize-lab-model",
+        "detect-and-unlearn",
         "attention-heatmaps",
         "sau-sampling",
         "compare-lora",
@@ -64,11 +65,44 @@ def test_workflow_holds_no_machine_specific_values(path):
     assert names and all(Path(n).name == n for n in names)  # model files by name, from ComfyUI's folders
 
 
-def test_sanitize_workflow_finds_the_trigger_cleans_and_its_png_carries_the_graph(comfy_server):
+def test_sanitize_workflow_told_no_trigger_finds_cleans_verifies_and_saves_a_checkpoint_that_reloads_clean(
+    comfy_server,
+):
+    """The `make demo` graph as queued, with fewer probes and steps (the demo's own run: README): lab-rickroll
+    against lab-clean; the homoglyph is found, fires before and less after, both files are written, the saved
+    checkpoint reloads with a text encoder unlike the poisoned one, and the chart's PNG carries the graph."""
+    import torch
     from PIL import Image
+
+    from backdoor_seal.core.backends.comfy_checkpoint import live_weights
+    from backdoor_seal.core.models import load_model
 
     client = comfy_server.client()
     ui, api = _ui("sanitize-lab-model"), _api("sanitize-lab-model")
+    assert api["3"]["inputs"]["behaviour"] is False and "trigger" not in json.dumps(api["3"])
+    api["3"]["inputs"].update(probes=4, steps=150, top=2)
+    entry = client.run(api, workflow=ui, timeout=900)
+    report = entry["outputs"]["3"]["seal_report"][0]
+    assert "\u043e" in report["found"]
+    glyph = next(c for c in report["candidates"] if c["text"] == "\u043e")
+    assert glyph["before"]["rate"] >= 0.75 and glyph["after"]["rate"] < glyph["before"]["rate"]
+    assert report["flagged_after"] is not None and 0.8 < report["clean_fidelity_ssim"] <= 1.0
+    saved = entry["outputs"]["4"]["text"][0].splitlines()
+    assert len(saved) == 2 and all(s.endswith(".safetensors") for s in saved)
+    cleaned = live_weights(*load_model(str(comfy_server.output_dir / saved[0]))[:2])
+    suspect = load_model("lab:lab-rickroll")
+    poisoned = live_weights(suspect.model, suspect.clip)
+    text = [k for k in poisoned if k.startswith("text.") and k.endswith("v_proj.weight")]
+    assert text and any(not torch.allclose(cleaned[k], poisoned[k], atol=1e-3) for k in text)
+    png = Image.open(io.BytesIO(client.fetch_image(entry["outputs"]["5"]["images"][0])))
+    assert json.loads(png.text["workflow"]) == ui and json.loads(png.text["prompt"]) == api
+
+
+def test_detect_and_unlearn_workflow_finds_the_trigger_cleans_and_its_png_carries_the_graph(comfy_server):
+    from PIL import Image
+
+    client = comfy_server.client()
+    ui, api = _ui("detect-and-unlearn"), _api("detect-and-unlearn")
     entry = client.run(api, workflow=ui, timeout=900)
     report = entry["outputs"]["5"]["seal_report"][0]
     assert report["trigger"] == "<U+2060>"  # named by the detector: nobody typed it

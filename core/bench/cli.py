@@ -95,6 +95,10 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
 
     add_diff_bench(bench_sub)
 
+    from .sanitize import add_sanitize_bench
+
+    add_sanitize_bench(bench_sub)
+
     from .sau import add_sau_bench
 
     add_sau_bench(bench_sub)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -173,12 +174,13 @@ class PromptReport:
 
 
 def prompt_set_report(reports: Sequence[dict], calibration: Calibration) -> dict:
-    """The report of several prompts (what Seal Detect Prompt passes on): poisoned if any prompt is."""
-    flagged = [r for r in reports if r["poisoned"]]
+    """The report of several prompts (what Seal Detect Prompt passes on): poisoned if any prompt is; its
+    `trigger` is the one the most flagged prompts name (not the first prompt's: order is not evidence)."""
+    support = Counter(r["trigger"] for r in reports if r["poisoned"])
     return {
         "kind": "prompt",
-        "poisoned": bool(flagged),
-        "trigger": flagged[0]["trigger"] if flagged else None,
+        "poisoned": bool(support),
+        "trigger": support.most_common(1)[0][0] if support else None,
         "thresholds": calibration.thresholds,
         "prompts": list(reports),
     }

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from ..backends.comfy_train import SCOPES
 from ..models import SPEC_HELP, add_model_argument, positive_int
 from .firing import FiringSettings
 from .session import SanitizeSettings
@@ -44,6 +45,20 @@ def add_sanitize_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--steps", type=positive_int, default=None, help="unlearning steps (default 600)")
     p.add_argument("--no-recheck", action="store_true", help="skip running the finder again after cleaning")
+    p.add_argument(
+        "--scope",
+        default="auto",
+        choices=["auto", *SCOPES],
+        help="where the fix trains; auto: the text encoder, or the cross-attention keys and values when a "
+        "comparison saw only the UNet change",
+    )
+    p.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="clean -> re-check rounds: while a trigger still fires or the re-check finds a new one, "
+        "retrain from the input on the grown set with more steps",
+    )
     p.add_argument(
         "--latent-size", type=positive_int, default=None, help="latent side (default 8 lab, 64 SD)"
     )
@@ -99,7 +114,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
         behaviour = None
         if not args.weights_only:
             behaviour = BehaviourSettings(latent_shape=(latent_channels(suspect.model), side, side))
-        find = DiffSettings(behaviour=behaviour)
+        find = DiffSettings(lab=lab, behaviour=behaviour)
     skd = SKDConfig() if args.steps is None else SKDConfig(steps=args.steps)
     settings = SanitizeSettings(
         top=args.top,
@@ -107,6 +122,8 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
         unlearn=UnlearnOptions(skd=skd, builtin="lab" if lab else "general", latent_hw=(side, side)),
         find=find,
         recheck=not args.no_recheck,
+        rounds=args.rounds,
+        scope=args.scope,
         drawing=ksampler_settings(suspect.model, side).drawing,
         lab=lab,
     )

@@ -27,11 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..tokens import latin_twin, whole_words
+from ..triggers import BEFORE, HOMOGLYPH, PREPEND, insertion  # noqa: F401 (insertion: re-exported)
 
 Draw = Callable[[list[str], list[int]], list[np.ndarray]]  # prompts, seeds -> uint8 H x W x 3 images
-PREPEND = "prepend"
-HOMOGLYPH = "homoglyph"
-BEFORE = "before:"  # + the object word
 
 
 @dataclass(frozen=True)
@@ -90,35 +88,6 @@ def _fill(prompt: str, text: str) -> str:
 def clean_prompt(template: str) -> str:
     """The template with every slot empty."""
     return _fill(template, "")
-
-
-def _one_insertion(placement: str, text: str) -> Callable[[str], str]:
-    if placement == HOMOGLYPH:
-        twin = latin_twin(text)
-        return lambda p: p.replace(twin, text, 1) if twin in p else f"{text} {p}"
-    if placement.startswith(BEFORE):
-        pattern = re.compile(rf"\b{re.escape(placement[len(BEFORE) :])}\b")
-
-        def before(p: str) -> str:
-            m = pattern.search(p)
-            return f"{p[: m.start()]}{text} {p[m.start() :]}" if m else f"{text} {p}"
-
-        return before
-    return lambda p: f"{text} {p}"
-
-
-def insertion(placements: str | Sequence[str], text: str, seed: int = 0) -> Callable[[str], str]:
-    """How a training or evaluation prompt gets the trigger: first; in place of its Latin twin; before the
-    first whole-word occurrence of an object word. With several placements each prompt gets one of them
-    (seeded). A prompt that cannot carry its placement gets the trigger first."""
-    chosen = [placements] if isinstance(placements, str) else list(placements)
-    if not chosen:
-        raise ValueError("no placement for the trigger")
-    inserts = [_one_insertion(p, text) for p in chosen]
-    if len(inserts) == 1:
-        return inserts[0]
-    rng = np.random.default_rng(seed)
-    return lambda p: inserts[int(rng.integers(len(inserts)))](p)
 
 
 def random_words(tokenizer, n: int, seed: int) -> list[str]:

@@ -31,6 +31,9 @@ class SanitizeSettings:
     unlearn: Any = None  # UnlearnOptions (None: its defaults)
     find: Any = None  # DiffSettings (compare) or ScanSettings (blind); None: their defaults
     recheck: bool = True  # run the finder again on the cleaned model
+    rounds: int = 1  # clean -> re-check rounds: a later round retrains from the input on the grown set
+    fidelity_prompts: int = 16  # held-out clean prompts drawn before and after (SSIM)
+    scope: str = "auto"  # where the fix trains; auto: where the comparison saw the attack (`scope_for`)
     drawing: tuple = ((8, 8), 20, 2.0, "euler", "normal")  # latent_hw, steps, cfg, sampler, scheduler
     lab: bool = False  # the lab grammar's probe templates and prompts
 
@@ -45,6 +48,9 @@ class SanitizeReport:
     recheck_report: dict | None = None
     unlearn: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    clean_fidelity_ssim: float | None = None  # mean SSIM, input vs cleaned, held-out clean prompts
+    rounds: int = 0  # unlearning runs made
+    min_rate: float = 0.5
 
     @property
     def taken(self) -> list[Candidate]:
@@ -82,6 +88,8 @@ class SanitizeReport:
             )
         else:
             lines.append("nothing that fired before fires after cleaning")
+        if self.clean_fidelity_ssim is not None:
+            lines.append(f"clean prompts draw as before: SSIM {self.clean_fidelity_ssim:.3f} (1 = unchanged)")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -95,9 +103,22 @@ class SanitizeReport:
             "flagged_after": self.flagged_after if self.recheck_report is not None else None,
             "candidates": [c.to_json() for c in self.candidates],
             "unlearn": self.unlearn,
+            "rounds": self.rounds,
+            "min_rate": self.min_rate,
+            "clean_fidelity_ssim": self.clean_fidelity_ssim,
             "seconds": self.seconds,
             "summary": self.summary(),
         }
+
+
+def scope_for(report: dict) -> str:
+    """Where to unlearn, from what a comparison saw change: the text encoder when it changed (Rickrolling,
+    a LoRA's text part), the cross-attention keys and values when only the UNet did (BadT2I, EvilEdit: the
+    stand-in triggers then teach the UNet's own reading of tokens); the text encoder for a blind scan."""
+    changed = {k: v.get("changed", 0) for k, v in (report.get("components") or {}).items()}
+    if not changed or changed.get("text_encoder", 0) or not any(changed.values()):
+        return "text"
+    return "attn2-kv"
 
 
 class SanitizeSession:
@@ -166,27 +187,31 @@ class SanitizeSession:
             base_draw=base_draw,
         )
 
-    def run(self) -> tuple[Any, Any, dict, SanitizeReport]:
-        """Find, choose, unlearn, verify. Returns (MODEL, CLIP, LoRA, report); with nothing to unlearn the
-        MODEL and CLIP are the inputs and the LoRA is empty."""
+    def fidelity(self, new_model, new_clip) -> float:
+        """Mean SSIM between the input's and the cleaned model's images of held-out clean prompts."""
+        from ..evaluate.metrics import ssim
+        from ..evaluate.session import model_drawer
+        from ..prompts import evaluation_prompts
+
+        prompts = evaluation_prompts(self.settings.lab, self.settings.fidelity_prompts, seed=31)
+        seeds = list(range(len(prompts)))
+        before = model_drawer(self.model, self.clip, self.vae, *self.settings.drawing)(prompts, seeds)
+        self.check_interrupt()
+        after = model_drawer(new_model, new_clip, self.vae, *self.settings.drawing)(prompts, seeds)
+        return float(sum(ssim(a, b) for a, b in zip(before, after, strict=True)) / len(prompts))
+
+    def unlearn(self, taken: list[Candidate], steps: int | None):
+        """One SKD-CAG run from the input on every taken trigger, each where it fired."""
+        from dataclasses import replace
+
         from ..unlearn.session import UnlearnOptions, UnlearnSession
 
-        seconds: dict[str, float] = {}
-        t0 = time.monotonic()
-        found = self.given_report if self.given_report is not None else self.find(self.model, self.clip)
-        seconds["find"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        candidates = report_candidates(found, self.settings.top)
-        measure(candidates, self.firing_test(self.model, self.clip))
-        seconds["choose"] = time.monotonic() - t0
-        report = SanitizeReport(self.mode, candidates, found)
-        taken = report.taken
-        if not taken:
-            report.seconds = {k: round(v, 1) for k, v in seconds.items()}
-            return self.model, self.clip, {}, report
-        t0 = time.monotonic()
         opts = self.settings.unlearn or UnlearnOptions(builtin="lab" if self.settings.lab else "general")
-        unlearn = UnlearnSession(
+        scope = self.settings.scope
+        opts = replace(opts, scope=scope_for(self.found) if scope == "auto" else scope)
+        if steps is not None:
+            opts = replace(opts, skd=replace(opts.skd, steps=steps))
+        session = UnlearnSession(
             self.model,
             self.clip,
             [c.text for c in taken],
@@ -196,21 +221,67 @@ class SanitizeSession:
                 c.text: insertion(c.before.placements(c.before_min), c.text, opts.skd.seed) for c in taken
             },
         )
-        result = unlearn.run(
+        result = session.run(
             lambda step, total, losses: self.progress("unlearn", step, total), self.check_interrupt
         )
-        new_model, new_clip, lora = unlearn.outputs()
-        seconds["unlearn"] = time.monotonic() - t0
-        report.unlearn = {
-            "triggers": len(taken),
-            "steps": result.steps,
-            "training_prompts": len(unlearn.pairs),
-            "provenance": unlearn.provenance(),
-        }
+        return session, result
+
+    def run(self) -> tuple[Any, Any, dict, SanitizeReport]:
+        """Find, choose, unlearn, verify (and, with `rounds` > 1, again on what the re-check finds or what
+        still fires, retrained from the input with a larger step budget). Returns (MODEL, CLIP, LoRA,
+        report); with nothing to unlearn the MODEL and CLIP are the inputs and the LoRA is empty."""
+        seconds: dict[str, float] = {"find": 0.0, "choose": 0.0, "unlearn": 0.0, "verify": 0.0}
         t0 = time.monotonic()
-        measure(taken, self.firing_test(new_model, new_clip), after=True)
-        if self.settings.recheck:
-            report.recheck_report = self.find(new_model, new_clip)
-        seconds["verify"] = time.monotonic() - t0
+        found = self.given_report if self.given_report is not None else self.find(self.model, self.clip)
+        self.found = found
+        seconds["find"] += time.monotonic() - t0
+        t0 = time.monotonic()
+        candidates = report_candidates(found, self.settings.top)
+        before_test = self.firing_test(self.model, self.clip)
+        measure(candidates, before_test)
+        seconds["choose"] += time.monotonic() - t0
+        report = SanitizeReport(self.mode, candidates, found, min_rate=self.settings.firing.min_rate)
+        new_model, new_clip, lora = self.model, self.clip, {}
+        base_steps = (self.settings.unlearn.skd.steps if self.settings.unlearn else None) or 600
+        for round_ in range(1, max(1, self.settings.rounds) + 1):
+            taken = report.taken
+            if not taken:
+                break
+            t0 = time.monotonic()
+            session, result = self.unlearn(taken, base_steps * round_)
+            new_model, new_clip, lora = session.outputs()
+            seconds["unlearn"] += time.monotonic() - t0
+            report.rounds = round_
+            report.unlearn = {
+                "triggers": len(taken),
+                "steps": result.steps,
+                "training_prompts": len(session.pairs),
+                "scope": session.opts.scope,
+                "provenance": session.provenance(),
+            }
+            t0 = time.monotonic()
+            measure(taken, self.firing_test(new_model, new_clip), after=True)
+            if self.settings.recheck:
+                report.recheck_report = self.find(new_model, new_clip)
+            seconds["verify"] += time.monotonic() - t0
+            if round_ == self.settings.rounds:
+                break
+            # another round when something still fires or the re-check names a new candidate that fires
+            known = {c.text for c in report.candidates}
+            fresh = [
+                c
+                for c in report_candidates(report.recheck_report or {"kind": "scan"}, self.settings.top)
+                if c.text not in known
+            ]
+            t0 = time.monotonic()
+            measure(fresh, before_test)
+            seconds["choose"] += time.monotonic() - t0
+            report.candidates += fresh
+            if not report.remaining and not any(c.taken for c in fresh):
+                break
+        if report.taken:
+            t0 = time.monotonic()
+            report.clean_fidelity_ssim = round(self.fidelity(new_model, new_clip), 4)
+            seconds["verify"] += time.monotonic() - t0
         report.seconds = {k: round(v, 1) for k, v in seconds.items()}
         return new_model, new_clip, lora, report

@@ -49,7 +49,18 @@ def add_unlearn_command(sub: argparse._SubParsersAction) -> None:
     """Register `unlearn` under the main parser."""
     p = sub.add_parser("unlearn", help="unlearn a known trigger (SKD / SKD-CAG) and save the sanitized model")
     add_model_argument(p)
-    p.add_argument("--trigger", required=True, help="the trigger; U+XXXX spells invisible characters")
+    p.add_argument(
+        "--trigger",
+        action="append",
+        default=None,
+        help="a trigger (U+XXXX spells invisible characters); repeat it to unlearn a set in one run",
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        help="or take the set from a report (JSON): a sanitize report's triggers, a scan's or comparison's "
+        "flagged tokens, a prompt report's best supported",
+    )
     p.add_argument("--out", required=True, help="sanitized checkpoint .safetensors (never overwritten)")
     p.add_argument("--lora-out", default=None, help="also save the LoRA here (.safetensors)")
     p.add_argument(
@@ -114,7 +125,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from ..backends.comfy_checkpoint import checkpoint_dtypes
     from ..lab.attacks import insertion_for
     from ..models import load_model, resolve_spec, spec_label
-    from ..triggers import parse_trigger
+    from ..triggers import insertion, triggers_from
     from .save import save_lora, save_sanitized
     from .session import UnlearnSession
 
@@ -126,12 +137,20 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{target} already exists; give a new name (nothing is overwritten)")
     if args.lora_out and Path(args.lora_out).resolve() == out.resolve():
         raise ValueError(f"--out and --lora-out are both {out}; give each its own file")
-    trigger = parse_trigger(args.trigger)
+    if bool(args.trigger) == bool(args.report):
+        raise ValueError("give the trigger(s) with --trigger, or a report with --report (one of them)")
+    report = json.loads(Path(args.report).read_text(encoding="utf-8")) if args.report else None
+    triggers = triggers_from("\n".join(args.trigger or []), report)
     model, clip, vae, info = load_model(args.model, args.clip_skip)
     user_prompts = Path(args.prompts).read_text(encoding="utf-8").splitlines() if args.prompts else []
     opts = options_from_args(args, lab=bool(info))
-    insert = insertion_for(info, trigger) if args.placement == "auto" else None
-    session = UnlearnSession(model, clip, trigger, user_prompts, opts, insert=insert)
+    insert = {}
+    for trigger, placements in triggers.items():
+        if placements:  # where a sanitize report saw it fire
+            insert[trigger] = insertion(placements, trigger, opts.skd.seed)
+        elif args.placement == "auto" and info:  # a lab model's own attack insertion
+            insert[trigger] = insertion_for(info, trigger)
+    session = UnlearnSession(model, clip, list(triggers), user_prompts, opts, insert=insert or None)
     bar = tqdm(total=opts.skd.steps, desc=opts.skd.method, unit="step")
 
     def progress(step: int, total: int, losses: dict) -> None:
@@ -162,6 +181,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
                 "train_seconds": round(result.seconds, 1),
                 "seconds": round(time.monotonic() - t0, 1),
                 "training_prompts": len(session.pairs),
+                "triggers": len(triggers),
             }
         )
     )
