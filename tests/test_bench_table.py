@@ -219,3 +219,64 @@ def test_lab_loras_table_shows_each_attacks_lora_with_what_it_keeps():
     }
     (row,) = lab_loras_table([trained]).strip().splitlines()[2:]
     assert row == "| lab-villan-lora (trained as a LoRA) | 8 | 188 / 0 | - | 934 | 0.984 (-) | 0.875 | 64 |"
+
+
+def _sanitize_record(**over) -> dict:
+    record = {
+        "model": "lab-pixel",
+        "mode": "compare",
+        "finder": "weights",
+        "scope": "attn2-kv",
+        "attack": "pixel",
+        "found": ["kamala", "dealer|ship"],
+        "fired_before": [{"token": "kamala", "asr": 1.0}],
+        "max_asr_after": 0.0,
+        "planted_asr_after": 0.0,
+        "floor": 0.0,
+        "clean_fidelity_ssim": 0.95,
+        "clean_accuracy": 0.96,
+        "clean_accuracy_before": 1.0,
+        "seconds": 300.4,
+    }
+    return {**record, **over}
+
+
+def test_sanitize_table_applies_the_targets_and_keeps_the_latest_record_per_setting():
+    from backdoor_seal.core.bench.table import sanitize_table
+
+    rows = sanitize_table(
+        [
+            _sanitize_record(max_asr_after=0.5),
+            _sanitize_record(),  # the same setting again: the latest counts
+            _sanitize_record(finder="scan", mode="blind", planted_asr_after=1.0, max_asr_after=1.0),
+            _sanitize_record(finder="behaviour", clean_accuracy=0.9),  # 0.9 < 0.95 x 1.0
+            _sanitize_record(finder="x", max_asr_after=0.05, floor=0.06, found=[], fired_before=[]),
+        ]
+    ).splitlines()[2:]
+    assert len(rows) == 4
+    assert rows[0].startswith("| lab-pixel | pixel | compare: weights | attn2-kv | 'kamala', 'dealer\\|ship'")
+    assert rows[0].endswith("| yes | 300 |") and "| 0.00 | 0.00 | 0.00 | 0.950 | 0.960 / 1.000 |" in rows[0]
+    assert rows[1].endswith("| no | 300 |") and "blind: scan" in rows[1]
+    assert rows[2].endswith("| no | 300 |")  # clean accuracy under 95% of before
+    assert rows[3].endswith("| yes | 300 |") and "| none | none |" in rows[3]  # under the floor
+
+
+def test_a_saved_comparison_record_becomes_a_report_the_sanitize_job_reads():
+    from backdoor_seal.core.bench.sanitize import report_from_diff_record
+    from backdoor_seal.core.sanitize.choose import report_candidates
+    from backdoor_seal.core.sanitize.session import scope_for
+
+    def tokenizer(text):
+        return {"input_ids": [0, 100 + len(text), 1]}
+
+    record = {"flagged": ["kamala", "dealership"], "top5": ["kamala", "dealership", "cham", "alec", "lashes"]}
+    record["changed"] = {"text_encoder": 0, "cross_attention_kv": 14}
+    report = report_from_diff_record(record, tokenizer)
+    cands = report_candidates(report, top=2)
+    assert [(c.text, c.flagged) for c in cands] == [
+        ("kamala", True),
+        ("dealership", True),
+        ("cham", False),
+        ("alec", False),
+    ]
+    assert scope_for(report) == "attn2-kv"

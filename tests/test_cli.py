@@ -149,6 +149,12 @@ def test_bad_files_get_one_line_errors_and_nothing_is_written(comfy_root, tmp_pa
             "whitespace",
         ),
         (["lab", "eval", "--model", "lab:lab-pixel", "--n", "0"], "at least one prompt"),
+        (["unlearn", "--model", "lab:lab-pixel", "--out", str(tmp_path / "u.safetensors")], "one of them"),
+        (
+            ["unlearn", "--model", "lab:lab-pixel", "--trigger", "x", "--report", str(corrupt)]
+            + ["--out", str(tmp_path / "u.safetensors")],
+            "one of them",
+        ),
         (
             ["unlearn", "--model", "lab:lab-pixel", "--trigger", "x", "--out", str(tmp_path / "u.ckpt")],
             "ending in .safetensors",
@@ -221,3 +227,23 @@ def test_unlearn_records_the_clip_skip_it_trained_for(tmp_path, capsys):
     capsys.readouterr()
     for path in (out, lora):
         assert json.loads(read_metadata(path)[PROVENANCE_KEY])["clip_skip"] == 2
+
+
+def test_unlearn_takes_a_set_from_repeated_triggers_or_from_a_report(tmp_path, capsys):
+    """`--trigger` repeated trains the set in one run; `--report` takes a sanitize report's taken triggers
+    (where each fired), not the ones it left out."""
+    from backdoor_seal.core.cli import main
+
+    argv = ["unlearn", "--model", "lab:lab-pixel", "--steps", "1", "--batch", "2", "--builtin-count", "4"]
+    assert (
+        main([*argv, "--trigger", "U+2060", "--trigger", "muted", "--out", str(tmp_path / "a.safetensors")])
+        == 0
+    )
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["triggers"] == 2 and first["training_prompts"] == 8  # each trigger its own pairs
+    report = tmp_path / "sanitize.json"
+    taken = {"text": "muted", "taken": True, "before": {"rates": {"before:circle": 0.75, "prepend": 0.25}}}
+    left = {"text": "red", "taken": False, "before": {"rates": {"prepend": 0.25}}}
+    report.write_text(json.dumps({"kind": "sanitize", "min_rate": 0.5, "candidates": [taken, left]}))
+    assert main([*argv, "--report", str(report), "--out", str(tmp_path / "b.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["triggers"] == 1

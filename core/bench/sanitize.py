@@ -60,6 +60,30 @@ def _settings(args: argparse.Namespace, mode: str, model):
     )
 
 
+def report_from_diff_record(record: dict, tokenizer) -> dict:
+    """A comparison report rebuilt from a saved `bench diff` record (docs/results/diff.jsonl): its flagged
+    tokens, then its top five, and what changed per component. The record keeps texts; a token id is the
+    text's first id (it only tells candidates apart)."""
+    texts = list(dict.fromkeys([*record.get("flagged", []), *record.get("top5", [])]))
+    flagged = set(record.get("flagged", []))
+    candidates = [
+        {"text": t, "token_id": tokenizer(t)["input_ids"][1], "flagged": t in flagged, "score": None}
+        for t in texts
+    ]
+    components = {k: {"changed": v} for k, v in (record.get("changed") or {}).items()}
+    return {"kind": "diff", "candidates": candidates, "components": components, "from": "bench diff record"}
+
+
+def _saved_diff(path: str, name: str) -> dict | None:
+    latest = None
+    for line in open(path, encoding="utf-8"):
+        if line.strip():
+            r = json.loads(line)
+            if r.get("model") == name and r.get("form") == "checkpoint" and r.get("unet_evals"):
+                latest = r
+    return latest
+
+
 def bench_model(name: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """One record: sanitize `name` (against lab-clean in compare mode), then the lab's figures."""
     import torch
@@ -75,8 +99,21 @@ def bench_model(name: str, mode: str, args: argparse.Namespace) -> dict[str, Any
     model, clip, vae, info = load_model(f"lab:{name}")
     spec = attacks.AttackSpec(**info["spec"])
     base = load_model(f"lab:{zoo.CLEAN_NAME}") if mode == "compare" else None
+    given = None
+    if mode == "compare" and args.from_diff:
+        from ..backends.comfy import tokenizer_info
+
+        record = _saved_diff(args.from_diff, name)
+        if record is None:
+            raise ValueError(f"{args.from_diff} holds no behavioural comparison of {name}")
+        given = report_from_diff_record(record, tokenizer_info(clip).tokenizer)
     session = SanitizeSession(
-        model, clip, vae, (base.model, base.clip) if base else None, _settings(args, mode, model)
+        model,
+        clip,
+        vae,
+        (base.model, base.clip) if base else None,
+        _settings(args, mode, model),
+        report=given,
     )
     t0 = time.monotonic()
     new_model, new_clip, _, result = session.run()
@@ -99,7 +136,7 @@ def bench_model(name: str, mode: str, args: argparse.Namespace) -> dict[str, Any
     return {
         "model": name,
         "mode": mode,
-        "finder": "scan" if mode == "blind" else ("weights" if args.weights_only else "behaviour"),
+        "finder": _finder(mode, args),
         "attack": spec.kind,
         "found": [readable(c.text) for c in result.taken],
         "fired_before": [{"token": readable(t), "asr": round(before[t], 3)} for t in fired],
@@ -126,6 +163,14 @@ def bench_model(name: str, mode: str, args: argparse.Namespace) -> dict[str, Any
         "seconds": round(seconds, 1),
         "seconds_by_phase": result.seconds,
     }
+
+
+def _finder(mode: str, args: argparse.Namespace) -> str:
+    if mode == "blind":
+        return "scan"
+    if args.from_diff:
+        return "behaviour (saved bench diff)"
+    return "weights" if args.weights_only else "behaviour"
 
 
 def run(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
@@ -159,6 +204,12 @@ def add_sanitize_bench(bench_sub: argparse._SubParsersAction) -> None:
         "--weights-only",
         action="store_true",
         help="compare mode: the weight-space ranking alone (seconds) instead of the behavioural stage",
+    )
+    p.add_argument(
+        "--from-diff",
+        default=None,
+        help="compare mode: take each model's comparison from saved `bench diff` output (its flagged and top "
+        "five tokens, what changed) instead of running it (15-40 min per model on a 2-core CPU)",
     )
     p.add_argument("--n", type=int, default=32, help="held-out prompts per ASR / fidelity measurement")
     p.add_argument("--top", type=int, default=SanitizeSettings.top)

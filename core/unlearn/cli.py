@@ -125,7 +125,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from ..backends.comfy_checkpoint import checkpoint_dtypes
     from ..lab.attacks import insertion_for
     from ..models import load_model, resolve_spec, spec_label
-    from ..triggers import insertion, triggers_from
+    from ..triggers import insertion, parse_trigger, triggers_from
     from .save import save_lora, save_sanitized
     from .session import UnlearnSession
 
@@ -140,7 +140,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     if bool(args.trigger) == bool(args.report):
         raise ValueError("give the trigger(s) with --trigger, or a report with --report (one of them)")
     report = json.loads(Path(args.report).read_text(encoding="utf-8")) if args.report else None
-    triggers = triggers_from("\n".join(args.trigger or []), report)
+    # typed triggers as given (each checked by the session); a report's set chosen on evidence
+    triggers = (
+        dict.fromkeys(map(parse_trigger, args.trigger)) if args.trigger else triggers_from(None, report)
+    )
     model, clip, vae, info = load_model(args.model, args.clip_skip)
     user_prompts = Path(args.prompts).read_text(encoding="utf-8").splitlines() if args.prompts else []
     opts = options_from_args(args, lab=bool(info))
