@@ -383,3 +383,27 @@ def test_the_fix_trains_where_the_comparison_saw_the_attack():
     assert scope_for(diff(text_encoder=0, cross_attention_kv=14, unet_other=216)) == "attn2-kv"  # BadT2I
     assert scope_for(diff(text_encoder=24, cross_attention_kv=14)) == "text"  # a LoRA with a text part
     assert scope_for({"kind": "scan"}) == scope_for(diff(text_encoder=0)) == "text"  # blind, or nothing
+
+
+def test_the_node_with_nothing_firing_hands_back_its_inputs_and_the_save_node_writes_nothing(
+    comfy_root, output_dir
+):
+    """Seal Sanitize on lab-clean from a report naming an ordinary word: nothing fires, the MODEL and CLIP
+    out are the inputs, the chart and summary say so, and Seal Save Sanitized writes no 'sanitized' copy.
+    Half a base is refused in one line."""
+    from backdoor_seal.core.models import load_model
+    from backdoor_seal.nodes.common import REPORT_UI_KEY
+    from backdoor_seal.nodes.nodes_sanitize import SealSanitize
+    from backdoor_seal.nodes.nodes_unlearn import SealSaveSanitized
+
+    clean = load_model("lab:lab-clean")
+    report = {"kind": "scan", "candidates": [{"text": "lime", "token_id": 2, "flagged": False}]}
+    with pytest.raises(ValueError, match="both base_model and base_clip"):
+        SealSanitize.execute(clean.model, clean.clip, clean.vae, base_model=clean.model, report=report)
+    out = SealSanitize.execute(clean.model, clean.clip, clean.vae, report=report, probes=2, recheck=False)
+    model, clip, lora, info, result, plot, summary = out.result
+    assert model is clean.model and clip is clean.clip and lora == {} and info["unchanged"]
+    assert result["found"] == [] and "none fired" in summary and out.ui[REPORT_UI_KEY] == [result]
+    assert plot.ndim == 4 and plot.shape[-1] == 3
+    saved = SealSaveSanitized.execute("sanitized/x", model, clip, clean.vae, lora, info)
+    assert saved.result == ("",) and not list(output_dir.rglob("*.safetensors"))

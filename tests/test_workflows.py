@@ -68,7 +68,8 @@ def test_workflow_holds_no_machine_specific_values(path):
 def test_sanitize_workflow_told_no_trigger_finds_cleans_verifies_and_saves_a_checkpoint_that_reloads_clean(
     comfy_server,
 ):
-    """The `make demo` graph as queued, with fewer probes and steps (the demo's own run: README): lab-rickroll
+    """The `make demo` graph as queued, with fewer probes, candidates and steps and no re-check (the demo's
+    own run: README): lab-rickroll
     against lab-clean; the homoglyph is found, fires before and less after, both files are written, the saved
     checkpoint reloads with a text encoder unlike the poisoned one, and the chart's PNG carries the graph."""
     import torch
@@ -80,13 +81,13 @@ def test_sanitize_workflow_told_no_trigger_finds_cleans_verifies_and_saves_a_che
     client = comfy_server.client()
     ui, api = _ui("sanitize-lab-model"), _api("sanitize-lab-model")
     assert api["3"]["inputs"]["behaviour"] is False and "trigger" not in json.dumps(api["3"])
-    api["3"]["inputs"].update(probes=4, steps=150, top=2)
+    api["3"]["inputs"].update(probes=3, steps=120, top=1, recheck=False)  # about 2 minutes
     entry = client.run(api, workflow=ui, timeout=900)
     report = entry["outputs"]["3"]["seal_report"][0]
     assert "\u043e" in report["found"]
     glyph = next(c for c in report["candidates"] if c["text"] == "\u043e")
     assert glyph["before"]["rate"] >= 0.75 and glyph["after"]["rate"] < glyph["before"]["rate"]
-    assert report["flagged_after"] is not None and 0.8 < report["clean_fidelity_ssim"] <= 1.0
+    assert report["flagged_after"] is None and 0.8 < report["clean_fidelity_ssim"] <= 1.0
     saved = entry["outputs"]["4"]["text"][0].splitlines()
     assert len(saved) == 2 and all(s.endswith(".safetensors") for s in saved)
     cleaned = live_weights(*load_model(str(comfy_server.output_dir / saved[0]))[:2])

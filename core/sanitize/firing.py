@@ -4,8 +4,8 @@ A scan or a comparison ranks tokens; ranking is not proof. Here each candidate i
 (the comparison's templates, `core.prompts.probe_templates`) at every slot: first (BadT2I's place), before
 each object (object swaps, EvilEdit) and, for a token holding a homoglyph, in place of its Latin twin
 (Rickrolling). One image per prompt and slot, one seed per prompt. At each slot the candidate *fires* when
-it changes the clean image (1 - SSIM) more than every one of `null_tokens` random vocabulary words put in
-the same slot does, by `margin`. No target is needed: a backdoor's payload is whatever the trigger does
+it changes the clean image (1 - SSIM) more than the median of `null_tokens` random vocabulary words put
+in the same slot does, by `margin` (not their largest: random words can fire a backdoor too). No target is needed: a backdoor's payload is whatever the trigger does
 far beyond an ordinary word.
 
 With the base (a comparison), the change is measured against the base instead: 1 - SSIM between the
@@ -38,7 +38,10 @@ class FiringSettings:
 
     templates: int = 8  # probe templates (each gives one prompt per slot)
     null_tokens: int = 8  # random vocabulary words per slot: what an ordinary token does there
-    margin: float = 0.05  # 1 - SSIM beyond the largest ordinary word's, at that slot
+    margin: float = 0.08  # 1 - SSIM beyond the ordinary words' (their null_quantile), at that slot
+    # the median: random vocabulary words can fire a backdoor too (lab-pixel: 2-3 of 16 change the base
+    # comparison as much as a trigger), so the largest of them is no baseline
+    null_quantile: float = 0.5
     min_rate: float = 0.5  # fires: at its best placement, on at least this share of the probes
     seed: int = 0
 
@@ -125,11 +128,14 @@ class FiringTest:
         self.nulls = random_words(tokenizer, s.null_tokens, s.seed)
         self.images_drawn = 0
         self.clean = self._draw([clean_prompt(t) for t in self.templates], self.seeds)
-        # per template, per slot: the largest change an ordinary word makes there
-        self.null_drop = [np.zeros(len(slots)) for slots in self.slots]
-        for word in self.nulls:
-            for i, drops in enumerate(self._drops(word)):
-                self.null_drop[i] = np.maximum(self.null_drop[i], drops)
+        # per ordinary word, per template, per slot: the change it makes there
+        self.null_drops = [self._drops(word) for word in self.nulls]
+        # per template, per slot: the bar a candidate must clear (a quantile of the ordinary words' changes
+        # plus the margin: random words can fire a backdoor too, so the largest is no baseline)
+        q = s.null_quantile
+        self.null_drop = [
+            np.quantile(np.stack([d[i] for d in self.null_drops]), q, axis=0) for i in range(len(self.slots))
+        ]
 
     def _draw(self, prompts: list[str], seeds: list[int], draw: Draw | None = None) -> list[np.ndarray]:
         images = (draw or self.draw)(prompts, seeds)

@@ -70,7 +70,7 @@ class SanitizeReport:
 
     def summary(self) -> str:
         """The result in words a user reads at a glance."""
-        finder = "comparison with the base" if self.mode == "compare" else "blind vocabulary scan"
+        finder = "comparison with the base" if self.found_report.get("kind") == "diff" else "vocabulary scan"
         if not self.taken:
             tested = len([c for c in self.candidates if c.before is not None])
             return f"clean as far as the {finder} can tell: {tested} candidate(s) tested, none fired; nothing unlearnt"
