@@ -36,7 +36,7 @@ def firing_image(report: dict) -> torch.Tensor:
     ax.set_xlabel("share of probe prompts where the token fires", fontsize=8)
     ax.legend(fontsize=7, loc="lower right")
     head = report["summary"].splitlines()[0]
-    found = ", ".join(repr(readable(t)) for t in report["found"]) or "none"
+    found = ", ".join(_label({"readable": readable(t), "text": t}) for t in report["found"]) or "none"
     ax.set_title(f"{head}\nunlearnt: {found}", fontsize=8)
     fig.tight_layout()
     return figure_to_image(fig)
