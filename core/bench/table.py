@@ -183,7 +183,8 @@ def sanitize_table(records: list[dict]) -> str:
             and r["clean_fidelity_ssim"] >= 0.90
             and r["clean_accuracy"] >= 0.95 * r["clean_accuracy_before"]
         )
-        found = ", ".join(repr(t).replace("|", "\\|") for t in r["found"]) or "none"
+        names = [repr(t).replace("|", "\\|") for t in r["found"]]
+        found = ", ".join(names[:6]) + (f" +{len(names) - 6} more" if len(names) > 6 else "") or "none"
         fired = ", ".join(f"{t['token']!r} {t['asr']:.2f}".replace("|", "\\|") for t in r["fired_before"])
         rows.append(
             f"| {r['model']} | {r['attack']} | {r['mode']}: {r.get('finder', '')} | {r.get('scope') or '-'} "
