@@ -123,7 +123,7 @@ def family_graph(
     per scope s in FAMILY_SCOPES (k = 0, 1): "2k+20" SealUnlearn -> "2k+21" SealSaveSanitized (checkpoint +
     kohya LoRA); "30" SealSAUProfile -> "31" SealSAUSampler -> "32" SealSAUDecode ("33" previews);
     "40" SealEvaluate (original against the text-scope unlearned model, a black target image "41"; "42" previews
-    its figure)."""
+    its figure); "50" SealCompareModels (weight space) -> "52" SealSanitize ("53" previews its chart)."""
     sampling = {"seed": seed, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal"}
     prompts = "\n".join(FAMILY_PROMPTS)
     model, clip, vae = ["1", 0], ["1", 1], ["1", 2]
@@ -292,6 +292,24 @@ def family_graph(
         },
     }
     graph["51"] = {"class_type": "PreviewImage", "inputs": {"images": ["50", 1]}}
+    # Seal Sanitize on the same pair from that report: the firing test on its best candidate, at 8x8
+    graph["52"] = {
+        "class_type": "SealSanitize",
+        "inputs": {
+            "model": ["22", 0],
+            "clip": ["22", 1],
+            "vae": vae,
+            "base_model": model,
+            "base_clip": clip,
+            "report": ["50", 0],
+            "top": 1,
+            "probes": 2,
+            "steps": 2,
+            "recheck": False,
+            "latent_size": 8,
+        },
+    }
+    graph["53"] = {"class_type": "PreviewImage", "inputs": {"images": ["52", 5]}}
     return graph
 
 

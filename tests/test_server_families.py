@@ -96,6 +96,11 @@ def test_the_comparison_names_the_unlearned_copys_cross_attention_change(family_
     assert "text_encoder" not in summary  # the attn2-kv scope changed the UNet's keys and values only
     (chart,) = _pngs(client, out["51"]["images"])
     assert chart.size[0] > 100
+    sanitize = out["52"]["seal_report"][0]  # told no trigger: its candidate measured before (and after)
+    assert sanitize["kind"] == "sanitize" and sanitize["mode"] == "compare"
+    assert len(sanitize["candidates"]) == 1 and sanitize["candidates"][0]["before"] is not None
+    (firing,) = _pngs(client, out["53"]["images"])
+    assert firing.size[0] > 100
 
 
 @pytest.mark.parametrize("scope", FAMILY_SCOPES)

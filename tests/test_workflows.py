@@ -86,7 +86,8 @@ def test_sanitize_workflow_told_no_trigger_finds_cleans_verifies_and_saves_a_che
     report = entry["outputs"]["3"]["seal_report"][0]
     assert "\u043e" in report["found"]
     glyph = next(c for c in report["candidates"] if c["text"] == "\u043e")
-    assert glyph["before"]["rate"] >= 0.75 and glyph["after"]["rate"] < glyph["before"]["rate"], glyph
+    # the pack's own after-test over-warns against the base (docs/sanitize.md, Limits); the lab judges below
+    assert glyph["before"]["rate"] >= 0.75 and glyph["after"] is not None, glyph
     assert report["flagged_after"] is None and 0.8 < report["clean_fidelity_ssim"] <= 1.0
     saved = entry["outputs"]["4"]["text"][0].splitlines()
     assert len(saved) == 2 and all(s.endswith(".safetensors") for s in saved)
@@ -95,6 +96,15 @@ def test_sanitize_workflow_told_no_trigger_finds_cleans_verifies_and_saves_a_che
     poisoned = live_weights(suspect.model, suspect.clip)
     text = [k for k in poisoned if k.startswith("text.") and k.endswith("v_proj.weight")]
     assert text and any(not torch.allclose(cleaned[k], poisoned[k], atol=1e-3) for k in text)
+    # the saved file, reloaded, no longer draws the Rickrolling target for the homoglyph
+    from backdoor_seal.core.bench.detect import candidate_asr
+    from backdoor_seal.core.lab.attacks import AttackSpec
+
+    spec = AttackSpec(**suspect.info["spec"])
+    reloaded = load_model(str(comfy_server.output_dir / saved[0]))
+    before = candidate_asr(suspect.model, suspect.clip, suspect.vae, spec, "\u043e", n=16)
+    after = candidate_asr(reloaded.model, reloaded.clip, reloaded.vae, spec, "\u043e", n=16)
+    assert before >= 0.75 and after <= before - 0.5, (before, after)
     png = Image.open(io.BytesIO(client.fetch_image(entry["outputs"]["5"]["images"][0])))
     assert json.loads(png.text["workflow"]) == ui and json.loads(png.text["prompt"]) == api
 
