@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,7 +77,7 @@ def report_from_diff_record(record: dict, tokenizer) -> dict:
 
 def _saved_diff(path: str, name: str) -> dict | None:
     latest = None
-    for line in open(path, encoding="utf-8"):
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.strip():
             r = json.loads(line)
             if r.get("model") == name and r.get("form") == "checkpoint" and r.get("unet_evals"):

@@ -141,6 +141,8 @@ class SanitizeSession:
         self.given_report = report
         self.progress = progress or (lambda phase, done, total: None)
         self.check_interrupt = check_interrupt or (lambda: None)
+        self.found: dict = {}  # the finder's report on the input (run)
+        self._base_images: dict[tuple[str, int], Any] = {}  # (prompt, seed) -> the base's image
 
     # --- the phases -------------------------------------------------------------------------------
 
@@ -172,7 +174,16 @@ class SanitizeSession:
         draw = model_drawer(model, clip, self.vae, *self.settings.drawing)
         base_draw = None
         if self.base is not None:
-            base_draw = model_drawer(*self.base, self.vae, *self.settings.drawing)
+            # the base never changes: its images of the probes are drawn once for the tests before and after
+            drawer = model_drawer(*self.base, self.vae, *self.settings.drawing)
+
+            def base_draw(prompts: list[str], seeds: list[int]) -> list:
+                keys = list(zip(prompts, seeds, strict=True))
+                missing = list(dict.fromkeys(k for k in keys if k not in self._base_images))
+                if missing:
+                    images = drawer([p for p, _ in missing], [s for _, s in missing])
+                    self._base_images.update(zip(missing, images, strict=True))
+                return [self._base_images[k] for k in keys]
 
         def tick(images: int) -> None:
             self.check_interrupt()
