@@ -54,6 +54,15 @@ class SealDetectPrompt(io.ComfyNode):
                     "prompts", multiline=True, default="", tooltip="Prompts to check, one per line."
                 ),
                 *prompt_set_inputs(),
+                io.Int.Input(
+                    "calibration_prompts",
+                    default=DetectOptions.calibration_prompts,
+                    min=0,
+                    max=256,
+                    optional=True,
+                    tooltip="Built-in clean prompts the thresholds are calibrated on (after your clean_prompts). "
+                    "Each costs about one prompt check; a calibration is cached per model and reused.",
+                ),
                 io.Model.Input(
                     "base_model",
                     optional=True,
@@ -74,6 +83,7 @@ class SealDetectPrompt(io.ComfyNode):
         clean_prompts: str = "",
         builtin_prompts: str = "auto",
         latent_size: int = 0,
+        calibration_prompts: int = DetectOptions.calibration_prompts,
         base_model: io.Model.Type | None = None,
         base_clip: io.Clip.Type | None = None,
     ) -> io.NodeOutput:
@@ -81,8 +91,15 @@ class SealDetectPrompt(io.ComfyNode):
         if not checked:
             raise ValueError("no prompt to check: write one prompt per line in 'prompts'")
         opts = DetectOptions(
-            lab=prompt_set(model, builtin_prompts) == "lab", latent_side=latent_side(model, latent_size)
+            lab=prompt_set(model, builtin_prompts) == "lab",
+            latent_side=latent_side(model, latent_size),
+            calibration_prompts=calibration_prompts,
         )
+        if len(PromptDetection.builtin_calibration(opts, clean_prompts)) < 2:
+            raise ValueError(
+                "calibration needs at least 2 clean prompts: write some in clean_prompts or raise "
+                "calibration_prompts"
+            )
         if (base_model is None) != (base_clip is None):
             raise ValueError("connect both base_model and base_clip (the base's MODEL and CLIP), or neither")
         if base_model is not None:

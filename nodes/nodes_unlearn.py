@@ -79,7 +79,12 @@ class SealUnlearn(io.ComfyNode):
                 io.Int.Input(
                     "latent_size", default=64, min=1, max=256, tooltip="Training latent side (pixels / 8)."
                 ),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="fp32"),
+                io.Combo.Input(
+                    "precision",
+                    options=list(PRECISIONS),
+                    default="auto",
+                    tooltip="auto: bf16 autocast on a GPU that supports it (the LoRA stays fp32), fp32 on a CPU.",
+                ),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
                 io.Float.Input(
                     "retain",

@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "triggers",
                 "images",
                 "safetensors_io",
+                "cache",
                 "plots",
                 "heatmaps",
                 "version",

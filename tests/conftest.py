@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# per-model caches (calibrations) of this run go to a fresh folder, never the user's, servers included
+os.environ["BACKDOOR_SEAL_CACHE"] = tempfile.mkdtemp(prefix="seal-cache-")
 
 
 @pytest.fixture(scope="session")

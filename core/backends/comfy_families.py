@@ -149,7 +149,7 @@ def _check(family: str, size: str, prediction: str = "eps") -> None:
         raise ValueError(f"unknown prediction {prediction!r}; one of {', '.join(PREDICTIONS)}")
 
 
-def model_config(family: str, size: str = "tiny"):
+def model_config(family: str, size: str = "tiny", dtype: torch.dtype = torch.float32):
     """ComfyUI's supported-model object of the family (SD15, SD20, SDXL) with the UNet config of the size."""
     ensure_comfy_importable()
     import comfy.supported_models as sm
@@ -157,7 +157,7 @@ def model_config(family: str, size: str = "tiny"):
     _check(family, size)
     unet = (FULL_UNET if size == "full" else TINY_UNET)[family]
     classes = {"sd15": sm.SD15, "sd20": sm.SD20, "sdxl": sm.SDXL}
-    return classes[family](dict(unet, dtype=torch.float32))
+    return classes[family](dict(unet, dtype=dtype))
 
 
 def text_options(size: str) -> dict[str, Any]:
@@ -168,8 +168,16 @@ def text_options(size: str) -> dict[str, Any]:
     return options
 
 
-def build_model(family: str, size: str = "tiny", prediction: str = "eps", seed: int = 0):
-    """A MODEL (ModelPatcher) of the family with random weights; prediction eps or v."""
+def build_model(
+    family: str,
+    size: str = "tiny",
+    prediction: str = "eps",
+    seed: int = 0,
+    dtype: torch.dtype | str = torch.float32,
+):
+    """A MODEL (ModelPatcher) of the family with random weights; prediction eps or v. `dtype` "auto" is the
+    UNet weight dtype ComfyUI's checkpoint loader picks on this device (comfy.sd.load_state_dict_guess_config:
+    fp16 or bf16 on most GPUs, with manual casting where the device cannot compute in it; fp32 on a CPU)."""
     ensure_comfy_importable()
     import comfy.model_base
     import comfy.model_management as mm
@@ -177,6 +185,12 @@ def build_model(family: str, size: str = "tiny", prediction: str = "eps", seed: 
 
     _check(family, size, prediction)
     config = model_config(family, size)
+    if dtype == "auto":
+        dtype = mm.unet_dtype(supported_dtypes=config.supported_inference_dtypes)
+    config = model_config(family, size, dtype)
+    config.set_inference_dtype(
+        dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), config.supported_inference_dtypes)
+    )
     model_type = (
         comfy.model_base.ModelType.V_PREDICTION if prediction == "v" else comfy.model_base.ModelType.EPS
     )
@@ -212,9 +226,20 @@ def build_vae(size: str = "tiny", seed: int = 0, state_dict: dict[str, torch.Ten
     return comfy.sd.VAE(sd=state_dict, config={"params": config})
 
 
-def build_family(family: str, size: str = "tiny", prediction: str = "eps", seed: int = 0):
-    """MODEL, CLIP and VAE of one SD family at one size, random weights (tests, benchmarks)."""
-    return build_model(family, size, prediction, seed), build_clip(family, size, seed), build_vae(size, seed)
+def build_family(
+    family: str,
+    size: str = "tiny",
+    prediction: str = "eps",
+    seed: int = 0,
+    dtype: torch.dtype | str = torch.float32,
+):
+    """MODEL, CLIP and VAE of one SD family at one size, random weights (tests, benchmarks); `dtype` is the
+    UNet's (build_model)."""
+    return (
+        build_model(family, size, prediction, seed, dtype),
+        build_clip(family, size, seed),
+        build_vae(size, seed),
+    )
 
 
 def load_family_state(

@@ -117,6 +117,22 @@ class ComfyProbe:
         row carries the pooled embedding; step and x0 take contexts as this returns them)."""
         return encode_id_rows(self.clip, self.clip_name, rows, self.length)
 
+    def batch_limit(self, wanted: int, latent_shape: tuple[int, ...] | None = None) -> int:
+        """At most `wanted` UNet inputs per call, fewer when the device's free memory cannot hold them
+        (ComfyUI's own per-input estimate, BaseModel.memory_required; 80% of what is free). A CPU: wanted."""
+        import comfy.model_management as mm
+
+        device = mm.get_torch_device()
+        if device.type == "cpu":
+            return wanted
+        shape = latent_shape or (4, *self.latent_hw)
+        try:
+            per_item = float(self.model.model.memory_required([2, *shape])) / 2  # cond + uncond in one call
+            free = float(mm.get_free_memory(device))
+        except Exception:  # an estimate only: never stop a probe for it
+            return wanted
+        return max(1, min(wanted, int(0.8 * free / max(per_item, 1.0))))
+
     def vocabulary_size(self) -> int:
         """How many token ids the tokenizer has (49,408 for CLIP)."""
         return len(self.tokenizer.get_vocab())

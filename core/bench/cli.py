@@ -99,6 +99,10 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
 
     add_sanitize_bench(bench_sub)
 
+    from .gpu import add_gpu_bench
+
+    add_gpu_bench(bench_sub)
+
     from .sau import add_sau_bench
 
     add_sau_bench(bench_sub)

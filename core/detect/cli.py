@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +52,12 @@ def add_detect_commands(sub: argparse._SubParsersAction) -> None:
         help="write the calibration here (JSON; reuse it with --calibration)",
     )
     p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="calibrate again even if this model was calibrated on the same prompts before (the cache: "
+        "BACKDOOR_SEAL_CACHE, else ~/.cache/backdoor-seal)",
+    )
+    p.add_argument(
         "--probe-prompts",
         type=_at_least_8,
         default=DetectOptions.probe_prompts,
@@ -95,7 +102,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
         prompts = detection.calibration_set(own, builtin=not own)
         # each calibration prompt is a full detection: minutes apiece for SD1.5 / SDXL on a CPU
         with tqdm(total=len(prompts), desc="calibrate", unit="prompt") as bar:
-            detection.calibrate(prompts, name=args.model, tick=bar.update)
+            detection.calibrate(prompts, name=args.model, tick=bar.update, cache=not args.no_cache)
+        if detection.calibration_cached:
+            print(f"calibration: read from the cache ({len(prompts)} prompts, this model)", file=sys.stderr)
         if args.save_calibration:
             detection.calibration.save(args.save_calibration)
     for prompt in args.prompt:

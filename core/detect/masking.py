@@ -148,12 +148,14 @@ def score_prompt(probe: ProbeModel, prompt: str, settings: MaskingSettings | Non
         return torch.stack(rows)
 
     t = settings.timestep(probe.num_timesteps)
+    limit = getattr(probe, "batch_limit", None)  # sized to the device's free memory
+    group = limit(settings.group, settings.latent_shape) if limit else settings.group
     unet = torch.zeros(len(variants))
     for seed in settings.seeds:
         noise = torch.randn((1, *settings.latent_shape), generator=torch.Generator().manual_seed(seed))
         # The unmasked prompt rides in every group so each group's changes have their own reference.
-        for start in range(0, len(variants), settings.group):
-            batch = variants[start : start + settings.group]
+        for start in range(0, len(variants), group):
+            batch = variants[start : start + group]
             _, outs = probe.step(contexts(batch), noise, t)
             per_layer = torch.stack([relative_change(out[0], out[1:]) for out in outs.values()])
             unet[start : start + len(batch)] += per_layer.mean(0)

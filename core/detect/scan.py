@@ -163,6 +163,8 @@ class VocabularyScanner:
         self.progress = progress or (lambda done, total: None)
         self.check_interrupt = check_interrupt or (lambda: None)
         self.t = self.settings.timestep(probe.num_timesteps)
+        limit = getattr(probe, "batch_limit", None)  # sized to the device's free memory
+        self.batch = limit(self.settings.batch, self.settings.latent_shape) if limit else self.settings.batch
         self.unet_evals = 0
         self._references: dict[tuple[int, int], tuple[list[int], torch.Tensor]] = {}
 
@@ -208,9 +210,9 @@ class VocabularyScanner:
             noise = self._noise(p)
             ref_x0, ref_ctx = self._x0([base], noise)
             words = ref_ctx[0, 1:end]
-            for start in range(0, len(vocab), s.batch):
+            for start in range(0, len(vocab), self.batch):
                 self.check_interrupt()
-                chunk = vocab[start : start + s.batch]
+                chunk = vocab[start : start + self.batch]
                 out, ctx = self._x0(_inserted(base, chunk), noise)
                 x0_change[start : start + len(chunk)] += (out - ref_x0).norm(dim=1).numpy()
                 moved = (ctx[:, 2 : end + 1] - words.unsqueeze(0)).flatten(1).norm(dim=1) / words.norm()
@@ -236,8 +238,8 @@ class VocabularyScanner:
             for p in range(n):
                 self.check_interrupt()
                 base, ref = self._reference(p, 100 + seed)
-                for start in range(0, len(token_ids), s.batch):
-                    chunk = token_ids[start : start + s.batch]
+                for start in range(0, len(token_ids), self.batch):
+                    chunk = token_ids[start : start + self.batch]
                     out, _ = self._x0(_inserted(base, chunk), noise)
                     change = out - ref
                     total[start : start + len(chunk)] += change

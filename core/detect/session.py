@@ -23,6 +23,7 @@ from .prompts import (
 from .scan import ScanReport, ScanSettings, VocabularyScanner
 
 CALIBRATION_SEED = 1  # calibration prompts come from another draw than the transplant probes (seed 0)
+CALIBRATION_FORMAT = 1  # part of a cached calibration's key: raise it when a detector's scores change
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class PromptDetection:
         probes = builtin_prompts(self.opts.lab, self.opts.probe_prompts, seed=0)
         self.transplant = transplant_scanner(self.probe, probes, self.settings.latent_shape)
         self.calibration: Calibration | None = None
+        self.calibration_cached = False
 
     def calibration_set(self, clean_prompts: str | Sequence[str] = (), builtin: bool = True) -> list[str]:
         """The user's clean prompts, followed by the built-in ones unless `builtin` is off."""
@@ -66,10 +68,42 @@ class PromptDetection:
         return own + builtin_prompts(opts.lab, opts.calibration_prompts, CALIBRATION_SEED)
 
     def calibrate(
-        self, prompts: Sequence[str], name: str = "MODEL", tick: Callable[[], None] | None = None
+        self,
+        prompts: Sequence[str],
+        name: str = "MODEL",
+        tick: Callable[[], None] | None = None,
+        cache: bool = True,
     ) -> Calibration:
-        """Thresholds from clean prompts of this model (tick after each; it may raise to stop)."""
-        self.calibration = calibrate_on(self.probe, prompts, self.settings, self.transplant, name, tick)
+        """Thresholds from clean prompts of this model (tick after each; it may raise to stop).
+
+        With `cache`, a calibration of the same weights, prompts and settings made before is read from the
+        cache folder (`core.cache`) instead of scoring every prompt again (about 100 UNet evaluations each);
+        `self.calibration_cached` says which happened."""
+        from dataclasses import asdict
+
+        from ..backends.comfy import weights_fingerprint
+        from ..cache import cached
+
+        def compute() -> dict:
+            return asdict(calibrate_on(self.probe, prompts, self.settings, self.transplant, name, tick))
+
+        if not cache:
+            value, hit = compute(), False
+        else:
+            key = {
+                "format": CALIBRATION_FORMAT,
+                "weights": weights_fingerprint(self.probe.model, self.probe.clip),
+                "prompts": list(prompts),
+                "masking": asdict(self.settings),
+                "transplant_probes": list(self.transplant.prompts),
+                "transplant": asdict(self.transplant.settings),
+            }
+            value, hit = cached("calibration", key, compute)
+            if hit and tick:
+                for _ in prompts:
+                    tick()
+        self.calibration = Calibration(**{**value, "model": name})
+        self.calibration_cached = hit
         return self.calibration
 
     def check(self, prompt: str) -> PromptReport:
@@ -87,7 +121,9 @@ class PromptDetection:
             reports.append(self.check(p).to_dict())
             if tick:
                 tick()
-        return prompt_set_report(reports, self.calibration)
+        report = prompt_set_report(reports, self.calibration)
+        report["calibration_cached"] = self.calibration_cached
+        return report
 
 
 def scan_model(

@@ -41,7 +41,9 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
         default="noise",
         help="x_t: pure noise (the paper) or states of the teacher's own sampling of the clean prompts",
     )
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on a GPU, fp32 on a CPU"
+    )
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -23,7 +23,7 @@ from ..triggers import TrainingPair
 METHODS = ("skd", "skd-cag")
 TARGETS = ("noise", "black", "random-words")
 INPUTS = ("noise", "trajectory")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on a GPU that has it, else fp32
 
 ProgressFn = Callable[[int, int, dict], None]
 
@@ -41,7 +41,7 @@ class SKDConfig:
     weight_decay: float = 0.01
     batch: int = 8
     seed: int = 0
-    precision: str = "fp32"
+    precision: str = "auto"
     grad_clip: float = 1.0
     retain: float = 0.25  # share of batch items whose student sees the clean prompt (not in the paper)
     inputs: str = "noise"  # x_t: pure noise (the paper) or states of the teacher's own clean sampling
@@ -184,6 +184,14 @@ class UnlearnResult:
     stopped_early: bool = False
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether training runs under bf16 autocast: "bf16" always; "auto" on a CUDA device with bf16 (the
+    deltas and optimizer state stay fp32; a CPU's bf16 matmuls are slower than its fp32 ones)."""
+    if precision == "bf16":
+        return True
+    return precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def train_skd(
     model: DistillationModel,
     pairs: Sequence[TrainingPair],
@@ -207,7 +215,7 @@ def train_skd(
     rng = np.random.default_rng(cfg.seed)
     alpha = cfg.attention_weight
     use_cag = alpha > 0
-    bf16 = cfg.precision == "bf16"
+    bf16 = uses_bf16(cfg.precision, model.device)
     losses: list[dict] = []
     order: list[int] = []
     t0 = time.monotonic()
