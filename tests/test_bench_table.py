@@ -280,3 +280,35 @@ def test_a_saved_comparison_record_becomes_a_report_the_sanitize_job_reads():
         ("alec", False),
     ]
     assert scope_for(report) == "attn2-kv"
+
+
+def _gpu_record(**over):
+    r = {
+        "device": "NVIDIA H200", "arch": "sd15", "size": "full", "latent": [64, 64],
+        "detect_masking_s_per_prompt": 0.04, "detect_transplant_s_per_prompt": 0.2, "scan_tokens_per_s": 900.0,
+        "scan_full_vocab_s": 110.0, "skd_step_s": 0.2, "reference_step_s": 0.3, "throughput_ratio": 12.0,
+        "skd_peak_gb": 6.0, "reference_peak_gb": 14.0, "capture_overhead": 1.03, "sau_cost_ratio": 1.9,
+    }  # fmt: skip
+    return r | over
+
+
+def test_gpu_table_applies_the_targets_per_architecture_and_never_to_tiny_runs():
+    from backdoor_seal.core.bench.table import gpu_table
+
+    rows = gpu_table(
+        [
+            _gpu_record(scan_full_vocab_s=500.0),  # superseded by the next record of the same setting
+            _gpu_record(),
+            _gpu_record(
+                arch="sdxl", latent=[128, 128], scan_full_vocab_s=400.0, detect_masking_s_per_prompt=0.3
+            ),
+            _gpu_record(arch="sdxl", device="cpu", size="tiny", latent=[8, 8], skd_peak_gb=None),
+            _gpu_record(arch="sd15", device="NVIDIA A10", capture_overhead=1.2),
+        ]
+    ).splitlines()[2:]
+    assert len(rows) == 4
+    sd15, sdxl, tiny, a10 = rows
+    assert sd15.endswith("| yes |") and "| 110 |" in sd15
+    assert sdxl.endswith("| yes |")  # SDXL's masking time has no target; its scan's is 8 minutes
+    assert "n/a (not full size)" in tiny and "| - /" in tiny
+    assert a10.endswith("| no |")  # capture overhead 1.2 > 1.05

@@ -116,6 +116,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fullsize", default="docs/results/fullsize.jsonl", help="saved `bench fullsize` output")
     p.add_argument("--diff", default="docs/results/diff.jsonl", help="saved `bench diff` output")
     p.add_argument("--sanitize", default="docs/results/sanitize.jsonl", help="saved `bench sanitize` output")
+    p.add_argument("--gpu", default="docs/results/gpu.jsonl", help="saved `bench gpu` output")
     p.add_argument(
         "--lab-loras", default="docs/results/lab-loras.jsonl", help="saved `lab extract-lora` output"
     )

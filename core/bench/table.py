@@ -196,6 +196,43 @@ def sanitize_table(records: list[dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+GPU_TARGETS = {"sd15": {"scan_s": 120.0, "masking_s": 0.05}, "sdxl": {"scan_s": 480.0, "masking_s": None}}
+
+
+def gpu_table(records: list[dict]) -> str:
+    """`bench gpu` output: one row per (device, architecture, size), the latest of each. Targets (#23, an
+    H200 at full size): masking <= 0.05 s per prompt (SD1.5), full scan <= 2 min (SD1.5) / 8 min (SDXL),
+    SKD-CAG throughput >= 10x the reference's at <= half its peak memory, capture overhead <= 1.05x."""
+    latest = {(r["device"], r["arch"], r.get("size", "full")): r for r in records}
+    head = (
+        "| device | arch | latent | masking s / prompt | transplant s / prompt | scan tokens/s | full scan s "
+        "(extrapolated) | SKD-CAG / reference step s | samples/s ratio | peak GB ours / reference "
+        "| capture overhead | SAU cost | targets met |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for (device, arch, size), r in latest.items():
+        t = GPU_TARGETS.get(arch, {})
+        peaks = r.get("skd_peak_gb"), r.get("reference_peak_gb")
+        checks = [
+            r["scan_full_vocab_s"] <= t.get("scan_s", float("inf")),
+            r["throughput_ratio"] >= 10,
+            r["capture_overhead"] <= 1.05,
+            None not in peaks and peaks[0] <= 0.5 * peaks[1],
+        ]
+        if t.get("masking_s") is not None:
+            checks.append(r["detect_masking_s_per_prompt"] <= t["masking_s"])
+        met = "n/a (not full size)" if size != "full" else ("yes" if all(checks) else "no")
+        rows.append(
+            f"| {device} | {arch}{'' if size == 'full' else f' ({size})'} | {r['latent'][0]}x{r['latent'][1]} "
+            f"| {r['detect_masking_s_per_prompt']:.3f} | {r['detect_transplant_s_per_prompt']:.3f} "
+            f"| {r['scan_tokens_per_s']:.0f} | {r['scan_full_vocab_s']:.0f} "
+            f"| {r['skd_step_s']:.3f} / {r['reference_step_s']:.3f} | {r['throughput_ratio']:.1f} "
+            f"| {_fmt(peaks[0], 1) or '-'} / {_fmt(peaks[1], 1) or '-'} | {r['capture_overhead']:.3f} "
+            f"| {r['sau_cost_ratio']:.2f} | {met} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
 def lab_loras_table(records: list[dict]) -> str:
     """`lab extract-lora` output (each lab attack as a LoRA, its rank, size and the ASR it keeps) and the
     LoRAs trained as LoRAs (`lab attack --kind villan`: no checkpoint, no energy to keep)."""
@@ -241,6 +278,8 @@ def cmd_table(args: argparse.Namespace) -> int:
         text = replace_between(text, "diff", diff_table(read_records(args.diff)))
     if "<!-- results:sanitize -->" in text and Path(args.sanitize).exists():
         text = replace_between(text, "sanitize", sanitize_table(read_records(args.sanitize)))
+    if "<!-- results:gpu -->" in text and Path(args.gpu).exists():
+        text = replace_between(text, "gpu", gpu_table(read_records(args.gpu)))
     if "<!-- results:fullsize -->" in text and Path(args.fullsize).exists():
         text = replace_between(text, "fullsize", fullsize_table(read_records(args.fullsize)))
     tmp = target.with_name(f".{target.name}.tmp")
