@@ -85,9 +85,42 @@ def test_frontend_loads_the_extension_runs_the_sanitize_workflow_and_shows_the_r
                 node.pop("_meta", None)
             twin = json.loads((ROOT / "tests" / "workflows" / f"{path.stem}.api.json").read_text())
             assert queued == twin, f"the frontend queues {path.name} differently from its API twin"
+        # Seal Sanitize's report (as SanitizeReport.to_json writes it) renders as its own table
+        sanitize = page.evaluate(
+            """(report) => {
+                const node = LiteGraph.createNode("SealSanitize");
+                window.app.graph.add(node);
+                node.onExecuted({ seal_report: [report] });
+                const rows = [...node.sealReport.element.querySelectorAll("tr")];
+                return rows.map((r) => [r.className, r.textContent]);
+            }""",
+            _sanitize_report(),
+        )
         browser.close()
+    assert ["seal-good", "<U+2060>94% -> 0%"] in sanitize and ["seal-bad", "muted88% -> 62%"] in sanitize
+    assert ["", "triggers found2"] in sanitize and ["seal-bad", "still firing1"] in sanitize
+    assert ["", "clean fidelity, SSIM0.955"] in sanitize
+    assert not any("merging" in text for _, text in sanitize)  # tested, did not fire: not taken
     assert "<U+2060>" in text and "attack success, after removal" in text and "0%" in text
     assert shot.stat().st_size > 10_000
     if os.environ.get("BACKDOOR_SEAL_SCREENSHOT"):
         shutil.copy(shot, os.environ["BACKDOOR_SEAL_SCREENSHOT"])
     assert not errors, "console errors from our extension:\n" + "\n".join(errors)
+
+
+def _sanitize_report() -> dict:
+    """A sanitize report made by the real classes: two triggers taken (one still fires), one left out."""
+    from backdoor_seal.core.sanitize.choose import Candidate
+    from backdoor_seal.core.sanitize.firing import Firing
+    from backdoor_seal.core.sanitize.session import SanitizeReport
+
+    def firing(text, rate, fires):
+        return Firing(text, rate, "prepend", {"prepend": rate}, fires)
+
+    candidates = [
+        Candidate("\u2060", [1], 1, True, 9.0, firing("\u2060", 0.94, True), firing("\u2060", 0.0, False)),
+        Candidate("muted", [2], 2, True, 7.0, firing("muted", 0.88, True), firing("muted", 0.62, True)),
+        Candidate("merging", [3], 3, False, 2.0, firing("merging", 0.25, False)),
+    ]
+    report = SanitizeReport("compare", candidates, {"kind": "diff"}, clean_fidelity_ssim=0.955, rounds=1)
+    return report.to_json()

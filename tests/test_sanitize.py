@@ -275,11 +275,13 @@ def _fake_session(rounds: int, after_by_round: list[dict[str, float]], recheck: 
 
     class Fake(SanitizeSession):
         trained: list = []
+        references: list = []
 
         def find(self, model, clip):
             return recheck[len(self.trained) - 1] if self.trained else FOUND
 
-        def firing_test(self, model, clip):
+        def firing_test(self, model, clip, against_base=True):
+            self.references.append((model, against_base))
             if model == "input":
                 return _FakeTest({"zq": 1.0, "vv": 0.75, "red": 0.25})
             return _FakeTest(after_by_round[int(model[-1]) - 1])
@@ -329,8 +331,10 @@ def test_a_second_round_retrains_from_the_input_on_what_still_fires_and_what_the
         {"kind": "scan", "candidates": []},
     ]
     session = _fake_session(3, [{"vv": 0.75}, {}], recheck)
-    session.firing_test = lambda model, clip, f=session.firing_test: (
-        _FakeTest({"zq": 1.0, "vv": 0.75, "red": 0.25, "new": 0.6}) if model == "input" else f(model, clip)
+    session.firing_test = lambda model, clip, against_base=True, f=session.firing_test: (
+        _FakeTest({"zq": 1.0, "vv": 0.75, "red": 0.25, "new": 0.6})
+        if model == "input"
+        else f(model, clip, against_base)
     )
     model, clip, lora, report = session.run()
     assert session.trained == [(["zq", "vv"], 600), (["zq", "vv", "new"], 1200)]
@@ -343,6 +347,8 @@ def test_one_round_reports_what_still_fires():
     session = _fake_session(1, [{"vv": 0.75}], [{"kind": "scan", "candidates": []}])
     _, _, _, report = session.run()
     assert len(session.trained) == 1 and [c.text for c in report.remaining] == ["vv"]
+    # after cleaning, a trigger fires against the cleaned model's own clean images, never the base's
+    assert session.references == [("input", True), ("model-1", False)]
     assert "STILL FIRING: 'vv'" in report.summary() and not report.to_json()["clean"]
 
 

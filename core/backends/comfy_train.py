@@ -29,9 +29,11 @@ from .comfy import (
     unet_conditioning,
 )
 
-SCOPES = ("attn2-kv", "attn2", "attention", "unet", "text")
+SCOPES = ("attn2-kv", "attn2-kv+text", "attn2", "attention", "unet", "text")
 SCOPE_HELP = {
     "attn2-kv": "cross-attention to_k / to_v (where a trigger's key and value are made)",
+    "attn2-kv+text": "cross-attention to_k / to_v and the text encoder(s): how the UNet reads tokens and what "
+    "the trigger's own embedding says",
     "attn2": "all cross-attention projections",
     "attention": "all self- and cross-attention projections",
     "unet": "every UNet weight",
@@ -145,6 +147,8 @@ class ComfyDistillation:
         supported_family(model)
         unet = model.model.diffusion_model
         self.scope, self.rank = scope, rank
+        if scope.endswith("+text"):  # a UNet scope and the text encoder(s)
+            scope, with_text = scope.removesuffix("+text"), True
         self.trains_text = scope == "text" or with_text
         self.switch = DeltaSwitch()
         self.model = model.clone()

@@ -27,7 +27,6 @@ class UnlearnOptions:
 
     skd: SKDConfig = field(default_factory=SKDConfig)
     scope: str = "text"  # where every trigger enters; docs/unlearn.md has the sweep
-    with_text: bool = False  # a UNet scope also trains the text encoder (a trigger's own embedding)
     rank: int = 4  # 0 = a full-rank delta
     placement: str = "auto"  # auto | prepend | append | random | homoglyph
     builtin: str = "general"  # general | lab | none
@@ -87,7 +86,6 @@ class UnlearnSession:
                 rank=self.opts.rank or None,
                 latent_hw=self.opts.latent_hw,
                 teacher=teacher,
-                with_text=self.opts.with_text,
             )
         self.pairs_by_trigger = {t: _reaching_pairs(p, self.distillation, t) for t, p in built.items()}
         self.pairs = [p for pairs in self.pairs_by_trigger.values() for p in pairs]

@@ -1,4 +1,4 @@
-// backdoor-seal: renders Seal Evaluate's report as a table inside the node.
+// backdoor-seal: renders Seal Evaluate's and Seal Sanitize's reports as tables inside the node.
 import { app } from "../../../scripts/app.js";
 
 const ROWS = [
@@ -35,6 +35,38 @@ export function reportTable(report) {
   return table;
 }
 
+const pct = (v) => `${(100 * v).toFixed(0)}%`;
+
+// Seal Sanitize: one row per trigger taken (fired on what share of probes before / after cleaning), then
+// what remains and the clean fidelity. Red: still fires after cleaning.
+export function sanitizeTable(report) {
+  const table = document.createElement("table");
+  const add = (label, value, cls) => {
+    const row = table.insertRow();
+    if (cls) row.className = cls;
+    row.insertCell().textContent = label;
+    row.insertCell().textContent = value;
+    return row;
+  };
+  const taken = (report.candidates || []).filter((c) => c.taken);
+  add("triggers found", taken.length ? String(taken.length) : "none fired");
+  for (const c of taken) {
+    const after = c.after ? pct(c.after.rate) : "not re-tested";
+    const row = add(c.readable, `${pct(c.before.rate)} -> ${after}`, c.after?.fires ? "seal-bad" : "seal-good");
+    row.dataset.trigger = c.readable;
+  }
+  if (taken.length) {
+    const remaining = report.remaining || [];
+    add("still firing", remaining.length ? `${remaining.length}` : "none", remaining.length ? "seal-bad" : "seal-good");
+  }
+  if (report.clean_fidelity_ssim !== null && report.clean_fidelity_ssim !== undefined)
+    add("clean fidelity, SSIM", report.clean_fidelity_ssim.toFixed(3));
+  if (report.flagged_after) add("re-check flags", String(report.flagged_after.length));
+  return table;
+}
+
+const TABLES = { SealEvaluate: [reportTable, 190], SealSanitize: [sanitizeTable, 220] };
+
 app.registerExtension({
   name: "backdoor_seal.report",
   setup() {
@@ -43,7 +75,9 @@ app.registerExtension({
     document.head.appendChild(style);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== "SealEvaluate") return;
+    const entry = TABLES[nodeData.name];
+    if (!entry) return;
+    const [render, minHeight] = entry;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
@@ -54,10 +88,10 @@ app.registerExtension({
         element.className = "seal-report";
         this.sealReport = this.addDOMWidget("seal_report", "seal_report", element, {
           serialize: false,
-          getMinHeight: () => 190,
+          getMinHeight: () => minHeight,
         });
       }
-      this.sealReport.element.replaceChildren(reportTable(report));
+      this.sealReport.element.replaceChildren(render(report));
       this.setDirtyCanvas(true, true);
     };
   },
