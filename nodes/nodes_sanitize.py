@@ -87,9 +87,9 @@ class SealSanitize(io.ComfyNode):
                     options=["auto", *SCOPES],
                     default="auto",
                     optional=True,
-                    tooltip="Where the fix trains. auto: the text encoder, or the cross-attention keys and "
-                    "values when the comparison saw only the UNet change. "
-                    + "; ".join(f"{k}: {v}" for k, v in SCOPE_HELP.items()),
+                    tooltip="Where the fix trains. auto: the text encoder; when the comparison saw only the UNet "
+                    "change, the cross-attention keys and values (and the text encoder too once 3 or more "
+                    "triggers are taken). " + "; ".join(f"{k}: {v}" for k, v in SCOPE_HELP.items()),
                 ),
                 io.Boolean.Input(
                     "recheck",

@@ -387,6 +387,8 @@ def test_the_fix_trains_where_the_comparison_saw_the_attack():
 
     assert scope_for(diff(text_encoder=68, cross_attention_kv=0)) == "text"  # Rickrolling
     assert scope_for(diff(text_encoder=0, cross_attention_kv=14, unet_other=216)) == "attn2-kv"  # BadT2I
+    unet_only = diff(text_encoder=0, cross_attention_kv=14)
+    assert scope_for(unet_only, taken=2) == "attn2-kv" and scope_for(unet_only, taken=3) == "attn2-kv+text"
     assert scope_for(diff(text_encoder=24, cross_attention_kv=14)) == "text"  # a LoRA with a text part
     assert scope_for({"kind": "scan"}) == scope_for(diff(text_encoder=0)) == "text"  # blind, or nothing
 

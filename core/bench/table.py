@@ -168,9 +168,9 @@ def diff_table(records: list[dict]) -> str:
 
 
 def sanitize_table(records: list[dict]) -> str:
-    """`bench sanitize` output: one row per (model, mode, finder, scope), the latest of each; "met" applies
-    the issue's targets (max ASR after <= max(0.02, floor), SSIM >= 0.90, clean accuracy >= 0.95 x before)."""
-    latest = {(r["model"], r["mode"], r.get("finder"), r.get("scope")): r for r in records}
+    """`bench sanitize` output: one row per (model, mode, finder), the latest of each; "met" applies the
+    issue's targets (max ASR after <= max(0.02, floor), SSIM >= 0.90, clean accuracy >= 0.95 x before)."""
+    latest = {(r["model"], r["mode"], r.get("finder")): r for r in records}
     head = (
         "| model | attack | finder | scope | found (taken) | candidates that fire (lab ASR >= 0.5) "
         "| max ASR after (target <= max(0.02, floor)) | planted trigger: ASR after | floor | clean SSIM "
