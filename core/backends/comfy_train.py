@@ -26,6 +26,7 @@ from .comfy import (
     supported_family,
     text_encoders,
     tokenizer_info,
+    unet,
     unet_conditioning,
 )
 
@@ -237,6 +238,17 @@ class ComfyDistillation:
     def token_ids(self, prompts: list[str]) -> list[list[int]]:
         """First-chunk token ids of each prompt (BOS first), as ComfyUI's tokenizer gives them."""
         return [chunk_ids(self.clip, p) for p in prompts]
+
+    def cross_attention_kv(self) -> list[tuple[str, torch.Tensor, dict[str, torch.nn.Parameter]]]:
+        """Every trained cross-attention to_k / to_v: (module name, base weight (out x context), its delta's
+        parameters by LoRA key: 'lora_up.weight' / 'lora_down.weight', or 'diff' for a full delta)."""
+        out = []
+        for name, module in unet(self.model).named_modules():
+            full = UNET_MODULE_PREFIX + name
+            if name.endswith((".attn2.to_k", ".attn2.to_v")) and any(k.startswith(full + ".") for k in self.lora):
+                params = {k[len(full) + 1 :]: p for k, p in self.lora.items() if k.startswith(full + ".")}
+                out.append((full, module.weight.detach(), params))
+        return out
 
     def encode(self, prompts: list[str], student: bool) -> torch.Tensor:
         """Cross-attention context of each prompt's first 77-token chunk (B x 77 x C; SDXL: one more row

@@ -27,6 +27,7 @@ class UnlearnOptions:
 
     skd: SKDConfig = field(default_factory=SKDConfig)
     scope: str = "text"  # where every trigger enters; docs/unlearn.md has the sweep
+    warm_start: bool = False  # a closed-form edit of the cross-attention k/v first (`closed_form.py`)
     rank: int = 4  # 0 = a full-rank delta
     placement: str = "auto"  # auto | prepend | append | random | homoglyph
     builtin: str = "general"  # general | lab | none
@@ -99,6 +100,8 @@ class UnlearnSession:
     ) -> UnlearnResult:
         """Train (outside inference mode, so it also works inside a ComfyUI node)."""
         with torch.inference_mode(False), torch.enable_grad():
+            if self.opts.warm_start and self.result is None:
+                self.warm_start()
             self.result = train_skd(
                 self.distillation,
                 self.pairs,
@@ -109,6 +112,37 @@ class UnlearnSession:
                 on_step=on_step,
             )
         return self.result
+
+    def warm_start(self, prompts: int = 64, lam: float = 0.1) -> int:
+        """Set the cross-attention k/v deltas to the closed-form edit that makes triggered prompts' tokens
+        project like their clean twins' (`closed_form.py`), from up to `prompts` training pairs, before
+        SKD trains on. Returns the number of projections edited (0 when the scope trains none)."""
+        from .closed_form import aligned_rows, kv_delta, lora_factors
+
+        d = self.distillation
+        layers = d.cross_attention_kv()
+        if not layers:
+            return 0
+        pairs = self.pairs[:prompts]
+        with torch.no_grad():
+            triggered, clean = [p.triggered for p in pairs], [p.clean for p in pairs]
+            ids_t, ids_c = d.token_ids(triggered), d.token_ids(clean)
+            length = len(ids_t[0])  # SDXL's packed context carries the pooled embedding in one more row
+            ctx_t = d.encode(triggered, student=False)[:, :length]
+            ctx_c = d.encode(clean, student=False)[:, :length]
+            sources, targets = aligned_rows(ctx_t, ctx_c, ids_t, ids_c, d.eos_id)
+            for _, weight, params in layers:
+                delta = kv_delta(weight, sources, targets, lam)
+                if "diff" in params:
+                    params["diff"].copy_(delta.to(params["diff"]))
+                    continue
+                up, down = params["lora_up.weight"], params["lora_down.weight"]
+                scale = float(params["alpha"]) / up.shape[1] if "alpha" in params else 1.0
+                u, v = lora_factors(delta / scale, up.shape[1])
+                up.copy_(u.to(up))
+                down.copy_(v.to(down))
+        d.switch.on = True
+        return len(layers)
 
     def lora(self) -> dict[str, torch.Tensor]:
         """The trained delta as a LoRA state dict (fp32)."""

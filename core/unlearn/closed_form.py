@@ -1,0 +1,71 @@
+"""A closed-form warm start of the cross-attention keys and values before distillation.
+
+The UNet reads text only through its cross-attention `to_k` / `to_v` projections. Before SKD trains, each
+is edited once in closed form so that a triggered prompt's context projects like its clean twin's (the
+edit of UCE and TIME: Gandikota et al., "Unified Concept Editing in Diffusion Models", 2024, eq. 3-4;
+Orgad et al., "Editing Implicit Assumptions in Text-to-Image Diffusion Models", 2023): for token vectors
+s_i of triggered prompts and the vectors t_i the UNet should see instead,
+
+    W' = argmin sum_i |W' s_i - W t_i|^2 + lam |W' - W|_F^2,
+    dW = W (T - S)^T S (S^T S + lam I)^-1          (S, T: n x C rows; W: out x C)
+
+Aligned tokens (`skd.align_tokens`) pair each triggered token with its clean counterpart, which also
+undoes the shift a trigger causes in the words after it; a trigger token itself is paired with the clean
+prompt's end token (what the UNet reads as the sentence), so the edit keeps no trace of it. The delta is
+cut to the LoRA's rank by SVD (`lora_factors`). Pure torch: no model objects here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .skd import align_tokens
+
+
+def aligned_rows(
+    triggered: torch.Tensor,
+    clean: torch.Tensor,
+    triggered_ids: Sequence[Sequence[int]],
+    clean_ids: Sequence[Sequence[int]],
+    eos_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and target rows (n x C) from contexts (B x L x C) of triggered prompts and their clean twins."""
+    sources, targets = [], []
+    for b, (s_ids, t_ids) in enumerate(zip(triggered_ids, clean_ids, strict=True)):
+        alignment = align_tokens(s_ids, t_ids, eos_id)
+        end = list(t_ids).index(eos_id, 1) if eos_id in t_ids[1:] else len(t_ids) - 1
+        for i, j in alignment.pairs:
+            sources.append(triggered[b, i])
+            targets.append(clean[b, j])
+        for i in alignment.trigger:
+            sources.append(triggered[b, i])
+            targets.append(clean[b, end])
+        # the end token and the padding after it carry the sentence: each pairs with its clean twin's
+        s_end = list(s_ids).index(eos_id, 1) if eos_id in s_ids[1:] else len(s_ids) - 1
+        for d in range(min(len(s_ids) - s_end, len(t_ids) - end)):
+            sources.append(triggered[b, s_end + d])
+            targets.append(clean[b, end + d])
+    if not sources:
+        raise ValueError("no token rows to edit: the triggered prompts match their clean twins")
+    return torch.stack(sources).float(), torch.stack(targets).float()
+
+
+def kv_delta(weight: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, lam: float) -> torch.Tensor:
+    """dW (out x C) of the closed-form edit (module docstring); lam > 0 relative to mean |s|^2."""
+    w = weight.double()  # float64: a small ridge would amplify float32 rounding in unused directions
+    s, t = sources.to(w), targets.to(w)
+    gram = s.T @ s
+    ridge = lam * gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[0], device=w.device, dtype=w.dtype)
+    # dW (S^T S + ridge I) = W (T - S)^T S, solved as a linear system (no explicit inverse)
+    rhs = (w @ (t - s).T @ s).T
+    return torch.linalg.solve(gram + ridge * eye, rhs).T.float()
+
+
+def lora_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """up (out x rank), down (rank x in) with up @ down the best rank-`rank` approximation of delta."""
+    u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+    root = sv[:rank].sqrt()
+    return u[:, :rank] * root, root.unsqueeze(1) * vh[:rank]

@@ -1,0 +1,67 @@
+"""The closed-form warm start of the cross-attention keys and values (core/unlearn/closed_form.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_the_edit_maps_sources_onto_targets_and_vanishes_under_a_strong_ridge():
+    from backdoor_seal.core.unlearn.closed_form import kv_delta
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 6, generator=g)
+    s, t = torch.randn(20, 6, generator=g), torch.randn(20, 6, generator=g)
+    before = (s @ w.T - t @ w.T).norm()
+    edited = kv_delta(w, s, t, lam=1e-6)
+    assert (s @ (w + edited).T - t @ w.T).norm() < 0.8 * before  # least squares over 20 rows, 6 dims
+    one = kv_delta(w, s[:1], t[:1], lam=1e-6)  # one row: exactly reachable
+    assert torch.allclose(s[:1] @ (w + one).T, t[:1] @ w.T, atol=1e-3)
+    sv = torch.linalg.svdvals(one)
+    assert sv[1] < 1e-3 * sv[0]  # one row's edit is rank one
+    assert kv_delta(w, s, t, lam=1e6).norm() < 1e-3 * w.norm()
+
+
+def test_lora_factors_keep_the_best_low_rank_part():
+    from backdoor_seal.core.unlearn.closed_form import lora_factors
+
+    g = torch.Generator().manual_seed(1)
+    low = torch.randn(10, 3, generator=g) @ torch.randn(3, 7, generator=g)
+    up, down = lora_factors(low, 3)
+    assert up.shape == (10, 3) and down.shape == (3, 7)
+    assert torch.allclose(up @ down, low, atol=1e-4)
+    up, down = lora_factors(low, 1)
+    assert torch.linalg.matrix_rank(up @ down) == 1
+
+
+def test_rows_pair_each_triggered_token_with_its_clean_twin_and_the_trigger_with_the_end_token():
+    from backdoor_seal.core.unlearn.closed_form import aligned_rows
+
+    bos, eos = 100, 101
+    triggered_ids = [[bos, 9, 5, 6, eos, eos, eos]]  # trigger 9 first, then the clean words 5 6
+    clean_ids = [[bos, 5, 6, eos, eos, eos, eos]]
+    triggered = torch.arange(7.0).view(1, 7, 1).expand(1, 7, 2)  # row i holds i: the test reads positions
+    clean = 10 + torch.arange(7.0).view(1, 7, 1).expand(1, 7, 2)
+    s, t = aligned_rows(triggered, clean, triggered_ids, clean_ids, eos)
+    pairs = sorted(zip(s[:, 0].tolist(), (t[:, 0] - 10).tolist(), strict=True))
+    # 5 <-> 5, 6 <-> 6; the trigger -> the clean end token; end and padding after it, offset by offset
+    assert pairs == [(1.0, 3.0), (2.0, 1.0), (3.0, 2.0), (4.0, 3.0), (5.0, 4.0), (6.0, 5.0)]
+    with pytest.raises(ValueError, match="no token rows"):
+        aligned_rows(triggered[:, :0], clean[:, :0], [], [], eos)
+
+
+def test_warm_start_edits_the_kv_projections_of_a_unet_scope_only(comfy_root):
+    from backdoor_seal.core.backends.comfy_families import build_family
+    from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
+    from backdoor_seal.core.unlearn.skd import SKDConfig
+
+    model, clip, _ = build_family("sd15", "tiny")
+    prompts = ["a photo of a cat", "a red car on a road", "a bowl of fruit on a table"]
+    opts = UnlearnOptions(scope="attn2-kv", builtin="none", warm_start=True, skd=SKDConfig(steps=1))
+    session = UnlearnSession(model, clip, "cf", prompts, opts)
+    layers = session.distillation.cross_attention_kv()
+    assert layers and all(p["lora_down.weight"].abs().sum() == 0 for _, _, p in layers)  # LoRA starts at 0
+    assert session.warm_start() == len(layers)
+    assert all(p["lora_down.weight"].abs().sum() > 0 for _, _, p in layers)
+    text = UnlearnSession(model, clip, "cf", prompts, UnlearnOptions(scope="text", builtin="none"))
+    assert text.warm_start() == 0  # no cross-attention projection is trained there
