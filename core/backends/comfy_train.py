@@ -245,7 +245,9 @@ class ComfyDistillation:
         out = []
         for name, module in unet(self.model).named_modules():
             full = UNET_MODULE_PREFIX + name
-            if name.endswith((".attn2.to_k", ".attn2.to_v")) and any(k.startswith(full + ".") for k in self.lora):
+            if name.endswith((".attn2.to_k", ".attn2.to_v")) and any(
+                k.startswith(full + ".") for k in self.lora
+            ):
                 params = {k[len(full) + 1 :]: p for k, p in self.lora.items() if k.startswith(full + ".")}
                 out.append((full, module.weight.detach(), params))
         return out
