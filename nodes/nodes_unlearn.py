@@ -104,6 +104,14 @@ class SealUnlearn(io.ComfyNode):
                     tooltip="x_t the model is distilled on: pure noise (the paper) or states of the "
                     "teacher's own sampling of the clean prompts.",
                 ),
+                io.Boolean.Input(
+                    "warm_start",
+                    default=False,
+                    optional=True,
+                    tooltip="First edit the cross-attention keys and values in closed form so triggered "
+                    "prompts project like their clean twins (UCE / TIME), then distil: removes UNet backdoors "
+                    "in far fewer steps. Needs a scope that trains attn2 k/v (attn2-kv, attn2-kv+text, ...).",
+                ),
                 report_input(
                     "The triggers to unlearn when none is typed: Seal Sanitize's set, a scan's or "
                     "comparison's flagged tokens, or the trigger most of a prompt report's flagged prompts name."
@@ -142,6 +150,7 @@ class SealUnlearn(io.ComfyNode):
         seed: int,
         retain: float = 0.0,
         inputs: str = "noise",
+        warm_start: bool = False,
         report: dict | None = None,
     ) -> io.NodeOutput:
         opts = UnlearnOptions(
@@ -163,6 +172,7 @@ class SealUnlearn(io.ComfyNode):
             placement=placement,
             builtin=builtin_prompts,
             latent_hw=(latent_size, latent_size),
+            warm_start=warm_start,
         )
         # the set: typed triggers (one per line), else the report's, chosen on evidence (core.triggers)
         triggers = triggers_from(trigger, report)

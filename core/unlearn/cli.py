@@ -44,6 +44,12 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on a GPU, fp32 on a CPU"
     )
+    p.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="first edit the cross-attention keys and values in closed form so triggered prompts project "
+        "like their clean twins (scopes that train attn2 k/v: attn2-kv, attn2-kv+text, attn2, attention, unet)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -117,6 +123,7 @@ def options_from_args(args: argparse.Namespace, lab: bool):
         builtin=getattr(args, "builtin", None) or ("lab" if lab else "general"),
         builtin_count=getattr(args, "builtin_count", 64),
         latent_hw=(side, side),
+        warm_start=bool(getattr(args, "warm_start", False)),
     )
 
 
