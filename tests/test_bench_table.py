@@ -20,6 +20,7 @@ RECORD = {
     "method": "skd-cag",
     "attack": "pixel",
     "scope": "text",
+    "lr": 0.005,
     "asr_before": 1.0,
     "asr_floor": 0.0,
     "removal_accuracy": 0.9921875,
@@ -50,7 +51,7 @@ def test_unlearn_rows_show_measured_figures_targets_and_a_capped_ratio_as_a_boun
     )
     rows = table.strip().splitlines()
     assert len(rows) == 4
-    assert "| lab-pixel | skd-cag | text | 1.000 (0.000) | 0.992 (0.99) |" in rows[2]
+    assert "| lab-pixel | skd-cag | text, lr 0.005 | 1.000 (0.000) | 0.992 (0.99) |" in rows[2]
     assert rows[2].endswith("| 12.5 / not reached (10 steps) | >= 10 (capped) |")
     assert "(0.95)" in rows[3] and rows[3].endswith("| 12.5 / 40.1 (10 steps) | 3.21 |")
 

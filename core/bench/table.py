@@ -37,12 +37,13 @@ def unlearn_table(records: list[dict]) -> str:
             if ratio is None
             else (f">= {ratio:.0f} (capped)" if r.get("reference_capped") else f"{ratio:.2f}")
         )
+        scope = r["scope"] + (f", lr {r['lr']:g}" if r.get("lr") else "")
         ref_s = r.get("reference_time_to_removal_s")
         timing = f"{_fmt(r.get('time_to_removal_s'), 1) or 'not reached'} / {_fmt(ref_s, 1) or 'not reached'}"
         if r.get("check_every"):
             timing += f" ({r['check_every']} steps)"
         rows.append(
-            f"| {r['model']} | {r['method']} | {r['scope']} "
+            f"| {r['model']} | {r['method']} | {scope} "
             f"| {_fmt(r['asr_before'])} ({_fmt(r.get('asr_floor'))}) "
             f"| {_fmt(r['removal_accuracy'])} ({TARGET_REMOVAL.get(r['attack'], 0.95)}) "
             f"| {_fmt(r['clean_fidelity_ssim'])} | {_fmt(r['clean_accuracy'])} ({_fmt(r['clean_accuracy_before'])}) "
