@@ -20,12 +20,11 @@ from ..evaluate.metrics import ssim
 # Per attack, what is trained (docs/unlearn.md has the sweep): the text encoder, where every trigger
 # enters, except for EvilEdit, a closed-form edit of the cross-attention keys and values, which is
 # undone there (its trigger holds a real word, "square", and a text fix also bends clean squares).
-# Style and Rickrolling train at lr 5e-3: removal in 20-40 steps instead of 30-60 (measured with
-# check-every 10), inside the fidelity targets.
+# Style trains at lr 5e-3: removed by step 10 (30 at 2e-3) inside the fidelity targets. Rickrolling at
+# 5e-3 was removed by step 70 (100 at 2e-3) but fell under its clean-accuracy target (0.859 < 0.861).
 RECIPES: dict[str, dict] = {
     "eviledit": {"scope": "attn2-kv", "lr": 4e-3},
     "style": {"scope": "text", "lr": 5e-3},
-    "rickroll": {"scope": "text", "lr": 5e-3},
 }
 DEFAULT_RECIPE = {"scope": "text", "lr": 2e-3}
 CHECK_PROMPTS = 32
