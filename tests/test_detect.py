@@ -262,3 +262,18 @@ def test_a_single_flag_is_shown_as_a_flag_and_the_headline_follows_the_verdict()
     assert report["poisoned"] and report["trigger_token"] == "red" and report["localised_by"] == "transplant"
     assert verdict_line(report) == "TRIGGERED: 'red' (flags: masking-text, transplant)"
     assert token_scores_image(one).shape[-1] == 3
+
+
+def test_the_set_trigger_is_the_best_supported_one_for_both_prompt_detectors():
+    """Seal Detect Prompt's report, with or without a base, names the trigger most flagged prompts name,
+    not the first flagged prompt's (a colour word flagged first)."""
+    import inspect
+
+    from backdoor_seal.core.detect.prompts import most_supported_trigger
+    from backdoor_seal.core.diff import session as diff_session
+
+    reports = [{"poisoned": True, "trigger": "yellow"}] + [{"poisoned": True, "trigger": "\u2060"}] * 3
+    reports += [{"poisoned": False, "trigger": None}]
+    assert most_supported_trigger(reports) == "\u2060"
+    assert most_supported_trigger([{"poisoned": False, "trigger": "x"}]) is None
+    assert "most_supported_trigger(reports)" in inspect.getsource(diff_session.detect_with_base)

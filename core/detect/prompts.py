@@ -173,14 +173,20 @@ class PromptReport:
         return d
 
 
+def most_supported_trigger(reports: Sequence[dict]) -> str | None:
+    """The trigger the most flagged prompt reports name (ties: the first named); None if none is flagged.
+    Not the first flagged prompt's: order is not evidence."""
+    support = Counter(r["trigger"] for r in reports if r["poisoned"])
+    return support.most_common(1)[0][0] if support else None
+
+
 def prompt_set_report(reports: Sequence[dict], calibration: Calibration) -> dict:
     """The report of several prompts (what Seal Detect Prompt passes on): poisoned if any prompt is; its
-    `trigger` is the one the most flagged prompts name (not the first prompt's: order is not evidence)."""
-    support = Counter(r["trigger"] for r in reports if r["poisoned"])
+    `trigger` is the one the most flagged prompts name (`most_supported_trigger`)."""
     return {
         "kind": "prompt",
-        "poisoned": bool(support),
-        "trigger": support.most_common(1)[0][0] if support else None,
+        "poisoned": any(r["poisoned"] for r in reports),
+        "trigger": most_supported_trigger(reports),
         "thresholds": calibration.thresholds,
         "prompts": list(reports),
     }

@@ -345,6 +345,7 @@ def detect_with_base(
     `opts` is the prompt detector's `DetectOptions` (its latent side). Returns the prompt-set report."""
     from ..backends.comfy import latent_channels
     from ..backends.comfy_probe import ComfyProbe
+    from ..detect.prompts import most_supported_trigger
     from ..prompts import probe_templates
     from .prompts import PromptDifferential
 
@@ -368,7 +369,7 @@ def detect_with_base(
         "kind": "prompt",
         "detector": "differential",
         "poisoned": bool(flagged),
-        "trigger": flagged[0]["trigger"] if flagged else None,
+        "trigger": most_supported_trigger(reports),
         "thresholds": thresholds,
         "unet_evals": differential.unet_evals,
         "prompts": reports,
