@@ -28,26 +28,30 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("backdoor-seal"))
 
 
+def _canonical(key: dict[str, Any]) -> str:
+    return json.dumps(key, sort_keys=True, ensure_ascii=True, default=str)
+
+
 def key_hash(kind: str, key: dict[str, Any]) -> str:
     """The file stem of a cache entry: its kind and the SHA-256 of its key's canonical JSON."""
-    text = json.dumps(key, sort_keys=True, ensure_ascii=True, default=str)
-    return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:32]}"
+    return f"{kind}-{hashlib.sha256(_canonical(key).encode()).hexdigest()[:32]}"
 
 
 def cached(kind: str, key: dict[str, Any], compute: Callable[[], dict]) -> tuple[dict, bool]:
     """compute()'s JSON-able dict, read from the cache when an entry with this key exists. Returns (value,
     hit). An unreadable cache folder or file only costs the computation."""
+    canonical = json.loads(_canonical(key))  # the key as a file holds it (tuples read back as lists)
     path = cache_dir() / kind / f"{key_hash(kind, key)}.json"
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
-        if entry.get("key") == json.loads(json.dumps(key, sort_keys=True, default=str)):
+        if entry.get("key") == canonical:
             return entry["value"], True
     except (OSError, ValueError, KeyError, AttributeError):
         pass
     value = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"key": key, "value": value}, overwrite=True)
+        write_json(path, {"key": canonical, "value": value}, overwrite=True)
     except OSError:
         pass  # a read-only home: the result is still returned
     return value, False

@@ -95,7 +95,8 @@ class SealDetectPrompt(io.ComfyNode):
             latent_side=latent_side(model, latent_size),
             calibration_prompts=calibration_prompts,
         )
-        if len(PromptDetection.builtin_calibration(opts, clean_prompts)) < 2:
+        calibration_set = PromptDetection.builtin_calibration(opts, clean_prompts)
+        if len(calibration_set) < 2:
             raise ValueError(
                 "calibration needs at least 2 clean prompts: write some in clean_prompts or raise "
                 "calibration_prompts"
@@ -103,17 +104,15 @@ class SealDetectPrompt(io.ComfyNode):
         if (base_model is None) != (base_clip is None):
             raise ValueError("connect both base_model and base_clip (the base's MODEL and CLIP), or neither")
         if base_model is not None:
-            calibration = PromptDetection.builtin_calibration(opts, clean_prompts)
-            progress = Progress(len(calibration) + len(checked))
+            progress = Progress(len(calibration_set) + len(checked))
             report = detect_with_base(
-                base_model, base_clip, model, clip, checked, calibration, opts, progress.tick
+                base_model, base_clip, model, clip, checked, calibration_set, opts, progress.tick
             )
             images = differential_images(report["prompts"], report["thresholds"]["threshold_z"])
             return io.NodeOutput(
                 report, images, ui=text_and_images(prompt_verdicts(report["prompts"]), images, cls)
             )
         detection = PromptDetection(model, clip, opts)
-        calibration_set = detection.calibration_set(clean_prompts)
         progress = Progress(len(calibration_set) + len(checked))
         detection.calibrate(calibration_set, tick=progress.tick)
         report = detection.run(checked, tick=progress.tick)

@@ -149,7 +149,7 @@ def _check(family: str, size: str, prediction: str = "eps") -> None:
         raise ValueError(f"unknown prediction {prediction!r}; one of {', '.join(PREDICTIONS)}")
 
 
-def model_config(family: str, size: str = "tiny", dtype: torch.dtype = torch.float32):
+def model_config(family: str, size: str = "tiny"):
     """ComfyUI's supported-model object of the family (SD15, SD20, SDXL) with the UNet config of the size."""
     ensure_comfy_importable()
     import comfy.supported_models as sm
@@ -157,7 +157,7 @@ def model_config(family: str, size: str = "tiny", dtype: torch.dtype = torch.flo
     _check(family, size)
     unet = (FULL_UNET if size == "full" else TINY_UNET)[family]
     classes = {"sd15": sm.SD15, "sd20": sm.SD20, "sdxl": sm.SDXL}
-    return classes[family](dict(unet, dtype=dtype))
+    return classes[family](dict(unet, dtype=torch.float32))
 
 
 def text_options(size: str) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def build_model(
     config = model_config(family, size)
     if dtype == "auto":
         dtype = mm.unet_dtype(supported_dtypes=config.supported_inference_dtypes)
-    config = model_config(family, size, dtype)
+    config.unet_config["dtype"] = dtype
     config.set_inference_dtype(
         dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), config.supported_inference_dtypes)
     )

@@ -19,6 +19,7 @@ from .comfy import (
     prompt_chunks,
     supported_family,
     tokenizer_info,
+    torch_device,
     unet_conditioning,
 )
 
@@ -122,7 +123,7 @@ class ComfyProbe:
         (ComfyUI's own per-input estimate, BaseModel.memory_required; 80% of what is free). A CPU: wanted."""
         import comfy.model_management as mm
 
-        device = mm.get_torch_device()
+        device = torch_device()
         if device.type == "cpu":
             return wanted
         shape = latent_shape or (4, *self.latent_hw)

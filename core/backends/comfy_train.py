@@ -244,12 +244,12 @@ class ComfyDistillation:
         parameters by LoRA key: 'lora_up.weight' / 'lora_down.weight', or 'diff' for a full delta)."""
         out = []
         for name, module in unet(self.model).named_modules():
-            full = UNET_MODULE_PREFIX + name
-            if name.endswith((".attn2.to_k", ".attn2.to_v")) and any(
-                k.startswith(full + ".") for k in self.lora
-            ):
-                params = {k[len(full) + 1 :]: p for k, p in self.lora.items() if k.startswith(full + ".")}
-                out.append((full, module.weight.detach(), params))
+            if not name.endswith((".attn2.to_k", ".attn2.to_v")):
+                continue
+            prefix = f"{UNET_MODULE_PREFIX}{name}."
+            params = {k[len(prefix) :]: p for k, p in self.lora.items() if k.startswith(prefix)}
+            if params:  # trained in this scope
+                out.append((prefix[:-1], module.weight.detach(), params))
         return out
 
     def encode(self, prompts: list[str], student: bool) -> torch.Tensor:

@@ -52,16 +52,23 @@ def aligned_rows(
     return torch.stack(sources).float(), torch.stack(targets).float()
 
 
-def kv_delta(weight: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, lam: float) -> torch.Tensor:
-    """dW (out x C) of the closed-form edit (module docstring); lam > 0 relative to mean |s|^2."""
-    w = weight.double()  # float64: a small ridge would amplify float32 rounding in unused directions
-    s, t = sources.to(w), targets.to(w)
+def kv_map(sources: torch.Tensor, targets: torch.Tensor, lam: float) -> torch.Tensor:
+    """M (C x C, float64) with dW = W M for every projection that reads these rows: M = (T - S)^T S
+    (S^T S + ridge I)^-1, ridge = lam x mean |s|^2 (module docstring). It depends on the rows alone, so one
+    solve serves every to_k / to_v."""
+    # float64: a small ridge would amplify float32 rounding in unused directions
+    s, t = sources.double(), targets.double()
     gram = s.T @ s
     ridge = lam * gram.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(gram.shape[0], device=w.device, dtype=w.dtype)
-    # dW (S^T S + ridge I) = W (T - S)^T S, solved as a linear system (no explicit inverse)
-    rhs = (w @ (t - s).T @ s).T
-    return torch.linalg.solve(gram + ridge * eye, rhs).T.float()
+    eye = torch.eye(gram.shape[0], device=s.device, dtype=s.dtype)
+    # M^T = (S^T S + ridge I)^-1 S^T (T - S), solved as a linear system (no explicit inverse)
+    return torch.linalg.solve(gram + ridge * eye, s.T @ (t - s)).T
+
+
+def kv_delta(weight: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, lam: float) -> torch.Tensor:
+    """dW (out x C) of the closed-form edit (module docstring); lam > 0 relative to mean |s|^2."""
+    w = weight.double()
+    return (w @ kv_map(sources, targets, lam).to(w.device)).float()
 
 
 def lora_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

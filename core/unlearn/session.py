@@ -117,7 +117,7 @@ class UnlearnSession:
         """Set the cross-attention k/v deltas to the closed-form edit that makes triggered prompts' tokens
         project like their clean twins' (`closed_form.py`), from up to `prompts` training pairs, before
         SKD trains on. Returns the number of projections edited (0 when the scope trains none)."""
-        from .closed_form import aligned_rows, kv_delta, lora_factors
+        from .closed_form import aligned_rows, kv_map, lora_factors
 
         d = self.distillation
         layers = d.cross_attention_kv()
@@ -130,9 +130,9 @@ class UnlearnSession:
             length = len(ids_t[0])  # SDXL's packed context carries the pooled embedding in one more row
             ctx_t = d.encode(triggered, student=False)[:, :length]
             ctx_c = d.encode(clean, student=False)[:, :length]
-            sources, targets = aligned_rows(ctx_t, ctx_c, ids_t, ids_c, d.eos_id)
+            edit = kv_map(*aligned_rows(ctx_t, ctx_c, ids_t, ids_c, d.eos_id), lam)
             for _, weight, params in layers:
-                delta = kv_delta(weight, sources, targets, lam)
+                delta = (weight.double() @ edit.to(weight.device)).float()
                 if "diff" in params:
                     params["diff"].copy_(delta.to(params["diff"]))
                     continue
