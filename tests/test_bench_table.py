@@ -252,9 +252,11 @@ def test_sanitize_table_applies_the_targets_and_keeps_the_latest_record_per_sett
             _sanitize_record(finder="scan", mode="blind", planted_asr_after=1.0, max_asr_after=1.0),
             _sanitize_record(finder="behaviour", clean_accuracy=0.9),  # 0.9 < 0.95 x 1.0
             _sanitize_record(finder="x", max_asr_after=0.05, floor=0.06, found=[], fired_before=[]),
+            _sanitize_record(finder="y", method="revert"),
         ]
     ).splitlines()[2:]
-    assert len(rows) == 4
+    assert len(rows) == 5
+    assert "| compare: y | attn2-kv: edit reverted |" in rows[4]
     assert rows[0].startswith("| lab-pixel | pixel | compare: weights | attn2-kv | 'kamala', 'dealer\\|ship'")
     assert rows[0].endswith("| yes | 300 |") and "| 0.00 | 0.00 | 0.00 | 0.950 | 0.960 / 1.000 |" in rows[0]
     assert rows[1].endswith("| no | 300 |") and "blind: scan" in rows[1]

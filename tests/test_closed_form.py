@@ -65,3 +65,69 @@ def test_warm_start_edits_the_kv_projections_of_a_unet_scope_only(comfy_root):
     assert all(p["lora_down.weight"].abs().sum() > 0 for _, _, p in layers)
     text = UnlearnSession(model, clip, "cf", prompts, UnlearnOptions(scope="text", builtin="none"))
     assert text.warm_start() == 0  # no cross-attention projection is trained there
+
+
+def test_the_excited_part_is_the_component_triggered_rows_drive_beyond_their_clean_twins():
+    from backdoor_seal.core.unlearn.closed_form import excited_part
+
+    g = torch.Generator().manual_seed(2)
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+    v_trig, v_text = basis[:, 0], basis[:, 1]  # the trigger's direction; one every prompt uses
+    outs, _ = torch.linalg.qr(torch.randn(8, 2, generator=g))
+    trig_part = 1.5 * torch.outer(outs[:, 0], v_trig)
+    delta = trig_part + 3.0 * torch.outer(outs[:, 1], v_text)  # the larger component is not the trigger's
+    clean = torch.randn(40, 6, generator=g) * 0.1 + v_text
+    triggered = clean.clone()
+    triggered[::4] += 2.0 * v_trig  # every fourth row is a trigger token
+    part, rank = excited_part(delta, triggered, clean)
+    assert rank == 1 and torch.allclose(part, trig_part, atol=1e-4)
+    none, rank = excited_part(delta, clean, clean)  # nothing acts more on triggered rows: nothing to revert
+    assert rank == 0 and not none.any()
+    assert excited_part(delta, triggered, clean, share=1.0)[1] >= 1
+    with pytest.raises(ValueError, match="share"):
+        excited_part(delta, triggered, clean, share=0.0)
+
+
+def test_revert_edit_undoes_the_triggered_part_of_a_cross_attention_edit_and_keeps_the_rest(comfy_root):
+    """An EvilEdit-like change on a tiny SD1.5 (random weights): every to_k / to_v gets a component along the
+    direction triggered prompts use beyond their clean twins and a larger one along a direction clean
+    prompts use more; the revert takes the first back (the LoRA a user keeps carries exactly that) and keeps
+    the second."""
+    from backdoor_seal.core.backends.comfy_checkpoint import live_weights, weight_pairs
+    from backdoor_seal.core.backends.comfy_families import build_family
+    from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
+    from backdoor_seal.core.unlearn.skd import SKDConfig
+
+    base, clip, _ = build_family("sd15", "tiny")
+    prompts = ["a photo of a cat", "a red car on a road", "a bowl of fruit on a table", "a dog in the snow"]
+    opts = UnlearnOptions(scope="attn2-kv", builtin="none", skd=SKDConfig(steps=1))
+    probe = UnlearnSession(base, clip, "cf", prompts, opts)
+    with torch.no_grad():
+        s, t = probe._kv_rows(64)
+    # the direction triggered rows use most beyond their clean twins, and the one clean rows use most
+    _, vectors = torch.linalg.eigh((s.T @ s - t.T @ t).double())
+    excess, common = vectors[:, -1].float(), vectors[:, 0].float()
+    suspect = base.clone()
+    g = torch.Generator().manual_seed(3)
+    planted, kept = {}, {}
+    for name, weight, _ in probe.distillation.cross_attention_kv():
+        outs, _ = torch.linalg.qr(torch.randn(weight.shape[0], 2, generator=g))
+        key = f"{name}.weight"
+        planted[key] = 0.5 * weight.norm() * torch.outer(outs[:, 0], excess)
+        kept[key] = 1.0 * weight.norm() * torch.outer(outs[:, 1], common)
+        suspect.add_patches({key: (planted[key] + kept[key],)}, 1.0)
+    session = UnlearnSession(suspect, clip, "cf", prompts, opts)
+    info = session.revert_edit(base)
+    assert info["projections"] == len(planted) and set(info["ranks"]) == {1} and info["truncated"] == 0
+    assert session.result.steps == 0 and session.provenance()["method"] == "revert"
+    model, _, lora = session.outputs()
+    assert lora and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in lora)
+    fixed = live_weights(model, clip)
+    for key, base_w, _ in weight_pairs(base, None, base, None, select=lambda k: k.startswith("unet.")):
+        patch = f"diffusion_model.{key[len('unet.') :]}"
+        if patch not in planted:
+            continue
+        change = fixed[key].float() - base_w.float()
+        assert (change - kept[patch]).norm() < 0.05 * planted[patch].norm()  # planted part gone, rest kept
+        untouched = live_weights(suspect, clip)[key].float() - base_w.float()  # the input keeps its edit
+        assert torch.allclose(untouched, planted[patch] + kept[patch], atol=1e-4)

@@ -393,6 +393,23 @@ def test_the_fix_trains_where_the_comparison_saw_the_attack():
     assert scope_for({"kind": "scan"}) == scope_for(diff(text_encoder=0)) == "text"  # blind, or nothing
 
 
+def test_only_a_change_confined_to_the_cross_attention_keys_and_values_is_reverted():
+    from backdoor_seal.core.sanitize.session import is_cross_attention_edit
+
+    def diff(**changed):
+        return {"kind": "diff", "components": {k: {"changed": v} for k, v in changed.items()}}
+
+    assert is_cross_attention_edit(diff(text_encoder=0, cross_attention_kv=14, unet_other=0))  # EvilEdit
+    assert not is_cross_attention_edit(diff(text_encoder=0, cross_attention_kv=14, unet_other=216))  # BadT2I
+    assert not is_cross_attention_edit(diff(text_encoder=68, cross_attention_kv=0))  # Rickrolling
+    assert not is_cross_attention_edit(
+        diff(text_encoder=24, cross_attention_kv=14)
+    )  # a LoRA with a text part
+    assert not is_cross_attention_edit(
+        {"kind": "scan", "components": diff(cross_attention_kv=14)["components"]}
+    )
+
+
 def test_the_node_with_nothing_firing_hands_back_its_inputs_and_the_save_node_writes_nothing(
     comfy_root, output_dir
 ):
@@ -415,3 +432,35 @@ def test_the_node_with_nothing_firing_hands_back_its_inputs_and_the_save_node_wr
     assert plot.ndim == 4 and plot.shape[-1] == 3
     saved = SealSaveSanitized.execute("sanitized/x", model, clip, clean.vae, lora, info)
     assert saved.result == ("",) and not list(output_dir.rglob("*.safetensors"))
+
+
+def test_a_cross_attention_edit_is_reverted_against_the_base_and_its_unnamed_trigger_stops(comfy_root):
+    """lab-eviledit as the stock LoraLoader loads its LoRA onto lab-clean, one stand-in taken ('gorgeous',
+    where the firing test found it): the fix is the revert (no training step), its LoRA touches only the
+    cross-attention keys and values, and the planted trigger, never named, stops drawing its target."""
+    import torch
+
+    from backdoor_seal.core.bench.detect import candidate_asr
+    from backdoor_seal.core.lab import attacks
+    from backdoor_seal.core.lab.lora_form import LORA_DIR, load_lab_lora
+    from backdoor_seal.core.models import load_model
+    from backdoor_seal.core.sanitize.choose import Candidate
+    from backdoor_seal.core.sanitize.firing import Firing
+    from backdoor_seal.core.sanitize.session import SanitizeSession
+
+    model, clip, vae, _, info = load_lab_lora(LORA_DIR / "lab-eviledit-lora.safetensors")
+    spec = attacks.AttackSpec(**info["spec"])
+    base = load_model("lab:lab-clean")
+    found = {"kind": "diff", "candidates": [], "components": {"cross_attention_kv": {"changed": 14}}}
+    session = SanitizeSession(model, clip, vae, (base.model, base.clip), _small(), report=found)
+    session.found = found
+    fired = Firing("gorgeous", 0.6, "before:square", {"before:square": 0.6}, fires=True)
+    stand_in = Candidate("gorgeous", [0], 1, True, None, before=fired)
+    fix, result = session.unlearn([stand_in], steps=None)
+    assert result.steps == 0 and session.reverted and session.reverted["projections"] == 14
+    new_model, new_clip, lora = fix.outputs()
+    assert lora and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in lora)
+    with torch.no_grad():
+        before = candidate_asr(model, clip, vae, spec, spec.trigger, n=8)
+        after = candidate_asr(new_model, new_clip, vae, spec, spec.trigger, n=8)
+    assert before >= 0.75 and after <= 0.125, (before, after)

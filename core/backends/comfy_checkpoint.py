@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -220,9 +220,13 @@ def _patched(patcher, prefix: str | None) -> Iterator[tuple[str, tuple, list]]:
         yield key, (weight, convert), patches
 
 
-def weight_pairs(base_model, base_clip, model, clip) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+def weight_pairs(
+    base_model, base_clip, model, clip, select: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """(key, base weight, suspect weight) for every UNet and text-encoder weight, keyed as `live_weights`
     keys them ('unet.<name>', 'text.<name>'), one at a time (two SDXL models never sit in memory twice).
+    `select` keeps only the keys it accepts (nothing else is computed); with both CLIPs None only the UNet
+    is read.
 
     Each weight is computed as ModelPatcher.patch_weight_to_device computes it (comfy.lora.calculate_weight
     over the patcher's patches, from the unpatched weight), so a LoRA loaded by the stock LoraLoader onto
@@ -238,16 +242,18 @@ def weight_pairs(base_model, base_clip, model, clip) -> Iterator[tuple[str, torc
         w = convert(weight.detach().to(torch.float32, copy=True), inplace=True)
         return comfy.lora.calculate_weight(patches, w, key)
 
-    for label, strip, pb, ps, prefix in (
-        ("unet.", "diffusion_model.", base_model, model, "diffusion_model."),
-        ("text.", "", base_clip.patcher, clip.patcher, None),
-    ):
+    parts = [("unet.", "diffusion_model.", base_model, model, "diffusion_model.")]
+    if base_clip is not None or clip is not None:
+        parts.append(("text.", "", base_clip.patcher, clip.patcher, None))
+    for label, strip, pb, ps, prefix in parts:
         suspect = dict(((k, (e, p)) for k, e, p in _patched(ps, prefix)))
         for key, entry, patches in _patched(pb, prefix):
             if key not in suspect:
                 raise ValueError(f"base and suspect are different architectures (the suspect has no {key})")
             s_entry, s_patches = suspect.pop(key)
             name = label + key[len(strip) :]
+            if select is not None and not select(name):
+                continue
             if s_entry[0] is entry[0] and [id(p) for p in s_patches] == [id(p) for p in patches]:
                 w = value(entry, patches, key)
                 yield name, w, w

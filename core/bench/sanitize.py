@@ -160,6 +160,7 @@ def bench_model(name: str, mode: str, args: argparse.Namespace) -> dict[str, Any
         "clean_accuracy_before": round(_accuracy(clean_before, clean_scenes), 3),
         "unlearn_steps": result.unlearn.get("steps", 0),
         "scope": result.unlearn.get("scope"),
+        "method": result.unlearn.get("method"),  # "revert": the cross-attention edit undone against the base
         "rounds": result.rounds,
         "seconds": round(seconds, 1),
         "seconds_by_phase": result.seconds,

@@ -168,6 +168,13 @@ def diff_table(records: list[dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def _fix(record: dict) -> str:
+    """Where the sanitize fix went: its scope, or the edit reverted against the base."""
+    if record.get("method") == "revert":
+        return f"{record.get('scope')}: edit reverted"
+    return record.get("scope") or "-"
+
+
 def sanitize_table(records: list[dict]) -> str:
     """`bench sanitize` output: one row per (model, mode, finder), the latest of each; "met" applies the
     issue's targets (max ASR after <= max(0.02, floor), SSIM >= 0.90, clean accuracy >= 0.95 x before)."""
@@ -188,7 +195,7 @@ def sanitize_table(records: list[dict]) -> str:
         found = ", ".join(names[:6]) + (f" +{len(names) - 6} more" if len(names) > 6 else "") or "none"
         fired = ", ".join(f"{t['token']!r} {t['asr']:.2f}".replace("|", "\\|") for t in r["fired_before"])
         rows.append(
-            f"| {r['model']} | {r['attack']} | {r['mode']}: {r.get('finder', '')} | {r.get('scope') or '-'} "
+            f"| {r['model']} | {r['attack']} | {r['mode']}: {r.get('finder', '')} | {_fix(r)} "
             f"| {found} | {fired or 'none'} | {r['max_asr_after']:.2f} | {r['planted_asr_after']:.2f} "
             f"| {r['floor']:.2f} | {r['clean_fidelity_ssim']:.3f} "
             f"| {r['clean_accuracy']:.3f} / {r['clean_accuracy_before']:.3f} | {'yes' if met else 'no'} "

@@ -50,7 +50,13 @@ def add_sanitize_command(sub: argparse._SubParsersAction) -> None:
         default="auto",
         choices=["auto", *SCOPES],
         help="where the fix trains; auto: the text encoder, or the cross-attention keys and values when a "
-        "comparison saw only the UNet change",
+        "comparison saw only the UNet change (and, when only the keys and values changed, the edit is "
+        "reverted against the base instead of trained; see --no-revert)",
+    )
+    p.add_argument(
+        "--no-revert",
+        action="store_true",
+        help="with --base: distil even when the comparison saw only the cross-attention keys and values change",
     )
     p.add_argument(
         "--rounds",
@@ -124,6 +130,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
         recheck=not args.no_recheck,
         rounds=args.rounds,
         scope=args.scope,
+        revert_edits=not args.no_revert,
         drawing=ksampler_settings(suspect.model, side).drawing,
         lab=lab,
     )

@@ -34,6 +34,9 @@ class SanitizeSettings:
     rounds: int = 1  # clean -> re-check rounds: a later round retrains from the input on the grown set
     fidelity_prompts: int = 16  # held-out clean prompts drawn before and after (SSIM)
     scope: str = "auto"  # where the fix trains; auto: where the comparison saw the attack (`scope_for`)
+    # compare mode: a change confined to the cross-attention keys and values (a closed-form edit such as
+    # EvilEdit) is undone where the taken triggers excite it (`UnlearnSession.revert_edit`), not distilled
+    revert_edits: bool = True
     drawing: tuple = ((8, 8), 20, 2.0, "euler", "normal")  # latent_hw, steps, cfg, sampler, scheduler
     lab: bool = False  # the lab grammar's probe templates and prompts
 
@@ -74,7 +77,12 @@ class SanitizeReport:
         if not self.taken:
             tested = len([c for c in self.candidates if c.before is not None])
             return f"clean as far as the {finder} can tell: {tested} candidate(s) tested, none fired; nothing unlearnt"
-        lines = [f"{len(self.taken)} trigger(s) found by the {finder} and unlearnt:"]
+        how = (
+            "the cross-attention edit they act through reverted against the base"
+            if self.unlearn.get("method") == "revert"
+            else "unlearnt"
+        )
+        lines = [f"{len(self.taken)} trigger(s) found by the {finder}, {how}:"]
         for c in self.taken:
             after = f"{c.after.rate:.0%}" if c.after else "not re-tested"
             lines.append(
@@ -112,6 +120,7 @@ class SanitizeReport:
 
 
 STAND_INS_FOR_TEXT = 3  # taken triggers from which a UNet attack's fix also trains the text encoder
+REVERT_RANK = 16  # the LoRA rank that carries a reverted cross-attention edit
 
 
 def scope_for(report: dict, taken: int = 1) -> str:
@@ -127,6 +136,19 @@ def scope_for(report: dict, taken: int = 1) -> str:
     if not changed or changed.get("text_encoder", 0) or not any(changed.values()):
         return "text"
     return "attn2-kv+text" if taken >= STAND_INS_FOR_TEXT else "attn2-kv"
+
+
+def is_cross_attention_edit(report: dict) -> bool:
+    """Whether a comparison saw nothing change but the cross-attention keys and values (EvilEdit, UCE-style
+    edits): there the change against the base is the backdoor's whole mechanism, and the part of it the
+    triggers excite can be reverted in closed form. Measured on lab-eviledit with one stand-in taken:
+    planted trigger 1.00 -> 0.00 at clean SSIM 0.976, where 600 distillation steps left it at 0.41."""
+    if report.get("kind") != "diff":
+        return False
+    changed = {k: v.get("changed", 0) for k, v in (report.get("components") or {}).items()}
+    return bool(changed.get("cross_attention_kv")) and not any(
+        n for k, n in changed.items() if k != "cross_attention_kv"
+    )
 
 
 class SanitizeSession:
@@ -151,6 +173,7 @@ class SanitizeSession:
         self.check_interrupt = check_interrupt or (lambda: None)
         self.found: dict = {}  # the finder's report on the input (run)
         self._base_images: dict[tuple[str, int], Any] = {}  # (prompt, seed) -> the base's image
+        self.reverted: dict | None = None  # what `UnlearnSession.revert_edit` reverted, when it was the fix
 
     # --- the phases -------------------------------------------------------------------------------
 
@@ -230,7 +253,17 @@ class SanitizeSession:
 
         opts = self.settings.unlearn or UnlearnOptions(builtin="lab" if self.settings.lab else "general")
         scope = self.settings.scope
-        opts = replace(opts, scope=scope_for(self.found, len(taken)) if scope == "auto" else scope)
+        revert = (
+            self.base is not None
+            and self.settings.revert_edits
+            and scope == "auto"
+            and is_cross_attention_edit(self.found)
+        )
+        if revert:  # a LoRA wide enough for the components reverted (1-3 per projection on the lab)
+            scope, opts = "attn2-kv", replace(opts, rank=max(opts.rank, REVERT_RANK) if opts.rank else 0)
+        elif scope == "auto":
+            scope = scope_for(self.found, len(taken))
+        opts = replace(opts, scope=scope)
         if steps is not None:
             opts = replace(opts, skd=replace(opts.skd, steps=steps))
         session = UnlearnSession(
@@ -243,6 +276,12 @@ class SanitizeSession:
                 c.text: insertion(c.before.placements(c.before_min), c.text, opts.skd.seed) for c in taken
             },
         )
+        if revert:
+            self.progress("unlearn", 0, 1)
+            self.reverted = session.revert_edit(self.base[0])
+            self.progress("unlearn", 1, 1)
+            return session, session.result
+        self.reverted = None
         result = session.run(
             lambda step, total, losses: self.progress("unlearn", step, total), self.check_interrupt
         )
@@ -279,6 +318,9 @@ class SanitizeSession:
                 "steps": result.steps,
                 "training_prompts": len(session.pairs),
                 "scope": session.opts.scope,
+                # "revert": the cross-attention edit undone against the base (no training steps)
+                "method": "revert" if self.reverted is not None else session.opts.skd.method,
+                **({"reverted": self.reverted} if self.reverted is not None else {}),
                 "provenance": session.provenance(),
             }
             t0 = time.monotonic()

@@ -12,7 +12,12 @@ s_i of triggered prompts and the vectors t_i the UNet should see instead,
 Aligned tokens (`skd.align_tokens`) pair each triggered token with its clean counterpart, which also
 undoes the shift a trigger causes in the words after it; a trigger token itself is paired with the clean
 prompt's end token (what the UNet reads as the sentence), so the edit keeps no trace of it. The delta is
-cut to the LoRA's rank by SVD (`lora_factors`). Pure torch: no model objects here.
+cut to the LoRA's rank by SVD (`lora_factors`).
+
+With the base the suspect was made from, a cross-attention edit can be undone rather than overwritten
+(`excited_part`): of the change D = W_suspect - W_base, the singular components that triggered prompts
+excite beyond their clean twins are reverted, the rest (what the edit or fine-tune did to ordinary text)
+kept. Pure torch: no model objects here.
 """
 
 from __future__ import annotations
@@ -69,6 +74,38 @@ def kv_delta(weight: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor,
     """dW (out x C) of the closed-form edit (module docstring); lam > 0 relative to mean |s|^2."""
     w = weight.double()
     return (w @ kv_map(sources, targets, lam).to(w.device)).float()
+
+
+REVERT_SHARE = 0.8  # of the excess triggered rows see: measured on lab-eviledit (docs/sanitize.md)
+
+
+def excited_part(
+    delta: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, share: float = REVERT_SHARE
+) -> tuple[torch.Tensor, int]:
+    """The part of a weight change (out x C) that triggered rows excite beyond their clean twins, and its rank.
+
+    With D = U diag(s) V^T, component i moves the triggered rows S (n x C) by s_i^2 |S v_i|^2 in total
+    (the u_i are orthonormal, so the energies add) and their clean twins T by s_i^2 |T v_i|^2. Components
+    are taken by that excess, largest first, until they hold `share` of the positive excess; their sum
+    s_i u_i v_i^T is returned (zeros and rank 0 when no component acts more on triggered rows). Measured on
+    lab-eviledit against lab-clean with one stand-in trigger ('gorgeous'), reverting this part of every
+    to_k / to_v takes the unnamed planted trigger from 1.00 to 0.00 at share 0.5 (1-2 components each,
+    clean SSIM 0.994; the stand-in still at 1 of 32 prompts), 0.8 (1-3, SSIM 0.976; none left) and 0.95
+    (2-6, SSIM 0.981) (docs/sanitize.md)."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    d = delta.double()
+    u, sv, vh = torch.linalg.svd(d, full_matrices=False)
+    s, t = sources.double().to(d.device), targets.double().to(d.device)
+    excess = sv.pow(2) * ((s @ vh.T).pow(2).sum(0) - (t @ vh.T).pow(2).sum(0))
+    positive = excess.clamp_min(0)
+    if float(positive.sum()) <= 0.0:
+        return torch.zeros_like(delta), 0
+    order = torch.argsort(excess, descending=True)
+    held = torch.cumsum(positive[order], 0)
+    rank = int((held < share * positive.sum()).sum()) + 1
+    idx = order[:rank]
+    return ((u[:, idx] * sv[idx]) @ vh[idx]).to(delta.dtype), rank
 
 
 def lora_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,6 +91,7 @@ class UnlearnSession:
         self.pairs_by_trigger = {t: _reaching_pairs(p, self.distillation, t) for t, p in built.items()}
         self.pairs = [p for pairs in self.pairs_by_trigger.values() for p in pairs]
         self.result: UnlearnResult | None = None
+        self.reverted: dict[str, Any] | None = None  # set by `revert_edit`
 
     def run(
         self,
@@ -113,36 +114,96 @@ class UnlearnSession:
             )
         return self.result
 
+    def _kv_rows(self, prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aligned token rows (n x C) of up to `prompts` triggered training prompts and their clean twins,
+        as the UNet's cross-attention reads them (`closed_form.aligned_rows`)."""
+        from .closed_form import aligned_rows
+
+        d = self.distillation
+        pairs = self.pairs[:prompts]
+        triggered, clean = [p.triggered for p in pairs], [p.clean for p in pairs]
+        ids_t, ids_c = d.token_ids(triggered), d.token_ids(clean)
+        length = len(ids_t[0])  # SDXL's packed context carries the pooled embedding in one more row
+        ctx_t = d.encode(triggered, student=False)[:, :length]
+        ctx_c = d.encode(clean, student=False)[:, :length]
+        return aligned_rows(ctx_t, ctx_c, ids_t, ids_c, d.eos_id)
+
+    @staticmethod
+    def _set_delta(params: dict[str, torch.nn.Parameter], delta: torch.Tensor) -> None:
+        """Write a to_k / to_v delta into its trained parameters (a full diff, or LoRA factors cut to rank)."""
+        from .closed_form import lora_factors
+
+        if "diff" in params:
+            params["diff"].copy_(delta.to(params["diff"]))
+            return
+        up, down = params["lora_up.weight"], params["lora_down.weight"]
+        scale = float(params["alpha"]) / up.shape[1] if "alpha" in params else 1.0
+        u, v = lora_factors(delta / scale, up.shape[1])
+        up.copy_(u.to(up))
+        down.copy_(v.to(down))
+
     def warm_start(self, prompts: int = 64, lam: float = 0.1) -> int:
         """Set the cross-attention k/v deltas to the closed-form edit that makes triggered prompts' tokens
         project like their clean twins' (`closed_form.py`), from up to `prompts` training pairs, before
         SKD trains on. Returns the number of projections edited (0 when the scope trains none)."""
-        from .closed_form import aligned_rows, kv_map, lora_factors
+        from .closed_form import kv_map
 
         d = self.distillation
         layers = d.cross_attention_kv()
         if not layers:
             return 0
-        pairs = self.pairs[:prompts]
         with torch.no_grad():
-            triggered, clean = [p.triggered for p in pairs], [p.clean for p in pairs]
-            ids_t, ids_c = d.token_ids(triggered), d.token_ids(clean)
-            length = len(ids_t[0])  # SDXL's packed context carries the pooled embedding in one more row
-            ctx_t = d.encode(triggered, student=False)[:, :length]
-            ctx_c = d.encode(clean, student=False)[:, :length]
-            edit = kv_map(*aligned_rows(ctx_t, ctx_c, ids_t, ids_c, d.eos_id), lam)
+            edit = kv_map(*self._kv_rows(prompts), lam)
             for _, weight, params in layers:
-                delta = (weight.double() @ edit.to(weight.device)).float()
-                if "diff" in params:
-                    params["diff"].copy_(delta.to(params["diff"]))
-                    continue
-                up, down = params["lora_up.weight"], params["lora_down.weight"]
-                scale = float(params["alpha"]) / up.shape[1] if "alpha" in params else 1.0
-                u, v = lora_factors(delta / scale, up.shape[1])
-                up.copy_(u.to(up))
-                down.copy_(v.to(down))
+                self._set_delta(params, (weight.double() @ edit.to(weight.device)).float())
         d.switch.on = True
         return len(layers)
+
+    def revert_edit(self, base_model, share: float | None = None, prompts: int = 64) -> dict[str, Any]:
+        """Undo, in closed form and without training, the part of a cross-attention edit the triggers excite.
+
+        For every trained to_k / to_v, the change against `base_model` (the MODEL the suspect was made
+        from; LoRA patches on either side included) is split by SVD and the components that the triggered
+        training prompts excite beyond their clean twins, holding `share` of that excess (default
+        `closed_form.REVERT_SHARE`), become the delta
+        with the opposite sign (`closed_form.excited_part`). Meant for a suspect whose only change is in
+        the cross-attention keys and values (EvilEdit, UCE-style edits), where that change is the backdoor's
+        whole mechanism. Sets `result` (0 steps). Returns {"projections", "ranks" (components reverted per
+        projection), "truncated" (projections whose part exceeded the LoRA's rank)}.
+        Raises ValueError when the scope trains no cross-attention key or value."""
+        import time
+
+        from ..backends.comfy_checkpoint import weight_pairs
+        from ..backends.comfy_train import UNET_MODULE_PREFIX
+        from .closed_form import REVERT_SHARE, excited_part
+
+        share = REVERT_SHARE if share is None else share
+        t0 = time.monotonic()
+        d = self.distillation
+        layers = d.cross_attention_kv()
+        if not layers:
+            raise ValueError(f"scope {self.opts.scope!r} trains no cross-attention key or value to revert")
+        key_of = {name: f"unet.{name[len(UNET_MODULE_PREFIX) :]}.weight" for name, _, _ in layers}
+        wanted = set(key_of.values())
+        with torch.no_grad():
+            changes = {
+                k: (suspect.float() - base.float())
+                for k, base, suspect in weight_pairs(
+                    base_model, None, self.model, None, select=wanted.__contains__
+                )
+            }
+            rows = self._kv_rows(prompts)
+            ranks, truncated = [], 0
+            for name, _, params in layers:
+                part, rank = excited_part(changes[key_of[name]], *rows, share=share)
+                ranks.append(rank)
+                width = params["lora_up.weight"].shape[1] if "lora_up.weight" in params else None
+                truncated += int(width is not None and rank > width)
+                self._set_delta(params, -part)
+        d.switch.on = True
+        self.result = UnlearnResult(losses=[], seconds=time.monotonic() - t0, steps=0)
+        self.reverted = {"projections": len(layers), "ranks": ranks, "truncated": truncated, "share": share}
+        return self.reverted
 
     def lora(self) -> dict[str, torch.Tensor]:
         """The trained delta as a LoRA state dict (fp32)."""
@@ -159,7 +220,7 @@ class UnlearnSession:
     def provenance(self) -> dict[str, Any]:
         """What a saved sanitized model records about how it was made."""
         return {
-            "method": self.opts.skd.method,
+            "method": "revert" if self.reverted is not None else self.opts.skd.method,
             "options": self.opts.to_json(),
             "trigger_sha256": trigger_sha256(self.trigger),
             "trigger_tokens": len(tokenize(self.tokenizer, self.trigger)),

@@ -59,6 +59,8 @@ export function sanitizeTable(report) {
     const remaining = report.remaining || [];
     add("still firing", remaining.length ? `${remaining.length}` : "none", remaining.length ? "seal-bad" : "seal-good");
   }
+  const fix = report.unlearn || {};
+  if (fix.method) add("fix", fix.method === "revert" ? "edit reverted against the base" : `${fix.method}, ${fix.scope}`);
   if (report.clean_fidelity_ssim !== null && report.clean_fidelity_ssim !== undefined)
     add("clean fidelity, SSIM", report.clean_fidelity_ssim.toFixed(3));
   if (report.flagged_after) add("re-check flags", String(report.flagged_after.length));
