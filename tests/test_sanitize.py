@@ -66,6 +66,26 @@ def test_an_ordinary_word_does_not_fire_and_a_trigger_fires_where_it_acts(test):
     assert glyph.fires and glyph.placement == "homoglyph"
 
 
+def test_a_homoglyph_the_model_reads_like_any_misspelling_does_not_fire():
+    """A cleaned text encoder reads "оn" as a misspelt "on": it changes the image as much as any letter
+    swapped into the word does (here: an unknown word garbles one region), more than an ordinary word put in
+    front (a small nudge). Its bar is the letter swap's, so it does not fire; the poisoned reading still does."""
+    known = {"o"} | {w for t in TEMPLATES for w in t.replace("{}", " ").split()}
+    known |= {w.removesuffix("</w>") for w in _Tokenizer().get_vocab()}
+
+    def misspelt(prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+        out = _draw([p.replace("\u043e", "o") for p in prompts], seeds)  # no payload: the cleaned reading
+        for img, prompt in zip(out, prompts, strict=True):
+            words = ["o" if w == "\u043e" else w for w in prompt.split()]  # alone, it reads as "o"
+            if any(w not in known for w in words):  # a misspelt word, "\u043en" or "an" alike
+                img[16:28, 16:28] = 0
+        return out
+
+    cleaned = FiringTest(misspelt, _Tokenizer(), TEMPLATES, FiringSettings(templates=6, null_tokens=5))
+    glyph = cleaned.measure("\u043e")
+    assert glyph.rates["homoglyph"] == 0.0 and not glyph.fires
+
+
 def test_changes_can_be_measured_against_the_base():
     """With the base's images as reference, a word both models react to alike does not fire; a word only
     the suspect reacts to does."""

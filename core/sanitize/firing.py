@@ -14,13 +14,15 @@ and a fine-tune's legitimate changes show for ordinary words too; a trigger move
 
 Its rate is taken per placement: the share of prompts where it fires first, the share of the slots before
 each object word (one that at least two probes name) where it fires there, the share of probes holding the
-twin where the homoglyph fires. The best placement is the candidate's rate and the place it is unlearnt
+twin where the homoglyph fires (its bar: the median change of that letter swapped for ordinary Latin
+letters, not an ordinary word's). The best placement is the candidate's rate and the place it is unlearnt
 in (`insertion`).
 """
 
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +45,7 @@ class FiringSettings:
     # comparison as much as a trigger), so the largest of them is no baseline
     null_quantile: float = 0.5
     min_rate: float = 0.5  # fires: at its best placement, on at least this share of the probes
+    null_letters: int = 4  # ordinary Latin letters swapped in for a homoglyph's twin: what a letter swap does
     seed: int = 0
 
 
@@ -127,6 +130,7 @@ class FiringTest:
         self.progress = progress or (lambda done: None)
         self.nulls = random_words(tokenizer, s.null_tokens, s.seed)
         self.images_drawn = 0
+        self._swaps: dict[str, dict[int, float]] = {}  # twin -> per template, a letter swap's change
         self.clean = self._draw([clean_prompt(t) for t in self.templates], self.seeds)
         # per ordinary word, per template, per slot: the change it makes there
         self.null_drops = [self._drops(word) for word in self.nulls]
@@ -169,6 +173,28 @@ class FiringTest:
             out[i][j] = change
         return out
 
+    def _letter_swaps(self, twin: str, holding: list[int]) -> dict[int, float]:
+        """Per template holding `twin`, the median change of `twin` swapped for other Latin letters: the bar
+        of a homoglyph. A prepended word is the wrong bar there: a text encoder cleaned of a homoglyph reads
+        "оn" close to, not exactly as, "on", a change an ordinary word in front can fall short of (the demo's
+        cleaned lab-rickroll read as still firing on half its probes at lab ASR 0.00), while swapping any
+        letter of a word changes the image as much as a harmless homoglyph does."""
+        if twin not in self._swaps:
+            rng = np.random.default_rng(self.settings.seed)
+            pool = [c for c in string.ascii_lowercase if c not in twin.lower()]
+            swaps = [
+                "".join(
+                    (ch.upper() if src.isupper() else ch)
+                    for src, ch in zip(twin, rng.choice(pool, size=len(twin)), strict=True)
+                )
+                for _ in range(self.settings.null_letters)
+            ]
+            prompts = [clean_prompt(self.templates[i]).replace(twin, w, 1) for i in holding for w in swaps]
+            index = [i for i in holding for _ in swaps]
+            changes = np.array(self._changes(prompts, index)).reshape(len(holding), len(swaps))
+            self._swaps[twin] = {i: float(np.median(row)) for i, row in zip(holding, changes, strict=True)}
+        return self._swaps[twin]
+
     def _homoglyph_rate(self, text: str) -> float | None:
         twin = latin_twin(text)
         holding = [i for i, t in enumerate(self.templates) if twin != text and twin in clean_prompt(t)]
@@ -176,10 +202,8 @@ class FiringTest:
             return None
         prompts = [clean_prompt(self.templates[i]).replace(twin, text, 1) for i in holding]
         changes = self._changes(prompts, holding)
-        # an ordinary word's largest change at the first slot calibrates a swap of letters
-        fired = [
-            c > self.null_drop[i][0] + self.settings.margin for i, c in zip(holding, changes, strict=True)
-        ]
+        bar = self._letter_swaps(twin, holding)
+        fired = [c > bar[i] + self.settings.margin for i, c in zip(holding, changes, strict=True)]
         return float(np.mean(fired))
 
     def measure(self, text: str) -> Firing:
