@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,6 +94,23 @@ class _PromptRecorder:
 
     def trainable_parameters(self):
         return [self.weight]
+
+
+def test_a_cosine_schedule_takes_full_steps_first_and_vanishing_ones_last():
+    pairs = make_pairs([f"a red circle number {i}" for i in range(8)], lambda p: f"zz {p}")
+    moves = {}
+    for schedule in ("constant", "cosine"):
+        rec, trace = _PromptRecorder(), []
+        cfg = skd.SKDConfig(method="skd", steps=40, batch=4, lr=1e-2, schedule=schedule, weight_decay=0.0)
+        skd.train_skd(
+            rec, pairs, cfg, on_step=lambda step, r=rec, t=trace: t.append(float(r.weight.detach())) and False
+        )
+        moves[schedule] = np.abs(np.diff(trace))
+    # Adam's steps are about lr each: the same first step, and the cosine's last ones near zero
+    assert moves["cosine"][0] == pytest.approx(moves["constant"][0], rel=0.05)
+    assert moves["cosine"][-3:].max() < 0.05 * moves["constant"][-3:].max()
+    with pytest.raises(ValueError, match="schedule"):
+        skd.SKDConfig(schedule="linear")
 
 
 @pytest.mark.parametrize("retain", [0.0, 0.5])

@@ -38,6 +38,7 @@ def unlearn_table(records: list[dict]) -> str:
             else (f">= {ratio:.0f} (capped)" if r.get("reference_capped") else f"{ratio:.2f}")
         )
         scope = r["scope"] + (f", lr {r['lr']:g}" if r.get("lr") else "")
+        scope += f" {r['lr_schedule']}" if r.get("lr_schedule", "constant") != "constant" else ""
         ref_s = r.get("reference_time_to_removal_s")
         timing = f"{_fmt(r.get('time_to_removal_s'), 1) or 'not reached'} / {_fmt(ref_s, 1) or 'not reached'}"
         if r.get("check_every"):

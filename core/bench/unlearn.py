@@ -174,7 +174,8 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
     options = {}
     recipe = {**DEFAULT_RECIPE, **RECIPES.get(spec.kind, {})}
     scope, lr = args.scope or recipe["scope"], args.lr or recipe["lr"]
-    base = _options(args, scope=scope, lr=lr)
+    schedule = getattr(args, "lr_schedule", None) or recipe.get("schedule", "constant")
+    base = _options(args, scope=scope, lr=lr, schedule=schedule)
     for method in args.methods:
         opts = replace(base, skd=replace(base.skd, method=method))
         options[method] = opts
@@ -206,6 +207,7 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
             "steps": result.steps,
             "batch": opts.skd.batch,
             "lr": opts.skd.lr,
+            "lr_schedule": opts.skd.schedule,
             "retain": opts.skd.retain,
             "alpha": opts.skd.attention_weight,
             "seconds": round(seconds, 2),
@@ -264,11 +266,12 @@ def time_to_removal_ratio(reference: dict, ours_s: float) -> dict:
     }
 
 
-def _options(args: argparse.Namespace, scope: str, lr: float):
-    """UnlearnOptions from the command line with this scope and lr, on the lab's training prompts."""
+def _options(args: argparse.Namespace, scope: str, lr: float, schedule: str = "constant"):
+    """UnlearnOptions from the command line with this scope, lr and lr schedule, on the lab's training prompts."""
     from ..unlearn.cli import options_from_args
 
-    opts = options_from_args(argparse.Namespace(**{**vars(args), "scope": scope, "lr": lr}), lab=True)
+    given = {**vars(args), "scope": scope, "lr": lr, "lr_schedule": schedule}
+    opts = options_from_args(argparse.Namespace(**given), lab=True)
     return replace(opts, builtin_count=args.prompts)
 
 

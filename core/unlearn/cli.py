@@ -13,7 +13,7 @@ from ..prompts import BUILTIN_SETS
 from ..triggers import PLACEMENTS
 from .save import LORA_LAYOUTS
 from .session import UnlearnOptions
-from .skd import INPUTS, METHODS, PRECISIONS, TARGETS, SKDConfig
+from .skd import INPUTS, METHODS, PRECISIONS, SCHEDULES, TARGETS, SKDConfig
 
 
 def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,6 +23,12 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=4, help="LoRA rank; 0 trains a full delta")
     p.add_argument("--steps", type=int, default=SKDConfig.steps)
     p.add_argument("--lr", type=float, default=SKDConfig.lr)
+    p.add_argument(
+        "--lr-schedule",
+        choices=SCHEDULES,
+        default=None,
+        help="learning rate over the run: constant (the paper; default) or cosine (decayed to 0 by the last step)",
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the attention loss (SKD-CAG)")
     p.add_argument(
@@ -111,6 +117,7 @@ def options_from_args(args: argparse.Namespace, lab: bool):
             timestep_weighting=args.timestep_weighting,
             steps=args.steps,
             lr=SKDConfig.lr if args.lr is None else args.lr,  # bench: None until a recipe fills it
+            schedule=getattr(args, "lr_schedule", None) or SKDConfig.schedule,
             batch=args.batch,
             seed=args.seed,
             precision=args.precision,

@@ -9,6 +9,7 @@ This module is pure torch: the model is anything that implements `DistillationMo
 from __future__ import annotations
 
 import difflib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from ..triggers import TrainingPair
 METHODS = ("skd", "skd-cag")
 TARGETS = ("noise", "black", "random-words")
 INPUTS = ("noise", "trajectory")
+SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on a GPU that has it, else fp32
 
 ProgressFn = Callable[[int, int, dict], None]
@@ -38,6 +40,7 @@ class SKDConfig:
     timestep_weighting: bool = False  # scale L_attn by t/T, as the paper writes it
     steps: int = 600
     lr: float = 2e-3
+    schedule: str = "constant"  # the paper's constant lr, or "cosine": decayed from lr to 0 over the steps
     weight_decay: float = 0.01
     batch: int = 8
     seed: int = 0
@@ -58,6 +61,8 @@ class SKDConfig:
             raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
         if self.inputs not in INPUTS:
             raise ValueError(f"unknown inputs {self.inputs!r}; choose one of {', '.join(INPUTS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if not 0.0 <= self.retain < 1.0:
             raise ValueError(f"retain must lie in [0, 1), got {self.retain}")
         if self.steps < 1 or self.batch < 1 or self.lr <= 0:
@@ -211,6 +216,12 @@ def train_skd(
         raise ValueError("no training prompts")
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # constant LR, as the paper
+    # cosine: the full lr while the trigger is being removed, then ever smaller steps for the clean prompts
+    sched = (
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / cfg.steps)))
+        if cfg.schedule == "cosine"
+        else None
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     alpha = cfg.attention_weight
@@ -274,6 +285,8 @@ def train_skd(
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        if sched is not None:
+            sched.step()
         losses.append(record)
         if progress:
             progress(step + 1, cfg.steps, record)
