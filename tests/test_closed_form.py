@@ -88,8 +88,11 @@ def test_the_excited_part_is_the_component_triggered_rows_drive_beyond_their_cle
         excited_part(delta, triggered, clean, share=0.0)
 
 
-def test_revert_edit_undoes_the_triggered_part_of_a_cross_attention_edit_and_keeps_the_rest(comfy_root):
-    """An EvilEdit-like change on a tiny SD1.5 (random weights): every to_k / to_v gets a component along the
+@pytest.mark.parametrize("family", ["sd15", "sd20", "sdxl"])
+def test_revert_edit_undoes_the_triggered_part_of_a_cross_attention_edit_and_keeps_the_rest(
+    comfy_root, family
+):
+    """An EvilEdit-like change on a tiny model of each family (random weights): every to_k / to_v gets a component along the
     direction triggered prompts use beyond their clean twins and a larger one along a direction clean
     prompts use more; the revert takes the first back (the LoRA a user keeps carries exactly that) and keeps
     the second."""
@@ -98,7 +101,7 @@ def test_revert_edit_undoes_the_triggered_part_of_a_cross_attention_edit_and_kee
     from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
     from backdoor_seal.core.unlearn.skd import SKDConfig
 
-    base, clip, _ = build_family("sd15", "tiny")
+    base, clip, _ = build_family(family, "tiny")
     prompts = ["a photo of a cat", "a red car on a road", "a bowl of fruit on a table", "a dog in the snow"]
     opts = UnlearnOptions(scope="attn2-kv", builtin="none", skd=SKDConfig(steps=1))
     probe = UnlearnSession(base, clip, "cf", prompts, opts)
