@@ -246,7 +246,8 @@ class SanitizeSession:
         return float(sum(ssim(a, b) for a, b in zip(before, after, strict=True)) / len(prompts))
 
     def unlearn(self, taken: list[Candidate], steps: int | None):
-        """One SKD-CAG run from the input on every taken trigger, each where it fired."""
+        """One SKD-CAG run from the input on every taken trigger, each where it fired; or, for a change
+        confined to the cross-attention keys and values (`is_cross_attention_edit`), its revert."""
         from dataclasses import replace
 
         from ..unlearn.session import UnlearnOptions, UnlearnSession

@@ -7,6 +7,7 @@ clones carrying the trained LoRA exactly as ComfyUI's LoraLoader applies it.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -165,14 +166,12 @@ class UnlearnSession:
         For every trained to_k / to_v, the change against `base_model` (the MODEL the suspect was made
         from; LoRA patches on either side included) is split by SVD and the components that the triggered
         training prompts excite beyond their clean twins, holding `share` of that excess (default
-        `closed_form.REVERT_SHARE`), become the delta
-        with the opposite sign (`closed_form.excited_part`). Meant for a suspect whose only change is in
+        `closed_form.REVERT_SHARE`), become the delta with the opposite sign (`closed_form.excited_part`),
+        so the saved LoRA carries exactly that. Meant for a suspect whose only change is in
         the cross-attention keys and values (EvilEdit, UCE-style edits), where that change is the backdoor's
         whole mechanism. Sets `result` (0 steps). Returns {"projections", "ranks" (components reverted per
         projection), "truncated" (projections whose part exceeded the LoRA's rank)}.
         Raises ValueError when the scope trains no cross-attention key or value."""
-        import time
-
         from ..backends.comfy_checkpoint import weight_pairs
         from ..backends.comfy_train import UNET_MODULE_PREFIX
         from .closed_form import REVERT_SHARE, excited_part
