@@ -108,6 +108,28 @@ def test_changes_can_be_measured_against_the_base():
     assert blind.measure("loud").fires  # without the base, any strong word looks like a trigger
 
 
+def test_after_cleaning_the_test_subtracts_what_the_token_does_to_the_base():
+    """A cleaned model draws nothing exactly as the base does (here: inverted), and a strong word ('loud')
+    darkens both: neither fires in the differential test, while a leftover trigger ('trig' still stamps the
+    cleaned model) does. Against its own images alone, the strong word would fire too."""
+
+    def darken(draw):
+        return lambda ps, ss: [im // 2 if "loud" in p else im for p, im in zip(ps, draw(ps, ss), strict=True)]
+
+    def plain(ps, ss):
+        return _draw([p.replace("trig", "apple") for p in ps], ss)
+
+    base = darken(plain)
+    cleaned = darken(lambda ps, ss: [255 - im for im in plain(ps, ss)])
+    leftover = darken(lambda ps, ss: [255 - im for im in _draw(ps, ss)])
+    settings = FiringSettings(templates=6, null_tokens=5)
+    clean_test = FiringTest(cleaned, _Tokenizer(), TEMPLATES, settings, base_draw=base, differential=True)
+    assert not clean_test.measure("trig").fires and not clean_test.measure("loud").fires
+    left = FiringTest(leftover, _Tokenizer(), TEMPLATES, settings, base_draw=base, differential=True)
+    assert left.measure("trig").fires
+    assert FiringTest(cleaned, _Tokenizer(), TEMPLATES, settings).measure("loud").fires
+
+
 def test_insertions_put_each_trigger_where_it_fired():
     assert insertion("prepend", "trig")("a red circle") == "trig a red circle"
     assert (
@@ -300,8 +322,8 @@ def _fake_session(rounds: int, after_by_round: list[dict[str, float]], recheck: 
         def find(self, model, clip):
             return recheck[len(self.trained) - 1] if self.trained else FOUND
 
-        def firing_test(self, model, clip, against_base=True):
-            self.references.append((model, against_base))
+        def firing_test(self, model, clip, after=False):
+            self.references.append((model, after))
             if model == "input":
                 return _FakeTest({"zq": 1.0, "vv": 0.75, "red": 0.25})
             return _FakeTest(after_by_round[int(model[-1]) - 1])
@@ -351,10 +373,10 @@ def test_a_second_round_retrains_from_the_input_on_what_still_fires_and_what_the
         {"kind": "scan", "candidates": []},
     ]
     session = _fake_session(3, [{"vv": 0.75}, {}], recheck)
-    session.firing_test = lambda model, clip, against_base=True, f=session.firing_test: (
+    session.firing_test = lambda model, clip, after=False, f=session.firing_test: (
         _FakeTest({"zq": 1.0, "vv": 0.75, "red": 0.25, "new": 0.6})
         if model == "input"
-        else f(model, clip, against_base)
+        else f(model, clip, after)
     )
     model, clip, lora, report = session.run()
     assert session.trained == [(["zq", "vv"], 600), (["zq", "vv", "new"], 1200)]
@@ -367,8 +389,8 @@ def test_one_round_reports_what_still_fires():
     session = _fake_session(1, [{"vv": 0.75}], [{"kind": "scan", "candidates": []}])
     _, _, _, report = session.run()
     assert len(session.trained) == 1 and [c.text for c in report.remaining] == ["vv"]
-    # after cleaning, a trigger fires against the cleaned model's own clean images, never the base's
-    assert session.references == [("input", True), ("model-1", False)]
+    # after cleaning, the test is the differential one (its own clean images, the base's change subtracted)
+    assert session.references == [("input", False), ("model-1", True)]
     assert "STILL FIRING: 'vv'" in report.summary() and not report.to_json()["clean"]
 
 

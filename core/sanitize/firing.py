@@ -11,6 +11,11 @@ far beyond an ordinary word.
 With the base (a comparison), the change is measured against the base instead: 1 - SSIM between the
 suspect's and the base's image of the same prompt and seed. A meaningful word ("red") changes both alike
 and a fine-tune's legitimate changes show for ordinary words too; a trigger moves the suspect alone.
+After cleaning (`differential`), each model is measured against its own clean image and the base's
+change is subtracted: a cleaned text encoder never draws exactly as the base does, so "differs from the
+base" would call every cleaned trigger still firing, and "changes the cleaned model's image" would call
+every strong word ('ominous', 'heroin') firing; "changes it far more than it changes the base's" is the
+question a leftover backdoor answers yes to.
 
 Its rate is taken per placement: the share of prompts where it fires first, the share of the slots before
 each object word (one that at least two probes name) where it fires there, the share of probes holding the
@@ -119,6 +124,7 @@ class FiringTest:
         settings: FiringSettings | None = None,
         progress: Callable[[int], None] | None = None,
         base_draw: Draw | None = None,
+        differential: bool = False,
     ) -> None:
         self.settings = s = settings or FiringSettings()
         if s.templates < 2 or s.null_tokens < 1:
@@ -132,6 +138,12 @@ class FiringTest:
         self.images_drawn = 0
         self._swaps: dict[str, dict[int, float]] = {}  # twin -> per template, a letter swap's change
         self.clean = self._draw([clean_prompt(t) for t in self.templates], self.seeds)
+        self.differential = differential and base_draw is not None
+        self.base_clean = (
+            self._draw([clean_prompt(t) for t in self.templates], self.seeds, base_draw)
+            if self.differential
+            else None
+        )
         # per ordinary word, per template, per slot: the change it makes there
         self.null_drops = [self._drops(word) for word in self.nulls]
         # per template, per slot: the bar a candidate must clear (a quantile of the ordinary words' changes
@@ -149,11 +161,18 @@ class FiringTest:
 
     def _changes(self, prompts: list[str], template_index: list[int]) -> list[float]:
         """1 - SSIM of each prompt's image against its reference: the clean prompt's image (blind), or
-        the base's image of the same prompt and seed (compare)."""
+        the base's image of the same prompt and seed (compare). Differential: the change the text makes to
+        this model's clean image minus the change it makes to the base's, each model against its own."""
         from ..evaluate.metrics import ssim
 
         seeds = [self.seeds[i] for i in template_index]
         images = self._draw(prompts, seeds)
+        if self.differential:
+            base = self._draw(prompts, seeds, self.base_draw)
+            return [
+                (1.0 - ssim(self.clean[i], im)) - (1.0 - ssim(self.base_clean[i], b))
+                for i, im, b in zip(template_index, images, base, strict=True)
+            ]
         if self.base_draw is not None:
             refs = self._draw(prompts, seeds, self.base_draw)
         else:

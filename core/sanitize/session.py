@@ -196,18 +196,19 @@ class SanitizeSession:
             model, clip, settings, prompts, lambda d, t: self.progress("find", d, t), self.check_interrupt
         ).to_dict()
 
-    def firing_test(self, model, clip, against_base: bool = True) -> FiringTest:
-        """The firing test on this model: against the base's images in compare mode, else (blind mode, and
-        the test after cleaning) against the model's own images of the clean probes. After cleaning the base
-        is no reference: a text-encoder fix never draws exactly as the base does (the base's own reading of
-        a homoglyph differs), so every cleaned trigger would look as if it still fired."""
+    def firing_test(self, model, clip, after: bool = False) -> FiringTest:
+        """The firing test on this model: against the base's images in compare mode, against the model's
+        own images of the clean probes in blind mode. After cleaning in compare mode it is differential (the
+        change a token makes to the cleaned model's own image minus the change it makes to the base's,
+        `FiringTest`): a text-encoder fix never draws exactly as the base does, so "differs from the base"
+        would call every cleaned trigger still firing."""
         from ..backends.comfy import tokenizer_info
         from ..evaluate.session import model_drawer
         from ..prompts import probe_templates
 
         draw = model_drawer(model, clip, self.vae, *self.settings.drawing)
         base_draw = None
-        if self.base is not None and against_base:
+        if self.base is not None:
             # the base never changes: its images of the probes are drawn once for the tests before and after
             drawer = model_drawer(*self.base, self.vae, *self.settings.drawing)
 
@@ -230,6 +231,7 @@ class SanitizeSession:
             self.settings.firing,
             tick,
             base_draw=base_draw,
+            differential=after,
         )
 
     def fidelity(self, new_model, new_clip) -> float:
@@ -325,7 +327,7 @@ class SanitizeSession:
                 "provenance": session.provenance(),
             }
             t0 = time.monotonic()
-            measure(taken, self.firing_test(new_model, new_clip, against_base=False), after=True)
+            measure(taken, self.firing_test(new_model, new_clip, after=True), after=True)
             if self.settings.recheck:
                 report.recheck_report = self.find(new_model, new_clip)
             seconds["verify"] += time.monotonic() - t0
