@@ -89,7 +89,10 @@ class SealSanitize(io.ComfyNode):
                     optional=True,
                     tooltip="Where the fix trains. auto: the text encoder; when the comparison saw only the UNet "
                     "change, the cross-attention keys and values (and the text encoder too once 3 or more "
-                    "triggers are taken). " + "; ".join(f"{k}: {v}" for k, v in SCOPE_HELP.items()),
+                    "triggers are taken); when only the keys and values changed (a closed-form edit such as "
+                    "EvilEdit), the edit is reverted against the base where the triggers excite it, with no "
+                    "training. Any other choice always trains there. "
+                    + "; ".join(f"{k}: {v}" for k, v in SCOPE_HELP.items()),
                 ),
                 io.Boolean.Input(
                     "recheck",
