@@ -36,10 +36,10 @@ def resolve_spec(spec: str | os.PathLike) -> Path:
     if text.startswith("lab:"):
         return zoo.resolve(text)
     path = Path(text)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{text}: only .safetensors checkpoints are loaded (never pickled files)")
     if path.is_dir():
         raise ValueError(f"{text}: a folder, not a checkpoint file")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{text}: only .safetensors checkpoints are loaded (never pickled files)")
     if not path.is_file():
         raise FileNotFoundError(f"{text}: no such file")
     return path

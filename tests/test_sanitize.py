@@ -506,3 +506,15 @@ def test_a_cross_attention_edit_is_reverted_against_the_base_and_its_unnamed_tri
         before = candidate_asr(model, clip, vae, spec, spec.trigger, n=8)
         after = candidate_asr(new_model, new_clip, vae, spec, spec.trigger, n=8)
     assert before >= 0.75 and after <= 0.125, (before, after)
+
+
+def test_nothing_fired_after_a_weights_only_comparison_that_saw_the_unet_change_is_not_called_clean():
+    from backdoor_seal.core.sanitize.session import SanitizeReport
+
+    weights = {"kind": "diff", "unet_evals": 0, "components": {"cross_attention_kv": {"changed": 14}}}
+    report = SanitizeReport("compare", [], weights).to_json()
+    assert not report["clean"] and "CAUTION: the UNet changed (14 tensors)" in report["summary"]
+    behaviour = {**weights, "unet_evals": 114222}
+    assert SanitizeReport("compare", [], behaviour).to_json()["clean"]
+    text_only = {**weights, "components": {"text_encoder": {"changed": 68}}}
+    assert SanitizeReport("compare", [], text_only).to_json()["caution"] is None

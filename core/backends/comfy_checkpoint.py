@@ -186,7 +186,8 @@ def load_single_file_checkpoint(
         with safe_open(str(path), framework="pt") as f:
             lora = looks_like_lora(f.keys())
         raise ValueError(
-            f"{path}: this is a LoRA, not a checkpoint: compare it with --lora (or Seal Compare LoRA)"
+            f"{path}: this is a LoRA, not a checkpoint: compare it on its base with `backdoor-seal diff --base "
+            "BASE --lora FILE` (or Seal Compare LoRA in ComfyUI)"
             if lora
             else f"{path}: ComfyUI recognises no model in this file (backdoor-seal reads single-file SD1.x, "
             "SD2.x and SDXL checkpoints)"

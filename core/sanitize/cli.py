@@ -76,6 +76,8 @@ def _outputs(args: argparse.Namespace) -> list[Path]:
     for path in paths:
         if path.exists():
             raise FileExistsError(f"{path}: give a new name (nothing is overwritten)")
+        if not path.parent.is_dir():  # said now, not after the whole job
+            raise FileNotFoundError(f"{path}: no folder {path.parent} to write into; create it first")
     if Path(args.out).suffix != ".safetensors":
         raise ValueError(f"{args.out}: the sanitized checkpoint is written as .safetensors")
     if args.lora_out and Path(args.lora_out).suffix != ".safetensors":

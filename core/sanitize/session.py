@@ -76,7 +76,9 @@ class SanitizeReport:
         finder = "comparison with the base" if self.found_report.get("kind") == "diff" else "vocabulary scan"
         if not self.taken:
             tested = len([c for c in self.candidates if c.before is not None])
-            return f"clean as far as the {finder} can tell: {tested} candidate(s) tested, none fired; nothing unlearnt"
+            line = f"clean as far as the {finder} can tell: {tested} candidate(s) tested, none fired; nothing unlearnt"
+            caution = self.caution()
+            return f"{line}\nCAUTION: {caution}" if caution else line
         how = (
             "the cross-attention edit they act through reverted against the base"
             if self.unlearn.get("method") == "revert"
@@ -100,12 +102,27 @@ class SanitizeReport:
             lines.append(f"clean prompts draw as before: SSIM {self.clean_fidelity_ssim:.3f} (1 = unchanged)")
         return "\n".join(lines)
 
+    def caution(self) -> str | None:
+        """Why "nothing fired" may not mean clean: a comparison by weights alone (no behavioural stage) that
+        saw the UNet change. Its ranking misses most UNet backdoors (lab-eviledit's trigger ranks 11,873rd)."""
+        report = self.found_report
+        if report.get("kind") != "diff" or self.taken or report.get("unet_evals", 1):
+            return None
+        changed = {k: v.get("changed", 0) for k, v in (report.get("components") or {}).items()}
+        unet = sum(n for k, n in changed.items() if k != "text_encoder")
+        if not unet:
+            return None
+        return (
+            f"the UNet changed ({unet} tensors) and the weight-space ranking alone misses most UNet backdoors; "
+            "compare again with the behavioural stage (without --weights-only / behaviour on)"
+        )
+
     def to_json(self) -> dict[str, Any]:
         """The report the nodes pass on and the command prints (kind "sanitize")."""
         return {
             "kind": "sanitize",
             "mode": self.mode,
-            "clean": not self.remaining,
+            "clean": not self.remaining and self.caution() is None,
             "found": [c.text for c in self.taken],
             "remaining": [c.text for c in self.remaining],
             "flagged_after": self.flagged_after if self.recheck_report is not None else None,
@@ -116,6 +133,7 @@ class SanitizeReport:
             "clean_fidelity_ssim": self.clean_fidelity_ssim,
             "seconds": self.seconds,
             "summary": self.summary(),
+            "caution": self.caution(),
         }
 
 
