@@ -108,7 +108,7 @@ class SanitizeReport:
         report = self.found_report
         if report.get("kind") != "diff" or self.taken or report.get("unet_evals", 1):
             return None
-        changed = {k: v.get("changed", 0) for k, v in (report.get("components") or {}).items()}
+        changed = changed_components(report)
         unet = sum(n for k, n in changed.items() if k != "text_encoder")
         if not unet:
             return None
@@ -119,10 +119,11 @@ class SanitizeReport:
 
     def to_json(self) -> dict[str, Any]:
         """The report the nodes pass on and the command prints (kind "sanitize")."""
+        caution = self.caution()
         return {
             "kind": "sanitize",
             "mode": self.mode,
-            "clean": not self.remaining and self.caution() is None,
+            "clean": not self.remaining and caution is None,
             "found": [c.text for c in self.taken],
             "remaining": [c.text for c in self.remaining],
             "flagged_after": self.flagged_after if self.recheck_report is not None else None,
@@ -133,8 +134,13 @@ class SanitizeReport:
             "clean_fidelity_ssim": self.clean_fidelity_ssim,
             "seconds": self.seconds,
             "summary": self.summary(),
-            "caution": self.caution(),
+            "caution": caution,
         }
+
+
+def changed_components(report: dict) -> dict[str, int]:
+    """Tensors changed per component, as a comparison report counts them (empty for a scan)."""
+    return {k: v.get("changed", 0) for k, v in (report.get("components") or {}).items()}
 
 
 STAND_INS_FOR_TEXT = 3  # taken triggers from which a UNet attack's fix also trains the text encoder
@@ -150,7 +156,7 @@ def scope_for(report: dict, taken: int = 1) -> str:
     and values learn nothing: measured on lab-eviledit (one stand-in), its planted trigger stayed at 1.00
     with the text part and fell to 0.41 without; on lab-style (27 taken), lab-object (3) and lab-pixel (12)
     the text part took the planted trigger from 0.59 / 0.31 / 0.03 to 0.06 / 0.06 / 0.00 (docs/sanitize.md)."""
-    changed = {k: v.get("changed", 0) for k, v in (report.get("components") or {}).items()}
+    changed = changed_components(report)
     if not changed or changed.get("text_encoder", 0) or not any(changed.values()):
         return "text"
     return "attn2-kv+text" if taken >= STAND_INS_FOR_TEXT else "attn2-kv"
@@ -163,7 +169,7 @@ def is_cross_attention_edit(report: dict) -> bool:
     planted trigger 1.00 -> 0.00 at clean SSIM 0.976, where 600 distillation steps left it at 0.41."""
     if report.get("kind") != "diff":
         return False
-    changed = {k: v.get("changed", 0) for k, v in (report.get("components") or {}).items()}
+    changed = changed_components(report)
     return bool(changed.get("cross_attention_kv")) and not any(
         n for k, n in changed.items() if k != "cross_attention_kv"
     )
