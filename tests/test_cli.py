@@ -247,3 +247,14 @@ def test_unlearn_takes_a_set_from_repeated_triggers_or_from_a_report(tmp_path, c
     report.write_text(json.dumps({"kind": "sanitize", "min_rate": 0.5, "candidates": [taken, left]}))
     assert main([*argv, "--report", str(report), "--out", str(tmp_path / "b.safetensors")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["triggers"] == 1
+
+
+def test_sanitize_refuses_an_output_folder_that_does_not_exist_before_any_work(tmp_path, capsys):
+    from backdoor_seal.core.cli import main
+
+    out = tmp_path / "missing" / "clean.safetensors"
+    argv = ["sanitize", "--model", "lab:lab-rickroll", "--base", "lab:lab-clean", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no folder" in err and "create it first" in err and len(err.strip().splitlines()) == 1
+    assert not out.parent.exists()
