@@ -29,13 +29,13 @@ def figure_to_image(fig) -> torch.Tensor:
 
 
 def loss_curve_image(losses: list[dict], title: str = "") -> torch.Tensor:
-    """Each loss term per training step (log scale), as an IMAGE."""
+    """Each loss term per training step (log scale; context matching's "match" first, then SKD's), as an IMAGE."""
     fig = new_figure(6, 3.2)
     ax = fig.add_subplot()
-    for key in ("loss", "pred", "attn"):
-        values = [r[key] for r in losses if key in r]
-        if values:
-            ax.plot(range(1, len(values) + 1), values, label=key, linewidth=1.2)
+    for key in ("match", "loss", "pred", "attn"):
+        points = [(i + 1, r[key]) for i, r in enumerate(losses) if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=key, linewidth=1.2)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

@@ -112,6 +112,16 @@ class SealUnlearn(io.ComfyNode):
                     "prompts project like their clean twins (UCE / TIME), then distil: removes UNet backdoors "
                     "in far fewer steps. Needs a scope that trains attn2 k/v (attn2-kv, attn2-kv+text, ...).",
                 ),
+                io.Int.Input(
+                    "match_steps",
+                    default=UnlearnOptions.match_steps,
+                    min=0,
+                    max=10000,
+                    optional=True,
+                    tooltip="Context-matching steps before distillation when the text encoder is trained: the "
+                    "encoder learns to give each triggered prompt its clean twin's context (one text-encoder "
+                    "pass per step, no UNet), which removes text-side triggers in a few dozen steps. 0 = off.",
+                ),
                 report_input(
                     "The triggers to unlearn when none is typed: Seal Sanitize's set, a scan's or "
                     "comparison's flagged tokens, or the trigger most of a prompt report's flagged prompts name."
@@ -151,6 +161,7 @@ class SealUnlearn(io.ComfyNode):
         retain: float = 0.0,
         inputs: str = "noise",
         warm_start: bool = False,
+        match_steps: int = UnlearnOptions.match_steps,
         report: dict | None = None,
     ) -> io.NodeOutput:
         opts = UnlearnOptions(
@@ -173,6 +184,7 @@ class SealUnlearn(io.ComfyNode):
             builtin=builtin_prompts,
             latent_hw=(latent_size, latent_size),
             warm_start=warm_start,
+            match_steps=match_steps,
         )
         # the set: typed triggers (one per line), else the report's, chosen on evidence (core.triggers)
         triggers = triggers_from(trigger, report)

@@ -350,10 +350,16 @@ def test_trains_on_a_model_loaded_in_inference_mode_as_inside_a_node(comfy_root,
     with torch.inference_mode():
         model, clip, _ = comfy_lab.new_lab_models(lab_config())
         opts = UnlearnOptions(
-            scope=scope, skd=skd.SKDConfig(steps=1, batch=2, retain=0.0), builtin="lab", builtin_count=4
+            scope=scope,
+            skd=skd.SKDConfig(steps=1, batch=2, retain=0.0),
+            builtin="lab",
+            builtin_count=4,
+            match_steps=2,
         )
         result = UnlearnSession(model, clip, "zx9", opts=opts).run()
-    assert result.steps == 1 and result.losses[0]["loss"] > 0
+    matching = 2 if scope == "text" else 0  # context matching trains a text-encoder delta only
+    assert result.steps == matching + 1 and result.losses[-1]["loss"] > 0
+    assert [r["match"] > 0 for r in result.losses[:matching]] == [True] * matching
 
 
 @pytest.mark.parametrize(

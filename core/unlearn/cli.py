@@ -56,6 +56,13 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
         help="first edit the cross-attention keys and values in closed form so triggered prompts project "
         "like their clean twins (scopes that train attn2 k/v: attn2-kv, attn2-kv+text, attn2, attention, unet)",
     )
+    p.add_argument(
+        "--match-steps",
+        type=int,
+        default=UnlearnOptions.match_steps,
+        help="context-matching steps before SKD when the text encoder is trained (one text-encoder pass "
+        "each, no UNet; docs/unlearn.md); 0 turns it off",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -131,6 +138,7 @@ def options_from_args(args: argparse.Namespace, lab: bool):
         builtin_count=getattr(args, "builtin_count", 64),
         latent_hw=(side, side),
         warm_start=bool(getattr(args, "warm_start", False)),
+        match_steps=max(0, getattr(args, "match_steps", UnlearnOptions.match_steps)),
     )
 
 
@@ -170,10 +178,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         elif args.placement == "auto" and info:  # a lab model's own attack insertion
             insert[trigger] = insertion_for(info, trigger)
     session = UnlearnSession(model, clip, list(triggers), user_prompts, opts, insert=insert or None)
-    bar = tqdm(total=opts.skd.steps, desc=opts.skd.method, unit="step")
+    bar = tqdm(total=session.match_steps + opts.skd.steps, desc=opts.skd.method, unit="step")
 
     def progress(step: int, total: int, losses: dict) -> None:
-        bar.update(1)
+        bar.update(step - bar.n)
         bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
 
     t0 = time.monotonic()
@@ -196,6 +204,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
                 "saved": saved,
                 "method": opts.skd.method,
                 "steps": result.steps,
+                "match_steps": session.matched.steps if session.matched else 0,
                 "final_loss": result.losses[-1],
                 "train_seconds": round(result.seconds, 1),
                 "seconds": round(time.monotonic() - t0, 1),

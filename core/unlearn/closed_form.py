@@ -35,26 +35,33 @@ def aligned_rows(
     triggered_ids: Sequence[Sequence[int]],
     clean_ids: Sequence[Sequence[int]],
     eos_id: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source and target rows (n x C) from contexts (B x L x C) of triggered prompts and their clean twins."""
-    sources, targets = [], []
+    groups: bool = False,
+):
+    """Source and target rows (n x C) from contexts (B x L x C) of triggered prompts and their clean twins;
+    with groups, also a bool (n,) marking the rows of trigger tokens. Rows keep the contexts' dtype and
+    gradient. Raises ValueError when there is no row at all."""
+    sources, targets, trigger_rows = [], [], []
     for b, (s_ids, t_ids) in enumerate(zip(triggered_ids, clean_ids, strict=True)):
         alignment = align_tokens(s_ids, t_ids, eos_id)
         end = list(t_ids).index(eos_id, 1) if eos_id in t_ids[1:] else len(t_ids) - 1
         for i, j in alignment.pairs:
             sources.append(triggered[b, i])
             targets.append(clean[b, j])
+        trigger_rows += [False] * len(alignment.pairs) + [True] * len(alignment.trigger)
         for i in alignment.trigger:
             sources.append(triggered[b, i])
             targets.append(clean[b, end])
         # the end token and the padding after it carry the sentence: each pairs with its clean twin's
         s_end = list(s_ids).index(eos_id, 1) if eos_id in s_ids[1:] else len(s_ids) - 1
-        for d in range(min(len(s_ids) - s_end, len(t_ids) - end)):
+        tail = min(len(s_ids) - s_end, len(t_ids) - end)
+        for d in range(tail):
             sources.append(triggered[b, s_end + d])
             targets.append(clean[b, end + d])
+        trigger_rows += [False] * tail
     if not sources:
         raise ValueError("no token rows to edit: the triggered prompts match their clean twins")
-    return torch.stack(sources).float(), torch.stack(targets).float()
+    rows = torch.stack(sources).float(), torch.stack(targets).float()
+    return (*rows, torch.tensor(trigger_rows, dtype=torch.bool)) if groups else rows
 
 
 def kv_map(sources: torch.Tensor, targets: torch.Tensor, lam: float) -> torch.Tensor:

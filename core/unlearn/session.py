@@ -19,6 +19,7 @@ from ..prompts import with_builtin
 from ..tokens import readable, tokenize, trigger_report, whole_words
 from ..triggers import TrainingPair, training_pairs, trigger_sha256
 from ..version import __version__
+from .match import MatchConfig, match_context
 from .skd import SKDConfig, UnlearnResult, train_skd
 
 
@@ -29,6 +30,7 @@ class UnlearnOptions:
     skd: SKDConfig = field(default_factory=SKDConfig)
     scope: str = "text"  # where every trigger enters; docs/unlearn.md has the sweep
     warm_start: bool = False  # a closed-form edit of the cross-attention k/v first (`closed_form.py`)
+    match_steps: int = 150  # context matching of a text-encoder delta before SKD (`match.py`); 0 = off
     rank: int = 4  # 0 = a full-rank delta
     placement: str = "auto"  # auto | prepend | append | random | homoglyph
     builtin: str = "general"  # general | lab | none
@@ -92,7 +94,18 @@ class UnlearnSession:
         self.pairs_by_trigger = {t: _reaching_pairs(p, self.distillation, t) for t, p in built.items()}
         self.pairs = [p for pairs in self.pairs_by_trigger.values() for p in pairs]
         self.result: UnlearnResult | None = None
+        self.matched: UnlearnResult | None = None  # the context-matching phase, once it ran
         self.reverted: dict[str, Any] | None = None  # set by `revert_edit`
+
+    @property
+    def match_steps(self) -> int:
+        """Context-matching steps this run starts with: the option's, where the delta is in the text encoder."""
+        return self.opts.match_steps if self.distillation.trains_text else 0
+
+    def match_config(self) -> MatchConfig:
+        """The context-matching phase's settings (lr, batch and seed are the SKD run's)."""
+        skd = self.opts.skd
+        return MatchConfig(steps=max(self.match_steps, 1), lr=skd.lr, batch=skd.batch, seed=skd.seed)
 
     def run(
         self,
@@ -100,19 +113,46 @@ class UnlearnSession:
         check_interrupt: Callable[[], None] | None = None,
         on_step: Callable[[int], bool] | None = None,
     ) -> UnlearnResult:
-        """Train (outside inference mode, so it also works inside a ComfyUI node)."""
+        """Train (outside inference mode, so it also works inside a ComfyUI node): context matching first
+        when the delta is in the text encoder (once per session), then SKD / SKD-CAG. progress and on_step
+        count the steps of both phases as one run; the result's losses hold both ("match", then SKD's)."""
+        first = self.result is None
+        matching = self.match_steps if first and self.matched is None else 0
+        total = matching + self.opts.skd.steps
         with torch.inference_mode(False), torch.enable_grad():
-            if self.opts.warm_start and self.result is None:
+            if self.opts.warm_start and first:
                 self.warm_start()
-            self.result = train_skd(
+            if matching:
+                self.matched = match_context(
+                    self.distillation,
+                    self.pairs,
+                    self.match_config(),
+                    progress=(lambda step, _, losses: progress(step, total, losses)) if progress else None,
+                    check_interrupt=check_interrupt,
+                    on_step=on_step,
+                )
+                if self.matched.stopped_early:
+                    self.result = self.matched
+                    return self.result
+            result = train_skd(
                 self.distillation,
                 self.pairs,
                 self.opts.skd,
                 random_words=_random_words(self.tokenizer) if self.opts.skd.target == "random-words" else (),
-                progress=progress,
+                progress=(lambda step, _, losses: progress(matching + step, total, losses))
+                if progress
+                else None,
                 check_interrupt=check_interrupt,
-                on_step=on_step,
+                on_step=(lambda step: on_step(matching + step)) if on_step else None,
             )
+        if matching:
+            result = UnlearnResult(
+                self.matched.losses + result.losses,
+                self.matched.seconds + result.seconds,
+                matching + result.steps,
+                result.stopped_early,
+            )
+        self.result = result
         return self.result
 
     def _kv_rows(self, prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,6 +271,7 @@ class UnlearnSession:
             ),
             "training_prompts": len(self.pairs),
             "steps_run": self.result.steps if self.result else 0,
+            "match_steps_run": self.matched.steps if self.matched else 0,
             "pack_version": __version__,
         }
 
