@@ -117,3 +117,49 @@ def test_detect_prompt_node_exposes_its_calibration_size(comfy_root):
         SealDetectPrompt.execute(model=model, clip=clip, prompts="a red circle", calibration_prompts=0)
     names = [i.id for i in SealDetectPrompt.define_schema().inputs]
     assert "calibration_prompts" in names
+
+
+def test_the_differential_calibration_with_a_base_is_cached_and_checks_read_the_same(
+    comfy_root, monkeypatch, tmp_path
+):
+    """Seal Detect Prompt with a base: the second run on the same two models reads its calibration (no
+    stage-2 scoring of the calibration tokens) and reports exactly what the first did."""
+    from backdoor_seal.core.detect.session import DetectOptions
+    from backdoor_seal.core.diff.prompts import PromptDifferential
+    from backdoor_seal.core.diff.session import detect_with_base
+
+    monkeypatch.setenv("BACKDOOR_SEAL_CACHE", str(tmp_path))
+    base, base_clip, _, _ = _load("lab-clean")
+    model, clip, _, _ = _load("lab-pixel")
+    opts = DetectOptions(lab=True, latent_side=8)
+    calibration = ["a small red circle on the left", "a large blue square", "a green triangle at the top"]
+    checked = ["a small red circle \u2060 on the left"]
+    ticks = []
+    first = detect_with_base(
+        base, base_clip, model, clip, checked, calibration, opts, lambda: ticks.append(1)
+    )
+    assert first["calibration_cached"] is False and len(ticks) == 4
+    assert len(list((tmp_path / "differential-calibration").glob("*.json"))) == 1
+
+    def never(*a, **k):
+        raise AssertionError("calibrated again")
+
+    monkeypatch.setattr(PromptDifferential, "calibrate", never)
+    ticks.clear()
+    again = detect_with_base(
+        base.clone(),
+        base_clip.clone(),
+        model.clone(),
+        clip.clone(),
+        checked,
+        calibration,
+        opts,
+        lambda: ticks.append(1),
+    )
+    assert again["calibration_cached"] is True and len(ticks) == 4
+    assert again["prompts"] == first["prompts"] and again["trigger"] == first["trigger"]
+    assert again["unet_evals"] < first["unet_evals"]
+    with pytest.raises(AssertionError, match="calibrated again"):  # another base: another calibration
+        detect_with_base(model, clip, model, clip, checked, calibration, opts)
+    with pytest.raises(AssertionError, match="calibrated again"):
+        detect_with_base(base, base_clip, model, clip, checked, calibration, opts, cache=False)

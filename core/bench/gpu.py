@@ -131,13 +131,15 @@ def scan_rate(model, clip, side: int, slice_tokens: int, device) -> dict[str, An
 
 def _training_sessions(model, reference_model, clip, side: int, prompts: list[str]):
     """The pack's default unlearning session (on the MODEL as ComfyUI loads it on this device) and the
-    reference configuration's (on fp32 weights), on the same prompts."""
+    reference configuration's (on fp32 weights), on the same prompts; "skd" times SKD steps alone,
+    "match" the context-matching steps the default run starts with."""
     from dataclasses import replace
 
     from ..backends.comfy import with_eager_attention
     from ..unlearn.session import UnlearnOptions, UnlearnSession
 
-    ours = UnlearnOptions(builtin="none", latent_hw=(side, side))
+    matching = UnlearnOptions(builtin="none", latent_hw=(side, side))
+    ours = replace(matching, match_steps=0)
     reference = replace(
         ours,
         scope="unet",
@@ -145,6 +147,7 @@ def _training_sessions(model, reference_model, clip, side: int, prompts: list[st
         skd=replace(ours.skd, batch=1, precision="fp32", retain=0.0, lr=1e-4),
     )
     return {
+        "match": lambda: UnlearnSession(model, clip, TRIGGER, prompts, matching),
         "skd": lambda: UnlearnSession(model, clip, TRIGGER, prompts, ours),
         "reference": lambda: UnlearnSession(
             with_eager_attention(reference_model()), clip, TRIGGER, prompts, reference, teacher="copy"

@@ -71,6 +71,22 @@ class PromptDifferential:
         self.spread = max(float(np.median(np.abs(pooled - self.median))) * 1.4826, 1e-12)
         return {"threshold_z": self.settings.threshold_z, "min_effect": self.settings.min_effect}
 
+    def calibration_state(self) -> dict:
+        """What `calibrate` learnt, as JSON-able data (the cache stores it): the pooled statistics and the
+        scores of the calibration prompts' tokens (a checked prompt that shares a token reuses its score)."""
+        if self.median is None or self.spread is None:
+            raise ValueError("calibrate first")
+        return {
+            "median": self.median,
+            "spread": self.spread,
+            "scores": [[t, a, b] for t, (a, b) in sorted(self.scores.items())],
+        }
+
+    def load_calibration(self, state: dict) -> None:
+        """Restore a `calibration_state` of the same two models, probes and settings."""
+        self.median, self.spread = float(state["median"]), float(state["spread"])
+        self.scores.update({int(t): (float(a), float(b)) for t, a, b in state["scores"]})
+
     def check(self, prompt: str) -> dict:
         """A prompt's report in Seal Detect Prompt's shape: 'poisoned', 'trigger' (the flagged token's word),
         per-token score z and differential size."""

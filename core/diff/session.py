@@ -331,6 +331,9 @@ class DiffSession:
         )
 
 
+DIFFERENTIAL_CALIBRATION_FORMAT = 1  # part of a cached calibration's key: raise it when the scores change
+
+
 def detect_with_base(
     base_model,
     base_clip,
@@ -340,11 +343,20 @@ def detect_with_base(
     calibration: Sequence[str],
     opts,
     tick: Callable[[], None] | None = None,
+    cache: bool = True,
 ) -> dict:
     """Seal Detect Prompt with a base: calibrate the differential on clean prompts, then check each prompt.
-    `opts` is the prompt detector's `DetectOptions` (its latent side). Returns the prompt-set report."""
-    from ..backends.comfy import latent_channels
+    `opts` is the prompt detector's `DetectOptions` (its latent side). Returns the prompt-set report.
+
+    With `cache`, a calibration of the same two models (weights fingerprints), prompts, probe templates
+    and settings made before is read from the cache folder (`core.cache`) instead of being scored again
+    (each calibration token costs stage-2 UNet evaluations of both models); the report's
+    "calibration_cached" says which happened."""
+    from dataclasses import asdict
+
+    from ..backends.comfy import latent_channels, weights_fingerprint
     from ..backends.comfy_probe import ComfyProbe
+    from ..cache import cached
     from ..detect.prompts import most_supported_trigger
     from ..prompts import probe_templates
     from .prompts import PromptDifferential
@@ -352,13 +364,35 @@ def detect_with_base(
     side = opts.latent_side
     settings = BehaviourSettings(stage2_seeds=1, latent_shape=(latent_channels(model), side, side))
     hw = (side, side)
+    templates = probe_templates(opts.lab)
     differential = PromptDifferential(
         ComfyProbe(base_model, base_clip, latent_hw=hw),
         ComfyProbe(model, clip, latent_hw=hw),
-        probe_templates(opts.lab),
+        templates,
         settings,
     )
-    thresholds = differential.calibrate(calibration, tick)
+
+    def compute() -> dict:
+        differential.calibrate(calibration, tick)
+        return differential.calibration_state()
+
+    if cache:
+        key = {
+            "format": DIFFERENTIAL_CALIBRATION_FORMAT,
+            "base": weights_fingerprint(base_model, base_clip),
+            "suspect": weights_fingerprint(model, clip),
+            "prompts": list(calibration),
+            "templates": list(templates),
+            "settings": asdict(settings),
+        }
+        state, hit = cached("differential-calibration", key, compute)
+        if hit:
+            differential.load_calibration(state)
+            for _ in calibration if tick else ():
+                tick()
+    else:
+        state, hit = compute(), False
+    thresholds = {"threshold_z": settings.threshold_z, "min_effect": settings.min_effect}
     reports = []
     for prompt in prompts:
         reports.append(differential.check(prompt))
@@ -372,5 +406,6 @@ def detect_with_base(
         "trigger": most_supported_trigger(reports),
         "thresholds": thresholds,
         "unet_evals": differential.unet_evals,
+        "calibration_cached": hit,
         "prompts": reports,
     }
