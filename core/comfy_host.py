@@ -1,19 +1,25 @@
-"""A headless ComfyUI server on 127.0.0.1 and a small /prompt client (stdlib only)."""
+"""A headless ComfyUI server on 127.0.0.1 and a small /prompt client (stdlib; following progress over the
+websocket uses aiohttp, which every ComfyUI install has)."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+PROGRESS_TEXT = 3  # ComfyUI's BinaryEventTypes.TEXT: a node's progress text (protocol.py)
 
 
 def free_port() -> int:
@@ -85,6 +91,54 @@ class ComfyClient:
                 return entry
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+    def follow(self, on_text: Callable[[str, str], None]) -> Callable[[], None]:
+        """Call on_text(node id, text) for every progress text and progress bar update the server sends
+        over its websocket (/ws), from a background thread; returns a function that stops following.
+        Without aiohttp, or when the socket fails, nothing is followed (progress is a nicety)."""
+        stop = threading.Event()
+
+        async def listen() -> None:
+            import asyncio
+
+            import aiohttp
+
+            url = self.base_url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
+            async with aiohttp.ClientSession() as session, session.ws_connect(url, heartbeat=30) as ws:
+                while not stop.is_set():
+                    try:
+                        msg = await ws.receive(timeout=0.5)
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) >= 8:
+                        event, size = struct.unpack(">II", msg.data[:8])
+                        if event == PROGRESS_TEXT:
+                            node = msg.data[8 : 8 + size].decode(errors="replace")
+                            on_text(node, msg.data[8 + size :].decode(errors="replace"))
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        data = json.loads(msg.data)
+                        if data.get("type") == "progress":
+                            d = data["data"]
+                            on_text(str(d.get("node")), f"{d.get('value')}/{d.get('max')}")
+                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        return
+
+        def main() -> None:
+            import asyncio
+
+            try:
+                asyncio.run(listen())
+            except Exception:  # noqa: BLE001 (no aiohttp, a closed socket: the run goes on without progress)
+                pass
+
+        thread = threading.Thread(target=main, name="comfy-progress", daemon=True)
+        thread.start()
+
+        def halt() -> None:
+            stop.set()
+            thread.join(timeout=5)
+
+        return halt
 
     def run(
         self, graph: dict[str, Any], timeout: float = 600, workflow: dict[str, Any] | None = None

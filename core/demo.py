@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,22 @@ def free_output_folder(base: str | Path = "out") -> Path:
     return candidate
 
 
+def progress_printer(graph: dict[str, Any], t0: float, every: float = 10.0, stream=None):
+    """An on_text for `ComfyClient.follow`: one line on stderr per node's progress, at most every `every`
+    seconds (and whenever the node changes): seconds since t0, the node's class, its text."""
+    last = {"at": -every, "node": None}
+
+    def on_text(node: str, text: str) -> None:
+        now = time.monotonic() - t0
+        if node == last["node"] and now - last["at"] < every:
+            return
+        last.update(at=now, node=node)
+        kind = graph.get(node, {}).get("class_type", f"node {node}")
+        print(f"demo {now:6.0f} s  {kind}: {text}", file=stream or sys.stderr, flush=True)
+
+    return on_text
+
+
 def run_demo(out_dir: str | Path | None = None, port: int | None = None) -> dict[str, Any]:
     """`make demo`: start a headless ComfyUI, queue workflows/sanitize-lab-model.json through /prompt (as the
     frontend would, with the graph attached), save the report and the firing chart to `out_dir` (default:
@@ -75,7 +92,11 @@ def run_demo(out_dir: str | Path | None = None, port: int | None = None) -> dict
     ) as server:
         client = server.client()
         graph = api_from_ui(workflow, client.get_json("/object_info", timeout=120))
-        entry = client.run(graph, timeout=1200, workflow=workflow)
+        halt = client.follow(progress_printer(graph, t0))
+        try:
+            entry = client.run(graph, timeout=1200, workflow=workflow)
+        finally:
+            halt()
         result = entry["outputs"]["3"]["seal_report"][0]
         (out / "firing.png").write_bytes(client.fetch_image(entry["outputs"]["5"]["images"][0]))
         saved = [s for s in entry["outputs"]["4"]["text"][0].splitlines() if s]

@@ -196,6 +196,26 @@ def test_bad_files_get_one_line_errors_and_nothing_is_written(comfy_root, tmp_pa
     assert json.loads(capsys.readouterr().out)["unet_family"] == "LabSD"
 
 
+def test_demo_progress_prints_a_line_per_node_at_most_every_few_seconds(monkeypatch):
+    import io
+
+    from backdoor_seal.core import demo
+
+    clock = iter([10.0, 12.0, 13.0, 25.0, 26.0])
+    monkeypatch.setattr(demo.time, "monotonic", lambda: next(clock))
+    out = io.StringIO()
+    on_text = demo.progress_printer({"3": {"class_type": "SealSanitize"}}, t0=0.0, every=10.0, stream=out)
+    for node, text in [("3", "find: 1/9"), ("3", "find: 2/9"), ("7", "1/2"), ("7", "2/2"), ("7", "x")]:
+        on_text(node, text)
+    lines = out.getvalue().splitlines()
+    # 10 s: first; 12 s: same node too soon; 13 s: another node; 25 s: ten seconds on; 26 s: too soon
+    assert [line.split()[1:] for line in lines] == [
+        ["10", "s", "SealSanitize:", "find:", "1/9"],
+        ["13", "s", "node", "7:", "1/2"],
+        ["25", "s", "node", "7:", "2/2"],
+    ]
+
+
 def test_demo_writes_a_new_folder_when_out_holds_a_report(tmp_path):
     from backdoor_seal.core.demo import free_output_folder
 

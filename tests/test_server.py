@@ -155,7 +155,15 @@ def test_unlearn_lora_reproduces_the_unlearned_model_through_the_stock_lora_load
 
     client = comfy_server.client()
     prompt = "zx9 a large red circle on the left"
-    entry = client.run(unlearn_graph("lab-untrained.safetensors", "zx9", prompt, steps=4), timeout=600)
+    texts = []
+    halt = client.follow(lambda node, text: texts.append((node, text)))
+    try:
+        entry = client.run(unlearn_graph("lab-untrained.safetensors", "zx9", prompt, steps=4), timeout=600)
+    finally:
+        halt()
+    # the websocket follower (what `make demo` prints from) saw SealUnlearn's progress text and bar
+    assert ("2", "step 4/4  ") in [(n, t[: len("step 4/4  ")]) for n, t in texts], texts[-5:]
+    assert ("2", "4/4") in texts
 
     def images(entry) -> list[np.ndarray]:
         return [
