@@ -72,7 +72,15 @@ class SealSanitize(io.ComfyNode):
                     optional=True,
                     tooltip="Probe prompts of the firing test (each drawn at every slot).",
                 ),
-                io.Int.Input("steps", default=SKDConfig.steps, min=1, max=100000, optional=True),
+                io.Int.Input(
+                    "steps",
+                    default=SKDConfig.steps,
+                    min=1,
+                    max=100000,
+                    optional=True,
+                    tooltip="SKD-CAG steps, where the fix trains the UNet (cross-attention k/v). In the text "
+                    "scope the triggers are unlearnt by context matching (150 steps of the text encoder alone).",
+                ),
                 io.Int.Input(
                     "rounds",
                     default=1,

@@ -9,7 +9,7 @@ from ..core.plots import loss_curve_image
 from ..core.prompts import BUILTIN_SETS
 from ..core.triggers import insertion, triggers_from
 from ..core.unlearn.save import LORA_LAYOUTS, STORAGE_DTYPES, save_lora, save_sanitized
-from ..core.unlearn.session import UnlearnOptions, UnlearnSession
+from ..core.unlearn.session import DEFAULT_METHOD, UnlearnOptions, UnlearnSession
 from ..core.unlearn.skd import INPUTS, METHODS, PRECISIONS, TARGETS, SKDConfig
 from .common import CATEGORY as ROOT
 from .common import (
@@ -55,7 +55,14 @@ class SealUnlearn(io.ComfyNode):
                     default="",
                     tooltip="Clean prompts, one per line, added to the built-in set (keep your test prompts out).",
                 ),
-                io.Combo.Input("method", options=list(METHODS), default="skd-cag"),
+                io.Combo.Input(
+                    "method",
+                    options=list(METHODS),
+                    default=DEFAULT_METHOD,
+                    tooltip="match: context matching, the text encoder learns to give triggered prompts their "
+                    "clean twins' context (no UNet pass; seconds; text scopes only). skd / skd-cag: the paper's "
+                    "self-distillation through the UNet (any scope; `steps`).",
+                ),
                 io.Combo.Input(
                     "scope",
                     options=list(SCOPES),
@@ -115,12 +122,10 @@ class SealUnlearn(io.ComfyNode):
                 io.Int.Input(
                     "match_steps",
                     default=UnlearnOptions.match_steps,
-                    min=0,
+                    min=1,
                     max=10000,
                     optional=True,
-                    tooltip="Context-matching steps before distillation when the text encoder is trained: the "
-                    "encoder learns to give each triggered prompt its clean twin's context (one text-encoder "
-                    "pass per step, no UNet), which removes text-side triggers in a few dozen steps. 0 = off.",
+                    tooltip="Steps of method match (one text-encoder pass each); `steps` counts SKD's.",
                 ),
                 report_input(
                     "The triggers to unlearn when none is typed: Seal Sanitize's set, a scan's or "
@@ -193,7 +198,7 @@ class SealUnlearn(io.ComfyNode):
             model, clip, list(triggers), prompts.splitlines(), opts, insert=insert or None
         )
         node_id = getattr(cls.hidden, "unique_id", None)
-        bar = Progress(steps)
+        bar = Progress(session.total_steps)
         send_text(node_id, session.describe())
 
         def progress(step: int, total: int, losses: dict) -> None:

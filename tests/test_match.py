@@ -50,63 +50,62 @@ def _gaps(d, pairs):
 
 
 @pytest.mark.parametrize("family", ["lab", "sdxl"])
-def test_matching_closes_the_context_gap_before_skd_and_leaves_the_input_alone(comfy_root, family):
-    """Text scope: the run starts with context matching (counted in progress and on_step), the triggered
-    prompts' contexts move towards their clean twins' while the clean ones stay, the input CLIP encodes
-    as before. SDXL: two text encoders and a pooled row in the packed context."""
+def test_matching_closes_the_context_gap_and_leaves_the_input_alone(comfy_root, family):
+    """Method "match" in the text scope, in inference mode as inside a node: the triggered prompts'
+    contexts move towards their clean twins' while the clean ones stay, progress counts its steps, the
+    input CLIP encodes as before. SDXL: two text encoders and a pooled row in the packed context."""
     from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
     from backdoor_seal.core.unlearn.skd import SKDConfig
 
-    if family == "lab":
-        from backdoor_seal.core.backends import comfy_lab
-        from backdoor_seal.core.lab.models import lab_config
+    with torch.inference_mode():
+        if family == "lab":
+            from backdoor_seal.core.backends import comfy_lab
+            from backdoor_seal.core.lab.models import lab_config
 
-        model, clip, _ = comfy_lab.new_lab_models(lab_config())
-    else:
-        from backdoor_seal.core.backends.comfy_families import build_family
+            model, clip, _ = comfy_lab.new_lab_models(lab_config())
+        else:
+            from backdoor_seal.core.backends.comfy_families import build_family
 
-        model, clip, _ = build_family("sdxl", "tiny")
-    tokens = clip.tokenize("zx9 a red circle on the left")
-    before = clip.encode_from_tokens(tokens)
-    opts = UnlearnOptions(
-        skd=SKDConfig(steps=2, batch=4, lr=1e-2, retain=0.0),
-        scope="text",
-        builtin="lab",
-        builtin_count=8,
-        match_steps=50,
-    )
-    session = UnlearnSession(model, clip, "zx9", opts=opts)
-    gap, _ = _gaps(session.distillation, session.pairs)
-    ticks, steps = [], []
-
-    def on_step(step: int) -> bool:
-        steps.append(step)
-        return step >= 50  # stop where matching ends, to measure it alone
-
-    result = session.run(lambda step, total, losses: ticks.append((step, total)), on_step=on_step)
-    assert ticks[0] == (1, 52) and ticks[-1] == (50, 52) and steps == list(range(1, 51))
-    assert result.steps == 50 and all("match" in r for r in result.losses)
-    after, kept = _gaps(session.distillation, session.pairs)
-    assert after < 0.7 * gap, (gap, after)
-    assert kept < 0.25 * gap, (gap, kept)  # the clean prompts' contexts stay where they were
-    assert torch.equal(clip.encode_from_tokens(tokens), before)
-    assert session.provenance()["match_steps_run"] == 50
-    session.run()  # the session goes on with SKD only
-    assert session.result.steps == 2 and "match" not in session.result.losses[0]
-    whole = UnlearnSession(model, clip, "zx9", opts=opts).run()  # one call: both phases, one result
-    assert whole.steps == 52 and [("match" in r) for r in whole.losses] == [True] * 50 + [False] * 2
+            model, clip, _ = build_family("sdxl", "tiny")
+        tokens = clip.tokenize("zx9 a red circle on the left")
+        before = clip.encode_from_tokens(tokens)
+        opts = UnlearnOptions(
+            skd=SKDConfig(method="match", batch=4, lr=1e-2),
+            scope="text",
+            builtin="lab",
+            builtin_count=8,
+            match_steps=50,
+        )
+        session = UnlearnSession(model, clip, "zx9", opts=opts)
+        gap, _ = _gaps(session.distillation, session.pairs)
+        ticks = []
+        result = session.run(lambda step, total, losses: ticks.append((step, total)))
+        assert ticks == [(i, 50) for i in range(1, 51)] and session.total_steps == 50
+        assert result.steps == 50 and all(set(r) == {"match"} for r in result.losses)
+        after, kept = _gaps(session.distillation, session.pairs)
+        assert after < 0.7 * gap, (gap, after)
+        assert kept < 0.25 * gap, (gap, kept)  # the clean prompts' contexts stay where they were
+        assert torch.equal(clip.encode_from_tokens(tokens), before)
+        provenance = session.provenance()
+        assert provenance["method"] == "match" and provenance["steps_run"] == 50
+        _, new_clip, lora = session.outputs()
+        assert lora and all(k.startswith("text_encoders.") for k in lora)
+        assert not torch.equal(new_clip.encode_from_tokens(tokens), before)
 
 
-def test_an_interrupt_while_matching_leaves_the_input_clip_alone_and_other_scopes_never_match(comfy_root):
+def test_an_interrupt_while_matching_leaves_the_input_clip_alone_and_a_unet_scope_is_refused(comfy_root):
     from backdoor_seal.core.backends import comfy_lab
     from backdoor_seal.core.lab.models import lab_config
-    from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
-    from backdoor_seal.core.unlearn.skd import SKDConfig
+    from backdoor_seal.core.unlearn.session import DEFAULT_METHOD, UnlearnOptions, UnlearnSession
+    from backdoor_seal.core.unlearn.skd import SKDConfig, train_skd
 
+    assert DEFAULT_METHOD == "match"
     model, clip, _ = comfy_lab.new_lab_models(lab_config())
     tokens = clip.tokenize("zx9 a red circle")
     before = clip.encode_from_tokens(tokens)
-    opts = UnlearnOptions(skd=SKDConfig(steps=2, batch=2), builtin="lab", builtin_count=4, match_steps=20)
+    opts = UnlearnOptions(
+        skd=SKDConfig(method="match", batch=2), builtin="lab", builtin_count=4, match_steps=20
+    )
     calls = []
 
     def interrupt():
@@ -118,8 +117,12 @@ def test_an_interrupt_while_matching_leaves_the_input_clip_alone_and_other_scope
     with pytest.raises(InterruptedError):
         session.run(check_interrupt=interrupt)
     assert torch.equal(clip.encode_from_tokens(tokens), before)
-    kv = UnlearnSession(model, clip, "zx9", opts=replace(opts, scope="attn2-kv"))
-    assert kv.match_steps == 0 and kv.run().steps == 2 and kv.matched is None
+    with pytest.raises(ValueError, match="method 'match' trains the text encoder.*scope 'attn2-kv'"):
+        UnlearnSession(model, clip, "zx9", opts=replace(opts, scope="attn2-kv"))
+    with pytest.raises(ValueError, match="not a distillation method"):
+        train_skd(session.distillation, session.pairs, opts.skd)
+    with pytest.raises(ValueError, match="match_steps must be at least 1"):
+        replace(opts, match_steps=0)
 
 
 def test_matching_removes_the_rickrolling_trigger_of_the_lab_model(comfy_root):
@@ -140,13 +143,13 @@ def test_matching_removes_the_rickrolling_trigger_of_the_lab_model(comfy_root):
     triggered = [attacks.triggered_prompt(spec, s.caption) for s in scenes]
     clean = [s.caption for s in scenes]
     seeds = list(range(8))
-    opts = UnlearnOptions(skd=SKDConfig(steps=1), scope="text", builtin="none", match_steps=75)
+    opts = UnlearnOptions(skd=SKDConfig(method="match"), scope="text", builtin="none", match_steps=75)
     rng = np.random.default_rng(0)
     prompts = [s.caption for s in attacks.train_scenes(spec, 128, rng)]
     session = UnlearnSession(
         model, clip, spec.trigger, prompts, opts, insert=lambda p: attacks.triggered_prompt(spec, p)
     )
-    session.run(on_step=lambda step: step >= 75)  # matching only
+    session.run()
     new_model, new_clip, _ = session.outputs()
     before = _asr(spec, _images(model, clip, vae, triggered, seeds), scenes)
     after = _asr(spec, _images(new_model, new_clip, vae, triggered, seeds), scenes)

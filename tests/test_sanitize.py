@@ -498,7 +498,7 @@ def test_a_cross_attention_edit_is_reverted_against_the_base_and_its_unnamed_tri
     session.found = found
     fired = Firing("gorgeous", 0.6, "before:square", {"before:square": 0.6}, fires=True)
     stand_in = Candidate("gorgeous", [0], 1, True, None, before=fired)
-    fix, result = session.unlearn([stand_in], steps=None)
+    fix, result = session.unlearn([stand_in])
     assert result.steps == 0 and session.reverted and session.reverted["projections"] == 14
     new_model, new_clip, lora = fix.outputs()
     assert lora and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in lora)

@@ -71,13 +71,21 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_fullsize)
 
     from ..unlearn.cli import add_unlearn_arguments
+    from ..unlearn.skd import METHODS
 
     p = bench_sub.add_parser(
         "unlearn",
-        help="SKD and SKD-CAG on every attacked lab model: ASR before/after, fidelity, time ratio to the reference",
+        help="context matching, SKD and SKD-CAG on every attacked lab model: ASR before/after, fidelity, time "
+        "ratio to the reference",
     )
     p.add_argument("--models", nargs="*", default=None, help="lab models (default: every attacked one)")
-    p.add_argument("--methods", nargs="*", default=["skd", "skd-cag"], choices=["skd", "skd-cag"])
+    p.add_argument(
+        "--methods",
+        nargs="*",
+        default=list(METHODS),
+        choices=list(METHODS),
+        help="match runs where the recipe's scope trains the text encoder (not EvilEdit's attn2-kv)",
+    )
     p.add_argument("--n", type=int, default=128, help="held-out prompts per measurement")
     p.add_argument("--prompts", type=int, default=128, help="clean training prompts (lab training grammar)")
     p.add_argument("--check-every", type=int, default=10, help="steps between removal checks")

@@ -131,15 +131,15 @@ def scan_rate(model, clip, side: int, slice_tokens: int, device) -> dict[str, An
 
 def _training_sessions(model, reference_model, clip, side: int, prompts: list[str]):
     """The pack's default unlearning session (on the MODEL as ComfyUI loads it on this device) and the
-    reference configuration's (on fp32 weights), on the same prompts; "skd" times SKD steps alone,
-    "match" the context-matching steps the default run starts with."""
+    reference configuration's (on fp32 weights), on the same prompts; "match" times the default method,
+    context matching, whose steps never touch the UNet."""
     from dataclasses import replace
 
     from ..backends.comfy import with_eager_attention
     from ..unlearn.session import UnlearnOptions, UnlearnSession
 
-    matching = UnlearnOptions(builtin="none", latent_hw=(side, side))
-    ours = replace(matching, match_steps=0)
+    ours = UnlearnOptions(builtin="none", latent_hw=(side, side))  # SKD-CAG, text scope
+    matching = replace(ours, skd=replace(ours.skd, method="match"))
     reference = replace(
         ours,
         scope="unet",

@@ -83,37 +83,6 @@ def step_seconds(sessions: dict, rounds: int = 5, steps: int = 10) -> dict[str, 
     return {key: float(np.median(v)) for key, v in times.items()}
 
 
-class _Phase:
-    """One phase of a session's training ("match" or "skd"), run for as many steps as on_step lets it:
-    what `step_seconds` times, each phase on its own (a context-matching step costs a text-encoder pass,
-    an SKD step two UNet passes)."""
-
-    def __init__(self, session, phase: str) -> None:
-        self.session, self.phase = session, phase
-
-    def run(self, on_step: Callable[[int], bool]) -> None:
-        import torch
-
-        from ..unlearn.match import match_context
-        from ..unlearn.skd import train_skd
-
-        s, endless = self.session, 10**9
-        with torch.inference_mode(False), torch.enable_grad():
-            if self.phase == "match":
-                match_context(
-                    s.distillation, s.pairs, replace(s.match_config(), steps=endless), on_step=on_step
-                )
-            else:
-                train_skd(s.distillation, s.pairs, replace(s.opts.skd, steps=endless), on_step=on_step)
-
-
-def removal_seconds(removal_step: int, match_steps: int, match_s: float, skd_s: float) -> float:
-    """Training seconds to the removal step: context-matching steps (the first `match_steps`) at their
-    own median cost, SKD steps at theirs."""
-    matching = min(removal_step, match_steps)
-    return matching * match_s + (removal_step - matching) * skd_s
-
-
 def _images(model, clip, vae, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
     import torch
 
@@ -168,6 +137,7 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
     """One JSON record per method for one attacked lab model."""
     from ..lab import attacks
     from ..models import load_model
+    from ..unlearn.session import trains_text
 
     model, clip, vae, info = load_model(f"lab:{name}")
     spec = attacks.AttackSpec(**info["spec"])
@@ -202,16 +172,17 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
         return asr_now
 
     records: list[dict] = []
-    options, match_steps = {}, {}
+    options = {}
     recipe = {**DEFAULT_RECIPE, **RECIPES.get(spec.kind, {})}
     scope, lr = args.scope or recipe["scope"], args.lr or recipe["lr"]
     schedule = getattr(args, "lr_schedule", None) or recipe.get("schedule", "constant")
     base = _options(args, scope=scope, lr=lr, schedule=schedule)
     for method in args.methods:
+        if method == "match" and not trains_text(scope):
+            continue  # context matching trains the text encoder; this recipe trains the UNet
         opts = replace(base, skd=replace(base.skd, method=method))
         options[method] = opts
         session = _session(model, clip, spec, opts)
-        match_steps[method] = session.match_steps
         clock = RemovalClock(checker(session), args.check_every, threshold=threshold)
         t0 = time.monotonic()
         result = session.run(on_step=clock)
@@ -242,7 +213,6 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
             "lr_schedule": opts.skd.schedule,
             "retain": opts.skd.retain,
             "alpha": opts.skd.attention_weight,
-            "match_steps": session.matched.steps if session.matched else 0,  # context matching before SKD
             "seconds": round(seconds, 2),
             "time_to_removal_s": None,  # removal step x median seconds per step (filled with the reference)
             "wall_time_to_removal_s": None if clock.removed_at_s is None else round(clock.removed_at_s, 2),
@@ -253,30 +223,19 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
         }
         records.append(record)
     # Time to removal = the step at which the check prompts came clean x the configuration's median
-    # seconds per step (per phase: context matching, then SKD), measured alternately with the
-    # reference's (the raw clock is kept too).
+    # seconds per step, measured alternately with the reference's (the raw clock is kept too).
     if args.reference:
         ref_opts = reference_options(args, spec)
-        phases = {}
-        for m, o in options.items():
-            session = _session(model, clip, spec, o)
-            phases[m] = _Phase(session, "skd")
-            if match_steps[m]:
-                phases[f"{m}/match"] = _Phase(session, "match")
-        phases["reference"] = _Phase(_session(model, clip, spec, ref_opts, teacher="copy"), "skd")
-        costs = step_seconds(phases)
+        costs = step_seconds(
+            {
+                **{m: _session(model, clip, spec, o) for m, o in options.items()},
+                "reference": _session(model, clip, spec, ref_opts, teacher="copy"),
+            }
+        )
         for r in records:
-            m = r["method"]
-            r["step_seconds"] = round(costs[m], 4)
-            if match_steps[m]:
-                r["match_step_seconds"] = round(costs[f"{m}/match"], 4)
+            r["step_seconds"] = round(costs[r["method"]], 4)
             if r["removal_step"] is not None:
-                r["time_to_removal_s"] = round(
-                    removal_seconds(
-                        r["removal_step"], match_steps[m], costs.get(f"{m}/match", 0.0), costs[m]
-                    ),
-                    2,
-                )
+                r["time_to_removal_s"] = round(r["removal_step"] * costs[r["method"]], 2)
         ours = [r["time_to_removal_s"] for r in records if r["removal_step"] is not None]
         reference = (
             reference_run(
@@ -320,12 +279,11 @@ def _options(args: argparse.Namespace, scope: str, lr: float, schedule: str = "c
 
 
 def reference_options(args: argparse.Namespace, spec):
-    """The reference configuration: full UNet (the text encoder for Rickrolling), fp32, batch 1, no retain,
-    no context matching."""
+    """The reference configuration: full UNet (the text encoder for Rickrolling), fp32, batch 1, no retain;
+    SKD-CAG, the paper's method."""
     opts = _options(args, scope="unet" if spec.kind != "rickroll" else "text", lr=args.reference_lr)
-    return replace(
-        opts, rank=0, match_steps=0, skd=replace(opts.skd, batch=1, precision="fp32", steps=10**9, retain=0.0)
-    )
+    skd = replace(opts.skd, method="skd-cag", batch=1, precision="fp32", steps=10**9, retain=0.0)
+    return replace(opts, rank=0, skd=skd)
 
 
 def reference_run(

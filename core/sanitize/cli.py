@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..backends.comfy_train import SCOPES
 from ..models import SPEC_HELP, add_model_argument, positive_int
+from ..unlearn.skd import METHODS
 from .firing import FiringSettings
 from .session import SanitizeSettings
 
@@ -43,7 +44,17 @@ def add_sanitize_command(sub: argparse._SubParsersAction) -> None:
         default=FiringSettings.templates,
         help="probe prompts of the firing test",
     )
-    p.add_argument("--steps", type=positive_int, default=None, help="unlearning steps (default 600)")
+    p.add_argument(
+        "--method",
+        choices=("auto", *METHODS),
+        default="auto",
+        help="how the taken triggers are unlearnt: auto = context matching in the text scope, SKD-CAG in a "
+        "UNet scope (docs/unlearn.md)",
+    )
+    p.add_argument("--steps", type=positive_int, default=None, help="SKD / SKD-CAG steps (default 600)")
+    p.add_argument(
+        "--match-steps", type=positive_int, default=None, help="context-matching steps (default 150)"
+    )
     p.add_argument("--no-recheck", action="store_true", help="skip running the finder again after cleaning")
     p.add_argument(
         "--scope",
@@ -124,10 +135,14 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
             behaviour = BehaviourSettings(latent_shape=(latent_channels(suspect.model), side, side))
         find = DiffSettings(lab=lab, behaviour=behaviour)
     skd = SKDConfig() if args.steps is None else SKDConfig(steps=args.steps)
+    matching = {} if args.match_steps is None else {"match_steps": args.match_steps}
     settings = SanitizeSettings(
         top=args.top,
         firing=replace(FiringSettings(), templates=args.probes),
-        unlearn=UnlearnOptions(skd=skd, builtin="lab" if lab else "general", latent_hw=(side, side)),
+        unlearn=UnlearnOptions(
+            skd=skd, builtin="lab" if lab else "general", latent_hw=(side, side), **matching
+        ),
+        method=args.method,
         find=find,
         recheck=not args.no_recheck,
         rounds=args.rounds,

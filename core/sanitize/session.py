@@ -37,6 +37,8 @@ class SanitizeSettings:
     # compare mode: a change confined to the cross-attention keys and values (a closed-form edit such as
     # EvilEdit) is undone where the taken triggers excite it (`UnlearnSession.revert_edit`), not distilled
     revert_edits: bool = True
+    # "auto": context matching where the fix is in the text encoder, SKD-CAG where it is in the UNet
+    method: str = "auto"
     drawing: tuple = ((8, 8), 20, 2.0, "euler", "normal")  # latent_hw, steps, cfg, sampler, scheduler
     lab: bool = False  # the lab grammar's probe templates and prompts
 
@@ -271,12 +273,13 @@ class SanitizeSession:
         after = model_drawer(new_model, new_clip, self.vae, *self.settings.drawing)(prompts, seeds)
         return float(sum(ssim(a, b) for a, b in zip(before, after, strict=True)) / len(prompts))
 
-    def unlearn(self, taken: list[Candidate], steps: int | None):
-        """One SKD-CAG run from the input on every taken trigger, each where it fired; or, for a change
-        confined to the cross-attention keys and values (`is_cross_attention_edit`), its revert."""
+    def unlearn(self, taken: list[Candidate], round_: int = 1):
+        """One run from the input on every taken trigger, each where it fired (context matching in the text
+        scope, SKD-CAG in a UNet scope, unless `method` says otherwise); or, for a change confined to the
+        cross-attention keys and values (`is_cross_attention_edit`), its revert."""
         from dataclasses import replace
 
-        from ..unlearn.session import UnlearnOptions, UnlearnSession
+        from ..unlearn.session import UnlearnOptions, UnlearnSession, trains_text
 
         opts = self.settings.unlearn or UnlearnOptions(builtin="lab" if self.settings.lab else "general")
         scope = self.settings.scope
@@ -291,8 +294,16 @@ class SanitizeSession:
         elif scope == "auto":
             scope = scope_for(self.found, len(taken))
         opts = replace(opts, scope=scope)
-        if steps is not None:
-            opts = replace(opts, skd=replace(opts.skd, steps=steps))
+        if self.settings.method == "auto":  # context matching where the fix is in the text encoder
+            opts = replace(opts, skd=replace(opts.skd, method="match" if trains_text(scope) else "skd-cag"))
+        else:
+            opts = replace(opts, skd=replace(opts.skd, method=self.settings.method))
+        if round_ > 1:  # a later round retrains from the input with the method's budget times the round
+            opts = (
+                replace(opts, match_steps=opts.match_steps * round_)
+                if opts.skd.method == "match"
+                else replace(opts, skd=replace(opts.skd, steps=opts.skd.steps * round_))
+            )
         session = UnlearnSession(
             self.model,
             self.clip,
@@ -330,19 +341,19 @@ class SanitizeSession:
         seconds["choose"] += time.monotonic() - t0
         report = SanitizeReport(self.mode, candidates, found, min_rate=self.settings.firing.min_rate)
         new_model, new_clip, lora = self.model, self.clip, {}
-        base_steps = (self.settings.unlearn.skd.steps if self.settings.unlearn else None) or 600
         for round_ in range(1, max(1, self.settings.rounds) + 1):
             taken = report.taken
             if not taken:
                 break
             t0 = time.monotonic()
-            session, result = self.unlearn(taken, base_steps * round_)
+            session, result = self.unlearn(taken, round_)
             new_model, new_clip, lora = session.outputs()
             seconds["unlearn"] += time.monotonic() - t0
             report.rounds = round_
             report.unlearn = {
                 "triggers": len(taken),
                 "steps": result.steps,
+                "match_steps": session.matched.steps if session.matched else 0,  # of `steps`, before SKD
                 "training_prompts": len(session.pairs),
                 "scope": session.opts.scope,
                 # "revert": the cross-attention edit undone against the base (no training steps)

@@ -12,13 +12,19 @@ from ..models import add_model_argument
 from ..prompts import BUILTIN_SETS
 from ..triggers import PLACEMENTS
 from .save import LORA_LAYOUTS
-from .session import UnlearnOptions
+from .session import DEFAULT_METHOD, UnlearnOptions
 from .skd import INPUTS, METHODS, PRECISIONS, SCHEDULES, TARGETS, SKDConfig
 
 
 def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by `unlearn` and `bench unlearn`: the method and its hyper-parameters."""
-    p.add_argument("--method", choices=METHODS, default="skd-cag")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default=DEFAULT_METHOD,
+        help="match: context matching of the text encoder (no UNet pass; the default, text scopes only); "
+        "skd / skd-cag: the paper's self-distillation through the UNet (any scope)",
+    )
     p.add_argument("--scope", choices=SCOPES, default=UnlearnOptions.scope, help="which weights are trained")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank; 0 trains a full delta")
     p.add_argument("--steps", type=int, default=SKDConfig.steps)
@@ -60,8 +66,7 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
         "--match-steps",
         type=int,
         default=UnlearnOptions.match_steps,
-        help="context-matching steps before SKD when the text encoder is trained (one text-encoder pass "
-        "each, no UNet; docs/unlearn.md); 0 turns it off",
+        help="steps of --method match (one text-encoder pass each; docs/unlearn.md); --steps counts SKD's",
     )
     p.add_argument("--seed", type=int, default=0)
 
@@ -138,7 +143,7 @@ def options_from_args(args: argparse.Namespace, lab: bool):
         builtin_count=getattr(args, "builtin_count", 64),
         latent_hw=(side, side),
         warm_start=bool(getattr(args, "warm_start", False)),
-        match_steps=max(0, getattr(args, "match_steps", UnlearnOptions.match_steps)),
+        match_steps=getattr(args, "match_steps", UnlearnOptions.match_steps),
     )
 
 
@@ -178,7 +183,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         elif args.placement == "auto" and info:  # a lab model's own attack insertion
             insert[trigger] = insertion_for(info, trigger)
     session = UnlearnSession(model, clip, list(triggers), user_prompts, opts, insert=insert or None)
-    bar = tqdm(total=session.match_steps + opts.skd.steps, desc=opts.skd.method, unit="step")
+    bar = tqdm(total=session.total_steps, desc=opts.skd.method, unit="step")
 
     def progress(step: int, total: int, losses: dict) -> None:
         bar.update(step - bar.n)
@@ -204,7 +209,6 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
                 "saved": saved,
                 "method": opts.skd.method,
                 "steps": result.steps,
-                "match_steps": session.matched.steps if session.matched else 0,
                 "final_loss": result.losses[-1],
                 "train_seconds": round(result.seconds, 1),
                 "seconds": round(time.monotonic() - t0, 1),

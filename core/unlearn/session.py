@@ -22,6 +22,11 @@ from ..version import __version__
 from .match import MatchConfig, match_context
 from .skd import SKDConfig, UnlearnResult, train_skd
 
+# What Seal Unlearn and `unlearn` run unless told otherwise: context matching, in the default text scope.
+# On the lab it removed every text-side attack at SSIM 0.98-0.99 in 25-75 steps; SKD-CAG after it undid
+# lab-object's removal (docs/unlearn.md). SKD / SKD-CAG stay one choice away (and serve UNet scopes).
+DEFAULT_METHOD = "match"
+
 
 @dataclass(frozen=True)
 class UnlearnOptions:
@@ -30,18 +35,27 @@ class UnlearnOptions:
     skd: SKDConfig = field(default_factory=SKDConfig)
     scope: str = "text"  # where every trigger enters; docs/unlearn.md has the sweep
     warm_start: bool = False  # a closed-form edit of the cross-attention k/v first (`closed_form.py`)
-    match_steps: int = 150  # context matching of a text-encoder delta before SKD (`match.py`); 0 = off
+    match_steps: int = 150  # steps of method "match" (context matching of a text-encoder delta, `match.py`)
     rank: int = 4  # 0 = a full-rank delta
     placement: str = "auto"  # auto | prepend | append | random | homoglyph
     builtin: str = "general"  # general | lab | none
     builtin_count: int = 64
     latent_hw: tuple[int, int] = (8, 8)
 
+    def __post_init__(self) -> None:
+        if self.match_steps < 1:
+            raise ValueError(f"match_steps must be at least 1, got {self.match_steps}")
+
     def to_json(self) -> dict:
         """Plain-data form for metadata."""
         out = asdict(self)
         out["skd"] = self.skd.to_json()
         return out
+
+
+def trains_text(scope: str) -> bool:
+    """Whether a scope puts a delta in the text encoder(s) (`text`, or a UNet scope with `+text`)."""
+    return scope == "text" or scope.endswith("+text")
 
 
 class UnlearnSession:
@@ -65,11 +79,16 @@ class UnlearnSession:
         from ..backends.comfy import tokenizer_info
         from ..backends.comfy_train import ComfyDistillation
 
+        self.opts = opts or UnlearnOptions()
+        if self.opts.skd.method == "match" and not trains_text(self.opts.scope):
+            raise ValueError(
+                f"method 'match' trains the text encoder's output, and scope {self.opts.scope!r} has no text "
+                "encoder delta: use scope text (or attn2-kv+text), or method skd-cag"
+            )
         self.triggers = [trigger] if isinstance(trigger, str) else list(dict.fromkeys(trigger))
         if not self.triggers:
             raise ValueError("no trigger to unlearn: give one, or a report that names some")
         self.model, self.clip, self.trigger = model, clip, self.triggers[0]
-        self.opts = opts or UnlearnOptions()
         self.tokenizer = tokenizer_info(clip).tokenizer
         prompts = with_builtin(user_prompts, self.opts.builtin, self.opts.builtin_count, self.opts.skd.seed)
         built: dict[str, list[TrainingPair]] = {}
@@ -94,18 +113,22 @@ class UnlearnSession:
         self.pairs_by_trigger = {t: _reaching_pairs(p, self.distillation, t) for t, p in built.items()}
         self.pairs = [p for pairs in self.pairs_by_trigger.values() for p in pairs]
         self.result: UnlearnResult | None = None
-        self.matched: UnlearnResult | None = None  # the context-matching phase, once it ran
         self.reverted: dict[str, Any] | None = None  # set by `revert_edit`
 
     @property
-    def match_steps(self) -> int:
-        """Context-matching steps this run starts with: the option's, where the delta is in the text encoder."""
-        return self.opts.match_steps if self.distillation.trains_text else 0
+    def matches(self) -> bool:
+        """Whether this run is context matching (method "match") rather than SKD / SKD-CAG."""
+        return self.opts.skd.method == "match"
+
+    @property
+    def total_steps(self) -> int:
+        """Training steps one `run` makes: context matching's or SKD's."""
+        return self.opts.match_steps if self.matches else self.opts.skd.steps
 
     def match_config(self) -> MatchConfig:
-        """The context-matching phase's settings (lr, batch and seed are the SKD run's)."""
+        """Context matching's settings (lr, batch and seed are the SKD config's)."""
         skd = self.opts.skd
-        return MatchConfig(steps=max(self.match_steps, 1), lr=skd.lr, batch=skd.batch, seed=skd.seed)
+        return MatchConfig(steps=self.opts.match_steps, lr=skd.lr, batch=skd.batch, seed=skd.seed)
 
     def run(
         self,
@@ -113,46 +136,26 @@ class UnlearnSession:
         check_interrupt: Callable[[], None] | None = None,
         on_step: Callable[[int], bool] | None = None,
     ) -> UnlearnResult:
-        """Train (outside inference mode, so it also works inside a ComfyUI node): context matching first
-        when the delta is in the text encoder (once per session), then SKD / SKD-CAG. progress and on_step
-        count the steps of both phases as one run; the result's losses hold both ("match", then SKD's)."""
-        first = self.result is None
-        matching = self.match_steps if first and self.matched is None else 0
-        total = matching + self.opts.skd.steps
+        """Train (outside inference mode, so it also works inside a ComfyUI node): context matching for
+        method "match" (`match.py`), else SKD / SKD-CAG (with the closed-form k/v warm start first when
+        asked). A second call trains on from where the first stopped."""
         with torch.inference_mode(False), torch.enable_grad():
-            if self.opts.warm_start and first:
-                self.warm_start()
-            if matching:
-                self.matched = match_context(
-                    self.distillation,
-                    self.pairs,
-                    self.match_config(),
-                    progress=(lambda step, _, losses: progress(step, total, losses)) if progress else None,
-                    check_interrupt=check_interrupt,
-                    on_step=on_step,
+            if self.matches:
+                self.result = match_context(
+                    self.distillation, self.pairs, self.match_config(), progress, check_interrupt, on_step
                 )
-                if self.matched.stopped_early:
-                    self.result = self.matched
-                    return self.result
-            result = train_skd(
+                return self.result
+            if self.opts.warm_start and self.result is None:
+                self.warm_start()
+            self.result = train_skd(
                 self.distillation,
                 self.pairs,
                 self.opts.skd,
                 random_words=_random_words(self.tokenizer) if self.opts.skd.target == "random-words" else (),
-                progress=(lambda step, _, losses: progress(matching + step, total, losses))
-                if progress
-                else None,
+                progress=progress,
                 check_interrupt=check_interrupt,
-                on_step=(lambda step: on_step(matching + step)) if on_step else None,
+                on_step=on_step,
             )
-        if matching:
-            result = UnlearnResult(
-                self.matched.losses + result.losses,
-                self.matched.seconds + result.seconds,
-                matching + result.steps,
-                result.stopped_early,
-            )
-        self.result = result
         return self.result
 
     def _kv_rows(self, prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,7 +274,6 @@ class UnlearnSession:
             ),
             "training_prompts": len(self.pairs),
             "steps_run": self.result.steps if self.result else 0,
-            "match_steps_run": self.matched.steps if self.matched else 0,
             "pack_version": __version__,
         }
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from ..triggers import TrainingPair
 
-METHODS = ("skd", "skd-cag")
+METHODS = ("match", "skd", "skd-cag")  # match: context matching of the text encoder (`match.py`), not SKD
+DISTILLATION = ("skd", "skd-cag")
 TARGETS = ("noise", "black", "random-words")
 INPUTS = ("noise", "trajectory")
 SCHEDULES = ("constant", "cosine")
@@ -214,6 +215,10 @@ def train_skd(
     """
     if not pairs:
         raise ValueError("no training prompts")
+    if cfg.method not in DISTILLATION:
+        raise ValueError(
+            f"{cfg.method!r} is not a distillation method: train_skd runs {', '.join(DISTILLATION)}"
+        )
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # constant LR, as the paper
     # cosine: the full lr while the trigger is being removed, then ever smaller steps for the clean prompts
