@@ -200,7 +200,9 @@ def _small(lab_steps: int = 40):
 
     return SanitizeSettings(
         firing=FiringSettings(templates=4, null_tokens=3),
-        unlearn=UnlearnOptions(skd=SKDConfig(steps=lab_steps, batch=8), builtin="lab", builtin_count=16),
+        unlearn=UnlearnOptions(
+            skd=SKDConfig(steps=lab_steps, batch=8), builtin="lab", builtin_count=16, match_steps=lab_steps
+        ),
         recheck=False,
         lab=True,
     )
@@ -275,7 +277,7 @@ def test_the_command_saves_a_checkpoint_that_reloads_as_the_fix(comfy_root, tmp_
     assert main([*args[:-2], "--out", str(tmp_path / "x.ckpt")]) == 2
     assert ".safetensors" in capsys.readouterr().err
     assert main([*args, "--weights-only"]) == 2 and "--base" in capsys.readouterr().err
-    small = ["--steps", "40", "--probes", "4", "--no-recheck", "--summary-out", str(summary)]
+    small = ["--match-steps", "40", "--probes", "4", "--no-recheck", "--summary-out", str(summary)]
     assert main([*args, "--base", "lab:lab-clean", *small]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["found"] == ["\u043e"] and printed["saved"] == [str(out)]
@@ -328,8 +330,8 @@ def _fake_session(rounds: int, after_by_round: list[dict[str, float]], recheck: 
                 return _FakeTest({"zq": 1.0, "vv": 0.75, "red": 0.25})
             return _FakeTest(after_by_round[int(model[-1]) - 1])
 
-        def unlearn(self, taken, steps):
-            self.trained.append(([c.text for c in taken], steps))
+        def unlearn(self, taken, round_):
+            self.trained.append(([c.text for c in taken], round_))
             k = len(self.trained)
 
             class S:
@@ -366,8 +368,8 @@ FOUND = {
 
 def test_a_second_round_retrains_from_the_input_on_what_still_fires_and_what_the_recheck_finds():
     """Round 1 trains on what fires (not the report's first token); 'vv' still fires after it and the
-    re-check names 'new', which fires on the input: round 2 retrains from the input on all three with twice
-    the steps; after it nothing fires and the loop ends before its budget."""
+    re-check names 'new', which fires on the input: round 2 retrains from the input on all three (with
+    twice the steps: `unlearn_options`); after it nothing fires and the loop ends before its budget."""
     recheck = [
         {"kind": "scan", "candidates": [{"text": "new", "token_id": 9, "flagged": True}]},
         {"kind": "scan", "candidates": []},
@@ -379,7 +381,7 @@ def test_a_second_round_retrains_from_the_input_on_what_still_fires_and_what_the
         else f(model, clip, after)
     )
     model, clip, lora, report = session.run()
-    assert session.trained == [(["zq", "vv"], 600), (["zq", "vv", "new"], 1200)]
+    assert session.trained == [(["zq", "vv"], 1), (["zq", "vv", "new"], 2)]
     assert (model, lora) == ("model-2", {"lora": 2}) and report.rounds == 2
     assert report.to_json()["found"] == ["zq", "vv", "new"] and report.remaining == []
     assert report.clean_fidelity_ssim == 0.97 and "SSIM 0.970" in report.summary()
@@ -433,6 +435,21 @@ def test_the_fix_trains_where_the_comparison_saw_the_attack():
     assert scope_for(unet_only, taken=2) == "attn2-kv" and scope_for(unet_only, taken=3) == "attn2-kv+text"
     assert scope_for(diff(text_encoder=24, cross_attention_kv=14)) == "text"  # a LoRA with a text part
     assert scope_for({"kind": "scan"}) == scope_for(diff(text_encoder=0)) == "text"  # blind, or nothing
+
+
+def test_the_text_scope_is_unlearnt_by_context_matching_and_a_unet_scope_by_skd_cag():
+    from backdoor_seal.core.sanitize.session import unlearn_options
+    from backdoor_seal.core.unlearn.session import UnlearnOptions
+
+    base = UnlearnOptions()
+    text = unlearn_options(base, "text")
+    assert (text.scope, text.skd.method, text.match_steps) == ("text", "match", 150)
+    assert unlearn_options(base, "attn2-kv+text").skd.method == "match"
+    unet = unlearn_options(base, "attn2-kv", round_=2)  # a second round: the method's budget twice
+    assert (unet.skd.method, unet.skd.steps) == ("skd-cag", 1200)
+    assert unlearn_options(base, "text", round_=3).match_steps == 450
+    told = unlearn_options(base, "text", method="skd")
+    assert (told.skd.method, told.skd.steps) == ("skd", 600)
 
 
 def test_only_a_change_confined_to_the_cross_attention_keys_and_values_is_reverted():

@@ -400,10 +400,11 @@ def test_step_seconds_alternates_the_configurations_and_takes_medians():
     calls = []
 
     class FakeSession:
-        def __init__(self, name, delay):
-            self.name, self.delay = name, delay
+        def __init__(self, name, delay, setup=0.0):
+            self.name, self.delay, self.setup = name, delay, setup
 
         def run(self, on_step):
+            time.sleep(self.setup)  # paid once per run: not a step's cost
             step = 0
             while True:
                 step += 1
@@ -413,9 +414,10 @@ def test_step_seconds_alternates_the_configurations_and_takes_medians():
                     return
 
     costs = step_seconds(
-        {"ours": FakeSession("ours", 0.001), "ref": FakeSession("ref", 0.004)}, rounds=3, steps=4
+        {"ours": FakeSession("ours", 0.001, setup=0.05), "ref": FakeSession("ref", 0.004)}, rounds=3, steps=4
     )
-    assert [c[0] for c in calls] == ["ours", "ref"] * 3 and all(c[1] == 4 for c in calls)
+    # each round: a first step to start the clock, then the four it times
+    assert [c[0] for c in calls] == ["ours", "ref"] * 3 and all(c[1] == 5 for c in calls)
     assert costs["ref"] > 2 * costs["ours"] > 0
 
 

@@ -73,13 +73,21 @@ def step_seconds(sessions: dict, rounds: int = 5, steps: int = 10) -> dict[str, 
     """Median seconds per training step of each session, measured in alternating rounds.
 
     The machine's speed drifts by several times within a run; alternating short rounds lets the
-    drift hit every configuration alike, so the ratio of the medians is what the run can trust."""
+    drift hit every configuration alike, so the ratio of the medians is what the run can trust. A round
+    times its steps from the end of its first to the end of its last: what a run pays once (ComfyUI
+    loading a model back after another session ran, context matching encoding its clean prompts) would
+    otherwise count ten times over in a ten-step round."""
     times: dict[str, list[float]] = {key: [] for key in sessions}
     for _ in range(rounds):
         for key, session in sessions.items():
-            t0 = time.monotonic()
-            session.run(on_step=lambda step: step >= steps)
-            times[key].append((time.monotonic() - t0) / steps)
+            ends: list[float] = []
+
+            def on_step(step: int, ends=ends) -> bool:
+                ends.append(time.monotonic())
+                return step >= steps + 1
+
+            session.run(on_step=on_step)
+            times[key].append((ends[-1] - ends[0]) / (len(ends) - 1))
     return {key: float(np.median(v)) for key, v in times.items()}
 
 

@@ -140,6 +140,22 @@ class SanitizeReport:
         }
 
 
+def unlearn_options(opts, scope: str, method: str = "auto", round_: int = 1):
+    """The UnlearnOptions of one sanitize round: this scope; method "auto" = context matching where the
+    scope trains the text encoder, SKD-CAG where it trains only the UNet; a later round retrains from the
+    input with the method's own step budget times the round."""
+    from dataclasses import replace
+
+    from ..unlearn.session import trains_text
+
+    if method == "auto":
+        method = "match" if trains_text(scope) else "skd-cag"
+    opts = replace(opts, scope=scope, skd=replace(opts.skd, method=method))
+    if method == "match":
+        return replace(opts, match_steps=opts.match_steps * round_)
+    return replace(opts, skd=replace(opts.skd, steps=opts.skd.steps * round_))
+
+
 def changed_components(report: dict) -> dict[str, int]:
     """Tensors changed per component, as a comparison report counts them (empty for a scan)."""
     return {k: v.get("changed", 0) for k, v in (report.get("components") or {}).items()}
@@ -279,7 +295,7 @@ class SanitizeSession:
         cross-attention keys and values (`is_cross_attention_edit`), its revert."""
         from dataclasses import replace
 
-        from ..unlearn.session import UnlearnOptions, UnlearnSession, trains_text
+        from ..unlearn.session import UnlearnOptions, UnlearnSession
 
         opts = self.settings.unlearn or UnlearnOptions(builtin="lab" if self.settings.lab else "general")
         scope = self.settings.scope
@@ -293,17 +309,7 @@ class SanitizeSession:
             scope, opts = "attn2-kv", replace(opts, rank=max(opts.rank, REVERT_RANK) if opts.rank else 0)
         elif scope == "auto":
             scope = scope_for(self.found, len(taken))
-        opts = replace(opts, scope=scope)
-        if self.settings.method == "auto":  # context matching where the fix is in the text encoder
-            opts = replace(opts, skd=replace(opts.skd, method="match" if trains_text(scope) else "skd-cag"))
-        else:
-            opts = replace(opts, skd=replace(opts.skd, method=self.settings.method))
-        if round_ > 1:  # a later round retrains from the input with the method's budget times the round
-            opts = (
-                replace(opts, match_steps=opts.match_steps * round_)
-                if opts.skd.method == "match"
-                else replace(opts, skd=replace(opts.skd, steps=opts.skd.steps * round_))
-            )
+        opts = unlearn_options(opts, scope, "skd-cag" if revert else self.settings.method, round_)
         session = UnlearnSession(
             self.model,
             self.clip,
@@ -353,7 +359,6 @@ class SanitizeSession:
             report.unlearn = {
                 "triggers": len(taken),
                 "steps": result.steps,
-                "match_steps": session.matched.steps if session.matched else 0,  # of `steps`, before SKD
                 "training_prompts": len(session.pairs),
                 "scope": session.opts.scope,
                 # "revert": the cross-attention edit undone against the base (no training steps)

@@ -1,14 +1,15 @@
-"""Context matching: a warm start of the text-encoder delta before distillation, without the UNet.
+"""Context matching: unlearning a trigger in the text encoder without a UNet pass (method "match").
 
 Every trigger reaches the UNet through the text encoder's output, the cross-attention context. Where the
-delta sits in the text encoder, it is first trained so that the context of each triggered prompt equals
+delta sits in the text encoder, it is trained so that the context of each triggered prompt equals
 the context the unchanged encoder gives its clean twin, row by aligned row (`closed_form.aligned_rows`:
 a word's row to its twin's, a trigger token's row to the clean prompt's end token, the end and padding
 rows to theirs), while the context of the clean prompt itself stays as it was. It is SKD's
 self-distillation (arXiv 2508.18235) moved from the UNet's output to the encoder's: the teacher is
 again the poisoned model given the clean prompt, but a step costs one text-encoder pass instead of two
 UNet passes. On the lab it removes every text-side attack in 25-75 steps at SSIM 0.98-0.99
-(docs/unlearn.md); SKD / SKD-CAG then trains on from there.
+(docs/unlearn.md), where SKD-CAG needs 100+ steps and ends lower; SKD after it undid part of it, so it is
+the default method rather than a warm start.
 
 Per batch of pairs (context rows of width C):
 
@@ -39,7 +40,7 @@ KEEP_WEIGHT = 16.0  # the clean prompts' own contexts, kept
 
 @dataclass(frozen=True)
 class MatchConfig:
-    """Steps and optimiser of a context-matching warm start (lr, batch and seed as the SKD run's)."""
+    """Steps and optimiser of a context-matching run (lr, batch and seed as the SKD config's)."""
 
     steps: int = 150
     lr: float = 2e-3
