@@ -34,7 +34,8 @@ class SealSanitize(io.ComfyNode):
             description="Cleans a model without being told its trigger. Finds candidates by comparing it with "
             "its base when base_model/base_clip are connected (else a blind vocabulary scan, or the connected "
             "report), keeps the ones that actually fire (each changes images far more than ordinary words "
-            "in the same place), unlearns all of them in one SKD-CAG run, then measures every one again and "
+            "in the same place), unlearns all of them in one run (context matching of the text encoder, or "
+            "SKD-CAG where the fix must go into the UNet), then measures every one again and "
             "re-runs the finder on the cleaned model. The input MODEL is untouched; connect MODEL, CLIP, LORA "
             "and INFO to Seal Save Sanitized to keep the result.",
             inputs=[

@@ -2,8 +2,8 @@
 
 Find: the comparison with the base when one is given (`core.diff`), the blind vocabulary scan otherwise
 (`core.detect.scan`), or a report the caller already has. Choose: the report's flagged tokens and best
-candidates, taken when they fire (`choose.py`, `firing.py`). Unlearn: every taken trigger in one SKD-CAG
-run, each in the placement it fired at (`core.unlearn.session.UnlearnSession`). Verify: the same finder on
+candidates, taken when they fire (`choose.py`, `firing.py`). Unlearn: every taken trigger in one run
+(context matching in the text scope, SKD-CAG in a UNet scope), each in the placement it fired at (`core.unlearn.session.UnlearnSession`). Verify: the same finder on
 the cleaned model, and the firing test again on every candidate that fired before. The input MODEL and
 CLIP are never changed; the outputs are clones carrying the trained LoRA.
 """
