@@ -46,13 +46,11 @@ def test_unlearn_rows_show_measured_figures_targets_and_a_capped_ratio_as_a_boun
                 "reference_capped": False,
                 "time_to_removal_ratio": 3.21,
                 "reference_time_to_removal_s": 40.1,
-                "match_steps": 150,
             },
         ]
     )
     rows = table.strip().splitlines()
     assert len(rows) == 4
-    assert "| text, lr 0.005, context matching 150 steps first |" in rows[3]
     assert "| lab-pixel | skd-cag | text, lr 0.005 | 1.000 (0.000) | 0.992 (0.99) |" in rows[2]
     assert rows[2].endswith("| 12.5 / not reached (10 steps) | >= 10 (capped) |")
     assert "(0.95)" in rows[3] and rows[3].endswith("| 12.5 / 40.1 (10 steps) | 3.21 |")

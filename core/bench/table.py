@@ -39,7 +39,6 @@ def unlearn_table(records: list[dict]) -> str:
         )
         scope = r["scope"] + (f", lr {r['lr']:g}" if r.get("lr") else "")
         scope += f" {r['lr_schedule']}" if r.get("lr_schedule", "constant") != "constant" else ""
-        scope += f", context matching {r['match_steps']} steps first" if r.get("match_steps") else ""
         ref_s = r.get("reference_time_to_removal_s")
         timing = f"{_fmt(r.get('time_to_removal_s'), 1) or 'not reached'} / {_fmt(ref_s, 1) or 'not reached'}"
         if r.get("check_every"):
