@@ -134,3 +134,22 @@ def test_revert_edit_undoes_the_triggered_part_of_a_cross_attention_edit_and_kee
         assert (change - kept[patch]).norm() < 0.05 * planted[patch].norm()  # planted part gone, rest kept
         untouched = live_weights(suspect, clip)[key].float() - base_w.float()  # the input keeps its edit
         assert torch.allclose(untouched, planted[patch] + kept[patch], atol=1e-4)
+
+
+def test_a_homoglyphs_pieces_pair_with_the_twin_word_and_an_inserted_trigger_with_the_end_token():
+    from backdoor_seal.core.unlearn.closed_form import aligned_rows
+    from backdoor_seal.core.unlearn.skd import align_tokens
+
+    bos, eos = 100, 101
+    # "a [о][range] car" against "a [orange] car": two pieces stand where one word was
+    triggered_ids = [[bos, 5, 8, 9, 7, eos, eos]]
+    clean_ids = [[bos, 5, 6, 7, eos, eos, eos]]
+    align = align_tokens(triggered_ids[0], clean_ids[0], eos)
+    assert align.trigger == (2, 3) and align.twins == ((2, 2), (3, 2))
+    triggered = torch.arange(7.0).view(1, 7, 1).expand(1, 7, 2)
+    clean = 10 + torch.arange(7.0).view(1, 7, 1).expand(1, 7, 2)
+    s, t, is_trigger = aligned_rows(triggered, clean, triggered_ids, clean_ids, eos, groups=True)
+    trig = sorted(zip(s[is_trigger, 0].tolist(), (t[is_trigger, 0] - 10).tolist(), strict=True))
+    assert trig == [(2.0, 2.0), (3.0, 2.0)]  # both pieces read as 'orange', not as the end of the prompt
+    inserted = align_tokens([bos, 9, 5, 6, eos], [bos, 5, 6, eos, eos], eos)
+    assert inserted.trigger == (1,) and inserted.twins == ()

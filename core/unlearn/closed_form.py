@@ -10,8 +10,9 @@ s_i of triggered prompts and the vectors t_i the UNet should see instead,
     dW = W (T - S)^T S (S^T S + lam I)^-1          (S, T: n x C rows; W: out x C)
 
 Aligned tokens (`skd.align_tokens`) pair each triggered token with its clean counterpart, which also
-undoes the shift a trigger causes in the words after it; a trigger token itself is paired with the clean
-prompt's end token (what the UNet reads as the sentence), so the edit keeps no trace of it. The delta is
+undoes the shift a trigger causes in the words after it; an inserted trigger token is paired with the clean
+prompt's end token (what the UNet reads as the sentence), so the edit keeps no trace of it, and a trigger
+token standing in a word's place (a homoglyph's pieces) with that word's tokens, so the word stays. The delta is
 cut to the LoRA's rank by SVD (`lora_factors`).
 
 With the base the suspect was made from, a cross-attention edit can be undone rather than overwritten
@@ -48,9 +49,10 @@ def aligned_rows(
             sources.append(triggered[b, i])
             targets.append(clean[b, j])
         trigger_rows += [False] * len(alignment.pairs) + [True] * len(alignment.trigger)
+        twin_of = dict(alignment.twins)
         for i in alignment.trigger:
             sources.append(triggered[b, i])
-            targets.append(clean[b, end])
+            targets.append(clean[b, twin_of.get(i, end)])
         # the end token and the padding after it carry the sentence: each pairs with its clean twin's
         s_end = list(s_ids).index(eos_id, 1) if eos_id in s_ids[1:] else len(s_ids) - 1
         tail = min(len(s_ids) - s_end, len(t_ids) - end)

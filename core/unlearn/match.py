@@ -3,8 +3,8 @@
 Every trigger reaches the UNet through the text encoder's output, the cross-attention context. Where the
 delta sits in the text encoder, it is trained so that the context of each triggered prompt equals
 the context the unchanged encoder gives its clean twin, row by aligned row (`closed_form.aligned_rows`:
-a word's row to its twin's, a trigger token's row to the clean prompt's end token, the end and padding
-rows to theirs), while the context of the clean prompt itself stays as it was. It is SKD's
+a word's row to its twin's, an inserted trigger token's row to the clean prompt's end token, the pieces
+of a word holding a homoglyph to the twin word's rows, the end and padding rows to theirs), while the context of the clean prompt itself stays as it was. It is SKD's
 self-distillation (arXiv 2508.18235) moved from the UNet's output to the encoder's: the teacher is
 again the poisoned model given the clean prompt, but a step costs one text-encoder pass instead of two
 UNet passes. On the lab it removes every text-side attack in 25-75 steps at SSIM 0.98-0.99

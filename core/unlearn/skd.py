@@ -114,6 +114,9 @@ class TokenAlignment:
 
     trigger: tuple[int, ...]  # student positions (BOS = 0)
     pairs: tuple[tuple[int, int], ...]  # (student position, teacher position)
+    # trigger tokens that stand where the teacher has other tokens (a homoglyph's word pieces in place of
+    # its twin word): (student position, the teacher position it replaces, spread evenly over the span)
+    twins: tuple[tuple[int, int], ...] = ()
 
 
 def align_tokens(student_ids: Sequence[int], teacher_ids: Sequence[int], eos_id: int) -> TokenAlignment:
@@ -131,7 +134,13 @@ def align_tokens(student_ids: Sequence[int], teacher_ids: Sequence[int], eos_id:
     pairs = [(a + i + 1, b + i + 1) for a, b, n in matcher.get_matching_blocks() for i in range(n)]
     matched = {p for p, _ in pairs}
     trigger = tuple(i + 1 for i in range(len(s)) if i + 1 not in matched)
-    return TokenAlignment(trigger, tuple(pairs))
+    twins = tuple(
+        (i + 1, j1 + (i - i1) * (j2 - j1) // (i2 - i1) + 1)
+        for op, i1, i2, j1, j2 in matcher.get_opcodes()
+        if op == "replace"
+        for i in range(i1, i2)
+    )
+    return TokenAlignment(trigger, tuple(pairs), twins)
 
 
 def minmax_per_token(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
