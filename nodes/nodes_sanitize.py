@@ -34,8 +34,7 @@ class SealSanitize(io.ComfyNode):
             description="Cleans a model without being told its trigger. Finds candidates by comparing it with "
             "its base when base_model/base_clip are connected (else a blind vocabulary scan, or the connected "
             "report), keeps the ones that actually fire (each changes images far more than ordinary words "
-            "in the same place), unlearns all of them in one run (context matching of the text encoder, or "
-            "SKD-CAG where the fix must go into the UNet), then measures every one again and "
+            "in the same place), unlearns all of them in one SKD-CAG run, then measures every one again and "
             "re-runs the finder on the cleaned model. The input MODEL is untouched; connect MODEL, CLIP, LORA "
             "and INFO to Seal Save Sanitized to keep the result.",
             inputs=[
@@ -79,8 +78,7 @@ class SealSanitize(io.ComfyNode):
                     min=1,
                     max=100000,
                     optional=True,
-                    tooltip="SKD-CAG steps, where the fix trains the UNet (cross-attention k/v). In the text "
-                    "scope the triggers are unlearnt by context matching (150 steps of the text encoder alone).",
+                    tooltip="SKD-CAG steps of the unlearning run.",
                 ),
                 io.Int.Input(
                     "rounds",

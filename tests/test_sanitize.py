@@ -277,7 +277,7 @@ def test_the_command_saves_a_checkpoint_that_reloads_as_the_fix(comfy_root, tmp_
     assert main([*args[:-2], "--out", str(tmp_path / "x.ckpt")]) == 2
     assert ".safetensors" in capsys.readouterr().err
     assert main([*args, "--weights-only"]) == 2 and "--base" in capsys.readouterr().err
-    small = ["--match-steps", "40", "--probes", "4", "--no-recheck", "--summary-out", str(summary)]
+    small = ["--steps", "40", "--probes", "4", "--no-recheck", "--summary-out", str(summary)]
     assert main([*args, "--base", "lab:lab-clean", *small]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["found"] == ["\u043e"] and printed["saved"] == [str(out)]
@@ -437,11 +437,13 @@ def test_the_fix_trains_where_the_comparison_saw_the_attack():
     assert scope_for({"kind": "scan"}) == scope_for(diff(text_encoder=0)) == "text"  # blind, or nothing
 
 
-def test_the_text_scope_is_unlearnt_by_context_matching_and_a_unet_scope_by_skd_cag():
-    from backdoor_seal.core.sanitize.session import unlearn_options
+def test_auto_unlearns_the_text_scope_by_context_matching_and_a_unet_scope_by_skd_cag():
+    from backdoor_seal.core.sanitize.session import SanitizeSettings, unlearn_options
     from backdoor_seal.core.unlearn.session import UnlearnOptions
 
+    assert SanitizeSettings().method == "skd-cag"  # matching is opt-in here (docs/sanitize.md)
     base = UnlearnOptions()
+    assert unlearn_options(base, "text", method="skd-cag").skd.method == "skd-cag"
     text = unlearn_options(base, "text")
     assert (text.scope, text.skd.method, text.match_steps) == ("text", "match", 150)
     assert unlearn_options(base, "attn2-kv+text").skd.method == "match"

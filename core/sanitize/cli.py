@@ -47,9 +47,9 @@ def add_sanitize_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         choices=("auto", *METHODS),
-        default="auto",
-        help="how the taken triggers are unlearnt: auto = context matching in the text scope, SKD-CAG in a "
-        "UNet scope (docs/unlearn.md)",
+        default=SanitizeSettings.method,
+        help="how the taken triggers are unlearnt (default skd-cag); auto = context matching in the text "
+        "scope, SKD-CAG in a UNet scope (docs/sanitize.md says why it is not the default yet)",
     )
     p.add_argument("--steps", type=positive_int, default=None, help="SKD / SKD-CAG steps (default 600)")
     p.add_argument(

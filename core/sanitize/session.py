@@ -3,7 +3,7 @@
 Find: the comparison with the base when one is given (`core.diff`), the blind vocabulary scan otherwise
 (`core.detect.scan`), or a report the caller already has. Choose: the report's flagged tokens and best
 candidates, taken when they fire (`choose.py`, `firing.py`). Unlearn: every taken trigger in one run
-(context matching in the text scope, SKD-CAG in a UNet scope), each in the placement it fired at (`core.unlearn.session.UnlearnSession`). Verify: the same finder on
+(SKD-CAG; `method` "auto": context matching in the text scope), each in the placement it fired at (`core.unlearn.session.UnlearnSession`). Verify: the same finder on
 the cleaned model, and the firing test again on every candidate that fired before. The input MODEL and
 CLIP are never changed; the outputs are clones carrying the trained LoRA.
 """
@@ -37,8 +37,10 @@ class SanitizeSettings:
     # compare mode: a change confined to the cross-attention keys and values (a closed-form edit such as
     # EvilEdit) is undone where the taken triggers excite it (`UnlearnSession.revert_edit`), not distilled
     revert_edits: bool = True
-    # "auto": context matching where the fix is in the text encoder, SKD-CAG where it is in the UNet
-    method: str = "auto"
+    # SKD-CAG; "auto": context matching where the fix is in the text encoder, SKD-CAG where it is in the
+    # UNet. Not the default here yet: on the demo's five triggers in mixed placements, 150 matching steps
+    # left the homoglyph's prompts read unlike their twins (the after-test: 50% still firing at lab ASR 0.00)
+    method: str = "skd-cag"
     drawing: tuple = ((8, 8), 20, 2.0, "euler", "normal")  # latent_hw, steps, cfg, sampler, scheduler
     lab: bool = False  # the lab grammar's probe templates and prompts
 
@@ -290,8 +292,8 @@ class SanitizeSession:
         return float(sum(ssim(a, b) for a, b in zip(before, after, strict=True)) / len(prompts))
 
     def unlearn(self, taken: list[Candidate], round_: int = 1):
-        """One run from the input on every taken trigger, each where it fired (context matching in the text
-        scope, SKD-CAG in a UNet scope, unless `method` says otherwise); or, for a change confined to the
+        """One run from the input on every taken trigger, each where it fired (SKD-CAG, or as `method` says;
+        "auto": context matching in the text scope, SKD-CAG in a UNet scope); or, for a change confined to the
         cross-attention keys and values (`is_cross_attention_edit`), its revert."""
         from dataclasses import replace
 
