@@ -86,7 +86,10 @@ def test_eager_attention_computes_what_the_fused_kernel_does_on_a_clone(comfy_ro
         attention.attention_basic = original
     # every attention (self and cross, both blocks per transformer, each step) takes the explicit softmax
     assert len(calls) - plain_calls > plain_calls
-    assert torch.allclose(fused, explicit, atol=1e-4)
+    # the same sums in another order: random weights give latents in the hundreds, so the tolerance scales
+    scale = explicit.abs().max().item()
+    assert (fused - explicit).abs().max().item() <= 1e-5 * scale, (fused - explicit).abs().max()
+    assert not torch.equal(fused, torch.zeros_like(fused))
 
 
 def test_probe_batches_shrink_to_the_free_device_memory(comfy_root, monkeypatch):
