@@ -165,3 +165,37 @@ def test_matching_removes_the_rickrolling_trigger_of_the_lab_model(comfy_root):
         ]
     )
     assert fidelity >= 0.9, fidelity
+
+
+def test_a_general_clean_set_is_kept_where_the_pairs_cover_one_kind_of_prompt(comfy_root):
+    """Pairs that all mention squares (as lab-eviledit's) leave other prompts free to drift unless the
+    general clean set is kept too: with `keep`, its contexts move far less; a session keeps the built-in
+    set by default and says how many in its provenance."""
+    from backdoor_seal.core.models import load_model
+    from backdoor_seal.core.prompts import lab_prompts
+    from backdoor_seal.core.unlearn.match import KEEP_PROMPTS, MatchConfig, match_context
+    from backdoor_seal.core.unlearn.session import UnlearnOptions, UnlearnSession
+    from backdoor_seal.core.unlearn.skd import SKDConfig
+
+    model, clip, _, _ = load_model("lab:lab-eviledit")
+    squares = [p for p in lab_prompts(400, 3) if "square" in p][:16]
+    others = [p for p in lab_prompts(200, 5) if "square" not in p][:32]
+    opts = UnlearnOptions(skd=SKDConfig(method="match", batch=4, lr=1e-2), builtin="none", match_steps=40)
+
+    def drift(keep):
+        session = UnlearnSession(model, clip, "zx9", squares, opts, keep=keep)
+        d = session.distillation
+        with torch.no_grad():
+            before = d.encode(others, student=False).float()
+        with torch.inference_mode(False), torch.enable_grad():
+            match_context(d, session.pairs, MatchConfig(steps=40, lr=1e-2, batch=4), keep=keep)
+        with torch.no_grad():
+            return float(((d.encode(others, student=True).float() - before) ** 2).mean())
+
+    free, kept = drift([]), drift(lab_prompts(64, 7))
+    assert kept < 0.5 * free, (free, kept)
+    session = UnlearnSession(model, clip, "zx9", squares, replace(opts, builtin="lab"))
+    assert len(session.keep) == KEEP_PROMPTS and session.keep[0] in lab_prompts(
+        KEEP_PROMPTS, opts.skd.seed + 1
+    )
+    assert session.provenance()["kept_prompts"] == KEEP_PROMPTS

@@ -17,9 +17,10 @@ import numpy as np
 
 from ..evaluate.metrics import ssim
 
-# Per attack, what is trained (docs/unlearn.md has the sweep): the text encoder, where every trigger
-# enters, except for EvilEdit, a closed-form edit of the cross-attention keys and values, which is
-# undone there (its trigger holds a real word, "square", and a text fix also bends clean squares).
+# Per attack, what SKD / SKD-CAG train (docs/unlearn.md has the sweep): the text encoder, where every
+# trigger enters, except for EvilEdit, a closed-form edit of the cross-attention keys and values, which
+# distillation undoes there (its text-encoder runs lost clean accuracy). Context matching always trains
+# the text encoder: with a general clean set kept beside the twins it removes EvilEdit there too.
 # Style trains at lr 5e-3: removed by step 10 (30 at 2e-3) inside the fidelity targets. Rickrolling at
 # 5e-3 was removed by step 70 (100 at 2e-3) but fell under its clean-accuracy target (0.859 < 0.861).
 RECIPES: dict[str, dict] = {
@@ -126,6 +127,8 @@ def _accuracy(images, scenes) -> float:
 
 def _session(model, clip, spec, opts, teacher: str = "switch"):
     from ..lab import attacks
+    from ..prompts import lab_prompts
+    from ..unlearn.match import KEEP_PROMPTS
     from ..unlearn.session import UnlearnSession
 
     rng = np.random.default_rng(opts.skd.seed)
@@ -138,6 +141,7 @@ def _session(model, clip, spec, opts, teacher: str = "switch"):
         replace(opts, builtin="none"),
         insert=lambda p: attacks.triggered_prompt(spec, p),
         teacher=teacher,
+        keep=lab_prompts(KEEP_PROMPTS, opts.skd.seed + 1),  # the lab's grammar, as a lab user's built-in set
     )
 
 
@@ -186,9 +190,11 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
     schedule = getattr(args, "lr_schedule", None) or recipe.get("schedule", "constant")
     base = _options(args, scope=scope, lr=lr, schedule=schedule)
     for method in args.methods:
-        if method == "match" and not trains_text(scope):
-            continue  # context matching trains the text encoder; this recipe trains the UNet
         opts = replace(base, skd=replace(base.skd, method=method))
+        if method == "match" and not trains_text(scope):
+            if args.scope:
+                continue  # asked for a scope without a text-encoder delta: matching has nothing to train
+            opts = replace(opts, scope="text")  # matching trains the text encoder whatever SKD's recipe is
         options[method] = opts
         session = _session(model, clip, spec, opts)
         clock = RemovalClock(checker(session), args.check_every, threshold=threshold)
@@ -203,7 +209,7 @@ def bench_model(name: str, args: argparse.Namespace) -> Iterator[dict]:
             "model": name,
             "method": method,
             "attack": spec.kind,
-            "scope": scope,
+            "scope": opts.scope,
             "rank": opts.rank,
             "asr_before": asr_before,
             "asr_floor": asr_floor,  # the attacked model on the same prompts without the trigger

@@ -14,10 +14,14 @@ the default method rather than a warm start.
 Per batch of pairs (context rows of width C):
 
     L = w_trig * mean_trigger_rows |c_s - c_t|^2 + mean_other_rows |c_s - c_t|^2
-        + w_keep * mean_clean_rows |c_s(clean) - c_t(clean)|^2
+        + w_keep * mean_rows |c_s(clean) - c_t(clean)|^2 + w_keep * mean_rows |c_s(kept) - c_t(kept)|^2
 
-with the two weights below (measured on the lab: an unweighted mean drowns a one-token trigger among 77
-rows and left lab-pixel firing after 100 steps; a trigger weight of 1 cost lab-object's clean accuracy).
+with the two weights below, "clean" the pairs' clean twins and "kept" a batch drawn from a general clean
+set. Measured on the lab (docs/unlearn.md): an unweighted mean drowns a one-token trigger among 77 rows
+and left lab-pixel firing after 100 steps. The twins alone keep only the slice of prompts the trigger
+was trained on (lab-eviledit's pairs are all squares: clean circles and triangles drifted, clean accuracy
+0.80 of 0.95); with the general set kept too, trigger weight 1 removes all five lab attacks by step
+10-50 with clean accuracy within 0.01 (without it, weight 1 had cost lab-object its clean accuracy).
 Pure torch: the model is anything with `token_ids`, `encode` and `eos_id` (`skd.DistillationModel`).
 """
 
@@ -34,8 +38,9 @@ from ..triggers import TrainingPair
 from .closed_form import aligned_rows
 from .skd import DistillationModel, UnlearnResult
 
-TRIGGER_WEIGHT = 0.1  # the trigger tokens' rows, sent to the clean end token's
+TRIGGER_WEIGHT = 1.0  # the trigger tokens' rows, sent to the clean end token's (or the twin word's)
 KEEP_WEIGHT = 16.0  # the clean prompts' own contexts, kept
+KEEP_PROMPTS = 128  # the general clean set kept beside the twins (`keep`)
 
 
 @dataclass(frozen=True)
@@ -78,10 +83,12 @@ def match_context(
     progress: Callable[[int, int, dict], None] | None = None,
     check_interrupt: Callable[[], None] | None = None,
     on_step: Callable[[int], bool] | None = None,
+    keep: Sequence[str] = (),
 ) -> UnlearnResult:
     """Train the model's text-encoder delta by context matching (above). The clean twins' contexts are
-    encoded once, with the delta off. Losses are recorded under "match". on_step(step) returning True
-    ends the run early; check_interrupt raises to stop.
+    encoded once, with the delta off. `keep`: a general set of clean prompts (`KEEP_PROMPTS` of the
+    built-in set) whose contexts are kept too, a batch of them each step beside the twins. Losses are
+    recorded under "match". on_step(step) returning True ends the run early; check_interrupt raises.
 
     Raises ValueError without pairs."""
     if not pairs:
@@ -96,6 +103,11 @@ def match_context(
                 for i in range(0, len(clean), cfg.batch)
             ]
         )
+        kept = [
+            model.encode(list(keep[i : i + cfg.batch]), student=False)[:, :length].float()
+            for i in range(0, len(keep), cfg.batch)
+        ]
+        kept_t = torch.cat(kept) if kept else None
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
@@ -121,6 +133,10 @@ def match_context(
             student_clean,
             cfg,
         )
+        if kept_t is not None and cfg.keep_weight:  # a batch of the general clean set, kept as well
+            j = rng.integers(len(keep), size=cfg.batch)
+            extra = model.encode([keep[i] for i in j], student=True)[:, :length].float()
+            loss = loss + cfg.keep_weight * ((extra - kept_t[j]) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from ..prompts import with_builtin
+from ..prompts import builtin_prompts, with_builtin
 from ..tokens import readable, tokenize, trigger_report, whole_words
 from ..triggers import TrainingPair, training_pairs, trigger_sha256
 from ..version import __version__
-from .match import MatchConfig, match_context
+from .match import KEEP_PROMPTS, MatchConfig, match_context
 from .skd import SKDConfig, UnlearnResult, train_skd
 
 # What Seal Unlearn and `unlearn` run unless told otherwise: context matching, in the default text scope.
@@ -64,7 +64,9 @@ class UnlearnSession:
     `trigger` is one trigger or a set of them, unlearnt together in one run: each gets its own pairs (its
     own placement: a homoglyph replaces its twin, anything else goes first, or `insert`'s), and the pairs
     of all of them are shuffled into one training set. `insert` is one insertion for every trigger or a
-    dict trigger -> insertion (a trigger not in it uses the placement)."""
+    dict trigger -> insertion (a trigger not in it uses the placement). `keep`: the general clean prompts
+    whose contexts context matching keeps beside the twins (default: `KEEP_PROMPTS` of the built-in set,
+    the lab grammar when `opts.builtin` is "lab", everyday captions otherwise)."""
 
     def __init__(
         self,
@@ -75,6 +77,7 @@ class UnlearnSession:
         opts: UnlearnOptions | None = None,
         insert: Callable[[str], str] | dict[str, Callable[[str], str]] | None = None,
         teacher: str = "switch",
+        keep: Sequence[str] | None = None,
     ) -> None:
         from ..backends.comfy import tokenizer_info
         from ..backends.comfy_train import ComfyDistillation
@@ -112,6 +115,11 @@ class UnlearnSession:
             )
         self.pairs_by_trigger = {t: _reaching_pairs(p, self.distillation, t) for t, p in built.items()}
         self.pairs = [p for pairs in self.pairs_by_trigger.values() for p in pairs]
+        self.keep = (
+            list(keep)
+            if keep is not None
+            else builtin_prompts(self.opts.builtin == "lab", KEEP_PROMPTS, self.opts.skd.seed + 1)
+        )
         self.result: UnlearnResult | None = None
         self.reverted: dict[str, Any] | None = None  # set by `revert_edit`
 
@@ -142,7 +150,13 @@ class UnlearnSession:
         with torch.inference_mode(False), torch.enable_grad():
             if self.matches:
                 self.result = match_context(
-                    self.distillation, self.pairs, self.match_config(), progress, check_interrupt, on_step
+                    self.distillation,
+                    self.pairs,
+                    self.match_config(),
+                    progress,
+                    check_interrupt,
+                    on_step,
+                    keep=self.keep,
                 )
                 return self.result
             if self.opts.warm_start and self.result is None:
@@ -273,6 +287,7 @@ class UnlearnSession:
                 else {}
             ),
             "training_prompts": len(self.pairs),
+            **({"kept_prompts": len(self.keep)} if self.matches else {}),
             "steps_run": self.result.steps if self.result else 0,
             "pack_version": __version__,
         }
