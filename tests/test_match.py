@@ -199,3 +199,5 @@ def test_a_general_clean_set_is_kept_where_the_pairs_cover_one_kind_of_prompt(co
         KEEP_PROMPTS, opts.skd.seed + 1
     )
     assert session.provenance()["kept_prompts"] == KEEP_PROMPTS
+    mixed = UnlearnSession(model, clip, "zx9", squares, opts, keep=["a red zx9 circle", "a red circle"])
+    assert mixed.keep == ["a red circle"]  # a kept prompt holding the trigger would keep the trigger

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..prompts import builtin_prompts, with_builtin
-from ..tokens import readable, tokenize, trigger_report, whole_words
+from ..tokens import readable, tokenize, trigger_positions, trigger_report, whole_words
 from ..triggers import TrainingPair, training_pairs, trigger_sha256
 from ..version import __version__
 from .match import KEEP_PROMPTS, MatchConfig, match_context
@@ -66,7 +66,8 @@ class UnlearnSession:
     of all of them are shuffled into one training set. `insert` is one insertion for every trigger or a
     dict trigger -> insertion (a trigger not in it uses the placement). `keep`: the general clean prompts
     whose contexts context matching keeps beside the twins (default: `KEEP_PROMPTS` of the built-in set,
-    the lab grammar when `opts.builtin` is "lab", everyday captions otherwise)."""
+    the lab grammar when `opts.builtin` is "lab", everyday captions otherwise); prompts holding a
+    trigger are left out."""
 
     def __init__(
         self,
@@ -115,11 +116,12 @@ class UnlearnSession:
             )
         self.pairs_by_trigger = {t: _reaching_pairs(p, self.distillation, t) for t, p in built.items()}
         self.pairs = [p for pairs in self.pairs_by_trigger.values() for p in pairs]
-        self.keep = (
-            list(keep)
-            if keep is not None
-            else builtin_prompts(self.opts.builtin == "lab", KEEP_PROMPTS, self.opts.skd.seed + 1)
-        )
+        if keep is None:
+            keep = builtin_prompts(self.opts.builtin == "lab", KEEP_PROMPTS, self.opts.skd.seed + 1)
+        # a kept prompt that holds a trigger (token ids) would hold that trigger's context still
+        self.keep = [
+            p for p in keep if not any(trigger_positions(self.tokenizer, p, t) for t in self.triggers)
+        ]
         self.result: UnlearnResult | None = None
         self.reverted: dict[str, Any] | None = None  # set by `revert_edit`
 
