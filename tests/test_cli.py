@@ -172,6 +172,16 @@ def test_bad_files_get_one_line_errors_and_nothing_is_written(comfy_root, tmp_pa
             + ["--lora-out", str(tmp_path / "same.safetensors")],
             "each its own file",
         ),
+        (
+            ["unlearn", "--model", "lab:lab-pixel", "--trigger", "x"]
+            + ["--out", str(tmp_path / "no-such-folder" / "u.safetensors")],
+            "create it first",
+        ),
+        (
+            ["unlearn", "--model", "lab:lab-pixel", "--trigger", "x", "--rank", "-1"]
+            + ["--out", str(tmp_path / "u.safetensors")],
+            "rank must be 0",
+        ),
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
@@ -184,7 +194,7 @@ def test_bad_files_get_one_line_errors_and_nothing_is_written(comfy_root, tmp_pa
     assert (tmp_path / "eval" / "images.png").read_bytes() == b"kept" and len(
         list((tmp_path / "eval").iterdir())
     ) == 1
-    assert not (tmp_path / "u.safetensors").exists()
+    assert not (tmp_path / "u.safetensors").exists() and not (tmp_path / "no-such-folder").exists()
     with pytest.raises(SystemExit):  # argparse's usage error for a count below 1
         main(["evaluate", "--model", "lab:lab-pixel", "--trigger", "x", "--unlearned", "x", "--count", "0"])
     assert "is not at least 1" in capsys.readouterr().err

@@ -164,6 +164,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             raise ValueError(f"{target}: outputs are .safetensors files; give a name ending in .safetensors")
         if target is not None and target.exists():
             raise FileExistsError(f"{target} already exists; give a new name (nothing is overwritten)")
+        if target is not None and not target.parent.is_dir():  # said now, not after the training
+            raise FileNotFoundError(f"{target}: no folder {target.parent} to write into; create it first")
     if args.lora_out and Path(args.lora_out).resolve() == out.resolve():
         raise ValueError(f"--out and --lora-out are both {out}; give each its own file")
     if bool(args.trigger) == bool(args.report):

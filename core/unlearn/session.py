@@ -45,6 +45,8 @@ class UnlearnOptions:
     def __post_init__(self) -> None:
         if self.match_steps < 1:
             raise ValueError(f"match_steps must be at least 1, got {self.match_steps}")
+        if self.rank < 0:
+            raise ValueError(f"rank must be 0 (a full-rank delta) or more, got {self.rank}")
 
     def to_json(self) -> dict:
         """Plain-data form for metadata."""
