@@ -96,18 +96,18 @@ def match_context(
     triggered, clean = [p.triggered for p in pairs], [p.clean for p in pairs]
     ids_s, ids_t = model.token_ids(triggered), model.token_ids(clean)
     length = len(ids_s[0])  # SDXL's packed context has one more row, the pooled embedding: not a token
-    with torch.no_grad():
-        teacher = torch.cat(
-            [
-                model.encode(clean[i : i + cfg.batch], student=False)[:, :length].float()
-                for i in range(0, len(clean), cfg.batch)
-            ]
-        )
-        kept = [
-            model.encode(list(keep[i : i + cfg.batch]), student=False)[:, :length].float()
-            for i in range(0, len(keep), cfg.batch)
-        ]
-        kept_t = torch.cat(kept) if kept else None
+
+    def unchanged(prompts: Sequence[str]) -> torch.Tensor:  # contexts with the delta off, in batches
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    model.encode(list(prompts[i : i + cfg.batch]), student=False)[:, :length].float()
+                    for i in range(0, len(prompts), cfg.batch)
+                ]
+            )
+
+    teacher = unchanged(clean)
+    kept_t = unchanged(keep) if keep and cfg.keep_weight else None
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)

@@ -118,12 +118,14 @@ class UnlearnSession:
             )
         self.pairs_by_trigger = {t: _reaching_pairs(p, self.distillation, t) for t, p in built.items()}
         self.pairs = [p for pairs in self.pairs_by_trigger.values() for p in pairs]
-        if keep is None:
-            keep = builtin_prompts(self.opts.builtin == "lab", KEEP_PROMPTS, self.opts.skd.seed + 1)
-        # a kept prompt that holds a trigger (token ids) would hold that trigger's context still
-        self.keep = [
-            p for p in keep if not any(trigger_positions(self.tokenizer, p, t) for t in self.triggers)
-        ]
+        self.keep: list[str] = []  # only context matching keeps a general set
+        if self.matches:
+            if keep is None:
+                keep = builtin_prompts(self.opts.builtin == "lab", KEEP_PROMPTS, self.opts.skd.seed + 1)
+            # a kept prompt that holds a trigger (token ids) would hold that trigger's context still
+            self.keep = [
+                p for p in keep if not any(trigger_positions(self.tokenizer, p, t) for t in self.triggers)
+            ]
         self.result: UnlearnResult | None = None
         self.reverted: dict[str, Any] | None = None  # set by `revert_edit`
 
