@@ -441,3 +441,21 @@ def test_evaluation_prompts_share_nothing_with_the_training_sets():
     train = {world.combo_key(s) for s in world.scene_dataset(2000, seed=0, split="train")}
     held = [world.combo_key(s) for s in world.scene_dataset(32, seed=0, split="eval")]
     assert len(lab) == 32 and not set(held) & train
+
+
+def test_bench_unlearn_runs_matching_in_the_text_scope_beside_a_unet_recipe(comfy_root):
+    """lab-eviledit's SKD recipe trains the cross-attention k/v; context matching trains the text encoder
+    in the same run (with the general set kept), and an explicit UNet scope leaves matching out."""
+    from backdoor_seal.core.bench.unlearn import RECIPES, run
+    from backdoor_seal.core.cli import build_parser
+
+    argv = ["bench", "unlearn", "--models", "lab-eviledit", "--n", "4", "--steps", "2", "--match-steps", "2"]
+    argv += ["--check-every", "100", "--no-reference"]
+    records = {
+        r["method"]: r for r in run(build_parser().parse_args([*argv, "--methods", "match", "skd-cag"]))
+    }
+    assert RECIPES["eviledit"]["scope"] == "attn2-kv"
+    assert records["match"]["scope"] == "text" and records["skd-cag"]["scope"] == "attn2-kv"
+    assert records["match"]["steps"] == 2 and records["skd-cag"]["steps"] == 2
+    # matching alone, asked for in a UNet scope: nothing to train, no record
+    assert list(run(build_parser().parse_args([*argv, "--methods", "match", "--scope", "attn2-kv"]))) == []
