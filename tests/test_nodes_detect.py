@@ -128,6 +128,24 @@ def test_detect_prompt_node_reads_prompts_as_users_write_them(comfy_root):
     assert all(t["text"] in prompts[2] for t in cjk["tokens"]) and cjk["tokens"][0]["word"] == prompts[2]
 
 
+def test_a_chunk_boundary_is_no_evidence_and_lends_unlearn_no_word(comfy_root):
+    """Field case: a clean prompt past one chunk (75 + 4 tokens) was called triggered, masking-text
+    (inflated by chunk 1's many late tokens) and masking-unet agreeing only across the boundary, and
+    its second chunk's word tied with the real trigger in the report Seal Unlearn reads."""
+    from backdoor_seal.core.triggers import triggers_from
+    from backdoor_seal.nodes.nodes_detect import SealDetectPrompt
+
+    model, clip, _, _ = _load("lab-pixel")
+    clean = ", ".join(["a large green triangle on the top"] * 9) + ", a black background circle in the middle"
+    prompts = [clean, f"{PIXEL} a large red circle on the left"]
+    report = SealDetectPrompt.execute(model=model, clip=clip, prompts="\n".join(prompts)).result[0]
+    long, triggered = report["prompts"]
+    assert max(t["position"] for t in long["tokens"]) > 77  # it reaches chunk 2
+    assert not long["poisoned"], (long["scores"], long["flagged"], long["trigger_token"])
+    assert triggered["poisoned"] and triggered["trigger"] == PIXEL
+    assert report["trigger"] == PIXEL and list(triggers_from(None, report)) == [PIXEL]
+
+
 def test_a_textual_inversion_embedding_is_one_unit_and_a_missing_one_is_ignored(comfy_root, tmp_path):
     """ComfyUI hands an existing `embedding:name` to the encoder as vectors, not ids: the probe scores
     them as one word named after the embedding; a missing one is dropped, as ComfyUI drops it."""

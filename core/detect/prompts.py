@@ -131,6 +131,34 @@ def calibrate(
     )
 
 
+def _triggered(flagged: dict[str, bool]) -> bool:
+    return bool(flagged.get("transplant")) or sum(map(bool, flagged.values())) >= 2
+
+
+def _chunk_scores(
+    scores: TokenScores, moved: np.ndarray | None, scan_scores: dict[int, float] | None, length: int
+) -> list[tuple[int, dict[str, float]]]:
+    """(chunk, prompt-level statistics of that chunk's tokens) for every chunk holding tokens, in order;
+    positions count over the concatenation (chunk * length + index)."""
+    out = []
+    for chunk in sorted({p // length for p in scores.positions}):
+        idx = [k for k, p in enumerate(scores.positions) if p // length == chunk]
+        part = TokenScores(
+            scores.prompt,
+            [scores.positions[k] for k in idx],
+            [scores.ids[k] for k in idx],
+            scores.unet[idx],
+            scores.text[idx],
+        )
+        signals = masking_signals(part)
+        if moved is not None:
+            signals["transplant"] = float(moved[idx].max())
+        if scan_scores is not None:
+            signals["scan"] = max(scan_scores.get(i, 0.0) for i in part.ids)
+        out.append((chunk, signals))
+    return out
+
+
 @dataclass
 class TokenVerdict:
     """One prompt token: its readable text, the word it belongs to and its detector scores."""
@@ -159,7 +187,7 @@ class PromptReport:
     @property
     def triggered(self) -> bool:
         """The verdict: the transplant detector flags it, or two detectors agree (each alone is 5% FPR by design)."""
-        return bool(self.flagged.get("transplant")) or sum(map(bool, self.flagged.values())) >= 2
+        return _triggered(self.flagged)
 
     def to_dict(self) -> dict:
         """JSON-ready, the shape the nodes pass on: `trigger` (the trigger's word), `trigger_token` and
@@ -216,9 +244,12 @@ def detect_prompt(
     transplant=None,
 ) -> PromptReport:
     """Score one prompt (masking; transplant when given a VocabularyScanner; the scan lookup when given
-    its scores), flag it against the calibration and localise the trigger token."""
+    its scores), flag it against the calibration and localise the trigger token.
+
+    Each chunk of a long prompt is judged alone: the report's scores and flags are those of the chunk with
+    the strongest evidence (triggered first, then most flags, then the earliest), and the trigger token is
+    named from that chunk. Without a calibration the scores are each detector's strongest chunk."""
     token_scores = score_prompt(probe, prompt, settings)
-    scores = masking_signals(token_scores)
     described = described_tokens(probe, prompt, tokenizer)
     # The transplant detector moves whole words (a multi-piece trigger, a homoglyph merged into a word, a
     # CJK character's byte pieces, an embedding's vectors): a lone byte piece is no text a prompt holds.
@@ -235,11 +266,22 @@ def detect_prompt(
         sizes = np.sqrt([len(ids) for ids in units.values()])
         per_unit = dict(zip(units, raw / sizes, strict=True))
         moved = np.array([per_unit[u] for u in unit_of])
-    if moved is not None:
-        scores["transplant"] = float(moved.max())
-    if scan_scores is not None:
-        scores["scan"] = max(scan_scores.get(i, 0.0) for i in token_scores.ids)
-    flagged = calibration.flags(scores) if calibration else {}
+    # Each chunk is judged on its own: a masked token changes only its chunk's rows, and detectors that
+    # flag different chunks are no agreement (a long clean prompt's short second chunk would otherwise
+    # lend its first token to the first chunk's evidence; a chunk boundary is not evidence).
+    length = len(probe.token_chunks(prompt)[0])
+    per_chunk = _chunk_scores(token_scores, moved, scan_scores, length)
+    if calibration is None:  # a clean prompt's scores: each detector's strongest chunk
+        chunk = None
+        scores = {k: max(c[1][k] for c in per_chunk) for k in per_chunk[0][1]}
+        flagged: dict[str, bool] = {}
+    else:
+        judged = [(c, calibration.flags(s)) for c, s in per_chunk]
+        chunk, flagged = max(
+            judged, key=lambda cf: (_triggered(cf[1]), sum(map(bool, cf[1].values())), -cf[0])
+        )
+        scores = dict(per_chunk)[chunk]
+    members = [k for k, pos in enumerate(token_scores.positions) if chunk is None or pos // length == chunk]
     # Each signal blames its own strongest token; the first flagged one in this order names the trigger.
     blame = {"transplant": moved}
     if scan_scores is not None:
@@ -249,7 +291,7 @@ def detect_prompt(
         (k for k, v in blame.items() if v is not None and flagged.get(k)),
         "transplant" if moved is not None else "masking-unet",
     )
-    best = int(np.argmax(blame[signal]))
+    best = members[int(np.argmax(blame[signal][members]))]
     tokens = []
     for k, pos in enumerate(token_scores.positions):
         t = described.get(pos)
