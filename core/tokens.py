@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
 import functools
 import re
 import unicodedata
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -291,3 +293,191 @@ def find_in_chunks(chunks: list[list[int]], needle: list[int], bos: int, eos: in
 def from_readable(text: str) -> str:
     """Undo readable(): <U+XXXX> back to the character it names."""
     return re.sub(r"<U\+([0-9A-Fa-f]{4,6})>", lambda m: chr(int(m.group(1), 16)), text)
+
+
+# --- triggers as token-id sequences ---------------------------------------------------------------------
+# A trigger is the sequence of ids the tokenizer makes of it. A look-alike letter outside Cyrillic is
+# usually two or three byte-level pieces, none of which decodes alone ('օ' -> 'Ö', 'ħ</w>'); a phrase is
+# its words' pieces. Finders rank single ids, so their candidates are assembled here into sequences a
+# prompt can hold, and carried as ids with a text that encodes to exactly those ids.
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """The byte each character of a byte-level BPE piece stands for (GPT-2's `bytes_to_unicode`, which
+    CLIP's tokenizer uses: Radford et al. 2019, openai/gpt-2 src/encoder.py)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
+def piece_bytes(tokenizer: HFTokenizer, token_id: int) -> tuple[bytes, bool]:
+    """The UTF-8 bytes one token stands for, and whether it ends a word ('</w>'). A piece that is no
+    byte-level spelling (a special token) gives its own characters' UTF-8."""
+    piece = tokenizer.convert_ids_to_tokens([int(token_id)])[0]
+    end = piece.endswith("</w>")
+    body = piece[:-4] if end else piece
+    decoder = _byte_decoder()
+    if all(c in decoder for c in body):
+        return bytes(decoder[c] for c in body), end
+    return body.encode("utf-8"), end
+
+
+def encode_ids(tokenizer: HFTokenizer, text: str) -> list[int]:
+    """The token ids of a text, without BOS / EOS."""
+    return [int(i) for i in list(tokenizer(text)["input_ids"])[1:-1]]
+
+
+def sequence_text(tokenizer: HFTokenizer, ids: Sequence[int]) -> str | None:
+    """A text the tokenizer encodes to exactly `ids` (no BOS / EOS) where it stands as words of a prompt,
+    else None: pieces whose bytes make no whole character, or a word-inner piece with nothing after it.
+    A letter run and the digits after it are written together where the ids allow ('zx9 qv7')."""
+    if not ids:
+        return None
+    parts = [piece_bytes(tokenizer, i) for i in ids]
+    raw = b"".join(b + (b" " if end and k < len(parts) - 1 else b"") for k, (b, end) in enumerate(parts))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    want = [int(i) for i in ids]
+    if encode_ids(tokenizer, text) != want:
+        return None
+    k = text.find(" ")
+    while k != -1:
+        if 0 < k < len(text) - 1 and text[k - 1].isalpha() and text[k + 1].isdigit():
+            joined = text[:k] + text[k + 1 :]
+            if encode_ids(tokenizer, joined) == want:
+                text = joined
+                continue
+        k = text.find(" ", k + 1)
+    return text
+
+
+@dataclass(frozen=True)
+class TokenSequence:
+    """A candidate trigger as the model sees it: its ids, the text that encodes to them, and the rank of
+    the best-ranked of its ids in the finder's order (0-based)."""
+
+    ids: tuple[int, ...]
+    text: str
+    lead: int  # the member id whose rank and scores the sequence takes
+
+    @property
+    def readable(self) -> str:
+        """The text with invisible characters shown as <U+XXXX>."""
+        return readable(self.text)
+
+
+@functools.cache
+def _fragments(tokenizer: HFTokenizer) -> tuple[tuple[int, bytes, bool], ...]:
+    """Every vocabulary piece whose bytes are no whole character run: (id, bytes, ends a word)."""
+    out = []
+    for tid in range(len(tokenizer.get_vocab())):
+        b, end = piece_bytes(tokenizer, tid)
+        try:
+            b.decode("utf-8")
+        except UnicodeDecodeError:
+            out.append((tid, b, end))
+    return tuple(out)
+
+
+def _utf8_ok(parts: Sequence[tuple[bytes, bool]]) -> bool:
+    """Whole characters, one word: only the last piece ends a word."""
+    try:
+        b"".join(b for b, _ in parts).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(not end for _, end in parts[:-1]) and parts[-1][1]
+
+
+def _utf8_part(parts: Sequence[tuple[bytes, bool]]) -> bool:
+    """Could be the middle of one word's characters: no word end before the last piece, and the bytes,
+    past up to three leading continuation bytes, a valid start of UTF-8."""
+    if any(end for _, end in parts[:-1]):
+        return False
+    raw = b"".join(b for b, _ in parts)
+    k = 0
+    while k < min(3, len(raw)) and 0x80 <= raw[k] <= 0xBF:
+        k += 1
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(raw[k:], final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def complete_sequence(
+    tokenizer: HFTokenizer, token_id: int, rank: dict[int, int], pool: Sequence[int], longest: int = 4
+) -> tuple[int, ...] | None:
+    """The id sequence a prompt can hold that contains `token_id`, completed with the best-ranked partners:
+    the id alone when it is a word; else the pieces of one word around it (a byte-level piece of a
+    look-alike letter and the pieces that finish its character), partners drawn from `pool` (the finder's
+    best ids) first, then from the whole vocabulary's character fragments. `rank` maps ids to their
+    0-based rank (missing: unranked). None when nothing completes it within `longest` pieces."""
+    token_id = int(token_id)
+    if sequence_text(tokenizer, [token_id]) is not None:
+        return (token_id,)
+    unranked = len(rank) + len(pool) + 1
+
+    def cost(seq: tuple[int, ...]) -> int:
+        return sum(rank.get(t, unranked) for t in seq if t != token_id)
+
+    def search(partners: Sequence[int]) -> tuple[int, ...] | None:
+        info = {int(t): piece_bytes(tokenizer, t) for t in partners}
+        info[token_id] = piece_bytes(tokenizer, token_id)
+        inner = [t for t, (_, end) in info.items() if not end]  # pieces that can stand before another
+        finals = [t for t, (_, end) in info.items() if end]
+        best: tuple[int, ...] | None = None
+        frontier: list[tuple[int, ...]] = [(token_id,)]
+        for _ in range(longest - 1):
+            grown: list[tuple[int, ...]] = []
+            for seq in frontier:
+                left = [(t, *seq) for t in inner]
+                right = [(*seq, t) for t in (inner + finals)] if not info[seq[-1]][1] else []
+                grown += left + right
+            grown = [s for s in dict.fromkeys(grown) if _utf8_part([info[t] for t in s])]
+            done = [s for s in grown if _utf8_ok([info[t] for t in s])]
+            done = sorted((s for s in done if sequence_text(tokenizer, s) is not None), key=cost)
+            if done:
+                return done[0]
+            # keep growing only what may still become a word (bounded: the best-ranked few)
+            frontier = sorted(grown, key=cost)[:256]
+        return best
+
+    found = search(list(dict.fromkeys(int(t) for t in pool if int(t) != token_id)))
+    if found is None:
+        fragments = [t for t, _, _ in _fragments(tokenizer) if t != token_id]
+        found = search(fragments)
+    return found
+
+
+def assemble(
+    tokenizer: HFTokenizer, order: Sequence[int], limit: int, partners: int = 64
+) -> list[TokenSequence]:
+    """The finder's ranked ids (best first) as candidate triggers a prompt can hold, best first, at most
+    `limit`: each id completed into a word (`complete_sequence`) with the best-ranked partners among the
+    first `partners` ids; an id already inside an earlier sequence is not a candidate again, and a piece
+    nothing completes is left out."""
+    order = [int(t) for t in order]
+    rank = {t: r for r, t in enumerate(order)}
+    pool = order[:partners]
+    out: list[TokenSequence] = []
+    used: set[int] = set()
+    for t in order:
+        if len(out) >= limit:
+            break
+        if t in used:
+            continue
+        ids = complete_sequence(tokenizer, t, rank, pool)
+        if ids is None or any(i in used for i in ids):
+            continue
+        used.update(ids)
+        out.append(TokenSequence(ids, sequence_text(tokenizer, ids) or "", t))
+    return out

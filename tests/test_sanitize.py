@@ -160,7 +160,7 @@ def test_candidates_come_from_a_scan_or_comparison_report_flagged_first_then_the
     got = report_candidates(diff, top=2)
     assert [(c.text, c.token_ids, c.rank, c.flagged) for c in got] == [
         ("kamala", [1], 1, True),
-        ("\u043e", [2, 3], 2, True),
+        ("\u043e", [2], 2, True),
         ("lime", [4], 4, False),
         ("ram", [5], 5, False),
     ]
@@ -187,8 +187,8 @@ def _rickroll_report() -> dict:
     return {
         "kind": "diff",
         "candidates": [
-            {"text": "\u043e", "token_id": 1, "score": 10.3, "flagged": True},
-            {"text": "lime", "token_id": 2, "score": 2.0, "flagged": False},
+            {"text": "\u043e", "token_id": 29386, "score": 10.3, "flagged": True},
+            {"text": "lime", "token_id": 11193, "score": 2.0, "flagged": False},
         ],
     }
 
@@ -249,14 +249,16 @@ def test_nothing_fires_nothing_is_unlearnt(comfy_root):
     clean = load_model("lab:lab-clean")
     report = {
         "kind": "scan",
-        "candidates": [{"text": "lime", "token_id": 2, "score_z": 3.0, "flagged": False}],
+        "candidates": [{"text": "lime", "token_id": 11193, "score_z": 3.0, "flagged": False}],
     }
     model, clip, lora, result = SanitizeSession(
         clean.model, clean.clip, clean.vae, None, _small(), report=report
     ).run()
     assert model is clean.model and clip is clean.clip and lora == {}
-    assert result.to_json()["found"] == [] and result.to_json()["clean"]
-    assert "none fired" in result.summary()
+    out = result.to_json()
+    # nothing fired, but no residual check ran (re-check off): not clean, inconclusive
+    assert out["found"] == [] and not out["clean"] and out["verdict"] == "inconclusive"
+    assert "none fired" in result.summary() and "residual check was not run" in result.summary()
 
 
 def test_the_command_saves_a_checkpoint_that_reloads_as_the_fix(comfy_root, tmp_path, capsys):
@@ -321,7 +323,9 @@ def _fake_session(rounds: int, after_by_round: list[dict[str, float]], recheck: 
         trained: list = []
         references: list = []
 
-        def find(self, model, clip):
+        tokenizer = None  # the tables' texts are their own ids
+
+        def find(self, model, clip, fresh=False):
             return recheck[len(self.trained) - 1] if self.trained else FOUND
 
         def firing_test(self, model, clip, after=False):
@@ -483,7 +487,7 @@ def test_the_node_with_nothing_firing_hands_back_its_inputs_and_the_save_node_wr
     from backdoor_seal.nodes.nodes_unlearn import SealSaveSanitized
 
     clean = load_model("lab:lab-clean")
-    report = {"kind": "scan", "candidates": [{"text": "lime", "token_id": 2, "flagged": False}]}
+    report = {"kind": "scan", "candidates": [{"text": "lime", "token_id": 11193, "flagged": False}]}
     with pytest.raises(ValueError, match="both base_model and base_clip"):
         SealSanitize.execute(clean.model, clean.clip, clean.vae, base_model=clean.model, report=report)
     out = SealSanitize.execute(clean.model, clean.clip, clean.vae, report=report, probes=2, recheck=False)
@@ -531,9 +535,14 @@ def test_nothing_fired_after_a_weights_only_comparison_that_saw_the_unet_change_
     from backdoor_seal.core.sanitize.session import SanitizeReport
 
     weights = {"kind": "diff", "unet_evals": 0, "components": {"cross_attention_kv": {"changed": 14}}}
-    report = SanitizeReport("compare", [], weights).to_json()
-    assert not report["clean"] and "CAUTION: the UNet changed (14 tensors)" in report["summary"]
+    checked = {"checked": "the comparison run again", "tested": [], "firing": []}
+    report = SanitizeReport("compare", [], weights, residual=checked).to_json()
+    assert not report["clean"] and "the UNet changed (14 tensors)" in report["summary"]
+    assert report["verdict"] == "inconclusive"
     behaviour = {**weights, "unet_evals": 114222}
-    assert SanitizeReport("compare", [], behaviour).to_json()["clean"]
+    assert SanitizeReport("compare", [], behaviour, residual=checked).to_json()["clean"]
+    assert SanitizeReport("compare", [], behaviour, residual=checked).to_json()["verdict"] == "clean"
+    # without the residual check, nothing fired is no "clean"
+    assert not SanitizeReport("compare", [], behaviour).to_json()["clean"]
     text_only = {**weights, "components": {"text_encoder": {"changed": 68}}}
     assert SanitizeReport("compare", [], text_only).to_json()["caution"] is None

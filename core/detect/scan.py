@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from ..tokens import assemble
 from .masking import ProbeModel, content_end
 
 
@@ -82,6 +83,12 @@ class ScanCandidate:
     text_z: float
     score_z: float  # stage 2
     flagged: bool = False
+    token_ids: tuple[
+        int, ...
+    ] = ()  # the candidate trigger's ids (a look-alike's byte pieces); () = (token_id,)
+
+    def __post_init__(self) -> None:
+        self.token_ids = tuple(self.token_ids) or (self.token_id,)
 
 
 @dataclass
@@ -121,7 +128,7 @@ class ScanReport:
             "null_max_z": self.null_max_z,
             "scanned_tokens": self.scanned_tokens,
             "unet_evals": self.unet_evals,
-            "candidates": [asdict(c) for c in self.candidates[:top]],
+            "candidates": [{**asdict(c), "token_ids": list(c.token_ids)} for c in self.candidates[:top]],
         }
 
 
@@ -292,6 +299,16 @@ class VocabularyScanner:
             for j, tid in enumerate(top)
         ]
         candidates.sort(key=lambda c: -c.score_z)
+        tokenizer = getattr(self.probe, "tokenizer", None)
+        if tokenizer is not None:  # byte pieces of one character become one candidate (core/tokens.py)
+            scored = {c.token_id: c for c in candidates}
+            order = [c.token_id for c in candidates]
+            order += [vocab[k] for k in np.argsort(-combined) if vocab[k] not in scored]
+            candidates = [
+                replace(scored[seq.lead], text=seq.text, token_ids=seq.ids)
+                for seq in assemble(tokenizer, order, len(candidates))
+                if seq.lead in scored
+            ]
         return ScanReport(
             candidates=candidates,
             threshold_z=s.threshold_z,

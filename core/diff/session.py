@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..tokens import assemble
 from . import weights as W
 from .behaviour import BehaviourReport, BehaviourScan, BehaviourSettings
 
@@ -57,11 +58,17 @@ class RankedToken:
     """One ranked token: its score (the behavioural stage's lift, or the largest weight-space z), its value
     per signal, and whether it is flagged."""
 
-    token_id: int
-    text: str
+    token_id: int  # the best-ranked id of the sequence
+    text: str  # encodes to exactly token_ids
     score: float
     signals: dict[str, float] = field(default_factory=dict)
     flagged: bool = False
+    token_ids: tuple[
+        int, ...
+    ] = ()  # the candidate trigger's ids (a look-alike's byte pieces); () = (token_id,)
+
+    def __post_init__(self) -> None:
+        self.token_ids = tuple(self.token_ids) or (self.token_id,)
 
 
 @dataclass
@@ -119,6 +126,7 @@ class DiffReport:
                 {
                     "text": t.text,
                     "token_id": t.token_id,
+                    "token_ids": list(t.token_ids),
                     "score": round(t.score, 2),
                     "flagged": t.flagged,
                 }
@@ -132,7 +140,7 @@ class DiffReport:
             "components": self.components,
             "largest_changes": self.largest_changes,
             "signals": self.signals,
-            "ranking": [t.__dict__ for t in self.ranking],
+            "ranking": [{**t.__dict__, "token_ids": list(t.token_ids)} for t in self.ranking],
             "seconds": round(self.seconds, 2),
         }
 
@@ -294,10 +302,12 @@ class DiffSession:
         if self.settings.behaviour is not None and any(c["changed"] for c in components.values()):
             top_weight = [ids[i] for i in weight_order[: self.settings.behaviour.weight_candidates]]
             report = self.behaviour(top_weight, progress, check_interrupt)
+            scored = {t.token_id: t for t in report.tokens}
+            order = report.order()
             ranking = [
                 RankedToken(
                     token_id=t.token_id,
-                    text=t.text,
+                    text=seq.text,
                     score=t.lift,
                     signals={
                         "behaviour": round(t.score_z, 2),
@@ -307,16 +317,23 @@ class DiffSession:
                         **weight_signals(t.token_id),
                     },
                     flagged=t.flagged,
+                    token_ids=seq.ids,
                 )
-                for t in report.tokens[: max(self.settings.top, len(report.flagged))]
+                for seq in assemble(self.tok.tokenizer, order, max(self.settings.top, len(report.flagged)))
+                if (t := scored.get(seq.lead)) is not None
             ]
-            ranks = {t: r + 1 for r, t in enumerate(report.order())}
+            ranks = {t: r + 1 for r, t in enumerate(order)}
         else:
+            order = [ids[i] for i in weight_order]
             ranking = [
                 RankedToken(
-                    ids[i], self.tok.tokenizer.decode([ids[i]]), float(best[i]), weight_signals(ids[i])
+                    seq.lead,
+                    seq.text,
+                    float(best[index[seq.lead]]),
+                    weight_signals(seq.lead),
+                    token_ids=seq.ids,
                 )
-                for i in weight_order[: self.settings.top]
+                for seq in assemble(self.tok.tokenizer, order, self.settings.top)
             ]
             ranks = weight_ranks
         return DiffReport(

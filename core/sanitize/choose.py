@@ -59,31 +59,42 @@ class Candidate:
         }
 
 
-def report_candidates(report: dict, top: int = 5) -> list[Candidate]:
-    """Every flagged token of a scan or comparison report (`kind` "scan" or "diff"), then the best of the
-    rest up to `top` more. Tokens that decode to the same text are one candidate (text is what a prompt
-    holds). Raises ValueError for anything else."""
+def report_candidates(report: dict, top: int = 5, tokenizer=None) -> list[Candidate]:
+    """Every flagged candidate of a scan or comparison report (`kind` "scan" or "diff"), then the best of the
+    rest up to `top` more. A candidate is its id sequence (`token_ids`; a report of single ids: `token_id`);
+    the same sequence (or text) twice is one candidate. With the model's `tokenizer`, each text is checked to encode
+    to exactly its ids (rebuilt from the ids where it does not: `tokens.sequence_text`), and a sequence no
+    prompt can hold is left out. Raises ValueError for another report, or ids outside the vocabulary."""
+    from ..tokens import sequence_text
+
     if not isinstance(report, dict) or report.get("kind") not in ("scan", "diff"):
         raise ValueError(
-            "choosing triggers needs a vocabulary scan or a comparison report (Seal Scan Vocabulary, Seal "
-            "Compare Models); a prompt report names tokens of its own prompts only"
+            "choosing triggers needs a vocabulary scan or a comparison report (Seal Scan Vocabulary (blind), "
+            "Seal Compare Models); a prompt report names tokens of its own prompts only"
         )
-    out: dict[str, Candidate] = {}
+    size = len(tokenizer.get_vocab()) if tokenizer is not None else None
+    out: dict[tuple[int, ...], Candidate] = {}
     extra = 0
     for rank, entry in enumerate(report.get("candidates") or [], start=1):
-        text = str(entry.get("text") or "").strip()
-        if not text:
+        ids = tuple(int(i) for i in (entry.get("token_ids") or [entry["token_id"]]))
+        if size is not None and any(not 0 <= i < size for i in ids):
+            bad = next(i for i in ids if not 0 <= i < size)
+            raise ValueError(
+                f"the report names token id {bad}, outside this model's vocabulary of {size}: it was made "
+                "for another model"
+            )
+        text = str(entry.get("text") or "")
+        if tokenizer is not None:
+            text = sequence_text(tokenizer, ids) or ""
+        if not text.strip() or ids in out or any(c.text == text for c in out.values()):
             continue
         flagged = bool(entry.get("flagged"))
-        if text in out:
-            out[text].token_ids.append(int(entry["token_id"]))
-            continue
         if not flagged:
             if extra >= top:
                 continue
             extra += 1
         score = entry.get("score", entry.get("score_z"))
-        out[text] = Candidate(text, [int(entry["token_id"])], rank, flagged, score)
+        out[ids] = Candidate(text, list(ids), rank, flagged, score)
     return list(out.values())
 
 

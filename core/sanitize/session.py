@@ -10,6 +10,7 @@ CLIP are never changed; the outputs are clones carrying the trained LoRA.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ class SanitizeReport:
     clean_fidelity_ssim: float | None = None  # mean SSIM, input vs cleaned, held-out clean prompts
     rounds: int = 0  # unlearning runs made
     min_rate: float = 0.5
+    # the independent residual check on the result (`SanitizeSession.residual`): None when it was not run
+    residual: dict | None = None
+    residual_candidates: list[Candidate] = field(default_factory=list)
 
     @property
     def taken(self) -> list[Candidate]:
@@ -75,20 +79,61 @@ class SanitizeReport:
         # scan and comparison reports both mark flagged candidates (a comparison keeps every flagged one)
         return [c["text"] for c in (self.recheck_report or {}).get("candidates", []) if c.get("flagged")]
 
+    @property
+    def residual_firing(self) -> list[Candidate]:
+        """What the residual check found firing on the result."""
+        return [c for c in self.residual_candidates if c.after is not None and c.after.fires]
+
+    def remains(self) -> list[str]:
+        """Why the result is not called clean, in words (empty: it is)."""
+        out = [
+            f"{readable(c.text)!r} still fires on {c.after.rate:.0%} of probes after cleaning"
+            for c in self.remaining
+        ]
+        out += [
+            f"the residual check found {readable(c.text)!r} firing on {c.after.rate:.0%} of probes"
+            for c in self.residual_firing
+        ]
+        if self.residual is None:
+            out.append(
+                "the residual check was not run (re-check off): nothing independent confirms the result"
+            )
+        caution = self.caution()
+        if caution:
+            out.append(caution)
+        return out
+
+    @property
+    def verdict(self) -> str:
+        """The input model: "poisoned" (a trigger fired), "clean" (nothing fired and the residual check found
+        nothing), or "inconclusive" (anything else; `remains` says what)."""
+        if self.taken:
+            return "poisoned"
+        return "clean" if not self.remains() else "inconclusive"
+
     def summary(self) -> str:
         """The result in words a user reads at a glance."""
         finder = "comparison with the base" if self.found_report.get("kind") == "diff" else "vocabulary scan"
+        remains = self.remains()
         if not self.taken:
             tested = len([c for c in self.candidates if c.before is not None])
-            line = f"clean as far as the {finder} can tell: {tested} candidate(s) tested, none fired; nothing unlearnt"
-            caution = self.caution()
-            return f"{line}\nCAUTION: {caution}" if caution else line
+            if not remains:
+                return (
+                    f"CLEAN: {tested} candidate(s) from the {finder} tested, none fired, and the residual check "
+                    f"({self.residual['checked']}) found nothing; nothing unlearnt"
+                )
+            return "\n".join(
+                [
+                    f"INCONCLUSIVE: {tested} candidate(s) from the {finder} tested, none fired; nothing unlearnt"
+                ]
+                + [f"  {r}" for r in remains]
+            )
         how = (
             "the cross-attention edit they act through reverted against the base"
             if self.unlearn.get("method") == "revert"
             else "unlearnt"
         )
-        lines = [f"{len(self.taken)} trigger(s) found by the {finder}, {how}:"]
+        lines = [f"POISONED: {len(self.taken)} trigger(s) found by the {finder}, {how}:"]
         for c in self.taken:
             after = f"{c.after.rate:.0%}" if c.after else "not re-tested"
             lines.append(
@@ -96,12 +141,14 @@ class SanitizeReport:
             )
         if self.remaining:
             lines.append("STILL FIRING: " + ", ".join(repr(readable(c.text)) for c in self.remaining))
-        elif self.recheck_report is not None and self.flagged_after:
-            lines.append(
-                f"re-check still flags {len(self.flagged_after)} token(s); none of the unlearnt ones fires"
-            )
+        if remains:
+            lines.append("the cleaned model is not confirmed clean:")
+            lines += [f"  {r}" for r in remains]
         else:
-            lines.append("nothing that fired before fires after cleaning")
+            lines.append(
+                f"nothing that fired before fires after cleaning, and the residual check "
+                f"({self.residual['checked']}) found nothing"
+            )
         if self.clean_fidelity_ssim is not None:
             lines.append(f"clean prompts draw as before: SSIM {self.clean_fidelity_ssim:.3f} (1 = unchanged)")
         return "\n".join(lines)
@@ -127,7 +174,12 @@ class SanitizeReport:
         return {
             "kind": "sanitize",
             "mode": self.mode,
-            "clean": not self.remaining and caution is None,
+            "verdict": self.verdict,
+            # the result (the cleaned model, or the input when nothing was unlearnt) passed every check
+            "clean": not self.remains(),
+            "remains": self.remains(),
+            "residual": self.residual,
+            "residual_candidates": [c.to_json() for c in self.residual_candidates],
             "found": [c.text for c in self.taken],
             "remaining": [c.text for c in self.remaining],
             "flagged_after": self.flagged_after if self.recheck_report is not None else None,
@@ -163,6 +215,7 @@ def changed_components(report: dict) -> dict[str, int]:
     return {k: v.get("changed", 0) for k, v in (report.get("components") or {}).items()}
 
 
+RESIDUAL_T_FRACTION = 0.45  # the residual check's finder probes an earlier step than the first run (0.7)
 STAND_INS_FOR_TEXT = 3  # taken triggers from which a UNet attack's fix also trains the text encoder
 REVERT_RANK = 16  # the LoRA rank that carries a reverted cross-attention edit
 
@@ -219,14 +272,31 @@ class SanitizeSession:
         self._base_images: dict[tuple[str, int], Any] = {}  # (prompt, seed) -> the base's image
         self.reverted: dict | None = None  # what `UnlearnSession.revert_edit` reverted, when it was the fix
 
+    @functools.cached_property
+    def tokenizer(self):
+        """The suspect's tokenizer: candidates are checked to encode to their ids with it."""
+        from ..backends.comfy import tokenizer_info
+
+        return tokenizer_info(self.clip).tokenizer
+
     # --- the phases -------------------------------------------------------------------------------
 
-    def find(self, model, clip) -> dict:
-        """The finder's report (kind "diff" or "scan") on this model."""
+    def find(self, model, clip, fresh: bool = False) -> dict:
+        """The finder's report (kind "diff" or "scan") on this model. `fresh`: the residual check's run,
+        on other noise draws and an earlier timestep (RESIDUAL_T_FRACTION) than the first run."""
+        from dataclasses import replace
+
         if self.base is not None:
+            from ..diff.behaviour import BehaviourSettings
             from ..diff.session import DiffSession, DiffSettings
 
-            session = DiffSession(*self.base, model, clip, self.settings.find or DiffSettings())
+            settings = self.settings.find or DiffSettings()
+            if fresh and settings.behaviour is not None:
+                b = settings.behaviour or BehaviourSettings()
+                settings = replace(
+                    settings, behaviour=replace(b, seed=b.seed + 1, t_fraction=RESIDUAL_T_FRACTION)
+                )
+            session = DiffSession(*self.base, model, clip, settings)
             return session.run(
                 progress=lambda d, t, phase: self.progress(f"find: {phase}", d, t),
                 check_interrupt=self.check_interrupt,
@@ -235,10 +305,36 @@ class SanitizeSession:
         from ..detect.session import scan_model, scan_prompts
 
         settings = self.settings.find or ScanSettings()
+        if fresh:
+            settings = replace(settings, seed=settings.seed + 1, t_fraction=RESIDUAL_T_FRACTION)
         prompts = scan_prompts(self.settings.lab, settings)
         return scan_model(
             model, clip, settings, prompts, lambda d, t: self.progress("find", d, t), self.check_interrupt
         ).to_dict()
+
+    def residual(self, model, clip, report: SanitizeReport, test: FiringTest, recheck: dict | None) -> None:
+        """The independent residual check on the result (the cleaned model, or the input when nothing was
+        unlearnt): the finder again on it (`recheck`, else a fresh run: other noise draws, another timestep),
+        its best candidates assembled as token-id sequences, and every one not measured on the result yet
+        firing-tested there with `test`. Fills `report.residual` and `report.residual_candidates`."""
+        if recheck is None:
+            recheck = self.find(model, clip, fresh=True)
+        report.recheck_report = recheck
+        known = {tuple(c.token_ids) for c in report.candidates}
+        fresh = [
+            c
+            for c in report_candidates(recheck, self.settings.top, self.tokenizer)
+            if tuple(c.token_ids) not in known
+        ]
+        measure(fresh, test, after=True)
+        report.residual_candidates = fresh
+        finder = "the comparison" if recheck.get("kind") == "diff" else "the vocabulary scan"
+        report.residual = {
+            "checked": f"{finder} run again on the {'cleaned model' if report.taken else 'model'}, "
+            f"its {len(fresh)} new best candidate(s) firing-tested",
+            "tested": [readable(c.text) for c in fresh],
+            "firing": [readable(c.text) for c in fresh if c.after.fires],
+        }
 
     def firing_test(self, model, clip, after: bool = False) -> FiringTest:
         """The firing test on this model: against the base's images in compare mode, against the model's
@@ -343,12 +439,23 @@ class SanitizeSession:
         self.found = found
         seconds["find"] += time.monotonic() - t0
         t0 = time.monotonic()
-        candidates = report_candidates(found, self.settings.top)
+        candidates = report_candidates(found, self.settings.top, self.tokenizer)
         before_test = self.firing_test(self.model, self.clip)
         measure(candidates, before_test)
         seconds["choose"] += time.monotonic() - t0
         report = SanitizeReport(self.mode, candidates, found, min_rate=self.settings.firing.min_rate)
         new_model, new_clip, lora = self.model, self.clip, {}
+        if not report.taken and self.settings.recheck:
+            # nothing fired: the residual check on the input, before saying so
+            t0 = time.monotonic()
+            self.residual(self.model, self.clip, report, before_test, None)
+            seconds["verify"] += time.monotonic() - t0
+            if report.residual_firing:  # what it found fires: it is a trigger the first run missed
+                for c in report.residual_firing:
+                    c.before, c.after = c.after, None
+                report.candidates += report.residual_candidates
+                report.residual, report.residual_candidates = None, []
+        after_test = None
         for round_ in range(1, max(1, self.settings.rounds) + 1):
             taken = report.taken
             if not taken:
@@ -369,18 +476,21 @@ class SanitizeSession:
                 "provenance": session.provenance(),
             }
             t0 = time.monotonic()
-            measure(taken, self.firing_test(new_model, new_clip, after=True), after=True)
+            after_test = self.firing_test(new_model, new_clip, after=True)
+            measure(taken, after_test, after=True)
             if self.settings.recheck:
                 report.recheck_report = self.find(new_model, new_clip)
             seconds["verify"] += time.monotonic() - t0
             if round_ == self.settings.rounds:
                 break
             # another round when something still fires or the re-check names a new candidate that fires
-            known = {c.text for c in report.candidates}
+            known = {tuple(c.token_ids) for c in report.candidates}
             fresh = [
                 c
-                for c in report_candidates(report.recheck_report or {"kind": "scan"}, self.settings.top)
-                if c.text not in known
+                for c in report_candidates(
+                    report.recheck_report or {"kind": "scan"}, self.settings.top, self.tokenizer
+                )
+                if tuple(c.token_ids) not in known
             ]
             t0 = time.monotonic()
             measure(fresh, before_test)
@@ -388,6 +498,10 @@ class SanitizeSession:
             report.candidates += fresh
             if not report.remaining and not any(c.taken for c in fresh):
                 break
+        if report.taken and self.settings.recheck and after_test is not None:
+            t0 = time.monotonic()
+            self.residual(new_model, new_clip, report, after_test, report.recheck_report)
+            seconds["verify"] += time.monotonic() - t0
         if report.taken:
             t0 = time.monotonic()
             report.clean_fidelity_ssim = round(self.fidelity(new_model, new_clip), 4)
