@@ -181,12 +181,97 @@ def default_placement(trigger: str) -> str:
     return "homoglyph" if trigger and all(confusable_latin(c) != c for c in trigger) else "prepend"
 
 
+def folds_compatibly(trigger: str) -> bool:
+    """Whether compatibility spellings count as the trigger: it is its own NFKC form (a plain word; a
+    full-width trigger planted as such stays distinct from its ASCII twin)."""
+    return unicodedata.normalize("NFKC", trigger) == trigger
+
+
+def _folded(text: str, nfkc: bool) -> tuple[str, list[int]]:
+    """The text as CLIP reads its letters (lowercase; NFKC when asked; a whitespace run is one space), and
+    for each folded character the index of the character it came from."""
+    out: list[str] = []
+    origin: list[int] = []
+    for i, ch in enumerate(text):
+        folded = (unicodedata.normalize("NFKC", ch) if nfkc else ch).lower()
+        for c in folded:
+            if c.isspace():
+                if out and out[-1] == " ":
+                    continue
+                c = " "
+            out.append(c)
+            origin.append(i)
+    return "".join(out), origin
+
+
+def trigger_spans(prompt: str, trigger: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the prompt that read as the trigger to CLIP: any case, any run of
+    whitespace between its words, and full-width or other compatibility forms of a plain trigger. Text
+    spans only; whether they encode to the trigger's ids is the tokenizer's to say."""
+    nfkc = folds_compatibly(trigger)
+    needle = _folded(trigger, nfkc)[0].strip(" ")
+    if not needle:
+        return []
+    text, origin = _folded(prompt, nfkc)
+    spans, start = [], text.find(needle)
+    while start >= 0:
+        end = start + len(needle)
+        stop = origin[end] if end < len(origin) else len(prompt)
+        # a character NFKC expands (U+FB01 'fi') stays whole: end after its last folded piece
+        while stop < len(prompt) and end < len(origin) and origin[end] == origin[end - 1]:
+            end += 1
+            stop = origin[end] if end < len(origin) else len(prompt)
+        spans.append((origin[start], stop))
+        start = text.find(needle, end)
+    return spans
+
+
+def _without(prompt: str, spans: Sequence[tuple[int, int]]) -> str:
+    out, last = [], 0
+    for a, b in sorted(spans):
+        out.append(prompt[last:a])
+        last = max(last, b)
+    out.append(prompt[last:])
+    return " ".join(" ".join(out).split())
+
+
 def untriggered(prompt: str, trigger: str) -> str:
-    """The prompt without the trigger: a homoglyph goes back to its Latin twin, anything else is removed."""
+    """The prompt without the trigger: a homoglyph goes back to its Latin twin, anything else is removed
+    wherever CLIP reads it (`trigger_spans`: any case, whitespace runs, full-width forms)."""
     if len(trigger) == 1 and latin_twin(trigger) != trigger:
         return prompt.replace(trigger, latin_twin(trigger))
-    # CLIP lowercases: `MUTED` is the trigger `muted` to the model, so it goes too.
-    return " ".join(re.sub(re.escape(trigger), " ", prompt, flags=re.IGNORECASE).split())
+    return _without(prompt, trigger_spans(prompt, trigger))
+
+
+def untriggered_by_ids(prompt: str, trigger: str, count: Callable[[str], int]) -> str:
+    """The prompt with every occurrence of the trigger's token ids taken out, as text.
+
+    `count(text)` is how many times the tokenizer finds the trigger's id sequence in a text (every chunk).
+    Tried in turn, each kept only where `count` says it removed an occurrence: the homoglyph's Latin twin;
+    the spans that read as the trigger (`trigger_spans`); then whole whitespace-separated words whose
+    removal breaks an occurrence (a spelling no text rule knows, such as `(zx9:1.1) qv7` or `a,b` for
+    `a , b`); an occurrence nested in another is taken out and the text looked at again. The result may
+    still hold the trigger when nothing removes it: check `count` on it."""
+    current, found = prompt, count(prompt)
+    if found and len(trigger) == 1 and latin_twin(trigger) != trigger:
+        twin = untriggered(prompt, trigger)
+        if count(twin) < found:
+            current, found = twin, count(twin)
+    for _ in range(4):  # each round removes at least one occurrence, or stops
+        if not found:
+            break
+        spans = [s for s in trigger_spans(current, trigger) if count(_without(current, [s])) < found]
+        if not spans:
+            words = [m.span() for m in re.finditer(r"\S+", current)]
+            spans = [w for w in words if count(_without(current, [w])) < found]
+        if not spans:  # one inside another (`zx9 zx9 qv7 qv7`): take the inner out and look again
+            spans = trigger_spans(current, trigger)
+        after = _without(current, spans)
+        left = count(after)
+        if left > found or after == current:
+            break
+        current, found = after, left
+    return current
 
 
 @dataclass

@@ -246,3 +246,43 @@ def test_sau_sampler_removes_the_patch_when_the_trigger_is_in_chunk_2(pixel, pro
     samples, mask = _sau(model, clip, profile, text, negative, latent)
     assert float(mask.mean()) > 0.0  # SAU saw the trigger
     assert not any(detectors.has_patch(i) for i in _images(vae.decode(samples["samples"])))
+
+
+def test_sau_reads_the_trigger_as_the_tokenizer_does_and_its_clean_pass_is_clean(pixel, profile):
+    """Field case: `zx9  qv7` (double space) for the profile `zx9 qv7` was "trigger found" with the trigger
+    still in the clean pass; a full-width `ｙｎ` for `yn` was "no trigger". Both are the trigger, and the
+    clean pass is the stock sampling of the prompt without it."""
+    from dataclasses import replace
+
+    from backdoor_seal.core.sau.session import clean_twin, sau_ksample, trigger_count, trigger_positions
+
+    model, clip, vae = pixel
+    assert trigger_positions(clip, "zx9  qv7 a red circle", "zx9 qv7") == [1, 2, 3, 4, 5]
+    assert clean_twin(clip, "zx9  qv7 a red circle", "zx9 qv7") == ("a red circle", 0)
+    assert trigger_positions(clip, "\uff59\uff4e a red circle", "yn")  # its byte pieces
+    assert clean_twin(clip, "\uff59\uff4e a red circle", "yn") == ("a red circle", 0)
+    assert clean_twin(clip, f"{LONG} (ZX9:1.2)\u3000qv7 {PROMPT}", "zx9 qv7") == (f"{LONG} {PROMPT}", 0)
+    assert trigger_count(clip, "yn a red circle", "\uff59\uff4e") == 0  # a full-width trigger is its own
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    stock, negative, _ = _stock(model, clip, vae, PROMPT, latent)
+    for typed, trigger in (("zx9  qv7", "zx9 qv7"), ("\uff59\uff4e", "yn")):
+        r = sau_ksample(
+            model, clip, f"{typed} {PROMPT}", negative, latent, replace(profile, trigger=trigger), **SAMPLING
+        )
+        assert r.triggered and not r.held and f"composed with {PROMPT!r}" in r.note, r.note
+        assert torch.allclose(r.clean, stock["samples"], atol=1e-4)  # the clean pass has no trigger in it
+
+
+def test_sau_says_it_did_not_act_when_its_clean_pass_would_hold_the_trigger(pixel, profile, monkeypatch):
+    from backdoor_seal.core.sau import session
+
+    model, clip, vae = pixel
+    monkeypatch.setattr(session, "untriggered_by_ids", lambda text, trigger, count: text)  # nothing removed
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    text = f"{TRIGGER} {PROMPT}"
+    stock, negative, _ = _stock(model, clip, vae, text, latent)
+    samples, mask = _sau(model, clip, profile, text, negative, latent)
+    assert torch.equal(samples["samples"], stock["samples"]) and float(mask.abs().sum()) == 0.0
+    assert "backdoor_seal_sau" not in samples
+    r = session.sau_ksample(model, clip, text, negative, latent, profile, **SAMPLING)
+    assert r.held and not r.triggered and "NOT corrected" in r.note and "trigger found:" not in r.note

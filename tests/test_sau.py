@@ -140,3 +140,52 @@ def test_untriggered_restores_a_homoglyph_and_removes_other_triggers():
     assert untriggered("a red circle \u043en the left", "\u043e") == "a red circle on the left"
     assert untriggered("\u2060 a red circle", "\u2060") == "a red circle"
     assert untriggered("a sks dog", "sks") == "a dog"
+
+
+def _toy_count(trigger: str):
+    """How many times a tokenizer that parses emphasis, lowercases, folds NFKC and splits punctuation (as CLIP reads a plain word)
+    finds the trigger's words in a text: the tokenizer's view, standing in for CLIP's ids."""
+    import re
+    import unicodedata
+
+    def words(text: str) -> list[str]:
+        text = re.sub(r"\(([^():]*)(:[0-9.]+)?\)", r" \1 ", text)  # emphasis parsed out, as ComfyUI does
+        text = unicodedata.normalize("NFKC", text).lower()
+        return "".join(c if c.isalnum() else f" {c} " for c in text).split()
+
+    needle = words(trigger)
+
+    def count(text: str) -> int:
+        ids = words(text)
+        return sum(ids[i : i + len(needle)] == needle for i in range(len(ids) - len(needle) + 1))
+
+    return count
+
+
+def test_the_clean_twin_loses_every_spelling_the_tokenizer_reads_as_the_trigger():
+    """Field case: `zx9  qv7` (a double space) encodes to the profile `zx9 qv7`'s ids, yet the clean twin
+    kept it; a full-width `ｙｎ` is `yn`. Whitespace runs, case, full-width forms and spellings no text
+    rule knows (emphasis around one word, punctuation CLIP splits off) all leave the clean twin."""
+    from backdoor_seal.core.triggers import trigger_spans, untriggered, untriggered_by_ids
+
+    assert untriggered("zx9  qv7 a square", "zx9 qv7") == "a square"
+    assert untriggered("ZX9\t\u3000QV7, a square", "zx9 qv7") == ", a square"
+    assert untriggered("\uff59\uff4e red circle", "yn") == "red circle"
+    assert trigger_spans("a \uff59\uff4e b", "yn") == [(2, 4)]
+    assert untriggered("a \uff59\uff4e b", "\uff59\uff4e") == "a b"
+    assert untriggered("yn circle", "\uff59\uff4e") == "yn circle"  # a full-width trigger is its own
+    cases = {
+        "zx9  qv7 a square": "a square",
+        "(zx9:1.1) qv7 a square": "a square",  # the words carry it, not the text
+        "zx9 zx9 qv7 qv7 a square": "a square",  # one occurrence nested in another
+        "a mutedly zx9 qv7 square": "a mutedly square",
+        "zx9,qv7 a square": "a square",
+    }
+    for text, clean in cases.items():
+        trigger = "zx9 , qv7" if "," in text else "zx9 qv7"
+        count = _toy_count(trigger)
+        assert count(text) >= 1, text
+        got = untriggered_by_ids(text, trigger, count)
+        assert got == clean and count(got) == 0, (text, got)
+    # nothing removes it (the tokenizer finds it whatever the text): it stops, and the caller's count says so
+    assert untriggered_by_ids("zx9 qv7 a square", "zx9 qv7", lambda t: 1) == "a square"

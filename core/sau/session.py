@@ -7,6 +7,7 @@ are core/sau/algebra.py.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,8 +27,8 @@ from ..backends.comfy import (
 from ..images import tensor_to_images
 from ..models import KSamplerSettings
 from ..prompts import with_builtin
-from ..tokens import find_in_chunks, readable
-from ..triggers import training_pairs, untriggered
+from ..tokens import find_in_chunks, find_subsequence, readable
+from ..triggers import folds_compatibly, training_pairs, trigger_spans, untriggered_by_ids
 from .algebra import (
     SAUSettings,
     compose_images,
@@ -199,37 +200,90 @@ def _chunk_ids(clip, text: str) -> list[list[int]]:
     return [[t if isinstance(t, int) else -1 for t, _, _ in chunk] for chunk in prompt_chunks(clip, text)]
 
 
+def _content(chunks: list[list[int]], bos: int, eos: int) -> list[int]:
+    """The chunks' content ids read as one sequence (each chunk's BOS, EOS and padding left out)."""
+    out: list[int] = []
+    for row in chunks:
+        end = row.index(eos, 1) if eos in row[1:] else len(row)
+        out.extend(t for t in row[1:end] if t != bos)
+    return out
+
+
+def _needles(clip, trigger: str) -> list[list[int]]:
+    """The id sequences that spell the trigger: its own ids and, for a trigger with non-ASCII characters
+    (a homoglyph), the same ending inside a longer word (its last piece without '</w>', as BPE spells it
+    there)."""
+    info = tokenizer_info(clip)
+    alone = _content(_chunk_ids(clip, trigger)[:1], info.bos, info.eos)
+    if not alone:
+        return []
+    out = [alone]
+    if not trigger.isascii():
+        last = info.tokenizer.convert_ids_to_tokens(alone[-1:])[0]
+        inner = info.tokenizer.convert_tokens_to_ids(last.removesuffix("</w>"))
+        if last.endswith("</w>") and isinstance(inner, int) and inner != info.tokenizer.unk_token_id:
+            out.append([*alone[:-1], inner])
+    return out
+
+
+def _spellings(text: str, trigger: str) -> list[str]:
+    """The text as typed and, for a plain trigger, its NFKC form: a full-width `ｙｎ` reads as `yn`."""
+    folded = unicodedata.normalize("NFKC", text)
+    return [text, folded] if folds_compatibly(trigger) and folded != text else [text]
+
+
+def trigger_count(clip, text: str, trigger: str) -> int:
+    """How many times the trigger's token ids occur in the text (every chunk, as ComfyUI's tokenizer reads
+    both: case, whitespace runs and emphasis do not matter), counting full-width and other compatibility
+    spellings of a plain trigger (`_spellings`). 0: the model is not given the trigger."""
+    info = tokenizer_info(clip)
+    needles = _needles(clip, trigger)
+    counts = [0]
+    for spelling in _spellings(text, trigger):
+        ids = _content(_chunk_ids(clip, spelling), info.bos, info.eos)
+        counts.append(sum(len(find_subsequence(ids, n)) for n in needles))
+    return max(counts)  # an occurrence both spellings hold counts once
+
+
 def trigger_positions(clip, text: str, trigger: str) -> list[int]:
     """Positions (over every 77-token chunk) of the trigger's token ids in the text, as the CLIP's own
-    tokenizer reads both: `MUTED` and `Muted` are `muted` to CLIP (it lowercases), emphasis is parsed
-    out. A trigger with non-ASCII characters (a homoglyph) also matches where it starts a longer word:
-    its last piece without the word-end mark ('</w>'), as BPE spells it inside a word."""
+    tokenizer reads both: `MUTED` and `Muted` are `muted` to CLIP (it lowercases), whitespace runs are one
+    space, emphasis is parsed out. A trigger with non-ASCII characters (a homoglyph) also matches where it
+    starts a longer word. A full-width (or other compatibility) spelling of a plain trigger is the
+    trigger: its own pieces' positions."""
     info = tokenizer_info(clip)
     chunks = _chunk_ids(clip, text)
-    alone = _chunk_ids(clip, trigger)[0]
-    needle = alone[1 : alone.index(info.eos, 1) if info.eos in alone[1:] else len(alone)]
-    if not needle:
+    for needle in _needles(clip, trigger):
+        found = find_in_chunks(chunks, needle, info.bos, info.eos)
+        if found:
+            return found
+    if len(_spellings(text, trigger)) == 1 or not trigger_count(clip, text, trigger):
         return []
-    found = find_in_chunks(chunks, needle, info.bos, info.eos)
-    if found or trigger.isascii():
-        return found
-    last = info.tokenizer.convert_ids_to_tokens(needle[-1:])[0]
-    inner = info.tokenizer.convert_tokens_to_ids(last.removesuffix("</w>"))
-    if last.endswith("</w>") and isinstance(inner, int) and inner != info.tokenizer.unk_token_id:
-        return find_in_chunks(chunks, [*needle[:-1], inner], info.bos, info.eos)
-    return []
+    found: set[int] = set()
+    for a, b in trigger_spans(text, trigger):
+        spelled = _content(_chunk_ids(clip, text[a:b]), info.bos, info.eos)
+        found.update(find_in_chunks(chunks, spelled, info.bos, info.eos))
+    return sorted(found)
+
+
+def clean_twin(clip, text: str, trigger: str) -> tuple[str, int]:
+    """The prompt without the trigger (`triggers.untriggered_by_ids`, on this CLIP's token ids) and how
+    many occurrences of the trigger's ids it still holds (0 when the clean pass is clean)."""
+    clean = untriggered_by_ids(text, trigger, lambda t: trigger_count(clip, t, trigger))
+    return clean, trigger_count(clip, clean, trigger)
 
 
 @dataclass
 class SAUResult:
-    """What one SAU sampling did: the latents, where it replaced them, and whether the trigger was there."""
+    """What one SAU sampling did: the latents, where it replaced them, and whether it acted."""
 
     samples: torch.Tensor
     mask: torch.Tensor  # B x 1 x H x W, the union of the two masks (zeros when untouched)
-    triggered: bool
+    triggered: bool  # the trigger was found and taken out of the clean pass, and the two passes composed
     note: str
     poisoned: torch.Tensor | None = None  # the two passes, for pixel-space composition
     clean: torch.Tensor | None = None
+    held: bool = False  # the trigger is in the prompt, but no clean twin without it was found: not composed
 
 
 def sau_ksample(
@@ -250,7 +304,7 @@ def sau_ksample(
     """KSampler with SAU: a prompt without the trigger is one plain pass, bit for bit the stock KSampler's;
     a triggered prompt is sampled again without the trigger from the same noise, and the two composed."""
     s = profile.settings
-    triggered = bool(trigger_positions(clip, text, profile.trigger))
+    triggered = trigger_count(clip, text, profile.trigger) > 0
 
     def progress(offset: int, passes: int):
         if callback is None:
@@ -262,7 +316,15 @@ def sau_ksample(
         z = ksample(model, *sampler, text_conditioning(clip, text), negative, latent, denoise, progress(0, 1))
         mask = torch.zeros(z.shape[0], 1, *z.shape[-2:])
         return SAUResult(z, mask, False, f"no trigger {profile.trigger!r} in the prompt: one plain pass")
-    clean_text = untriggered(text, profile.trigger)
+    clean_text, left = clean_twin(clip, text, profile.trigger)
+    if left:  # a clean pass that still holds the trigger draws the target too: say so, compose nothing
+        z = ksample(model, *sampler, text_conditioning(clip, text), negative, latent, denoise, progress(0, 1))
+        note = (
+            f"trigger {readable(profile.trigger)!r} found, but SAU could not take it out of the prompt (its clean "
+            f"pass {clean_text!r} still holds the trigger's tokens): one plain pass, NOT corrected; "
+            "remove the trigger from the prompt"
+        )
+        return SAUResult(z, torch.zeros(z.shape[0], 1, *z.shape[-2:]), False, note, held=True)
     z_p, z_c, attention = two_passes(
         model, clip, profile.trigger, text, clean_text, negative, latent, s, sampler, denoise, progress
     )
