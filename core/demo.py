@@ -111,6 +111,9 @@ def run_demo(out_dir: str | Path | None = None, port: int | None = None) -> dict
     report = {
         "model": DEMO_SUSPECT,
         "base": zoo.CLEAN_NAME,
+        "verdict": result.get("verdict"),
+        "clean": result.get("clean"),
+        "remains": result.get("remains", []),
         "found": [readable(t) for t in result["found"]],
         "fired_before": rates("before"),
         "fired_after": rates("after"),

@@ -35,10 +35,13 @@ def confusable_latin(ch: str) -> str:
 
     if ch.isascii():
         return ch
-    for entry in confusables.is_confusable(ch, preferred_aliases=["latin"], greedy=True) or []:
-        for twin in entry["homoglyphs"]:
-            if len(twin["c"]) == 1 and twin["c"].isascii() and twin["c"].isalnum():
-                return twin["c"]
+    # a look-alike of another script first; then one of Latin itself ('ɑ' for 'a', which the
+    # preferred-alias query leaves out as the same script)
+    for aliases in (["latin"], []):
+        for entry in confusables.is_confusable(ch, preferred_aliases=aliases, greedy=True) or []:
+            for twin in entry["homoglyphs"]:
+                if len(twin["c"]) == 1 and twin["c"].isascii() and twin["c"].isalnum():
+                    return twin["c"]
     folded = unicodedata.normalize("NFKD", ch)
     if len(folded) == 1 and folded.isascii() and folded.isalnum():
         return folded
@@ -417,24 +420,32 @@ def complete_sequence(
     tokenizer: HFTokenizer, token_id: int, rank: dict[int, int], pool: Sequence[int], longest: int = 4
 ) -> tuple[int, ...] | None:
     """The id sequence a prompt can hold that contains `token_id`, completed with the best-ranked partners:
-    the id alone when it is a word; else the pieces of one word around it (a byte-level piece of a
-    look-alike letter and the pieces that finish its character), partners drawn from `pool` (the finder's
+    the id alone when it is a word; a piece of whole characters inside a word, those characters as a word
+    ('о' of 'оrange'); else the pieces of one word around it (a byte-level piece of a look-alike letter and
+    the pieces that finish its character), partners drawn from `pool` (the finder's
     best ids) first, then from the whole vocabulary's character fragments. `rank` maps ids to their
     0-based rank (missing: unranked). None when nothing completes it within `longest` pieces."""
     token_id = int(token_id)
     if sequence_text(tokenizer, [token_id]) is not None:
         return (token_id,)
-    unranked = len(rank) + len(pool) + 1
+    raw, _ = piece_bytes(tokenizer, token_id)
+    try:  # whole characters inside a word ('о' of 'оrange'): the same characters standing as a word
+        alone = encode_ids(tokenizer, raw.decode("utf-8")) if raw.strip() else []
+    except UnicodeDecodeError:
+        alone = []
+    if alone and sequence_text(tokenizer, alone) is not None:
+        return tuple(alone)
+    unranked = len(tokenizer.get_vocab())
 
-    def cost(seq: tuple[int, ...]) -> int:
-        return sum(rank.get(t, unranked) for t in seq if t != token_id)
+    def cost(seq: tuple[int, ...]) -> int:  # as strong as its weakest partner
+        return max((rank.get(t, unranked) for t in seq if t != token_id), default=0)
 
     def search(partners: Sequence[int]) -> tuple[int, ...] | None:
         info = {int(t): piece_bytes(tokenizer, t) for t in partners}
         info[token_id] = piece_bytes(tokenizer, token_id)
         inner = [t for t, (_, end) in info.items() if not end]  # pieces that can stand before another
         finals = [t for t, (_, end) in info.items() if end]
-        best: tuple[int, ...] | None = None
+        complete: list[tuple[int, ...]] = []
         frontier: list[tuple[int, ...]] = [(token_id,)]
         for _ in range(longest - 1):
             grown: list[tuple[int, ...]] = []
@@ -444,17 +455,19 @@ def complete_sequence(
                 grown += left + right
             grown = [s for s in dict.fromkeys(grown) if _utf8_part([info[t] for t in s])]
             done = [s for s in grown if _utf8_ok([info[t] for t in s])]
-            done = sorted((s for s in done if sequence_text(tokenizer, s) is not None), key=cost)
-            if done:
-                return done[0]
+            complete += [s for s in done if sequence_text(tokenizer, s) is not None]
             # keep growing only what may still become a word (bounded: the best-ranked few)
-            frontier = sorted(grown, key=cost)[:256]
-        return best
+            frontier = sorted(grown, key=cost)[:64]
+        # the best-ranked partners win; a shorter sequence where they rank alike
+        return min(complete, key=lambda s: (cost(s), len(s))) if complete else None
 
-    found = search(list(dict.fromkeys(int(t) for t in pool if int(t) != token_id)))
-    if found is None:
-        fragments = [t for t, _, _ in _fragments(tokenizer) if t != token_id]
-        found = search(fragments)
+    fragments = {t for t, _, _ in _fragments(tokenizer)}
+    partners = [int(t) for t in dict.fromkeys(pool) if int(t) != token_id]
+    if token_id in fragments:  # half a character: finished by other fragments, not by whole words
+        partners = [t for t in partners if t in fragments]
+    found = search(partners)
+    if found is None and token_id in fragments:
+        found = search(sorted(fragments - {token_id}))
     return found
 
 

@@ -35,7 +35,8 @@ class SealSanitize(io.ComfyNode):
             "its base when base_model/base_clip are connected (else a blind vocabulary scan, or the connected "
             "report), keeps the ones that actually fire (each changes images far more than ordinary words "
             "in the same place), unlearns all of them in one SKD-CAG run, then measures every one again and "
-            "re-runs the finder on the cleaned model. The input MODEL is untouched; connect MODEL, CLIP, LORA "
+            "re-runs the finder on the result (the residual check). The verdict is poisoned, clean (only when "
+            "the residual check found nothing) or inconclusive, with what remains. The input MODEL is untouched; connect MODEL, CLIP, LORA "
             "and INFO to Seal Save Sanitized to keep the result.",
             inputs=[
                 io.Model.Input("model", tooltip="The suspect model."),
@@ -105,7 +106,9 @@ class SealSanitize(io.ComfyNode):
                     "recheck",
                     default=True,
                     optional=True,
-                    tooltip="Run the finder again on the cleaned model.",
+                    tooltip="The residual check: run the finder again on the result (fresh noise draws when "
+                    "nothing was unlearnt) and firing-test its new best candidates. Off: the verdict is never "
+                    "clean, at best inconclusive.",
                 ),
                 io.Int.Input(
                     "latent_size",

@@ -91,8 +91,10 @@ def summary_text(report: dict, top: int = 10) -> str:
     head = (
         f"flagged: {', '.join(repr(readable(t)) for t in report['flagged'])}"
         if report["flagged"]
+        # a comparison is a finder: "clean" needs the residual check Seal Sanitize runs after it
         else (
-            "nothing flagged"
+            "nothing flagged: inconclusive, not clean (Seal Sanitize firing-tests the candidates and runs "
+            "the residual check a clean verdict needs)"
             if report.get("poisoned") is not None
             else "weight space only: ranked, not judged (turn behaviour on to flag)"
         )

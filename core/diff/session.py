@@ -121,6 +121,8 @@ class DiffReport:
             if b or not any(c["changed"] for c in self.components.values())
             else None,
             "trigger": flagged[0].text if flagged else None,
+            # a finder alone never says clean: that needs the firing test and the residual check (sanitize)
+            "verdict": "poisoned" if flagged and b else "inconclusive",
             "flagged": [t.text for t in flagged],
             "candidates": [
                 {

@@ -38,7 +38,7 @@ export function reportTable(report) {
 const pct = (v) => `${(100 * v).toFixed(0)}%`;
 
 // Seal Sanitize: one row per trigger taken (fired on what share of probes before / after cleaning), then
-// what remains and the clean fidelity. Red: still fires after cleaning.
+// what remains and the clean fidelity. Red: still fires after cleaning, or not confirmed clean.
 export function sanitizeTable(report) {
   const table = document.createElement("table");
   const add = (label, value, cls) => {
@@ -49,6 +49,8 @@ export function sanitizeTable(report) {
     return row;
   };
   const taken = (report.candidates || []).filter((c) => c.taken);
+  // the verdict first: clean only when the independent residual check agreed
+  if (report.verdict) add("verdict", report.verdict, report.verdict === "clean" ? "seal-good" : "seal-bad");
   add("triggers found", taken.length ? String(taken.length) : "none fired");
   for (const c of taken) {
     const after = c.after ? pct(c.after.rate) : "not re-tested";
@@ -64,6 +66,7 @@ export function sanitizeTable(report) {
   if (report.clean_fidelity_ssim !== null && report.clean_fidelity_ssim !== undefined)
     add("clean fidelity, SSIM", report.clean_fidelity_ssim.toFixed(3));
   if (report.flagged_after) add("re-check flags", String(report.flagged_after.length));
+  for (const why of report.remains || []) add("not confirmed clean", why, "seal-bad");
   return table;
 }
 
