@@ -459,3 +459,34 @@ def test_bench_unlearn_runs_matching_in_the_text_scope_beside_a_unet_recipe(comf
     assert records["match"]["steps"] == 2 and records["skd-cag"]["steps"] == 2
     # matching alone, asked for in a UNet scope: nothing to train, no record
     assert list(run(build_parser().parse_args([*argv, "--methods", "match", "--scope", "attn2-kv"]))) == []
+
+
+def test_the_reference_teacher_copies_a_model_whose_config_answers_none_for_anything(comfy_root):
+    """ComfyUI 0.8.0's model config answers None (with a warning) for any attribute it lacks, which broke
+    copy.deepcopy of the model and so `bench unlearn`'s reference teacher. The copy shares the config and
+    holds its own weights; the input MODEL is untouched."""
+    import copy
+
+    import torch
+
+    from backdoor_seal.core.backends import comfy_lab
+    from backdoor_seal.core.backends.comfy_train import ComfyDistillation, frozen_model_copy
+    from backdoor_seal.core.lab.models import lab_config
+
+    model, clip, _ = comfy_lab.new_lab_models(lab_config())
+    config = model.model.model_config
+
+    class AnswersNone(type(config)):  # as comfy/supported_models_base.py BASE does in 0.8.0
+        def __getattr__(self, name):
+            return None
+
+    config.__class__ = AnswersNone
+    with pytest.raises(TypeError, match="NoneType"):
+        copy.deepcopy(model.model)  # what the teacher did before
+    teacher = frozen_model_copy(model.model)
+    assert teacher.model_config is config and teacher is not model.model
+    first = next(model.model.diffusion_model.parameters())
+    copied = next(teacher.diffusion_model.parameters())
+    assert copied.data_ptr() != first.data_ptr() and torch.equal(copied, first)
+    d = ComfyDistillation(model, clip, teacher="copy")
+    assert d._teacher.model is not model.model

@@ -99,6 +99,17 @@ class FreshCopy:
         return self
 
 
+def frozen_model_copy(base_model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a ComfyUI BaseModel (the reference's frozen teacher) that shares its model config
+    rather than copying it: ComfyUI 0.8.0's config class answers None for any attribute it lacks
+    (comfy/supported_models_base.py, BASE.__getattr__), so copy.deepcopy finds a None `__deepcopy__`
+    and fails ("'NoneType' object is not callable"). The config is read, never trained."""
+    import copy
+
+    config = getattr(base_model, "model_config", None)
+    return copy.deepcopy(base_model, {id(config): config} if config is not None else {})
+
+
 def scope_selects(scope: str, name: str) -> bool:
     """Whether a UNet module (name relative to the UNet) is trained in this scope."""
     if scope == "attn2-kv":
@@ -216,12 +227,12 @@ class ComfyDistillation:
         # The reference keeps a deep-copied frozen teacher UNet; "switch" needs none (benchmarks compare).
         self._teacher = None
         if teacher == "copy":
-            import copy
-
             import comfy.model_patcher
 
             self._teacher = comfy.model_patcher.ModelPatcher(
-                copy.deepcopy(model.model), load_device=model.load_device, offload_device=model.offload_device
+                frozen_model_copy(model.model),
+                load_device=model.load_device,
+                offload_device=model.offload_device,
             )
         ms = self.model.model.model_sampling
         self.num_timesteps = len(ms.sigmas)

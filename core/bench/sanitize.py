@@ -134,14 +134,27 @@ def bench_model(name: str, mode: str, args: argparse.Namespace) -> dict[str, Any
     clean_scenes, clean_prompts, clean_seeds = _clean_set(args.n)
     clean_before = _images(model, clip, vae, clean_prompts, clean_seeds)
     clean_after = _images(new_model, new_clip, vae, clean_prompts, clean_seeds)
+    from ..backends.comfy import tokenizer_info
+    from ..tokens import encode_ids
+
+    planted_ids = encode_ids(tokenizer_info(clip).tokenizer, spec.trigger)
+    clean = not result.remains()
+    max_after = max(after.values())
     return {
         "model": name,
         "mode": mode,
         "finder": _finder(mode, args),
         "attack": spec.kind,
+        "verdict": result.verdict,
+        "clean": clean,
+        # the worst this pack can print: "clean" while the planted trigger fires above the floor
+        "wrong_clean": clean and max_after > max(0.02, floor),
+        "remains": result.remains(),
+        "planted_ids": planted_ids,
+        "planted_taken": any(c.token_ids == planted_ids for c in result.taken),
         "found": [readable(c.text) for c in result.taken],
         "fired_before": [{"token": readable(t), "asr": round(before[t], 3)} for t in fired],
-        "max_asr_after": round(max(after.values()), 3),
+        "max_asr_after": round(max_after, 3),
         "planted_asr_after": round(after[spec.trigger], 3),
         "planted_asr_before": round(asr(model, clip, spec.trigger), 3),
         "planted_tested": spec.trigger in before,
