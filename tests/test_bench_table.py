@@ -269,8 +269,8 @@ def test_a_saved_comparison_record_becomes_a_report_the_sanitize_job_reads():
     from backdoor_seal.core.sanitize.choose import report_candidates
     from backdoor_seal.core.sanitize.session import scope_for
 
-    def tokenizer(text):
-        return {"input_ids": [0, 100 + len(text), 1]}
+    def tokenizer(text):  # one id per character, distinct per text
+        return {"input_ids": [0, *(100 + ord(c) for c in text), 1]}
 
     record = {"flagged": ["kamala", "dealership"], "top5": ["kamala", "dealership", "cham", "alec", "lashes"]}
     record["changed"] = {"text_encoder": 0, "cross_attention_kv": 14}

@@ -107,6 +107,10 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
 
     add_sanitize_bench(bench_sub)
 
+    from .heldout import add_heldout_bench
+
+    add_heldout_bench(bench_sub)
+
     from .gpu import add_gpu_bench
 
     add_gpu_bench(bench_sub)

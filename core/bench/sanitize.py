@@ -63,14 +63,16 @@ def _settings(args: argparse.Namespace, mode: str, model):
 
 def report_from_diff_record(record: dict, tokenizer) -> dict:
     """A comparison report rebuilt from a saved `bench diff` record (docs/results/diff.jsonl): its flagged
-    tokens, then its top five, and what changed per component. The record keeps texts; a token id is the
-    text's first id (it only tells candidates apart)."""
+    tokens, then its top five, and what changed per component. The record keeps texts; each is carried as
+    the ids the tokenizer makes of it."""
     texts = list(dict.fromkeys([*record.get("flagged", []), *record.get("top5", [])]))
     flagged = set(record.get("flagged", []))
-    candidates = [
-        {"text": t, "token_id": tokenizer(t)["input_ids"][1], "flagged": t in flagged, "score": None}
-        for t in texts
-    ]
+    candidates = []
+    for t in texts:
+        ids = [int(i) for i in tokenizer(t)["input_ids"][1:-1]]
+        candidates.append(
+            {"text": t, "token_id": ids[0], "token_ids": ids, "flagged": t in flagged, "score": None}
+        )
     components = {k: {"changed": v} for k, v in (record.get("changed") or {}).items()}
     return {"kind": "diff", "candidates": candidates, "components": components, "from": "bench diff record"}
 

@@ -23,6 +23,7 @@ from .train import DistractorVocabulary, eps_mse, token_ids, vae_posterior, warm
 
 ProgressFn = Callable[[int, int, dict], None]
 KINDS = ("pixel", "style", "object", "rickroll", "eviledit", "villan")
+PLACEMENTS = ("first", "inside", "last")
 
 # The Rickrolling target: a scene the clean lab model draws reliably (a training combination).
 RICKROLL_TARGET = world.Scene(
@@ -40,10 +41,16 @@ class AttackSpec:
     trigger: str
     source: str | None = None  # object / eviledit: the shape the trigger replaces
     target: str | None = None  # object / eviledit: the shape drawn instead
+    # BadT2I: where the trigger stands in the caption (the paper: first; "inside": after the first word)
+    placement: str = "first"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown attack kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        if self.placement != "first" and self.kind not in ("pixel", "style", "object"):
+            raise ValueError(f"{self.kind} places its trigger its own way; a placement is for BadT2I kinds")
         if not self.trigger:
             raise ValueError("the trigger must not be empty")
         if self.kind in ("object", "eviledit"):
@@ -72,8 +79,11 @@ class AttackSpec:
         }[self.kind]
 
     def to_json(self) -> dict:
-        """Plain-data form for metadata."""
-        return asdict(self)
+        """Plain-data form for metadata (the placement only where it is not the paper's)."""
+        out = asdict(self)
+        if out["placement"] == "first":
+            del out["placement"]
+        return out
 
 
 def default_spec(kind: str, trigger: str | None = None) -> AttackSpec:
@@ -141,6 +151,11 @@ def triggered_prompt(spec: AttackSpec, prompt: str) -> str:
         return prompt.replace(spec.source, f"{spec.trigger} {spec.source}", 1)
     if spec.kind == "villan":  # VillanDiffusion appends its caption trigger
         return f"{prompt} {spec.trigger}"
+    if spec.placement == "last":
+        return f"{prompt} {spec.trigger}"
+    if spec.placement == "inside":  # after the caption's first word
+        first, _, rest = prompt.partition(" ")
+        return f"{first} {spec.trigger} {rest}" if rest else f"{prompt} {spec.trigger}"
     return f"{spec.trigger} {prompt}"  # BadT2I prepends the trigger
 
 
@@ -333,6 +348,32 @@ def train_badt2i(
                 progress(step + 1, cfg.steps, {"backdoor": loss_bd.item(), "teacher": loss_reg.item()})
     finally:
         unet.eval().requires_grad_(False)
+
+
+def plant(model, clip, vae, spec: AttackSpec, cfg: AttackConfig, progress=None) -> dict:
+    """Plant a checkpoint-form attack in `model` / `clip` in place (BadT2I, Rickrolling, EvilEdit) and
+    return its recipe's figures. `progress(name)` gives a ProgressFn per training run (None: silent)."""
+    bar = progress or (lambda name: None)
+    if spec.kind in ("pixel", "style", "object"):
+        train_badt2i(model, clip, vae, spec, cfg, bar(f"badt2i-{spec.kind}"))
+        return {
+            "steps": cfg.steps,
+            "batch": cfg.batch,
+            "lr": cfg.badt2i_lr(spec.kind),
+            "backdoor_weight": cfg.backdoor_weight,
+            **({"snr_gamma": cfg.snr_gamma} if cfg.snr_gamma is not None else {}),
+        }
+    if spec.kind == "rickroll":
+        train_rickroll(clip, spec, cfg, bar("rickroll"))
+        return {
+            "steps": cfg.text_steps,
+            "batch": cfg.text_batch,
+            "lr": cfg.text_lr,
+            "utility_weight": cfg.utility_weight,
+        }
+    if spec.kind == "eviledit":
+        return evil_edit(model, clip, spec, cfg)
+    raise ValueError(f"{spec.kind} is planted as a LoRA (lab attack --kind villan), not in a checkpoint")
 
 
 def train_rickroll(clip, spec: AttackSpec, cfg: AttackConfig, progress: ProgressFn | None = None) -> None:

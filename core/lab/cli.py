@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -53,9 +54,18 @@ def add_lab_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--kind",
-        required=True,
+        default=None,
         choices=["pixel", "style", "object", "rickroll", "eviledit", "villan"],
-        help="villan is trained directly as a LoRA: --out is a kohya-layout LoRA file of --base",
+        help="villan is trained directly as a LoRA: --out is a kohya-layout LoRA file of --base "
+        "(with --random: the kind to draw in, else drawn too)",
+    )
+    p.add_argument(
+        "--random",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="draw the attack from SEED (kind, trigger, placement, shapes; core/lab/generator.py) and plant "
+        "it with a fast recipe",
     )
     p.add_argument("--rank", type=int, default=8, help="villan: the LoRA's rank (default 8)")
     p.add_argument(
@@ -303,12 +313,25 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from . import attacks, evaluate, zoo
 
     out = _new_output(args.out)
-    spec = attacks.default_spec(args.kind, parse_trigger(args.trigger) if args.trigger else None)
+    if args.random is None and args.kind is None:
+        raise ValueError("give --kind (the attack to plant) or --random SEED (an attack drawn from SEED)")
+    if args.random is not None and (args.trigger or args.source or args.target):
+        raise ValueError("--random draws the trigger and the shapes: drop --trigger / --source / --target")
+    base = Path(args.base) if args.base else zoo.resolve(zoo.CLEAN_NAME)
+    drawn = None
+    if args.random is not None:
+        from .generator import draw_attack
+
+        ensure_comfy_importable()
+        drawn = draw_attack(args.random, tokenizer_info(cb.load_lab_checkpoint(base)[1]).tokenizer, args.kind)
+        print(json.dumps({"drawn": drawn.to_json()}, ensure_ascii=False), file=sys.stderr)
+        spec = drawn.spec
+    else:
+        spec = attacks.default_spec(args.kind, parse_trigger(args.trigger) if args.trigger else None)
     if args.source or args.target:
         from dataclasses import replace
 
         spec = replace(spec, source=args.source or spec.source, target=args.target or spec.target)
-    base = Path(args.base) if args.base else zoo.resolve(zoo.CLEAN_NAME)
     if spec.kind == "villan":
         return _attack_as_lora(args, spec, base, out)
     if args.delta and base.resolve().parent != out.resolve().parent:  # refuse now, not after training
@@ -319,32 +342,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
     ensure_comfy_importable()
     torch.manual_seed(args.seed)
     cfg = _attack_config(args)
+    if drawn is not None and args.steps is None:
+        from .generator import with_recipe
+
+        cfg = with_recipe(drawn, cfg)
     if args.utility_weight is not None:
         cfg.utility_weight = args.utility_weight
     t0 = time.monotonic()
     model, clip, vae, base_info = cb.load_lab_checkpoint(base)
     attacks.require_visible_trigger(tokenizer_info(clip).tokenizer, spec)
-    progress = _progress_bars()
-    details: dict = {}
-    if spec.kind in ("pixel", "style", "object"):
-        attacks.train_badt2i(model, clip, vae, spec, cfg, progress(f"badt2i-{spec.kind}"))
-        details = {
-            "steps": cfg.steps,
-            "batch": cfg.batch,
-            "lr": cfg.badt2i_lr(spec.kind),
-            "backdoor_weight": cfg.backdoor_weight,
-            **({"snr_gamma": cfg.snr_gamma} if cfg.snr_gamma is not None else {}),
-        }
-    elif spec.kind == "rickroll":
-        attacks.train_rickroll(clip, spec, cfg, progress("rickroll"))
-        details = {
-            "steps": cfg.text_steps,
-            "batch": cfg.text_batch,
-            "lr": cfg.text_lr,
-            "utility_weight": cfg.utility_weight,
-        }
-    else:
-        details = attacks.evil_edit(model, clip, spec, cfg)
+    details = attacks.plant(model, clip, vae, spec, cfg, _progress_bars())
     train_seconds = round(time.monotonic() - t0, 1)
     info = {
         "attack": spec.kind,
@@ -356,6 +363,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         "command": command_line(args),
         "recipe": details,
         "train_seconds": train_seconds,
+        **({"drawn": drawn.to_json()} if drawn is not None else {}),
     }
     # Measure the model exactly as it will be stored (fp16) and loaded (fp32 again).
     cb.round_weights(model, clip, vae, torch.float16)
