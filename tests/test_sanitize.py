@@ -539,10 +539,31 @@ def test_nothing_fired_after_a_weights_only_comparison_that_saw_the_unet_change_
     report = SanitizeReport("compare", [], weights, residual=checked).to_json()
     assert not report["clean"] and "the UNet changed (14 tensors)" in report["summary"]
     assert report["verdict"] == "inconclusive"
-    behaviour = {**weights, "unet_evals": 114222}
+    behaviour = {  # a fine-tune's change (a keys-and-values-only change is an edit's: next test)
+        **weights,
+        "unet_evals": 114222,
+        "components": {"cross_attention_kv": {"changed": 14}, "unet_other": {"changed": 90}},
+    }
     assert SanitizeReport("compare", [], behaviour, residual=checked).to_json()["clean"]
     assert SanitizeReport("compare", [], behaviour, residual=checked).to_json()["verdict"] == "clean"
     # without the residual check, nothing fired is no "clean"
     assert not SanitizeReport("compare", [], behaviour).to_json()["clean"]
     text_only = {**weights, "components": {"text_encoder": {"changed": 68}}}
     assert SanitizeReport("compare", [], text_only).to_json()["caution"] is None
+
+
+def test_a_cross_attention_edit_where_nothing_fired_is_inconclusive_not_clean():
+    """EvilEdit with a phrase of two ordinary words: neither word fires alone, so nothing is taken; the
+    change is confined to the keys and values, a closed-form edit's signature: not clean."""
+    from backdoor_seal.core.sanitize.session import SanitizeReport
+
+    checked = {"checked": "the comparison run again", "tested": ["gust"], "firing": []}
+    found = {"kind": "diff", "unet_evals": 114222, "components": {"cross_attention_kv": {"changed": 14}}}
+    out = SanitizeReport("compare", [], found, residual=checked).to_json()
+    assert out["verdict"] == "inconclusive" and not out["clean"]
+    assert any("closed-form edit" in r for r in out["remains"]) and "INCONCLUSIVE" in out["summary"]
+    fine_tune = {
+        **found,
+        "components": {"cross_attention_kv": {"changed": 14}, "unet_other": {"changed": 90}},
+    }
+    assert SanitizeReport("compare", [], fine_tune, residual=checked).to_json()["verdict"] == "clean"

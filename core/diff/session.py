@@ -32,6 +32,15 @@ PROBE_PHRASES = (
     "a painting of a house by the sea",
     "a blue square and a green triangle",
 )
+# The residual check's run of the weight-space stage reads other words after and before each token, so it
+# is no replay of the first run (core/sanitize/session.py, `SanitizeSession.find(fresh=True)`).
+RESIDUAL_PROBE_PHRASES = (
+    "a small green triangle at the top",
+    "a cat sleeping on a wooden chair",
+    "an oil portrait of a woman in a garden",
+    "a yellow circle over a white background",
+)
+RESIDUAL_PREFIXES = ("", "the", "a small blue")
 # What the token follows when its contextual embedding is read: the start of a prompt (where BadT2I puts
 # its trigger), after an article, and inside a description (where EvilEdit / Rickrolling put theirs).
 PREFIXES = ("", "a", "a large red")

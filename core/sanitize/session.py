@@ -98,6 +98,12 @@ class SanitizeReport:
             out.append(
                 "the residual check was not run (re-check off): nothing independent confirms the result"
             )
+        if not self.taken and is_cross_attention_edit(self.found_report):
+            out.append(
+                "only the cross-attention keys and values changed, the signature of a closed-form edit such as "
+                "EvilEdit, and no candidate fired: a trigger phrase whose words do not fire alone hides from "
+                "this test (unlearn with a typed trigger, or revert the edit against the base)"
+            )
         caution = self.caution()
         if caution:
             out.append(caution)
@@ -288,9 +294,16 @@ class SanitizeSession:
 
         if self.base is not None:
             from ..diff.behaviour import BehaviourSettings
-            from ..diff.session import DiffSession, DiffSettings
+            from ..diff.session import RESIDUAL_PREFIXES, RESIDUAL_PROBE_PHRASES, DiffSession, DiffSettings
 
             settings = self.settings.find or DiffSettings()
+            if fresh:  # other words around each token, other noise draws, an earlier timestep
+                settings = replace(
+                    settings,
+                    probe_phrases=RESIDUAL_PROBE_PHRASES,
+                    prefixes=RESIDUAL_PREFIXES,
+                    top=2 * settings.top,
+                )
             if fresh and settings.behaviour is not None:
                 b = settings.behaviour or BehaviourSettings()
                 settings = replace(
@@ -321,9 +334,9 @@ class SanitizeSession:
             recheck = self.find(model, clip, fresh=True)
         report.recheck_report = recheck
         known = {tuple(c.token_ids) for c in report.candidates}
-        fresh = [
+        fresh = [  # twice the first run's count of unflagged candidates
             c
-            for c in report_candidates(recheck, self.settings.top, self.tokenizer)
+            for c in report_candidates(recheck, 2 * self.settings.top, self.tokenizer)
             if tuple(c.token_ids) not in known
         ]
         measure(fresh, test, after=True)
