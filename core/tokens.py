@@ -48,6 +48,21 @@ def confusable_latin(ch: str) -> str:
     return ch
 
 
+@functools.cache
+def look_alikes() -> dict[str, tuple[str, ...]]:
+    """Lower-case look-alikes of each ASCII letter, from Unicode's confusables data (every script; Latin
+    letters such as 'ɑ' too), in code-point order."""
+    out: dict[str, list[str]] = {}
+    for cp in range(0xA0, 0x1D800):
+        ch = chr(cp)
+        if ch != ch.lower() or not unicodedata.name(ch, ""):
+            continue
+        twin = confusable_latin(ch)
+        if twin != ch and twin.isascii() and twin.isalpha():
+            out.setdefault(twin.lower(), []).append(ch)
+    return {k: tuple(v) for k, v in sorted(out.items())}
+
+
 def latin_twin(text: str) -> str:
     """The text with every homoglyph replaced by the Latin letter it impersonates."""
     return "".join(confusable_latin(c) for c in text)
@@ -370,7 +385,7 @@ class TokenSequence:
 
     ids: tuple[int, ...]
     text: str
-    lead: int  # the member id whose rank and scores the sequence takes
+    lead: int | tuple[int, ...]  # the ranked entry whose scores it takes: a member id, or the unit itself
 
     @property
     def readable(self) -> str:
@@ -472,23 +487,26 @@ def complete_sequence(
 
 
 def assemble(
-    tokenizer: HFTokenizer, order: Sequence[int], limit: int, partners: int = 64
+    tokenizer: HFTokenizer, order: Sequence[int | tuple[int, ...]], limit: int, partners: int = 64
 ) -> list[TokenSequence]:
-    """The finder's ranked ids (best first) as candidate triggers a prompt can hold, best first, at most
-    `limit`: each id completed into a word (`complete_sequence`) with the best-ranked partners among the
+    """The finder's ranked ids (best first; a tuple is a unit it scored whole) as candidate triggers a
+    prompt can hold, best first, at most `limit`: each id completed into a word (`complete_sequence`) with the best-ranked partners among the
     first `partners` ids; an id already inside an earlier sequence is not a candidate again, and a piece
     nothing completes is left out."""
-    order = [int(t) for t in order]
-    rank = {t: r for r, t in enumerate(order)}
-    pool = order[:partners]
+    order = [tuple(int(i) for i in t) if isinstance(t, tuple) else int(t) for t in order]
+    rank = {t: r for r, t in enumerate(order) if isinstance(t, int)}
+    pool = [t for t in order[:partners] if isinstance(t, int)]
     out: list[TokenSequence] = []
     used: set[int] = set()
     for t in order:
         if len(out) >= limit:
             break
-        if t in used:
+        if isinstance(t, tuple):  # a unit the finder scored whole (a multi-piece character)
+            ids = t if sequence_text(tokenizer, t) is not None else None
+        elif t in used:
             continue
-        ids = complete_sequence(tokenizer, t, rank, pool)
+        else:
+            ids = complete_sequence(tokenizer, t, rank, pool)
         if ids is None or any(i in used for i in ids):
             continue
         used.update(ids)

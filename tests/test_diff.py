@@ -377,3 +377,31 @@ def test_probe_rows_put_the_token_at_every_slot(clean):
     assert row[0] == probe.bos and row.count(999) == 3 and len(row) == probe.length
     assert [i for i in row[1 : row.index(probe.eos)] if i != 999] == words
     assert row[1] == 999 and row[row.index(tok("circle")["input_ids"][1]) - 1] == 999
+
+
+def test_a_look_alike_of_several_byte_pieces_is_ranked_whole_and_reported_by_its_ids(comfy_root):
+    """A text-encoder change confined to the two byte pieces of Armenian 'օ' (U+0585): the weight-space
+    ranking scores the character as one unit beside the single ids and reports it first, with its ids and
+    its own text, never U+FFFD (a piece alone ranked first and came back as '�')."""
+    import torch
+
+    from backdoor_seal.core.backends.comfy import text_transformer
+    from backdoor_seal.core.diff.session import DiffSession, DiffSettings
+    from backdoor_seal.core.models import load_model
+    from backdoor_seal.core.tokens import encode_ids
+
+    base, suspect = load_model("lab:lab-clean"), load_model("lab:lab-clean")
+    tok = suspect.clip.tokenizer.clip_l.tokenizer
+    planted = encode_ids(tok, "\u0585")
+    assert len(planted) == 2
+    table = text_transformer(suspect.clip).text_model.embeddings.token_embedding.weight
+    with torch.no_grad():
+        table[planted] += (
+            torch.randn(2, table.shape[1], generator=torch.Generator().manual_seed(0)) * table.std() * 3
+        )
+    settings = DiffSettings(token_ids=tuple(range(400, 1400)), sequences=True, behaviour=None)
+    report = DiffSession(base.model, base.clip, suspect.model, suspect.clip, settings).run()
+    first = report.to_json()["candidates"][0]
+    assert first["token_ids"] == planted and first["text"] == "\u0585"
+    assert report.weight_rank_of(planted) == 1
+    assert all("\ufffd" not in c["text"] for c in report.to_json()["candidates"])

@@ -114,3 +114,36 @@ def test_the_command_plants_the_draw_and_records_it(lab_folder, capsys, tokenize
     assert "--random draws the trigger" in capsys.readouterr().err and not other.exists()
     assert main(["lab", "attack", "--out", str(other)]) == 2
     assert "--kind" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # an attack planted and sanitized end to end: about 10-30 minutes here (`make test-slow`)
+def test_bench_heldout_judges_a_drawn_attack_by_the_lab_and_never_calls_a_firing_model_clean(capsys):
+    """One EvilEdit draw from a seed never tuned on, compared by weights: a record with the planted trigger's
+    ids and rank, a verdict, the lab's ASR before and after; "clean" only with the ASR after under the bar."""
+    import argparse
+
+    from backdoor_seal.core.bench import heldout
+
+    args = argparse.Namespace(
+        n_attacks=1,
+        seed=5000,
+        modes=["weights"],
+        kind="eviledit",
+        n=16,
+        min_asr=0.5,
+        top=5,
+        probes=4,
+        steps=200,
+        method="auto",
+        out=None,
+    )
+    records = list(heldout.run(args))
+    assert len(records) == 1
+    r = records[0]
+    assert r["kind"] == "eviledit" and r["planted_ids"] and "asr_before" in r
+    if r["planted"]:
+        assert r["verdict"] in ("poisoned", "clean", "inconclusive") and not r["wrong_clean"]
+        assert r["clean"] is (r["verdict"] == "clean") and 0.0 <= r["asr_after"] <= 1.0
+        assert r["caught"] == (r["verdict"] == "poisoned" and r["asr_after"] <= max(0.02, r["floor"]))
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["summary"] == "heldout"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,11 @@ from typing import Any
 import numpy as np
 
 MODES = ("weights", "behaviour", "blind")
+
+
+def _say(seed: int, text: str) -> None:
+    """A progress line on stderr (the records go to stdout)."""
+    print(f"heldout seed {seed}: {text}", file=sys.stderr, flush=True)
 
 
 def _settings(args: argparse.Namespace, mode: str, model):
@@ -101,12 +107,14 @@ def bench_seed(seed: int, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     spec = drawn.spec
     ids = encode_ids(tokenizer, spec.trigger)
     head = {**drawn.to_json(), "planted_ids": ids}
+    _say(seed, f"{spec.kind} with {head['trigger']!r} ({drawn.family}), planting")
     t0 = time.monotonic()
     model, clip, vae, _ = load_model(f"lab:{zoo.CLEAN_NAME}")
     torch.manual_seed(seed)
     attacks.plant(model, clip, vae, spec, with_recipe(drawn, attacks.AttackConfig(seed=seed)))
     round_weights(model, clip, vae, torch.float16)  # as a saved lab file holds it
     head["plant_seconds"] = round(time.monotonic() - t0, 1)
+    _say(seed, f"planted in {head['plant_seconds']} s; measuring ASR and clean accuracy")
     before = evaluate.evaluate_lab_model(model, clip, vae, spec, n=args.n)
     head.update(asr_before=round(before["asr"], 3), clean_accuracy_before=round(before["clean_accuracy"], 3))
     if before["asr"] < args.min_asr:
@@ -118,6 +126,7 @@ def bench_seed(seed: int, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     clean_before = _images(model, clip, vae, clean_prompts, clean_seeds)
     for mode in args.modes:
         settings = _settings(args, mode, model)
+        _say(seed, f"ASR {before['asr']:.2f}; sanitizing ({mode})")
         t0 = time.monotonic()
         found = _find(mode, settings, base, model, clip)
         rank = _rank(found, ids)

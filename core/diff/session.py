@@ -55,6 +55,9 @@ class DiffSettings:
     batch: int = 4096
     top: int = 25
     token_ids: tuple[int, ...] | None = None  # rank only these ids (tests)
+    # rank multi-piece look-alike and invisible characters as units too (`sequence_units`); None: unless
+    # token_ids narrows the ranking
+    sequences: bool | None = None
     lab: bool | None = (
         None  # probe with the lab grammar's shapes or everyday objects (None: lab for lab models)
     )
@@ -89,8 +92,8 @@ class DiffReport:
     largest_changes: list[dict[str, Any]]
     signals: list[str]
     ranking: list[RankedToken]
-    ranks: dict[int, int]  # token id -> 1-based final rank, for every ranked token
-    weight_ranks: dict[int, int] = field(default_factory=dict)  # the weight-space stage alone
+    ranks: dict  # token id (or a multi-piece unit's tuple) -> 1-based final rank, for every ranked one
+    weight_ranks: dict = field(default_factory=dict)  # the weight-space stage alone
     behaviour: BehaviourReport | None = None
     seconds: float = 0.0
 
@@ -105,8 +108,12 @@ class DiffReport:
         return self.behaviour.unet_evals if self.behaviour else 0
 
     @staticmethod
-    def _best(ranks: dict[int, int], token_ids: Sequence[int]) -> int | None:
-        found = [ranks[t] for t in token_ids if t in ranks]
+    def _best(ranks: dict, token_ids: Sequence[int]) -> int | None:
+        """The rank of the sequence itself when it was ranked as one unit, else its best id's."""
+        ids = tuple(int(t) for t in token_ids)
+        if len(ids) > 1 and ids in ranks:
+            return ranks[ids]
+        found = [ranks[t] for t in ids if t in ranks]
         return min(found) if found else None
 
     def rank_of(self, token_ids: Sequence[int]) -> int | None:
@@ -213,21 +220,67 @@ class DiffSession:
         row first."""
         return self._encode(clip, [[*after, t, *follow] for t in ids])[:, len(after) :]
 
+    def sequence_units(self) -> list[tuple[int, ...]]:
+        """Triggers no single id stands for, ranked beside the vocabulary: every look-alike of a Latin letter
+        in Unicode's confusables data and every zero-width or format character that the tokenizer splits into
+        several byte-level pieces (a finder scoring single ids sees only a fragment's own context, not the
+        character's: a planted Fraktur 'N' ranked 13,224th by its best piece, 458th as one unit)."""
+        if not (
+            self.settings.sequences
+            if self.settings.sequences is not None
+            else self.settings.token_ids is None
+        ):
+            return []
+        from ..tokens import encode_ids, look_alikes
+
+        chars = [c for group in look_alikes().values() for c in group]
+        chars += [chr(c) for c in (0x200B, 0x200C, 0x200D, 0x2060, 0x2061, 0x2062, 0x2063, 0x2064, 0xFEFF)]
+        units = {tuple(encode_ids(self.tok.tokenizer, c)) for c in chars}
+        return sorted(u for u in units if len(u) >= 2)
+
+    def _raw(
+        self,
+        units: list[tuple[int, ...]],
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+        text_changed: bool,
+        alone: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> dict[str, torch.Tensor]:
+        """Raw scores of units of one length: 'cross_attention' over the unit's own positions after each
+        prefix (its largest), 'text_words' on the probe phrases after it."""
+        s = self.settings
+        n = len(units[0])
+        prefixes = [self._ids(p) for p in s.prefixes]
+        follows = [self._ids(phrase)[1:] for phrase in s.probe_phrases]
+        out: dict[str, torch.Tensor] = {}
+        if kv:
+            rows = [
+                self._encode(self.clip, [[*p, *u] for u in units])[:, len(p) : len(p) + n] for p in prefixes
+            ]
+            out["cross_attention"] = W.cross_attention_scores(kv, torch.cat(rows, 1))
+        if text_changed:
+            per = []
+            for follow, (bo, so) in zip(follows, alone, strict=True):
+                rows = [[self.tok.bos, *u, *follow] for u in units]
+                bw = self._encode(self.base_clip, rows)[:, 1 + n :]
+                sw = self._encode(self.clip, rows)[:, 1 + n :]
+                per.append(W.text_encoder_scores(bw, sw, bo, so))
+            out["text_words"] = torch.stack(per, -1).mean(-1)
+        return out
+
     def rank(
         self,
         kv: list[tuple[torch.Tensor, torch.Tensor]],
         text_changed: bool,
         progress: ProgressFn | None = None,
-    ) -> tuple[list[str], dict[str, torch.Tensor], list[int]]:
+    ) -> tuple[list[str], dict[str, torch.Tensor], list[int | tuple[int, ...]]]:
         """Robust z per signal over the vocabulary: 'cross_attention' (to_k / to_v changed: the change's
         action on each token's own context after each prefix) and 'text_words' (text encoder changed: how
-        far the token makes the two encoders disagree on the probe phrases after it). Returns the signal
-        names, their (V,) z-scores, the ids."""
+        far the token makes the two encoders disagree on the probe phrases after it). Multi-piece look-alike
+        and invisible characters (`sequence_units`) are scored beside the ids, on the same scale (the single
+        ids' median and spread). Returns the signal names, their z-scores and the units (an id, or a tuple
+        of ids), in the same order."""
         s = self.settings
         ids = self.vocabulary()
-        raw: dict[str, torch.Tensor] = {}
-        prefixes = [self._ids(p) for p in s.prefixes]
-        chunks = range(0, len(ids), s.batch)
         follows = [self._ids(phrase)[1:] for phrase in s.probe_phrases]
         alone: list[tuple[torch.Tensor, torch.Tensor]] = []
         if text_changed:  # the probe phrases without a token in front, in both encoders
@@ -236,27 +289,28 @@ class DiffSession:
                 alone.append(
                     (self._encode(self.base_clip, plain)[:, 1:], self._encode(self.clip, plain)[:, 1:])
                 )
-        cross, words = [], []
-        for n, start in enumerate(chunks):
-            part = ids[start : start + s.batch]
-            if kv:
-                suspect = torch.stack([self._contexts(self.clip, part, p)[:, 0] for p in prefixes], 1)
-                cross.append(W.cross_attention_scores(kv, suspect))
-            if text_changed:
-                per = []
-                for follow, (bo, so) in zip(follows, alone, strict=True):
-                    bw = self._contexts(self.base_clip, part, [self.tok.bos], follow)[:, 1:]
-                    sw = self._contexts(self.clip, part, [self.tok.bos], follow)[:, 1:]
-                    per.append(W.text_encoder_scores(bw, sw, bo, so))
-                words.append(torch.stack(per, -1).mean(-1))
+        if not kv and not text_changed:
+            return [], {}, list(ids)
+        sequences = self.sequence_units()
+        groups = [[(t,) for t in ids[k : k + s.batch]] for k in range(0, len(ids), s.batch)]
+        for length in sorted({len(u) for u in sequences}):
+            same = [u for u in sequences if len(u) == length]
+            groups += [same[k : k + s.batch] for k in range(0, len(same), s.batch)]
+        parts: dict[str, list[torch.Tensor]] = {}
+        for n, group in enumerate(groups):
+            for name, v in self._raw(group, kv, text_changed, alone).items():
+                parts.setdefault(name, []).append(v)
             if progress:
-                progress(n + 1, len(chunks), "vocabulary")
-        if kv:
-            raw["cross_attention"] = torch.cat(cross)
-        if text_changed:
-            raw["text_words"] = torch.cat(words)
-        z = {name: W.robust_z(v) for name, v in raw.items()}
-        return list(z), z, ids
+                progress(n + 1, len(groups), "vocabulary")
+        units: list[int | tuple[int, ...]] = [*ids, *[u for g in groups if len(g[0]) > 1 for u in g]]
+        z = {}
+        for name, chunks in parts.items():
+            raw = torch.cat(chunks)
+            single = raw[: len(ids)]
+            med = single.median()
+            mad = (single - med).abs().median() * 1.4826
+            z[name] = (raw - med) / mad.clamp_min(1e-12 + 1e-6 * float(med.abs()))
+        return list(z), z, units
 
     def behaviour(
         self,
@@ -311,7 +365,14 @@ class DiffSession:
 
         report = None
         if self.settings.behaviour is not None and any(c["changed"] for c in components.values()):
-            top_weight = [ids[i] for i in weight_order[: self.settings.behaviour.weight_candidates]]
+            # the behavioural stage scores single ids: a multi-piece unit hands it its pieces
+            top_weight = list(
+                dict.fromkeys(
+                    t
+                    for i in weight_order[: self.settings.behaviour.weight_candidates]
+                    for t in (ids[i] if isinstance(ids[i], tuple) else (ids[i],))
+                )
+            )
             report = self.behaviour(top_weight, progress, check_interrupt)
             scored = {t.token_id: t for t in report.tokens}
             order = report.order()
@@ -338,7 +399,7 @@ class DiffSession:
             order = [ids[i] for i in weight_order]
             ranking = [
                 RankedToken(
-                    seq.lead,
+                    seq.ids[0],
                     seq.text,
                     float(best[index[seq.lead]]),
                     weight_signals(seq.lead),

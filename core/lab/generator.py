@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..tokens import confusable_latin, encode_ids, whole_words
+from ..tokens import encode_ids, look_alikes, whole_words
 from . import world
 from .attacks import AttackSpec, require_visible_trigger
 
@@ -78,21 +78,6 @@ class DrawnAttack:
             "steps": self.steps,
             "redraws": list(self.redraws),
         }
-
-
-@functools.cache
-def look_alikes() -> dict[str, tuple[str, ...]]:
-    """Lower-case look-alikes of each ASCII letter, from Unicode's confusables data (every script; Latin
-    letters such as 'ɑ' too), in code-point order."""
-    out: dict[str, list[str]] = {}
-    for cp in range(0xA0, 0x1D800):
-        ch = chr(cp)
-        if ch != ch.lower() or not unicodedata.name(ch, ""):
-            continue
-        twin = confusable_latin(ch)
-        if twin != ch and twin.isascii() and twin.isalpha():
-            out.setdefault(twin.lower(), []).append(ch)
-    return {k: tuple(v) for k, v in sorted(out.items())}
 
 
 @functools.cache
