@@ -46,6 +46,17 @@ def lab_dir(tmp_path_factory, comfy_root) -> Path:
     return d
 
 
+@pytest.fixture
+def lab_folder(lab_dir, tmp_path: Path) -> Path:
+    """A fresh folder holding the untrained lab model as lab-clean.safetensors (a base to attack)."""
+    import shutil
+
+    d = tmp_path / "lab"
+    d.mkdir()
+    shutil.copy(lab_dir / "lab-untrained.safetensors", d / "lab-clean.safetensors")
+    return d
+
+
 @pytest.fixture(scope="session")
 def lora_dir(tmp_path_factory, comfy_root) -> Path:
     """A folder holding a small LoRA (attn2.to_q of every lab cross-attention layer) for the stock loaders."""

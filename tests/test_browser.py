@@ -100,6 +100,8 @@ def test_frontend_loads_the_extension_runs_the_sanitize_workflow_and_shows_the_r
     assert ["seal-good", "<U+2060>94% -> 0%"] in sanitize and ["seal-bad", "muted88% -> 62%"] in sanitize
     assert ["", "triggers found2"] in sanitize and ["seal-bad", "still firing1"] in sanitize
     assert ["", "clean fidelity, SSIM0.955"] in sanitize
+    assert ["seal-bad", "verdictpoisoned"] in sanitize  # the verdict first, in red unless clean
+    assert ["seal-bad", "not confirmed clean'muted' still fires on 62% of probes after cleaning"] in sanitize
     assert not any("merging" in text for _, text in sanitize)  # tested, did not fire: not taken
     assert "<U+2060>" in text and "attack success, after removal" in text and "0%" in text
     assert shot.stat().st_size > 10_000

@@ -7,22 +7,11 @@ by `backdoor-seal lab eval` (see docs/lab.md), not asserted here.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-
-import pytest
 
 from backdoor_seal.core.cli import main
 from backdoor_seal.core.lab import zoo
 from backdoor_seal.core.triggers import parse_trigger, spell_trigger
-
-
-@pytest.fixture
-def lab_folder(lab_dir, tmp_path: Path) -> Path:
-    d = tmp_path / "lab"
-    d.mkdir()
-    shutil.copy(lab_dir / "lab-untrained.safetensors", d / "lab-clean.safetensors")
-    return d
 
 
 def _last_json(capsys) -> dict | list:

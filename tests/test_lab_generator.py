@@ -4,9 +4,7 @@ command that plants a draw. Whether the pack catches them is `bench heldout`'s t
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -74,14 +72,6 @@ def test_an_unhostable_draw_is_refused_with_its_reason_and_drawn_again(tokenizer
         generator.draw_attack(3, tokenizer, kind="pixel", tries=3)
     with pytest.raises(ValueError, match="--random draws among"):
         generator.draw_attack(3, tokenizer, kind="villan")
-
-
-@pytest.fixture
-def lab_folder(lab_dir, tmp_path: Path) -> Path:
-    d = tmp_path / "lab"
-    d.mkdir()
-    shutil.copy(lab_dir / "lab-untrained.safetensors", d / "lab-clean.safetensors")
-    return d
 
 
 def test_the_command_plants_the_draw_and_records_it(lab_folder, capsys, tokenizer):
