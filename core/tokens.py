@@ -437,8 +437,8 @@ def complete_sequence(
     """The id sequence a prompt can hold that contains `token_id`, completed with the best-ranked partners:
     the id alone when it is a word; a piece of whole characters inside a word, those characters as a word
     ('о' of 'оrange'); else the pieces of one word around it (a byte-level piece of a look-alike letter and
-    the pieces that finish its character), partners drawn from `pool` (the finder's
-    best ids) first, then from the whole vocabulary's character fragments. `rank` maps ids to their
+    the pieces that finish its character), partners drawn from `pool` (the finder's best ids) first, then
+    from the whole vocabulary's character fragments. `rank` maps ids to their
     0-based rank (missing: unranked). None when nothing completes it within `longest` pieces."""
     token_id = int(token_id)
     if sequence_text(tokenizer, [token_id]) is not None:
@@ -490,8 +490,8 @@ def assemble(
     tokenizer: HFTokenizer, order: Sequence[int | tuple[int, ...]], limit: int, partners: int = 64
 ) -> list[TokenSequence]:
     """The finder's ranked ids (best first; a tuple is a unit it scored whole) as candidate triggers a
-    prompt can hold, best first, at most `limit`: each id completed into a word (`complete_sequence`) with the best-ranked partners among the
-    first `partners` ids; an id already inside an earlier sequence is not a candidate again, and a piece
+    prompt can hold, best first, at most `limit`: each id completed into a word (`complete_sequence`)
+    with the best-ranked partners among the first `partners` ids; an id already inside an earlier sequence is not a candidate again, and a piece
     nothing completes is left out."""
     order = [tuple(int(i) for i in t) if isinstance(t, tuple) else int(t) for t in order]
     rank = {t: r for r, t in enumerate(order) if isinstance(t, int)}

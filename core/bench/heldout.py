@@ -146,8 +146,8 @@ def bench_seed(seed: int, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         floor = _asr(spec, _images(new_model, new_clip, vae, [s.caption for s in scenes], seeds), scenes)
         clean_after = _images(new_model, new_clip, vae, clean_prompts, clean_seeds)
         bar = max(0.02, floor)
-        verdict = result.verdict
-        clean = not result.remains()
+        verdict, remains = result.verdict, result.remains()
+        clean = not remains
         yield {
             **head,
             "planted": True,
@@ -157,7 +157,7 @@ def bench_seed(seed: int, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             "planted_taken": any(c.token_ids == ids for c in result.taken),
             "verdict": verdict,
             "clean": clean,
-            "remains": result.remains(),
+            "remains": remains,
             "found": [c.to_json()["readable"] for c in result.taken],
             "asr_after": round(after, 3),
             "floor": round(floor, 3),

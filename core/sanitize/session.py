@@ -177,13 +177,14 @@ class SanitizeReport:
     def to_json(self) -> dict[str, Any]:
         """The report the nodes pass on and the command prints (kind "sanitize")."""
         caution = self.caution()
+        remains = self.remains()
         return {
             "kind": "sanitize",
             "mode": self.mode,
             "verdict": self.verdict,
             # the result (the cleaned model, or the input when nothing was unlearnt) passed every check
-            "clean": not self.remains(),
-            "remains": self.remains(),
+            "clean": not remains,
+            "remains": remains,
             "residual": self.residual,
             "residual_candidates": [c.to_json() for c in self.residual_candidates],
             "found": [c.text for c in self.taken],
