@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -18,13 +19,23 @@ CONFIG_KEY = "backdoor_seal.config"
 
 
 class CastOnRead(Mapping):
-    """A read-only view of a state dict whose tensors are converted when read (for write_streamed)."""
+    """A read-only view of a state dict whose tensors are converted when read (for write_streamed).
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], cast) -> None:
-        self._tensors, self._cast = tensors, cast
+    describe(key, tensor) -> (dtype, shape), optional: what cast will return, without computing it
+    (write_streamed's header pass then converts nothing)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], cast, describe=None) -> None:
+        self._tensors, self._cast, self._describe = tensors, cast, describe
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._cast(key, self._tensors[key])
+
+    def spec(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, shape) of what reading `key` gives."""
+        if self._describe is None:
+            t = self[key]
+            return t.dtype, tuple(t.shape)
+        return self._describe(key, self._tensors[key])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -55,12 +66,17 @@ def write_streamed(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
     casts on read, only one converted tensor exists at a time. Reading it back is the library's job."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset, names = 0, sorted(tensors)
+    spec = getattr(tensors, "spec", None)
     for name in names:  # a first pass for shapes and dtypes only
-        t = tensors[name]
-        size = t.numel() * t.element_size()
+        if spec is not None:
+            dtype, shape = spec(name)
+        else:
+            t = tensors[name]
+            dtype, shape = t.dtype, tuple(t.shape)
+        size = math.prod(shape) * dtype.itemsize
         header[name] = {
-            "dtype": _DTYPES[t.dtype],
-            "shape": list(t.shape),
+            "dtype": _DTYPES[dtype],
+            "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
         offset += size
@@ -70,7 +86,10 @@ def write_streamed(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for name in names:
-            t = tensors[name].detach().cpu().contiguous().reshape(-1)
+            t = tensors[name]
+            if _DTYPES[t.dtype] != header[name]["dtype"] or list(t.shape) != header[name]["shape"]:
+                raise RuntimeError(f"{name}: read as {t.dtype} {tuple(t.shape)}, not as its header says")
+            t = t.detach().cpu().contiguous().reshape(-1)
             f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 

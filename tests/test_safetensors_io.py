@@ -66,3 +66,27 @@ def test_a_mapping_that_casts_on_read_is_written_tensor_by_tensor_in_the_library
         for key, t in source.items():
             got = f.get_tensor(key)
             assert torch.equal(got, cast(key, t)) and got.dtype == cast(key, t).dtype
+
+
+def test_a_described_mapping_is_cast_once_per_tensor_and_refused_when_its_description_is_wrong(tmp_path):
+    """With describe, the header pass converts nothing (a merge is computed once per tensor, when written);
+    a tensor read otherwise than described is refused and no file is left."""
+    from safetensors.torch import load_file
+
+    from backdoor_seal.core.safetensors_io import CastOnRead, atomic_save
+
+    source = {"a": torch.randn(2, 3), "b": torch.randn(4)}
+    reads = []
+
+    def cast(key, t):
+        reads.append(key)
+        return t.half()
+
+    described = CastOnRead(source, cast, lambda k, t: (torch.float16, tuple(t.shape)))
+    path = atomic_save(described, tmp_path / "x.safetensors")
+    assert sorted(reads) == ["a", "b"]
+    assert all(torch.equal(v, source[k].half()) for k, v in load_file(str(path)).items())
+    wrong = CastOnRead(source, cast, lambda k, t: (torch.float32, tuple(t.shape)))
+    with pytest.raises(RuntimeError, match="not as its header says"):
+        atomic_save(wrong, tmp_path / "y.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]

@@ -11,7 +11,7 @@ import torch
 
 from ..safetensors_io import CONFIG_KEY, CastOnRead, read_metadata
 from .comfy import ensure_comfy_importable
-from .comfy_lab import lab_config_of, lab_state_dict
+from .comfy_lab import lab_config_of
 
 # The parts of a single file, by key prefix (ComfyUI's state_dict_for_saving writes these).
 COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -110,41 +110,141 @@ def checkpoint_markers(model, title: str) -> tuple[dict[str, str], dict[str, tor
     return meta, extra
 
 
-def _cast(key: str, tensor: torch.Tensor, dtype) -> torch.Tensor:
-    if not tensor.is_floating_point() or tensor.numel() == 0 or dtype is None:
-        return tensor
-    target = dtype.get(component_of(key)) if isinstance(dtype, dict) else dtype
-    return tensor if target is None or component_of(key) is None else tensor.to(target)
+def _target(key: str, dtype) -> torch.dtype | None:
+    """The storage dtype asked for a single-file key (None: keep what it is held in)."""
+    if dtype is None or component_of(key) is None:
+        return None
+    return dtype.get(component_of(key)) if isinstance(dtype, dict) else dtype
+
+
+def merge_fp32(weight: torch.Tensor, convert, patches: list, key: str) -> torch.Tensor:
+    """One weight with its patches (LoRA), computed in fp32 on the CPU from the unpatched weight, with
+    comfy.lora.calculate_weight at intermediate_dtype fp32: whatever dtype and device the host patches
+    in (ComfyUI 0.8.0 merges in fp16 on a GPU, `model_management.lora_compute_dtype`), the result is
+    the same fp32 tensor (shape of `weight`), to be cast once to where it is stored."""
+    import comfy.lora
+
+    w = convert(weight.detach().to("cpu", torch.float32, copy=True), inplace=True)
+    if not patches:
+        return w
+    return comfy.lora.calculate_weight(patches, w, key, intermediate_dtype=torch.float32)
+
+
+# A weight for saving: (the unpatched weight, its convert function, its patches).
+_Entry = tuple[torch.Tensor, Callable, list]
+
+
+def _same(tensor: torch.Tensor, **_) -> torch.Tensor:
+    return tensor
+
+
+def _entries(patcher, prefix: str | None) -> dict[str, _Entry]:
+    return {key: (weight, convert, patches) for key, (weight, convert), patches in _patched(patcher, prefix)}
+
+
+def _for_saving(
+    process: Callable[[dict], dict], entries: dict[str, _Entry], strip: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, _Entry]], set[str]]:
+    """process (the host's renaming for saving) applied to the unpatched weights (keys less `strip`):
+    (the saved dict, saved key -> (source key, entry) of each patched weight, merged when written,
+    the saved keys whose tensors process or a merge computed).
+
+    A patched weight is followed through `process` by identity; one the host transforms (SD2's q/k/v
+    fused into in_proj_weight) loses it, so those are merged first (fp32) and processed again."""
+    patched = {k for k, e in entries.items() if e[2]}
+    eager: dict[str, torch.Tensor] = {}
+    while True:
+        given = {k[len(strip) :]: eager.get(k, e[0]) for k, e in entries.items()}
+        out = process(dict(given))
+        source = {id(entries[k][0]): k for k in patched - eager.keys()}
+        lazy = {name: (source[id(v)], entries[source[id(v)]]) for name, v in out.items() if id(v) in source}
+        lost = patched - eager.keys() - {k for k, _ in lazy.values()}
+        if not lost:
+            inputs = {id(v) for k, v in given.items() if k not in eager}
+            return out, lazy, {name for name, v in out.items() if id(v) not in inputs}
+        eager.update({k: merge_fp32(*entries[k], k) for k in lost})
+
+
+def _held_dtypes(parts: dict[str, dict[str, _Entry]]) -> dict[str, torch.dtype]:
+    """The most common floating dtype each component's weights are held in."""
+    out = {}
+    for part, entries in parts.items():
+        counts = Counter(e[0].dtype for e in entries.values() if e[0].is_floating_point())
+        if counts:
+            out[part] = counts.most_common(1)[0][0]
+    return out
 
 
 def merged_checkpoint_state_dict(
     model, clip, vae, dtype: torch.dtype | dict[str, torch.dtype] | None = None, title: str = ""
 ) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:
-    """The single-file state dict of MODEL/CLIP/VAE with every patch (LoRA) merged, as ComfyUI's
-    save_checkpoint builds it, with its markers (see `checkpoint_markers`) and metadata.
+    """The single-file state dict of MODEL/CLIP/VAE with every patch (LoRA) merged, keyed as ComfyUI's
+    save_checkpoint keys it (the host's state_dict_for_saving renames), with its markers (see
+    `checkpoint_markers`) and metadata.
+
+    Each patched weight is its unpatched weight + its patches computed in fp32 (`merge_fp32`) and cast
+    once to the storage dtype when written; the host's own merge (fp16 on a GPU in ComfyUI 0.8.0) is
+    never read. Unpatched weights are the weights as held, cast once.
 
     dtype: one storage dtype for every weight, or one per component ('unet', 'text', 'vae', as
-    `checkpoint_dtypes` reads them); None keeps the dtype the weights are held in. A lab model stays a
-    lab checkpoint (fp16, its config in the metadata)."""
+    `checkpoint_dtypes` reads them); None keeps the dtype each component's weights are held in. A
+    lab model stays a lab checkpoint (fp16, its config in the metadata)."""
     ensure_comfy_importable()
-    import comfy.model_management as mm
+    from .comfy_lab import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
+    unet = _entries(model, "diffusion_model.")
+    text = _entries(clip.patcher, None)
+    held = _held_dtypes({"unet": unet, "text": text})
     lab_config = lab_config_of(model)
     if lab_config is not None:
-        mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-        tensors = {
-            k: v.to(torch.float16) if v.is_floating_point() else v
-            for k, v in lab_state_dict(model, clip, vae).items()
-        }
-        return tensors, {CONFIG_KEY: json.dumps(lab_config)}
-    # The patches (the LoRA) are merged into the weights by loading; only then are the weights read.
-    mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-    sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
-    meta, extra = checkpoint_markers(model, title)
-    sd.update(extra)
+        lab = "clip_l.transformer."
+        sd, lazy, computed = _for_saving(
+            lambda d: {UNET_PREFIX + k: v for k, v in d.items()}, unet, "diffusion_model."
+        )
+        text_sd, text_lazy, text_computed = _for_saving(
+            lambda d: {TEXT_PREFIX + k[len(lab) :]: v for k, v in d.items() if k.startswith(lab)}, text
+        )
+        sd |= text_sd | {VAE_PREFIX + k: v for k, v in vae.first_stage_model.state_dict().items()}
+        dtype, meta = torch.float16, {CONFIG_KEY: json.dumps(lab_config)}
+    else:
+        # as CLIP.get_sd: the tokenizer's state (none for SD's CLIP tokenizers) goes with the encoders
+        text |= {k: (v, _same, []) for k, v in clip.tokenizer.state_dict().items()}
+        config = model.model.model_config
+        unet_sd, lazy, computed = _for_saving(
+            config.process_unet_state_dict_for_saving, unet, "diffusion_model."
+        )
+        text_sd, text_lazy, text_computed = _for_saving(config.process_clip_state_dict_for_saving, text)
+        # the host's extras (scaled-fp8 / quantization markers) and the VAE; its live UNet (patched as
+        # the host patches) is replaced by ours, under the same names
+        sd = model.model.state_dict_for_saving(None, vae.get_sd(), None)
+        stray = {k for k in sd if k.startswith(UNET_PREFIX)} - unet_sd.keys()
+        if stray:
+            raise RuntimeError(f"the host saves UNet weights the pack does not merge (e.g. {min(stray)})")
+        sd.update(unet_sd)
+        sd.update(text_sd)
+        meta, extra = checkpoint_markers(model, title)
+        sd.update(extra)
+    lazy |= text_lazy
+    computed |= text_computed
+
+    def target(key: str, v: torch.Tensor) -> torch.dtype:
+        if not v.is_floating_point() or v.numel() == 0:
+            return v.dtype
+        asked = _target(key, dtype)
+        if asked is not None:
+            return asked
+        if key in lazy:
+            return lazy[key][1][0].dtype
+        return held.get(component_of(key) or "", v.dtype) if key in computed else v.dtype
+
+    def read(key: str, v: torch.Tensor) -> torch.Tensor:
+        if key in lazy:
+            v = merge_fp32(*lazy[key][1], lazy[key][0])
+        return v.to(target(key, v)).contiguous()
+
     # Cast when written (CastOnRead): an fp16 copy of every weight beside the fp32 ones would not fit
-    # for SDXL on a 24 GB machine; the file is written one converted tensor at a time.
-    return CastOnRead(sd, lambda k, v: _cast(k, v, dtype).contiguous()), meta
+    # for SDXL on a 24 GB machine; the file is written one merged, converted tensor at a time.
+    return CastOnRead(sd, read, lambda k, v: (target(k, v), tuple(v.shape))), meta
 
 
 def _honour_prediction_marker(model, keys) -> None:
