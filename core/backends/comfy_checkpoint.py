@@ -175,6 +175,19 @@ def _held_dtypes(parts: dict[str, dict[str, _Entry]]) -> dict[str, torch.dtype]:
     return out
 
 
+def host_save_extras(base, vae_sd: dict) -> dict[str, torch.Tensor]:
+    """The host's single-file dict of a BaseModel for saving, with the VAE and its markers (v_pred,
+    scaled-fp8 / quantization markers) and no text encoder. ComfyUI to 0.8 reads the live UNet itself,
+    `state_dict_for_saving(clip, vae, clip_vision)`; later ones (ModelPatcher.state_dict_for_saving passes
+    it) take the UNet dict first, `state_dict_for_saving(unet_state_dict, clip_state_dict=, ...)`:
+    given an empty one there, the result holds no UNet weight."""
+    import inspect
+
+    if "unet_state_dict" in inspect.signature(base.state_dict_for_saving).parameters:
+        return base.state_dict_for_saving({}, vae_state_dict=vae_sd)
+    return base.state_dict_for_saving(None, vae_sd, None)
+
+
 def merged_checkpoint_state_dict(
     model, clip, vae, dtype: torch.dtype | dict[str, torch.dtype] | None = None, title: str = ""
 ) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:
@@ -216,7 +229,7 @@ def merged_checkpoint_state_dict(
         text_sd, text_lazy, text_computed = _for_saving(config.process_clip_state_dict_for_saving, text)
         # the host's extras (scaled-fp8 / quantization markers) and the VAE; its live UNet (patched as
         # the host patches) is replaced by ours, under the same names
-        sd = model.model.state_dict_for_saving(None, vae.get_sd(), None)
+        sd = host_save_extras(model.model, vae.get_sd())
         stray = {k for k in sd if k.startswith(UNET_PREFIX)} - unet_sd.keys()
         if stray:
             raise RuntimeError(f"the host saves UNet weights the pack does not merge (e.g. {min(stray)})")
@@ -308,10 +321,29 @@ def live_weights(model, clip) -> dict[str, torch.Tensor]:
     ensure_comfy_importable()
     import comfy.model_management as mm
 
-    mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-    out = {f"unet.{k}": v for k, v in model.model.diffusion_model.state_dict().items()}
-    out.update({f"text.{k}": v for k, v in clip.cond_stage_model.state_dict().items()})
+    patchers = [model, clip.patcher]
+    if not any(_is_dynamic(p) for p in patchers):
+        mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+        out = {f"unet.{k}": v for k, v in model.model.diffusion_model.state_dict().items()}
+        out.update({f"text.{k}": v for k, v in clip.cond_stage_model.state_dict().items()})
+        return out
+    # A dynamic-VRAM patcher (ComfyUI after 0.8, on a GPU) refuses force_patch_weights and patches
+    # at compute time: each patched weight is asked of the host's own merge (return_weight).
+    out = {}
+    for label, patcher, prefix in (("unet.", model, "diffusion_model."), ("text.", clip.patcher, "")):
+        for key, (weight, _), patches in _patched(patcher, prefix or None):
+            if patches:
+                weight = patcher.patch_weight_to_device(
+                    key, device_to=patcher.load_device, return_weight=True
+                )
+            out[label + key[len(prefix) :]] = weight
     return out
+
+
+def _is_dynamic(patcher) -> bool:
+    """Whether a ModelPatcher loads weights on demand (ModelPatcherDynamic; absent before 0.9)."""
+    is_dynamic = getattr(patcher, "is_dynamic", None)
+    return bool(is_dynamic()) if callable(is_dynamic) else False
 
 
 def _patched(patcher, prefix: str | None) -> Iterator[tuple[str, tuple, list]]:
