@@ -178,15 +178,27 @@ def trigger_report(
     return report
 
 
-def position_labels(tokenizer: HFTokenizer, ids: list[int], bos: int, eos: int, chunk: int = 77) -> list[str]:
+def position_labels(
+    tokenizer: HFTokenizer,
+    ids: list[int],
+    bos: int,
+    eos: int,
+    chunk: int = 77,
+    special: dict[int, str] | None = None,
+) -> list[str]:
     """A label per sequence position: <BOS>, each token as it reads (a piece that continues a word
-    ends in '-'), <EOS>, then <pad>. Long prompts are several chunks, each starting with BOS."""
+    ends in '-'), <EOS>, then <pad>. Long prompts are several chunks, each starting with BOS. `special`:
+    labels of ids that are no vocabulary token (a textual-inversion embedding's vectors)."""
+    special = special or {}
     labels: list[str] = []
     ended = False
-    for i, (tid, piece) in enumerate(zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True)):
+    pieces = tokenizer.convert_ids_to_tokens([bos if i in special else i for i in ids])
+    for i, (tid, piece) in enumerate(zip(ids, pieces, strict=True)):
         if i % chunk == 0:
             ended = False
-        if tid == bos and i % chunk == 0:
+        if tid in special and not ended:
+            labels.append(special[tid])
+        elif tid == bos and i % chunk == 0:
             labels.append("<BOS>")
         elif ended:
             labels.append("<pad>")

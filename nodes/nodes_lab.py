@@ -42,7 +42,8 @@ class SealLabCheckpointLoader(io.ComfyNode):
     @classmethod
     def execute(cls, lab_model: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(LAB_FOLDER, lab_model)
-        model, clip, vae, _ = load_lab_checkpoint(path)
+        # prompts' embedding:name resolve where the stock Load Checkpoint's do
+        model, clip, vae, _ = load_lab_checkpoint(path, folder_paths.get_folder_paths("embeddings"))
         return io.NodeOutput(model, clip, vae)
 
 

@@ -135,10 +135,52 @@ def frozen_text_copy(clip):
     return teacher
 
 
+# A textual-inversion vector has no vocabulary id: it gets one past the vocabulary, the same for the same
+# vector all process long, so prompts and triggers that hold an embedding compare by ids as words do.
+EMBEDDING_ID_BASE = 1 << 20  # above every CLIP vocabulary (49,408)
+_embedding_ids: dict[str, int] = {}
+_embedding_vectors: dict[int, dict[int, torch.Tensor]] = {}  # id -> {vector width: vector}
+
+
+def embedding_id(vectors: list[torch.Tensor]) -> int:
+    """The stable id of one embedding position, given its vector in each text encoder (SDXL: CLIP-L and
+    CLIP-G, as their tokenizers hand them)."""
+    first = vectors[0].detach().float().cpu()
+    key = hashlib.sha256(first.numpy().tobytes()).hexdigest()
+    if key not in _embedding_ids:
+        _embedding_ids[key] = EMBEDDING_ID_BASE + len(_embedding_ids)
+        _embedding_vectors[_embedding_ids[key]] = {
+            int(v.shape[-1]): v.detach().float().cpu() for v in vectors
+        }
+    return _embedding_ids[key]
+
+
+def is_embedding_id(token: int) -> bool:
+    """Whether an id stands for a textual-inversion vector (embedding_id) rather than a vocabulary token."""
+    return token >= EMBEDDING_ID_BASE
+
+
+def id_chunks(clip, prompt: str) -> list[list[int]]:
+    """Every chunk's token ids (BOS ... EOS, padded to the chunk length) as ComfyUI tokenizes the prompt
+    (emphasis parsed out); an existing `embedding:name`'s vectors get embedding_id's ids."""
+    tokenized = list(clip.tokenize(prompt).values())
+    out = []
+    for c, chunk in enumerate(tokenized[0]):
+        row = []
+        for p, tok in enumerate(chunk):
+            if isinstance(tok[0], torch.Tensor):  # the same position in every encoder's tokens
+                same = [t[c][p][0] for t in tokenized if c < len(t) and p < len(t[c])]
+                row.append(embedding_id([v for v in same if isinstance(v, torch.Tensor)]))
+            else:
+                row.append(int(tok[0]))
+        out.append(row)
+    return out
+
+
 def chunk_ids(clip, prompt: str) -> list[int]:
-    """The prompt's first-chunk token ids (BOS ... EOS, padded to the chunk length) as ComfyUI tokenizes it."""
-    chunks = next(iter(clip.tokenize(prompt).values()))
-    return [int(tok[0]) for tok in chunks[0]]
+    """The prompt's first-chunk token ids (BOS ... EOS, padded to the chunk length) as ComfyUI tokenizes it
+    (id_chunks: an embedding's vectors as embedding ids)."""
+    return id_chunks(clip, prompt)[0]
 
 
 def prompt_chunks(clip, prompt: str) -> list[list[tuple[int | torch.Tensor, float, int]]]:
@@ -168,6 +210,34 @@ def embedding_names(clip, prompt: str) -> list[str]:
     found = re.findall(r"(?:^|(?<=[\s(]))" + re.escape(inner.embedding_identifier) + r"([^\s(),]+)", prompt)
     names = [re.sub(r":[0-9.]+$", "", n) for n in found]  # `(embedding:name:1.2)` weighs it
     return [n for n in names if inner._try_get_embedding(n)[0] is not None]
+
+
+def check_trigger_embeddings(clip, trigger: str) -> None:
+    """Raise ValueError when the trigger names an `embedding:name` ComfyUI does not find (it would drop
+    it silently, and the trigger would be nothing), naming the folders it looks in."""
+    import re
+
+    inner = getattr(clip.tokenizer, f"clip_{tokenizer_info(clip).name}")
+    ident = getattr(inner, "embedding_identifier", "embedding:")
+    typed = [
+        re.sub(r":[0-9.]+$", "", n)
+        for n in re.findall(r"(?:^|(?<=[\s(]))" + re.escape(ident) + r"([^\s(),]+)", trigger)
+    ]
+    found = set(embedding_names(clip, trigger))
+    missing = [n for n in typed if n not in found]
+    if not missing:
+        return
+    folders = inner.embedding_directory
+    folders = [folders] if isinstance(folders, str) else list(folders or [])
+    where = (
+        f"in {', '.join(folders)} (models/embeddings and extra_model_paths.yaml's embeddings folders)"
+        if folders
+        else "anywhere: this CLIP's loader gave it no embeddings folder"
+    )
+    raise ValueError(
+        f"the trigger {trigger!r} names the embedding {missing[0]!r}, which ComfyUI does not find {where}; "
+        f"put {missing[0]}.safetensors there (or fix the name), or type the trigger's words instead"
+    )
 
 
 def encode_prompts(clip, prompts: list[str]) -> torch.Tensor:
@@ -218,7 +288,13 @@ def encode_id_rows(clip, name: str, rows: list[list[int]], length: int) -> torch
         ids = torch.tensor(rows, dtype=torch.long, device=_text_device(clip))
         with torch.no_grad():
             return pack_pooled(*encode_token_ids_pooled(clip, ids)).float()
-    tokens = {name: [[(i, 1.0) for i in row] for row in rows]}
+
+    def token(i):  # an embedding id goes in as its vector, as ComfyUI's tokenizer hands it over
+        if isinstance(i, int) and is_embedding_id(i):
+            return next(iter(_embedding_vectors[i].values()))
+        return i
+
+    tokens = {name: [[(token(i), 1.0) for i in row] for row in rows]}
     out = clip.encode_from_tokens(tokens)  # sections come back side by side along the sequence
     return out.reshape(len(rows), length, -1).float()
 
@@ -310,11 +386,11 @@ def _walk_encoder(
     """One CLIP text encoder out of place: (context B x L x C, projected pooled B x P or None)."""
     tm = encoder.transformer.text_model
     length = ids.shape[1]
-    if length == tm.embeddings.position_embedding.weight.shape[0]:
+    if length == tm.embeddings.position_embedding.weight.shape[0] and not is_embedding_id(int(ids.max())):
         x = tm.embeddings(ids, dtype=torch.float32)
-    else:  # a prefix (encode_prefix_ids): ComfyUI's CLIPEmbeddings adds all 77 positions
+    else:  # a prefix (encode_prefix_ids) or embedding ids: ComfyUI's CLIPEmbeddings adds all 77 positions
         pos = tm.embeddings.position_embedding.weight[:length]
-        x = tm.embeddings.token_embedding(ids, out_dtype=torch.float32) + pos.to(ids.device, torch.float32)
+        x = _token_rows(tm.embeddings.token_embedding, ids) + pos.to(ids.device, torch.float32)
     mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu_(1)
     layers = tm.encoder.layers
     last = len(layers) - 1 if (stop is None or pooled) else stop
@@ -339,6 +415,21 @@ def _walk_encoder(
     first_eos = (ids == eos).int().argmax(-1)
     final = tm.final_layer_norm(x)
     return context, encoder.transformer.text_projection(final[torch.arange(len(ids)), first_eos])
+
+
+def _token_rows(table, ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings (B x L x C) of ids, an embedding id's rows being its vector of this width."""
+    special = ids >= EMBEDDING_ID_BASE
+    x = table(torch.where(special, torch.zeros_like(ids), ids), out_dtype=torch.float32)
+    for i in ids[special].unique().tolist():
+        vector = _embedding_vectors.get(int(i), {}).get(x.shape[-1])
+        if vector is None:
+            raise ValueError(
+                f"a textual-inversion embedding in the prompts has no {x.shape[-1]}-wide vector for this text "
+                "encoder (an embedding made for another model); remove its embedding:name from the prompts"
+            )
+        x = torch.where((ids == i).unsqueeze(-1), vector.to(x), x)
+    return x
 
 
 def _padded_for(ids: torch.Tensor, encoder) -> torch.Tensor:
@@ -899,13 +990,24 @@ def attach_attention_recorder(model, recorder: CrossAttentionRecorder):
 
 def clip_position_labels(clip, prompt: str) -> list[str]:
     """One label per conditioning position for this prompt, as ComfyUI's CLIP tokenizes it."""
-    tokens = clip.tokenize(prompt)
-    name, chunks = next(iter(tokens.items()))  # SDXL's g and l encoders see the same tokens
+    name = next(iter(clip.tokenize("").keys()))  # SDXL's g and l encoders see the same tokens
     inner = getattr(clip.tokenizer, f"clip_{name}", None) or next(
         t for t in vars(clip.tokenizer).values() if hasattr(t, "tokenizer")
     )
-    ids = [int(tok[0]) for chunk in chunks for tok in chunk]
-    return position_labels(inner.tokenizer, ids, inner.start_token, inner.end_token, chunk=len(chunks[0]))
+    rows = id_chunks(clip, prompt)
+    names = embedding_names(clip, prompt)
+    special: dict[int, str] = {}  # an embedding's vectors read as its `embedding:name`
+    words: list[int] = []
+    for chunk, row in zip(prompt_chunks(clip, prompt), rows, strict=True):
+        for (_, _, word), token in zip(chunk, row, strict=True):
+            if is_embedding_id(token):
+                words += [word] if word not in words else []
+                g = words.index(word)
+                special.setdefault(token, f"embedding:{names[g]}" if g < len(names) else "embedding")
+    ids = [i for row in rows for i in row]
+    return position_labels(
+        inner.tokenizer, ids, inner.start_token, inner.end_token, chunk=len(rows[0]), special=special
+    )
 
 
 def sample_prompts(

@@ -63,8 +63,9 @@ def build_lab_unet(config: dict[str, Any]):
     return rescale_latents(patcher, config)
 
 
-def build_lab_clip(config: dict[str, Any]):
-    """A ComfyUI CLIP with the real CLIP BPE tokenizer and the lab's small text transformer."""
+def build_lab_clip(config: dict[str, Any], embedding_directory: list[str] | str | None = None):
+    """A ComfyUI CLIP with the real CLIP BPE tokenizer and the lab's small text transformer; prompts'
+    `embedding:name` resolve in `embedding_directory` as the stock loader's do in models/embeddings."""
     ensure_comfy_importable()
     import comfy.sd
     import comfy.sd1_clip
@@ -80,7 +81,9 @@ def build_lab_clip(config: dict[str, Any]):
         tokenizer=functools.partial(comfy.sd1_clip.SDTokenizer, embedding_size=text_config["hidden_size"]),
     )
     target = comfy.supported_models_base.ClipTarget(tok_cls, clip_cls)
-    return comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    return comfy.sd.CLIP(
+        target=target, embedding_directory=embedding_directory, model_options={"dtype": torch.float32}
+    )
 
 
 def build_lab_vae(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None):
@@ -159,8 +162,9 @@ def read_lab_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return tensors, info
 
 
-def load_lab_checkpoint(path: str | os.PathLike):
-    """MODEL, CLIP, VAE and metadata from a lab checkpoint (SD1-style keys, config in metadata)."""
+def load_lab_checkpoint(path: str | os.PathLike, embedding_directory: list[str] | str | None = None):
+    """MODEL, CLIP, VAE and metadata from a lab checkpoint (SD1-style keys, config in metadata); the CLIP
+    resolves `embedding:name` in `embedding_directory` (build_lab_clip)."""
     tensors, info = read_lab_tensors(path)
     config = info["config"]
     if config.get("family") != LAB_FAMILY:
@@ -170,7 +174,7 @@ def load_lab_checkpoint(path: str | os.PathLike):
     tensors = {k: v.float() for k, v in tensors.items()}
     model = build_lab_unet(config)
     model.model.diffusion_model.load_state_dict(_strip_prefix(tensors, UNET_PREFIX), strict=True)
-    clip = build_lab_clip(config)
+    clip = build_lab_clip(config, embedding_directory)
     text_sd = _strip_prefix(tensors, TEXT_PREFIX)
     missing, unexpected = clip.cond_stage_model.clip_l.transformer.load_state_dict(text_sd, strict=False)
     if [m for m in missing if "position_ids" not in m] or unexpected:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..backends.comfy import sample_prompts, supported_family
+from ..backends.comfy import check_trigger_embeddings, sample_prompts, supported_family
 from ..images import tensor_to_images
 from ..models import KSamplerSettings
 from ..prompts import evaluation_prompts, prompt_lines
@@ -86,6 +86,7 @@ class EvaluationSession:
         if unlearned_model is None and sau_profile is None:
             raise ValueError("nothing to compare: connect the unlearned MODEL, or an SAU profile")
         supported_family(model)
+        check_trigger_embeddings(clip, trigger)
         self.opts = o = opts or EvaluationOptions()
         self.trigger, self.judge, self.embed = trigger, judge, embed
         seed, drawing = o.sampling.seed, o.sampling.drawing

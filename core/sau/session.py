@@ -16,10 +16,11 @@ import torch
 from ..attention import CaptureSettings, CrossAttentionRecorder
 from ..backends.comfy import (
     attach_attention_recorder,
+    check_trigger_embeddings,
+    id_chunks,
     ksample,
     ksample_pair,
     model_fingerprint,
-    prompt_chunks,
     supported_family,
     text_conditioning,
     tokenizer_info,
@@ -57,6 +58,7 @@ class SAUSession:
 
     def __init__(self, model, clip, trigger: str, user_prompts: Sequence[str] | str = (), opts=None) -> None:
         supported_family(model)
+        check_trigger_embeddings(clip, trigger)
         self.model, self.clip, self.trigger = model, clip, trigger
         self.opts = opts or SAUOptions()
         o, seed = self.opts, self.opts.sampling.seed
@@ -196,8 +198,9 @@ def two_passes(
 
 
 def _chunk_ids(clip, text: str) -> list[list[int]]:
-    """ComfyUI's chunks of a text as ids (an embedding's vectors as -1: no trigger is spelled by them)."""
-    return [[t if isinstance(t, int) else -1 for t, _, _ in chunk] for chunk in prompt_chunks(clip, text)]
+    """ComfyUI's chunks of a text as ids (an embedding's vectors as ids past the vocabulary, the same in
+    the prompt as in a trigger `embedding:name`)."""
+    return id_chunks(clip, text)
 
 
 def _content(chunks: list[list[int]], bos: int, eos: int) -> list[int]:
