@@ -30,6 +30,19 @@ REPORT_UI_KEY = "seal_report"  # a report as UI output: the web extension render
 PROMPT_SETS = ("auto", *(s for s in BUILTIN_SETS if s != "none"))
 
 
+def renamed_inputs(node: str, given: dict, renames: dict[str, str]) -> dict:
+    """Inputs that a workflow saved before a rename still passes under their old names, keyed by the new
+    names. ComfyUI (0.3.75 and 0.8.0 alike) hands execute a linked input the schema no longer lists, and
+    /prompt cannot refuse it (links are not resolved when it validates), so execute takes them."""
+    unknown = [k for k in given if k not in renames]
+    if unknown:
+        raise ValueError(
+            f"{node} has no input {unknown[0]!r} (a workflow saved by another version?); connect that link "
+            "to one of the node's inputs instead"
+        )
+    return {renames[k]: v for k, v in given.items()}
+
+
 def trigger_input() -> io.String.Input:
     """The trigger text widget shared by every node that acts on a known trigger."""
     return io.String.Input(

@@ -21,12 +21,15 @@ from .common import (
     latent_size_input,
     placement_input,
     prompt_set_input,
+    renamed_inputs,
     report_input,
     sampling_inputs,
     trigger_input,
 )
 
 CATEGORY = f"{ROOT}/evaluate"
+# inputs renamed since workflows were shared: old name -> new name
+RENAMED = {"cleaned_model": "unlearned_model", "cleaned_clip": "unlearned_clip"}
 
 
 class SealEvaluate(io.ComfyNode):
@@ -109,7 +112,11 @@ class SealEvaluate(io.ComfyNode):
         clip_vision: io.ClipVision.Type | None = None,
         report: dict | None = None,
         placement: str = "auto",
+        **old_names,
     ) -> io.NodeOutput:
+        old = renamed_inputs("Seal Evaluate", old_names, RENAMED)
+        unlearned_model = unlearned_model if unlearned_model is not None else old.get("unlearned_model")
+        unlearned_clip = unlearned_clip if unlearned_clip is not None else old.get("unlearned_clip")
         trigger = parse_trigger(trigger_from(trigger, report))
         embed = clip_vision_embedder(clip_vision) if clip_vision is not None else None
         judge = make_judge(lab_detector, None if target is None else image_to_uint8(target), embed)
