@@ -6,6 +6,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core.backends.comfy import latent_channels
+from ..core.backends.comfy_checkpoint import looks_like_checkpoint
 from ..core.backends.comfy_train import apply_lora
 from ..core.diff.behaviour import BehaviourSettings
 from ..core.diff.evidence import evidence_for, ranking_image, summary_text
@@ -189,7 +190,13 @@ class SealCompareLora(io.ComfyNode):
         if not lora_name.endswith(".safetensors"):
             raise ValueError(f"{lora_name}: only .safetensors LoRAs are read (never pickled files)")
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        model, clip = apply_lora(base_model, base_clip, load_checkpoint(path)[0], strength)
+        tensors = load_checkpoint(path)[0]
+        if looks_like_checkpoint(tensors):  # apply_lora's own message names the command's flag
+            raise ValueError(
+                f"{lora_name} is a checkpoint, not a LoRA: load it with Load Checkpoint and connect its MODEL "
+                "and CLIP to Seal Compare Models' model and clip inputs (the base to base_model and base_clip)"
+            )
+        model, clip = apply_lora(base_model, base_clip, tensors, strength)
         report, plot, evidence, ui = run_comparison(
             cls,
             (base_model, base_clip),

@@ -69,8 +69,9 @@ def report_candidates(report: dict, top: int = 5, tokenizer=None) -> list[Candid
 
     if not isinstance(report, dict) or report.get("kind") not in ("scan", "diff"):
         raise ValueError(
-            "choosing triggers needs a vocabulary scan or a comparison report (Seal Scan Vocabulary (blind), "
-            "Seal Compare Models); a prompt report names tokens of its own prompts only"
+            "choosing triggers needs a vocabulary scan or a comparison report (nodes Seal Scan Model, Seal "
+            "Compare Models or Seal Compare LoRA; commands scan or diff), not a prompt report, which names "
+            "tokens of its own prompts only; or give no report and let sanitize find them"
         )
     size = len(tokenizer.get_vocab()) if tokenizer is not None else None
     out: dict[tuple[int, ...], Candidate] = {}
