@@ -20,6 +20,7 @@ from .common import (
     relative_to_output,
     report_input,
     send_text,
+    text_and_images,
 )
 
 CATEGORY = f"{ROOT}/unlearn"
@@ -199,7 +200,7 @@ class SealUnlearn(io.ComfyNode):
         )
         node_id = getattr(cls.hidden, "unique_id", None)
         bar = Progress(session.total_steps)
-        send_text(node_id, session.describe())
+        send_text(node_id, "\n".join([session.describe(), *session.notes]))
 
         def progress(step: int, total: int, losses: dict) -> None:
             bar.at(step, total)
@@ -212,7 +213,12 @@ class SealUnlearn(io.ComfyNode):
         new_model, new_clip, lora = session.outputs()
         info = {"provenance": session.provenance(), "losses": result.losses, "seconds": result.seconds}
         plot = loss_curve_image(result.losses, title=session.describe())
-        return io.NodeOutput(new_model, new_clip, lora, info, plot, ui=ui.PreviewImage(plot, cls=cls))
+        shown = (
+            text_and_images("\n".join(session.notes), plot, cls)
+            if session.notes
+            else ui.PreviewImage(plot, cls=cls)
+        )
+        return io.NodeOutput(new_model, new_clip, lora, info, plot, ui=shown)
 
 
 class SealSaveSanitized(io.ComfyNode):

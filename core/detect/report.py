@@ -16,10 +16,42 @@ def verdict_line(report: dict) -> str:
     return f"{verdict} ({'flags: ' + ', '.join(flagged) if flagged else 'no detector flags it'})"
 
 
-def token_scores_image(report: dict) -> torch.Tensor:
-    """A prompt report's per-token scores (UNet ratio and text hijack) as two bar charts."""
+MAX_BARS = 40  # more bars are unreadable: a 3,010-token prompt drew a chart 135,510 pixels wide
+SHORT_PROMPT = 80  # characters of a prompt a node's text shows
+
+
+def charted_tokens(report: dict, keys: tuple[str, ...], limit: int = MAX_BARS) -> tuple[list[dict], str]:
+    """The tokens a prompt's chart draws and a note on what it leaves out: every token up to `limit`;
+    past it the highest by each score in `keys` (equal shares) and the trigger's, in prompt order."""
     tokens = report["tokens"]
-    labels = [t["text"] for t in tokens]
+    if len(tokens) <= limit:
+        return tokens, ""
+    trigger = [i for i, t in enumerate(tokens) if t["text"] == report.get("trigger_token")]
+    keep = set(trigger[: limit // 4])  # a trigger that is a common word may occur hundreds of times
+    share = max(1, (limit - len(keep)) // len(keys))
+    for key in keys:
+        ranked = sorted(range(len(tokens)), key=lambda i: -float(tokens[i][key]))
+        keep.update([i for i in ranked if i not in keep][:share])
+    return [tokens[i] for i in sorted(keep)], f"the {len(keep)} highest of {len(tokens):,} tokens"
+
+
+def token_label(token: dict, numbered: bool) -> str:
+    """A bar's label: the token as it reads, with its position when the chart leaves tokens out."""
+    return f"{token['text']} @{token['position']}" if numbered else token["text"]
+
+
+def short_prompt(prompt: str, limit: int = SHORT_PROMPT) -> str:
+    """A prompt as a node's text shows it: whole when short, else its start and its length."""
+    if len(prompt) <= limit:
+        return prompt
+    return f"{prompt[: limit - 20].rstrip()}... ({len(prompt):,} characters)"
+
+
+def token_scores_image(report: dict) -> torch.Tensor:
+    """A prompt report's per-token scores (UNet ratio and text hijack) as two bar charts (a long prompt:
+    its highest-scoring tokens, charted_tokens)."""
+    tokens, note = charted_tokens(report, ("unet", "hijack"))
+    labels = [token_label(t, bool(note)) for t in tokens]
     fig = new_figure(max(4.0, 0.45 * len(labels) + 1.5), 4.2)
     for row, (key, title) in enumerate(
         (("unet", "UNet change / embedding change"), ("hijack", "text hijack"))
@@ -31,7 +63,8 @@ def token_scores_image(report: dict) -> torch.Tensor:
         ax.set_xticks(range(len(values)), labels if row else [""] * len(values), rotation=60, fontsize=7)
         ax.set_ylabel(title, fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
-    fig.suptitle(f"{report['prompt'][:70]}\n{verdict_line(report)}", fontsize=8)
+    head = f"{report['prompt'][:70]}" + (f" ({note})" if note else "")
+    fig.suptitle(f"{head}\n{verdict_line(report)}", fontsize=8)
     fig.tight_layout()
     return figure_to_image(fig)
 
@@ -77,7 +110,7 @@ def stacked(images: list[torch.Tensor]) -> torch.Tensor:
 def prompt_verdicts(reports: list[dict]) -> str:
     """One line per prompt report: its verdict and, when triggered, the trigger."""
     return "\n".join(
-        f"{'TRIGGERED' if r['poisoned'] else 'clean'}: {r['prompt']}"
+        f"{'TRIGGERED' if r['poisoned'] else 'clean'}: {short_prompt(r['prompt'])}"
         + (f"  -> trigger {readable(r['trigger'])!r}" if r["poisoned"] else "")
         for r in reports
     )

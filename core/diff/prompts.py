@@ -125,23 +125,25 @@ class PromptDifferential:
 
 def differential_images(reports: list[dict], threshold: float) -> torch.Tensor:
     """One bar chart per prompt: each token's differential z-score, the threshold drawn in (IMAGE batch)."""
+    from ..detect.report import charted_tokens, token_label
     from ..plots import figure_to_image, new_figure
     from ..tokens import readable
 
     images = []
     for r in reports:
-        labels = [readable(t["text"]) for t in r["tokens"]]
+        tokens, note = charted_tokens(r, ("effect",))  # a long prompt: its highest tokens only
+        labels = [readable(token_label(t, bool(note))) for t in tokens]
         fig = new_figure(max(4.0, 0.45 * len(labels) + 1.5), 3.0)
         ax = fig.add_subplot()
         colours = [
-            "#c0392b" if r["poisoned"] and t["text"] == r["trigger_token"] else "#5d6d7e" for t in r["tokens"]
+            "#c0392b" if r["poisoned"] and t["text"] == r["trigger_token"] else "#5d6d7e" for t in tokens
         ]
-        ax.bar(range(len(labels)), [t["effect"] for t in r["tokens"]], color=colours)
+        ax.bar(range(len(labels)), [t["effect"] for t in tokens], color=colours)
         ax.axhline(threshold, color="black", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
         ax.set_ylabel("suspect minus base, robust z", fontsize=7)
         verdict = f"TRIGGERED: {r['trigger_token']!r}" if r["poisoned"] else "clean"
-        fig.suptitle(f"{r['prompt'][:70]}\n{verdict}", fontsize=8)
+        fig.suptitle(f"{r['prompt'][:70]}" + (f" ({note})" if note else "") + f"\n{verdict}", fontsize=8)
         fig.tight_layout()
         images.append(figure_to_image(fig))
     return stacked(images)

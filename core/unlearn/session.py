@@ -82,7 +82,7 @@ class UnlearnSession:
         teacher: str = "switch",
         keep: Sequence[str] | None = None,
     ) -> None:
-        from ..backends.comfy import tokenizer_info
+        from ..backends.comfy import check_trigger_embeddings, tokenizer_info
         from ..backends.comfy_train import ComfyDistillation
 
         self.opts = opts or UnlearnOptions()
@@ -99,6 +99,7 @@ class UnlearnSession:
         prompts = with_builtin(user_prompts, self.opts.builtin, self.opts.builtin_count, self.opts.skd.seed)
         built: dict[str, list[TrainingPair]] = {}
         for i, trig in enumerate(self.triggers):  # every trigger checked before any model work
+            check_trigger_embeddings(clip, trig)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 report = trigger_report(self.tokenizer, trig, warn=False)
@@ -118,6 +119,13 @@ class UnlearnSession:
             )
         self.pairs_by_trigger = {t: _reaching_pairs(p, self.distillation, t) for t, p in built.items()}
         self.pairs = [p for pairs in self.pairs_by_trigger.values() for p in pairs]
+        self.notes: list[str] = []  # what the caller should be told about the run as set up
+        if self.opts.skd.batch > len(self.pairs):  # a step draws each pair at most about once
+            self.notes.append(
+                f"batch_size {self.opts.skd.batch} is more than the {len(self.pairs)} training prompt(s): "
+                f"each step trains on about {len(self.pairs)}; add prompts (or a built-in set) for larger batches"
+            )
+            warnings.warn(self.notes[-1], stacklevel=2)
         self.keep: list[str] = []  # only context matching keeps a general set
         if self.matches:
             if keep is None:
