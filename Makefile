@@ -3,14 +3,20 @@ SHELL := /bin/bash
 PORT ?= 8188
 VENV := .venv
 PY := $(VENV)/bin/python
+# HOST=0.8.0 runs serve / demo on the second host (scripts/provision.sh copies it when its tree exists)
+HOST ?= 0.3.75
+COMFY_DIR := $(if $(filter 0.3.75,$(HOST)),.comfyui,.comfyui-$(HOST))
 
-.PHONY: provision provision-browser serve test test-slow lint demo screenshot clean
+.PHONY: provision provision-browser host serve test test-slow lint demo screenshot clean
 
 provision:
 	@bash scripts/provision.sh
 
-serve: provision
-	cd .comfyui && ../$(PY) main.py --cpu --listen 127.0.0.1 --port $(PORT) --disable-auto-launch
+serve: provision host
+	cd $(COMFY_DIR) && PYTHONPATH=$$PWD/.seal-deps ../$(PY) main.py --cpu --listen 127.0.0.1 --port $(PORT) --disable-auto-launch
+
+host:
+	@test -f $(COMFY_DIR)/main.py || { echo "HOST=$(HOST): no ComfyUI at $(COMFY_DIR) (hosts: 0.3.75, and 0.8.0 when ../shared/comfyui-0.8.0 exists; run make provision)"; exit 2; }
 
 lint: provision
 	$(VENV)/bin/ruff check .
@@ -31,8 +37,8 @@ screenshot: provision provision-browser
 test-slow: provision
 	$(PY) -m pytest -m slow
 
-demo: provision
-	$(PY) -m backdoor_seal.core.cli demo
+demo: provision host
+	COMFYUI_PATH=$(COMFY_DIR) $(PY) -m backdoor_seal.core.cli demo
 
 clean:
-	rm -rf .venv .comfyui .cache out out-*
+	rm -rf .venv .comfyui .comfyui-0.8.0 .cache out out-*

@@ -219,6 +219,9 @@ class ComfyServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 (closed with the process)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        deps = self.root / ".seal-deps"  # a second host's own requirements, first on its path
+        if deps.is_dir():
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(deps), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         deadline = time.monotonic() + self.startup_timeout

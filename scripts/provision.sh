@@ -58,3 +58,36 @@ if [ "$(readlink "$LINK" 2>/dev/null)" != "$ROOT" ]; then
   ln -s "$ROOT" "$LINK"
 fi
 echo "[provision] ready: $VENV, ComfyUI $COMFY_VERSION at $COMFY"
+
+# The second host: upstream ComfyUI 0.8.0, copied from a read-only tree (SEAL_COMFY_SECOND, default
+# ../shared/comfyui-0.8.0). Its extra requirements go to .seal-deps inside the copy, first on its path,
+# so one .venv serves both hosts and 0.3.75 keeps its own frontend.
+SECOND_SRC=${SEAL_COMFY_SECOND:-$ROOT/../shared/comfyui-0.8.0}
+SECOND=$ROOT/.comfyui-0.8.0
+if [ ! -f "$SECOND_SRC/comfy/model_management.py" ]; then
+  echo "[provision] second host skipped: no ComfyUI 0.8.0 tree at $SECOND_SRC (tests run on $COMFY_VERSION only)"
+  rm -rf "$SECOND"
+  exit 0
+fi
+SECOND_SRC=$(cd "$SECOND_SRC" && pwd -P)
+SRC_HASH=$( (echo "$SECOND_SRC"; cat "$SECOND_SRC/comfyui_version.py" "$SECOND_SRC/requirements.txt") | sha256sum | cut -c1-16)
+if ! stamp_ok "$SECOND/.seal-comfy" "$SRC_HASH"; then
+  echo "[provision] ComfyUI 0.8.0 from $SECOND_SRC, with the requirements 0.3.75 lacks"
+  rm -rf "$SECOND"
+  cp -r "$SECOND_SRC" "$SECOND"
+  chmod -R u+w "$SECOND"
+  # lines of 0.8.0's requirements that 0.3.75's list does not hold (torch and torchaudio kept out)
+  grep -vxF -f "$COMFY/requirements.txt" "$SECOND/requirements.txt" \
+    | grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio)\s*$' > "$SECOND/.seal-requirements.txt" || true
+  if [ -s "$SECOND/.seal-requirements.txt" ]; then
+    "$VENV/bin/pip" install --disable-pip-version-check -q --target "$SECOND/.seal-deps" \
+      -r "$SECOND/.seal-requirements.txt" 2>&1 | grep -vE "is ignored: it is neither|WARNING: Target directory" || true
+  fi
+  echo "$SRC_HASH" > "$SECOND/.seal-comfy"
+fi
+LINK2=$SECOND/custom_nodes/backdoor_seal
+if [ "$(readlink "$LINK2" 2>/dev/null)" != "$ROOT" ]; then
+  rm -rf "$LINK2"
+  ln -s "$ROOT" "$LINK2"
+fi
+echo "[provision] second host ready: ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$SECOND/comfyui_version.py") at $SECOND"

@@ -300,7 +300,7 @@ def lines_per_folder(root: Path = ROOT) -> dict[str, int]:
     out: dict[str, int] = {}
     for path in python_files(root, "."):
         rel = path.relative_to(root)
-        if rel.parts[0] in {".venv", ".comfyui", ".cache", "out", "build"}:
+        if rel.parts[0] in {".venv", ".comfyui", ".comfyui-0.8.0", ".cache", "out", "build"}:
             continue
         key = "/".join(rel.parts[:2]) if rel.parts[0] == "core" and len(rel.parts) > 2 else rel.parts[0]
         if rel.parts[0] == "core" and len(rel.parts) == 2:

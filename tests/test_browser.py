@@ -1,6 +1,7 @@
 """The real ComfyUI frontend in headless Chromium, served by the test server: our web extension loads
 without console errors of its own, the frontend turns each example workflow into exactly its API twin,
-the sanitize workflow runs from the UI, and Seal Evaluate's report shows as a table in the node.
+the demo's sanitize workflow runs from the UI, and Seal Sanitize's report shows as a table in the node; on the
+second host, a short graph runs from the UI.
 Set BACKDOOR_SEAL_SCREENSHOT=PATH to keep the screenshot (the README's picture)."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from graphs import model_info_graph
+from hosts import HOSTS
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("/extensions/backdoor_seal/", "backdoor_seal", "seal_report")
@@ -26,9 +29,16 @@ def chromium() -> str:
     return path
 
 
-def test_frontend_loads_the_extension_runs_the_sanitize_workflow_and_shows_the_report(comfy_server, tmp_path):
+@pytest.mark.parametrize("host", HOSTS)
+def test_frontend_loads_the_extension_queues_each_workflow_as_its_twin_and_shows_reports(
+    host, request, tmp_path
+):
+    """On each host's own frontend. The default host runs the demo's sanitize workflow from the page (once
+    per session, shared with tests/test_workflows.py) and shows Seal Sanitize's report in the node; the
+    second runs a short graph from the page (the long workflows run on the default host only)."""
     from playwright.sync_api import sync_playwright
 
+    server = request.getfixturevalue("comfy_server" if host == HOSTS[0] else "second_host_server")
     errors: list[str] = []  # console errors and uncaught exceptions that come from our extension
 
     def on_console(message) -> None:
@@ -37,7 +47,7 @@ def test_frontend_loads_the_extension_runs_the_sanitize_workflow_and_shows_the_r
             errors.append(where)
 
     shot = tmp_path / "sanitize-workflow.png"
-    client = comfy_server.client()
+    client = server.client()
     assert "/extensions/backdoor_seal/js/seal_report.js" in client.get_json("/extensions")
     # a fresh user folder would open the first-run template browser, which loads a graph of its own
     client.post_json("/settings/Comfy.TutorialCompleted", True)
@@ -49,32 +59,23 @@ def test_frontend_loads_the_extension_runs_the_sanitize_workflow_and_shows_the_r
             "pageerror",
             lambda e: errors.append(f"{e} {e.stack}") if any(m in str(e.stack) for m in OURS) else None,
         )
-        page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+        page.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
         page.wait_for_function(
             "() => window.app?.extensions?.some((e) => e.name === 'backdoor_seal.report')", timeout=180_000
         )
-        page.evaluate(
-            "(wf) => window.app.loadGraphData(wf)",
-            json.loads((ROOT / "workflows" / "detect-and-unlearn.json").read_text()),
-        )
-        page.wait_for_function("() => window.app.graph._nodes.some((n) => n.type === 'SealEvaluate')")
+        _hide_banners(page)
         # queued as the Run button does, under the page's client id, so the page gets the results
         client.client_id = page.evaluate("() => window.app.api.clientId")
-        twin = json.loads((ROOT / "tests" / "workflows" / "detect-and-unlearn.api.json").read_text())
-        client.run(
-            twin,
-            timeout=600,
-            workflow=json.loads((ROOT / "workflows" / "detect-and-unlearn.json").read_text()),
-        )
-        page.wait_for_selector(".seal-report table", state="attached", timeout=60_000)
-        # frame the graph at a zoom where the frontend draws widgets (and our table) in full
-        page.evaluate(
-            "() => { const c = window.app.canvas; c.ds.scale = 0.7; c.ds.offset = [20, 20]; c.setDirty(true, true); }"
-        )
-        page.wait_for_timeout(1500)
-        assert page.is_visible(".seal-report table")
-        text = page.text_content(".seal-report")
-        page.screenshot(path=str(shot))
+        if host == HOSTS[0]:
+            text = _run_sanitize_workflow(page, request.getfixturevalue("sanitize_workflow_run"), shot)
+        else:
+            text = None
+            page.evaluate(
+                """() => { window.sealExecuted = [];
+                    window.app.api.addEventListener("executed", (e) => window.sealExecuted.push(e.detail)); }"""
+            )
+            client.run(model_info_graph("lab-untrained.safetensors", batch=1), timeout=300)
+            page.wait_for_function("() => window.sealExecuted.some((d) => d.node === '2')", timeout=60_000)
         for path in sorted((ROOT / "workflows").glob("*.json")):
             workflow = json.loads(path.read_text())
             page.evaluate("(wf) => window.app.loadGraphData(wf)", workflow)
@@ -103,11 +104,40 @@ def test_frontend_loads_the_extension_runs_the_sanitize_workflow_and_shows_the_r
     assert ["seal-bad", "verdictpoisoned"] in sanitize  # the verdict first, in red unless clean
     assert ["seal-bad", "not confirmed clean'muted' still fires on 62% of probes after cleaning"] in sanitize
     assert not any("merging" in text for _, text in sanitize)  # tested, did not fire: not taken
-    assert "<U+2060>" in text and "attack success, after removal" in text and "0%" in text
-    assert shot.stat().st_size > 10_000
-    if os.environ.get("BACKDOOR_SEAL_SCREENSHOT"):
-        shutil.copy(shot, os.environ["BACKDOOR_SEAL_SCREENSHOT"])
+    if text is not None:  # the demo's run: the verdict and the homoglyph it took, in the node
+        assert "verdict" in text and "triggers found" in text and "\u043e" in text, text
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("BACKDOOR_SEAL_SCREENSHOT"):
+            shutil.copy(shot, os.environ["BACKDOOR_SEAL_SCREENSHOT"])
     assert not errors, "console errors from our extension:\n" + "\n".join(errors)
+
+
+def _hide_banners(page) -> None:
+    """Dismiss what the frontend announces on a first visit (a toast, the 'Nodes 2.0' banner), so the
+    screenshot shows the graph; what is not there is skipped."""
+    page.evaluate(
+        """() => { for (const el of document.querySelectorAll(
+            '.p-toast, [class*="announcement"], [class*="banner"], [class*="Banner"]')) el.style.display = 'none'; }"""
+    )
+
+
+def _run_sanitize_workflow(page, sanitize_workflow_run, shot) -> str:
+    """Load workflows/sanitize-lab-model.json in the page, run its twin under the page's client id, frame
+    the graph and screenshot it; returns the text of Seal Sanitize's report in the node."""
+    workflow = json.loads((ROOT / "workflows" / "sanitize-lab-model.json").read_text())
+    page.evaluate("(wf) => window.app.loadGraphData(wf)", workflow)
+    page.wait_for_function("() => window.app.graph._nodes.some((n) => n.type === 'SealSanitize')")
+    sanitize_workflow_run(page.evaluate("() => window.app.api.clientId"))
+    page.wait_for_selector(".seal-report table", state="attached", timeout=60_000)
+    # frame the graph at a zoom where the frontend draws widgets (and our table) in full
+    page.evaluate(
+        "() => { const c = window.app.canvas; c.ds.scale = 0.85; c.ds.offset = [10, 10]; c.setDirty(true, true); }"
+    )
+    _hide_banners(page)
+    page.wait_for_timeout(1500)
+    assert page.is_visible(".seal-report table")
+    page.screenshot(path=str(shot))
+    return page.text_content(".seal-report")
 
 
 def _sanitize_report() -> dict:

@@ -11,49 +11,8 @@ import pytest
 from backdoor_seal.core.comfy_host import ComfyError
 
 LAB = "lab-untrained.safetensors"
-EMBEDDING = "sealemb"  # a 2-vector textual inversion of the lab CLIP's width
+EMBEDDING = "sealemb"  # in every test server's embeddings folder (conftest.embeddings_dir)
 SAMPLING = {"seed": 1, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal"}
-
-
-@pytest.fixture(scope="session")
-def embeddings_dir(tmp_path_factory, comfy_root):
-    """A folder holding sealemb.safetensors, a textual inversion (emb_params, 2 x width) for the lab CLIP."""
-    import torch
-
-    from backdoor_seal.core.lab.models import lab_config
-    from backdoor_seal.core.safetensors_io import atomic_save
-
-    d = tmp_path_factory.mktemp("embeddings")
-    width = lab_config()["text"]["hidden_size"]
-    vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(0))
-    atomic_save({"emb_params": vectors}, d / f"{EMBEDDING}.safetensors")
-    return d
-
-
-@pytest.fixture(scope="session")
-def embedding_server(comfy_root, lab_dir, embeddings_dir, tmp_path_factory):
-    """A ComfyUI server whose embeddings folder holds sealemb (the shared comfy_server has none), and whose
-    loras folder holds a checkpoint (Seal Compare LoRA's message)."""
-    import shutil
-
-    from backdoor_seal.core.comfy_host import ComfyServer
-
-    logs = tmp_path_factory.mktemp("embedding-server")
-    loras = logs / "loras"
-    loras.mkdir()
-    shutil.copy(lab_dir / LAB, loras / "a-checkpoint.safetensors")
-    server = ComfyServer(
-        comfy_root,
-        log_path=logs / "comfyui.log",
-        output_dir=logs / "output",
-        extra_model_paths={
-            "backdoor_seal_lab": str(lab_dir),
-            "embeddings": str(embeddings_dir),
-            "loras": str(loras),
-        },
-    )
-    with server:
-        yield server
 
 
 def _unlearn(trigger: str, prompts: str, method: str, scope: str) -> dict[str, Any]:
@@ -207,11 +166,11 @@ def embedding_graph() -> dict[str, Any]:
 
 
 @pytest.mark.server
-def test_embeddings_in_every_nodes_prompts(embedding_server):
+def test_embeddings_in_every_nodes_prompts(host_server):
     """Every node that reads prompts runs with a textual-inversion embedding ComfyUI resolves in them (Seal
     Unlearn raised `only one element tensors can be converted to Python scalars` with every method); an
     embedding as the trigger is found by its ids. Seal Sanitize and the comparisons read no prompts."""
-    entry = embedding_server.client().run(embedding_graph(), timeout=600)
+    entry = host_server.client().run(embedding_graph(), timeout=600)
     out = entry["outputs"]
     texts = {k: " ".join(v.get("text", [])) for k, v in out.items()}
     assert all(out[f"9{n}"]["images"] for n in ("2", "8", "20", "21", "22", "23", "40"))
@@ -301,7 +260,7 @@ def test_sanitize_given_a_prompt_report_names_nodes_that_exist(comfy_server):
 
 
 @pytest.mark.server
-def test_compare_lora_given_a_checkpoint_names_the_node_input(embedding_server):
+def test_compare_lora_given_a_checkpoint_names_the_node_input(host_server):
     graph = {
         "1": {"class_type": "SealLabCheckpointLoader", "inputs": {"lab_model": LAB}},
         "2": {
@@ -316,10 +275,10 @@ def test_compare_lora_given_a_checkpoint_names_the_node_input(embedding_server):
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}},
     }
     with pytest.raises(ComfyError, match="is a checkpoint, not a LoRA") as err:
-        embedding_server.client().run(graph, timeout=120)
+        host_server.client().run(graph, timeout=120)
     message = str(err.value).split("exception_type")[0]
     assert "--model" not in message and "Seal Compare Models" in message
-    assert all(any(d.startswith(n) for d in _display_names(embedding_server)) for n in _named_nodes(message))
+    assert all(any(d.startswith(n) for d in _display_names(host_server)) for n in _named_nodes(message))
 
 
 def _evaluate(**links) -> dict[str, Any]:
@@ -348,11 +307,11 @@ def _evaluate(**links) -> dict[str, Any]:
 
 
 @pytest.mark.server
-def test_evaluate_runs_a_workflow_saved_with_its_old_input_names(comfy_server):
+def test_evaluate_runs_a_workflow_saved_with_its_old_input_names(host_server):
     """`cleaned_model` / `cleaned_clip` (before the rename to unlearned_*) passed /prompt, then execute
     raised a TypeError; they now mean unlearned_model / unlearned_clip. An input no version had is one
     line naming it."""
-    client = comfy_server.client()
+    client = host_server.client()
     entry = client.run(_evaluate(cleaned_model=["1", 0], cleaned_clip=["1", 1]), timeout=300)
     assert "clean fidelity: SSIM 1.000" in " ".join(entry["outputs"]["3"]["text"])  # the same model
     with pytest.raises(ComfyError, match="has no input 'scrubbed_model'"):

@@ -52,7 +52,7 @@ def test_comfy_registry_metadata():
 
 
 def _python_sources() -> list[Path]:
-    skip = {".venv", ".comfyui", ".cache", "out", "build"}
+    skip = {".venv", ".comfyui", ".comfyui-0.8.0", ".cache", "out", "build"}
     return [p for p in ROOT.rglob("*.py") if not skip.intersection(p.relative_to(ROOT).parts)]
 
 
@@ -142,7 +142,7 @@ def installed_wheel(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "source"
     skip = shutil.ignore_patterns(
-        ".git", ".venv", ".comfyui", ".cache", "out", "build", "*.egg-info", "__pycache__"
+        ".git", ".venv", ".comfyui", ".comfyui-0.8.0", ".cache", "out", "build", "*.egg-info", "__pycache__"
     )
     shutil.copytree(ROOT, source, ignore=skip)
     dist = tmp / "dist"

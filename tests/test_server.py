@@ -1,4 +1,5 @@
-"""Integration: the pack inside a real ComfyUI 0.3.75 server on 127.0.0.1."""
+"""Integration: the pack inside a real ComfyUI server on 127.0.0.1. The tests that take `host_server` run on
+both hosts (0.3.75 and 0.8.0); the others on the default host."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from graphs import model_info_graph
+from hosts import HOSTS, SECOND_MISSING, second_host_ready
 
 from backdoor_seal.core.comfy_host import ComfyClient, ComfyError, free_port
 
@@ -24,8 +26,8 @@ def _our_node_ids() -> set[str]:
     return {n.define_schema().node_id for n in NODES}
 
 
-def test_every_node_is_registered(comfy_server):
-    info = comfy_server.client().get_json("/object_info")
+def test_every_node_is_registered(host_server):
+    info = host_server.client().get_json("/object_info")
     ours = _our_node_ids()
     assert ours and ours <= set(info)
     assert all(i.startswith("Seal") for i in ours)
@@ -34,21 +36,21 @@ def test_every_node_is_registered(comfy_server):
     assert "lab-untrained.safetensors" in lab_model[1]["options"]
 
 
-def test_host_is_comfyui_0_3_75_or_newer(comfy_server):
-    version = comfy_server.client().get_json("/system_stats")["system"]["comfyui_version"]
-    assert tuple(int(v) for v in version.split(".")[:3]) >= (0, 3, 75)
+def test_each_host_runs_its_own_comfyui(host_server, request):
+    version = host_server.client().get_json("/system_stats")["system"]["comfyui_version"]
+    assert version == request.node.callspec.params["host_server"]
 
 
-def test_server_log_has_no_import_failure_for_the_pack(comfy_server):
-    log = comfy_server.log()
+def test_server_log_has_no_import_failure_for_the_pack(host_server):
+    log = host_server.log()
     assert "custom_nodes/backdoor_seal" in log  # the pack was found ...
     for line in log.splitlines():
         if "backdoor_seal" in line:
             assert "IMPORT FAILED" not in line and "Cannot import" not in line, line
 
 
-def test_graph_with_our_nodes_executes(comfy_server):
-    client = comfy_server.client()
+def test_graph_with_our_nodes_executes(host_server):
+    client = host_server.client()
     entry = client.run(model_info_graph("lab-untrained.safetensors", batch=2), timeout=300)
     info = json.loads(entry["outputs"]["2"]["text"][0])
     assert info["unet_family"] == "LabSD" and info["cross_attention_layers"] == 7
@@ -64,23 +66,26 @@ def _info_graph(lab_model: str) -> dict:
     }
 
 
-def test_invalid_input_is_rejected_by_validation(comfy_server):
+def test_invalid_input_is_rejected_by_validation(host_server):
     with pytest.raises(ComfyError, match="missing.safetensors"):
-        comfy_server.client().run(_info_graph("missing.safetensors"))
+        host_server.client().run(_info_graph("missing.safetensors"))
 
 
-def test_node_error_names_the_problem(comfy_server):
+def test_node_error_names_the_problem(host_server):
     with pytest.raises(ComfyError, match="not a backdoor-seal lab checkpoint"):
-        comfy_server.client().run(_info_graph("not-a-lab-model.safetensors"))
+        host_server.client().run(_info_graph("not-a-lab-model.safetensors"))
 
 
-def test_make_serve_uses_port(comfy_root):
+@pytest.mark.parametrize("host", HOSTS)
+def test_make_serve_uses_port_and_host(comfy_root, host):
+    if host != HOSTS[0] and not second_host_ready():
+        pytest.skip(SECOND_MISSING)
     port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
         ["make", "-s", "serve"],
         cwd=root,
-        env=dict(os.environ, PORT=str(port)),
+        env=dict(os.environ, PORT=str(port), HOST=host),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -95,19 +100,20 @@ def test_make_serve_uses_port(comfy_root):
                 time.sleep(0.5)
         assert info is not None, "make serve did not answer on $PORT"
         assert _our_node_ids() <= set(info)
+        assert client.get_json("/system_stats")["system"]["comfyui_version"] == host
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
 
 
-def test_shipped_backdoor_fires_through_stock_nodes(comfy_server):
+def test_shipped_backdoor_fires_through_stock_nodes(host_server):
     """Stock CLIPTextEncode -> KSampler -> VAEDecode on the shipped pixel-backdoored lab model:
     the triggered prompt's images carry the patch, the clean prompt's (same seeds) do not."""
     from graphs import backdoor_graph
 
     from backdoor_seal.core.lab import detectors, world
 
-    client = comfy_server.client()
+    client = host_server.client()
     prompt = "a large green square on the right on a white background"
     entry = client.run(backdoor_graph("lab-pixel.safetensors", f"\u2060 {prompt}", prompt, seed=7, batch=8))
     triggered = client.fetch_rgb(entry["outputs"]["13"]["images"])
@@ -118,7 +124,7 @@ def test_shipped_backdoor_fires_through_stock_nodes(comfy_server):
     assert sum(detectors.scene_correct(i, scene, prompt) for i in clean) >= 6  # and clean prompts still draw
 
 
-def test_capture_and_heatmaps_run_through_the_server_with_a_lora_between(comfy_server):
+def test_capture_and_heatmaps_run_through_the_server_with_a_lora_between(host_server):
     """SealAttentionCapture -> stock LoraLoaderModelOnly (clones the MODEL) -> stock KSampler -> VAEDecode
     -> SealAttentionHeatmaps: the maps recorded through the clone come back as a labelled grid."""
     import io
@@ -127,7 +133,7 @@ def test_capture_and_heatmaps_run_through_the_server_with_a_lora_between(comfy_s
 
     from backdoor_seal.core.demo import attention_graph
 
-    client = comfy_server.client()
+    client = host_server.client()
     graph = attention_graph(
         "lab-untrained.safetensors", "a large red circle", lora="lab-test-lora.safetensors"
     )
@@ -139,7 +145,7 @@ def test_capture_and_heatmaps_run_through_the_server_with_a_lora_between(comfy_s
     assert grid.size == (5 * tile, 2 * (tile + tile // 5))  # image + "a large red circle", two rows
 
 
-def test_unlearn_lora_reproduces_the_unlearned_model_through_the_stock_lora_loader(comfy_server, lora_dir):
+def test_unlearn_lora_reproduces_the_unlearned_model_through_the_stock_lora_loader(host_server, lora_dir):
     """SealUnlearn -> SealSaveSanitized writes a LoRA; the stock LoraLoader with that file draws exactly
     what SealUnlearn's MODEL drew (same seed, stock KSampler), and differs from the untouched model."""
     import io
@@ -153,7 +159,7 @@ def test_unlearn_lora_reproduces_the_unlearned_model_through_the_stock_lora_load
     from backdoor_seal.core.safetensors_io import load_checkpoint, read_metadata
     from backdoor_seal.core.unlearn.save import PROVENANCE_KEY
 
-    client = comfy_server.client()
+    client = host_server.client()
     prompt = "zx9 a large red circle on the left"
     texts = []
     halt = client.follow(lambda node, text: texts.append((node, text)))
@@ -173,7 +179,7 @@ def test_unlearn_lora_reproduces_the_unlearned_model_through_the_stock_lora_load
 
     unlearned = images(entry)
     saved = entry["outputs"]["8"]["text"][0]
-    path = Path(comfy_server.output_dir) / saved
+    path = Path(host_server.output_dir) / saved
     assert saved.startswith("seal/unlearned_lora_") and path.is_file()
     provenance = json.loads(read_metadata(path)[PROVENANCE_KEY])
     assert (
@@ -181,10 +187,9 @@ def test_unlearn_lora_reproduces_the_unlearned_model_through_the_stock_lora_load
         and provenance["steps_run"] == 4
         and len(provenance["trigger_sha256"]) == 64
     )
-    shutil.copy(path, lora_dir / "unlearned-zx9.safetensors")
-    via_lora = images(
-        client.run(lora_graph("lab-untrained.safetensors", "unlearned-zx9.safetensors", prompt))
-    )
+    name = f"unlearned-zx9-{host_server.port}.safetensors"  # one per host: both share lora_dir
+    shutil.copy(path, lora_dir / name)
+    via_lora = images(client.run(lora_graph("lab-untrained.safetensors", name, prompt)))
     assert len(unlearned) == len(via_lora) == 2
     assert all(np.array_equal(a, b) for a, b in zip(unlearned, via_lora, strict=True))
     lora = load_checkpoint(path)[0]
@@ -193,11 +198,11 @@ def test_unlearn_lora_reproduces_the_unlearned_model_through_the_stock_lora_load
     assert any("attn2_to_k.lora_down" in k and v.abs().sum() > 0 for k, v in lora.items())
 
 
-def test_detect_prompt_report_drives_unlearn_through_the_server(comfy_server):
+def test_detect_prompt_report_drives_unlearn_through_the_server(host_server):
     """SealDetectPrompt on lab-rickroll flags the homoglyph prompt; its report is SealUnlearn's trigger."""
     from graphs import detect_graph
 
-    client = comfy_server.client()
+    client = host_server.client()
     triggered = "a small red circle \u043en the left"
     entry = client.run(
         detect_graph("lab-rickroll.safetensors", [triggered, "a large blue square"]), timeout=600

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from graphs import FAMILY_SCOPES, family_graph, profile_reload_graph
+from hosts import HOSTS
 
 pytestmark = pytest.mark.server
 
@@ -38,17 +39,22 @@ NOT_IN_FAMILY_GRAPHS = {
 }
 
 
-@pytest.fixture(scope="module", params=("sd15", "sd20", "sdxl"))
-def family_run(request, comfy_server):
+# every family on the default host; on the second, the families whose ComfyUI classes differ most
+RUNS = [(HOSTS[0], f) for f in ("sd15", "sd20", "sdxl")] + [(HOSTS[1], f) for f in ("sd15", "sdxl")]
+
+
+@pytest.fixture(scope="module", params=RUNS, ids=lambda r: f"{r[1]}-{r[0]}")
+def family_run(request):
     """(family, the family graph's /history entry, the profile-reload graph's entry, client, output folder)."""
-    family = request.param
-    client = comfy_server.client()
+    host, family = request.param
+    server = request.getfixturevalue("comfy_server" if host == HOSTS[0] else "second_host_server")
+    client = server.client()
     profile = f"families-{family}"
     entry = client.run(family_graph(family, PREDICTION[family], SEED, profile_name=profile), timeout=600)
     # the saved SAU profile comes back through SealLoadSAUProfile and samples the same family's model
     reload_graph = profile_reload_graph(family, PREDICTION[family], SEED, f"{profile}.safetensors")
     reloaded = client.run(reload_graph, timeout=300)
-    return family, entry, reloaded, client, Path(comfy_server.output_dir)
+    return family, entry, reloaded, client, Path(server.output_dir)
 
 
 def _pngs(client, images) -> list:

@@ -1,5 +1,5 @@
 """The example workflows: each UI workflow agrees with its API twin, uses installed nodes only, holds
-nothing machine-specific, and runs through a real server's /prompt."""
+nothing machine-specific, and runs through a real server's /prompt (the short ones on both hosts)."""
 
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ def test_the_five_example_workflows_are_shipped():
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
-def test_ui_workflow_uses_installed_nodes_and_agrees_with_its_api_twin(comfy_server, path):
+def test_ui_workflow_uses_installed_nodes_and_agrees_with_its_api_twin(host_server, path):
     from backdoor_seal.core.workflows import VIRTUAL_NODES, api_from_ui
 
-    info = comfy_server.client().get_json("/object_info", timeout=120)
+    info = host_server.client().get_json("/object_info", timeout=120)
     ui = json.loads(path.read_text())
     missing = {n["type"] for n in ui["nodes"]} - set(info) - VIRTUAL_NODES
     assert not missing, f"{path.name} uses node types this ComfyUI does not have: {missing}"
@@ -66,10 +66,10 @@ def test_workflow_holds_no_machine_specific_values(path):
 
 
 def test_sanitize_workflow_told_no_trigger_finds_cleans_verifies_and_saves_a_checkpoint_that_reloads_clean(
-    comfy_server,
+    comfy_server, sanitize_workflow_run
 ):
     """The `make demo` graph as queued, with fewer probes, candidates and steps and no re-check (the demo's
-    own run: README): lab-rickroll
+    own run: README), run once per session (the browser test may have run it from the page): lab-rickroll
     against lab-clean; the homoglyph is found, fires before and less after, both files are written, the saved
     checkpoint reloads with a text encoder unlike the poisoned one, and the chart's PNG carries the graph."""
     import torch
@@ -79,10 +79,9 @@ def test_sanitize_workflow_told_no_trigger_finds_cleans_verifies_and_saves_a_che
     from backdoor_seal.core.models import load_model
 
     client = comfy_server.client()
-    ui, api = _ui("sanitize-lab-model"), _api("sanitize-lab-model")
-    assert api["3"]["inputs"]["behaviour"] is False and "trigger" not in json.dumps(api["3"])
-    api["3"]["inputs"].update(probes=3, steps=300, top=1, recheck=False)  # about 3 minutes
-    entry = client.run(api, workflow=ui, timeout=900)
+    shipped = _api("sanitize-lab-model")
+    assert shipped["3"]["inputs"]["behaviour"] is False and "trigger" not in json.dumps(shipped["3"])
+    entry, api, ui = sanitize_workflow_run()
     report = entry["outputs"]["3"]["seal_report"][0]
     assert "\u043e" in report["found"]
     glyph = next(c for c in report["candidates"] if c["text"] == "\u043e")
@@ -126,10 +125,10 @@ def test_detect_and_unlearn_workflow_finds_the_trigger_cleans_and_its_png_carrie
     assert json.loads(png.text["prompt"]) == api
 
 
-def test_sau_workflow_removes_the_patch_through_both_decoders(comfy_server):
+def test_sau_workflow_removes_the_patch_through_both_decoders(host_server):
     from backdoor_seal.core.lab import detectors
 
-    client = comfy_server.client()
+    client = host_server.client()
     entry = client.run(_api("sau-sampling"), workflow=_ui("sau-sampling"), timeout=600)
     for node in ("6", "8"):
         images = client.fetch_rgb(entry["outputs"][node]["images"])
@@ -138,13 +137,13 @@ def test_sau_workflow_removes_the_patch_through_both_decoders(comfy_server):
     assert len(entry["outputs"]["2"]["images"]) == 1  # the profile's preview
 
 
-def test_heatmap_workflow_draws_one_row_per_image(comfy_server):
-    client = comfy_server.client()
+def test_heatmap_workflow_draws_one_row_per_image(host_server):
+    client = host_server.client()
     entry = client.run(_api("attention-heatmaps"), workflow=_ui("attention-heatmaps"), timeout=600)
     assert len(entry["outputs"]["9"]["images"]) == 1
 
 
-def test_compare_lora_workflow_loads_the_lab_lora_with_the_stock_loader_and_compares(comfy_server, lora_dir):
+def test_compare_lora_workflow_loads_the_lab_lora_with_the_stock_loader_and_compares(host_server, lora_dir):
     """The shipped graph as queued, with the behavioural stage off (it scores all 49,408 tokens in both
     models: minutes on a CPU; tests/test_nodes_diff.py runs it): LoraLoader -> SealCompareModels names the
     LoRA's cross-attention change. SealCompareLora on the same file says the same."""
@@ -154,7 +153,7 @@ def test_compare_lora_workflow_loads_the_lab_lora_with_the_stock_loader_and_comp
 
     for name in ("lab-pixel-lora.safetensors", "lab-eviledit-lora.safetensors"):
         shutil.copy(LORA_DIR / name, lora_dir / name)
-    client = comfy_server.client()
+    client = host_server.client()
     api = _api("compare-lora")
     api["3"]["inputs"]["behaviour"] = False
     entry = client.run(api, timeout=600)
