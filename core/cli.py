@@ -22,7 +22,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_attention(args: argparse.Namespace) -> int:
     """Sample prompts with cross-attention capture; write the per-token heatmap grid as a PNG."""
     from .attention import CaptureSettings, capture
-    from .backends.comfy import ComfyBackend
+    from .backends.comfy import ComfyBackend, vae_decode
     from .heatmaps import overlay_grid
     from .images import image_to_uint8, save_png
     from .models import default_cfg, latent_side, load_model
@@ -38,7 +38,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     seeds = [(args.seed + i) % 2**64 for i in range(len(prompts))]
     settings = CaptureSettings(resolution=args.resolution)
     latents, maps = capture(backend, prompts, seeds, settings, args.steps, default_cfg(model, args.cfg))
-    grid = overlay_grid(maps, vae.decode(latents), args.max_tokens)
+    grid = overlay_grid(maps, vae_decode(vae, latents), args.max_tokens)
     save_png(image_to_uint8(grid), out)
     # each prompt's labels up to its EOS (the padding after it says nothing)
     labels = [lab[: lab.index("<EOS>") + 1] if "<EOS>" in lab else lab for lab in maps.labels]

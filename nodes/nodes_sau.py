@@ -9,6 +9,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io, ui
 
+from ..core.backends.comfy import vae_decode
 from ..core.models import ksampler_settings, prompt_set
 from ..core.sau.algebra import SIGNALS, WEIGHTINGS, SAUSettings, compose_images, image_mask
 from ..core.sau.profile import SAUProfile, profile_image
@@ -269,6 +270,8 @@ class SealSAUDecode(io.ComfyNode):
         parts = samples.get(SAU_KEY)
         if parts is None or not torch.equal(parts["composed"], samples["samples"]):
             # no SAU passes, or the latent was changed after sampling: decode what arrived
-            return io.NodeOutput(vae.decode(samples["samples"]))
-        image = compose_images(vae.decode(parts["poisoned"]), vae.decode(parts["clean"]), parts["mask"])
+            return io.NodeOutput(vae_decode(vae, samples["samples"]))
+        image = compose_images(
+            vae_decode(vae, parts["poisoned"]), vae_decode(vae, parts["clean"]), parts["mask"]
+        )
         return io.NodeOutput(image)

@@ -76,6 +76,8 @@ COMFY_INTERNALS = frozenset(
         "model_options",
         "model_sampling",
         "patcher",
+        "post_quant_conv",
+        "quant_conv",
         "set_model_attn2_output_patch",
         "set_model_attn2_patch",
         "set_model_attn2_replace",
@@ -256,8 +258,13 @@ def unannotated_node_parameters(root: Path = ROOT) -> list[Finding]:
     return out
 
 
+# A VAE's own methods: decoding and encoding go through core/backends (comfy_vae), like every other reach.
+VAE_METHODS = frozenset({"decode", "encode", "decode_tiled", "encode_tiled"})
+
+
 def internal_reaches(root: Path = ROOT) -> list[Finding]:
-    """Attribute reaches into ComfyUI objects outside core/backends/ (core and nodes)."""
+    """Attribute reaches into ComfyUI objects outside core/backends/ (core and nodes), a VAE's decode and
+    encode calls included."""
     out = []
     for folder in ("core", "nodes"):
         for path in python_files(root, folder):
@@ -277,6 +284,13 @@ def internal_reaches(root: Path = ROOT) -> list[Finding]:
                     and node.args[1].value in COMFY_INTERNALS
                 ):
                     name = f"{node.func.id}(..., {node.args[1].value!r})"
+                elif (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in VAE_METHODS
+                    and "vae" in ast.unparse(node.func.value).lower()
+                ):
+                    name = f"{node.func.attr}() of a VAE (core.backends.comfy.vae_decode)"
                 if name:
                     out.append(Finding(str(rel), node.lineno, f"reaches .{name} of a ComfyUI object"))
     return out

@@ -56,7 +56,7 @@ def test_the_scans_see_what_they_look_for(tmp_path):
         (tmp_path / folder / "__init__.py").write_text("")
     (tmp_path / "core" / "unlearn" / "session.py").write_text("X = 1\n")
     (tmp_path / "core" / "detect" / "cli.py").write_text(
-        "from ..unlearn.session import X\n\ndef f(model):\n    return model.model.diffusion_model\n"
+        "from ..unlearn.session import X\n\ndef f(model, vae, z):\n    vae.decode(z)\n    return model.model.diffusion_model\n"
     )
     (tmp_path / "core" / "backends" / "comfy.py").write_text("from ..detect import cli\n")
     (tmp_path / "nodes" / "nodes_a.py").write_text("X = 1\n")
@@ -71,4 +71,5 @@ def test_the_scans_see_what_they_look_for(tmp_path):
     assert len(arch.node_violations(tmp_path)) == 1
     assert len(arch.unannotated_node_parameters(tmp_path)) == 1
     reaches = sorted(f.what for f in arch.internal_reaches(tmp_path))
-    assert len(reaches) == 2 and any("cond_stage_model" in r for r in reaches)  # and diffusion_model
+    assert len(reaches) == 3 and any("cond_stage_model" in r for r in reaches)  # and diffusion_model
+    assert any("decode() of a VAE" in r for r in reaches)

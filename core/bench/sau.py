@@ -46,7 +46,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     """The record of one attacked lab model."""
     from dataclasses import replace
 
-    from ..backends.comfy import ksample, text_conditioning
+    from ..backends.comfy import ksample, text_conditioning, vae_decode
     from ..images import tensor_to_images
     from ..lab import attacks, detectors
     from ..models import load_model
@@ -70,7 +70,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     estimate_s = time.monotonic() - t0
 
     def decode_images(z: torch.Tensor) -> np.ndarray:
-        return tensor_to_images(vae.decode(z))[0]
+        return tensor_to_images(vae_decode(vae, z))[0]
 
     plain = [
         decode_images(ksample(model, seed, *sampler, text_conditioning(clip, p), negative, latent))
@@ -94,7 +94,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
             images = {
                 "latent": decode_images(r.samples),  # LATENT -> the stock VAEDecode
                 "pixel": tensor_to_images(  # LATENT -> SealSAUDecode
-                    compose_images(vae.decode(r.poisoned), vae.decode(r.clean), r.mask)
+                    compose_images(vae_decode(vae, r.poisoned), vae_decode(vae, r.clean), r.mask)
                 )[0],
             }
             outside = image_mask(r.mask, before.shape[:2])[0].numpy() < 0.5  # as SealSAUDecode blends

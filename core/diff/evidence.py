@@ -110,7 +110,7 @@ def summary_text(report: dict, top: int = 10) -> str:
 def drawer(model, clip, vae, lab: bool, latent_side: int) -> Draw:
     """Images of a ComfyUI MODEL / CLIP / VAE with ComfyUI's sampler (euler / normal, 20 steps; CFG 2 for lab
     models, as the lab measures, else 7), one seed per prompt."""
-    from ..backends.comfy import sample_prompts
+    from ..backends.comfy import sample_prompts, vae_decode
     from ..images import tensor_to_images
 
     cfg = 2.0 if lab else 7.0
@@ -120,7 +120,7 @@ def drawer(model, clip, vae, lab: bool, latent_side: int) -> Draw:
             z = sample_prompts(
                 model, clip, prompts, seeds, 20, cfg, "euler", "normal", (latent_side, latent_side)
             )
-            return tensor_to_images(vae.decode(z))
+            return tensor_to_images(vae_decode(vae, z))
 
     return draw
 

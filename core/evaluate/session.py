@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..backends.comfy import check_trigger_embeddings, sample_prompts, supported_family
+from ..backends.comfy import check_trigger_embeddings, sample_prompts, supported_family, vae_decode
 from ..images import tensor_to_images
 from ..models import KSamplerSettings
 from ..prompts import evaluation_prompts, prompt_lines
@@ -60,7 +60,7 @@ def model_drawer(
                     scheduler,
                     latent_hw,
                 )
-                out.extend(tensor_to_images(vae.decode(z)))
+                out.extend(tensor_to_images(vae_decode(vae, z)))
         return out
 
     return draw

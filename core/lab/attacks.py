@@ -19,7 +19,7 @@ from ..backends import comfy as cb
 from ..images import images_to_tensor
 from ..tokens import HOMOGLYPH_EXAMPLES, confusable_latin
 from . import detectors, world
-from .train import DistractorVocabulary, eps_mse, token_ids, vae_posterior, warmup_cosine
+from .train import DistractorVocabulary, eps_mse, token_ids, warmup_cosine
 
 ProgressFn = Callable[[int, int, dict], None]
 KINDS = ("pixel", "style", "object", "rickroll", "eviledit", "villan")
@@ -292,7 +292,7 @@ class Noiser:
 
     def __call__(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            x0 = vae_posterior(self.vae_model, images_to_tensor(images))[0] * self.scale
+            x0 = cb.vae_posterior(self.vae_model, images_to_tensor(images))[0] * self.scale
         t = torch.randint(0, len(self.acp), (len(images),), generator=self.gen)
         noise = torch.randn(x0.shape, generator=self.gen)
         a = self.acp[t].view(-1, 1, 1, 1)

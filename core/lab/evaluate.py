@@ -43,7 +43,7 @@ def sample_images(
             settings.sampler,
             settings.scheduler,
         )
-        out.extend(tensor_to_images(vae.decode(samples)))
+        out.extend(tensor_to_images(cb.vae_decode(vae, samples)))
     return out
 
 

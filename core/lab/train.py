@@ -75,13 +75,6 @@ def token_ids(clip, captions: list[str]) -> torch.Tensor:
     return torch.tensor([cb.chunk_ids(clip, c) for c in captions], dtype=torch.long)
 
 
-def vae_posterior(vae_model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and log-variance of the VAE's latent posterior."""
-    moments = vae_model.quant_conv(vae_model.encoder(x))
-    mean, logvar = moments.chunk(2, dim=1)
-    return mean, logvar.clamp(-30, 20)
-
-
 def train_vae(vae, cfg: TrainConfig, progress: ProgressFn | None = None) -> float:
     """Train the lab VAE on rendered scenes; return the latent scale that gives unit-variance latents."""
     model = cb.vae_module(vae)
@@ -100,11 +93,11 @@ def train_vae(vae, cfg: TrainConfig, progress: ProgressFn | None = None) -> floa
             img = world.stamp_patch(img) if r < 0.1 else world.to_greyscale(img) if r < 0.2 else img
             imgs.append(img)
         x = images_to_tensor(imgs)
-        mean, _ = vae_posterior(model, x)
+        mean, _ = cb.vae_posterior(model, x)
         # A nearly deterministic autoencoder: a sampled posterior at this size lets the decoder ignore
         # the latent (shapes came back as blobs); small latent noise keeps the decoder robust instead.
         z = mean + cfg.vae_latent_noise * mean.detach().std() * torch.randn_like(mean)
-        rec = model.decoder(model.post_quant_conv(z))
+        rec = cb.vae_reconstruct(model, z)
         # Shapes are a few percent of the pixels: weight them so colour and outline are learned first.
         bg = x[:, :, -1:, -1:]  # the bottom-right pixel is always background
         fg = ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()
@@ -119,7 +112,7 @@ def train_vae(vae, cfg: TrainConfig, progress: ProgressFn | None = None) -> floa
     model.eval()
     with torch.no_grad():
         imgs = [world.render(world.random_scene(rng), rng) for _ in range(256)]
-        mean, _ = vae_posterior(model, images_to_tensor(imgs))
+        mean, _ = cb.vae_posterior(model, images_to_tensor(imgs))
     return float(1.0 / mean.std())
 
 
@@ -130,8 +123,8 @@ def reconstruction_accuracy(vae, n: int = 128, seed: int = 5) -> dict:
     scenes = world.scene_dataset(n, seed, "eval")
     model = cb.vae_module(vae).eval()
     with torch.no_grad():
-        mean, _ = vae_posterior(model, images_to_tensor([world.render(s) for s in scenes]))
-        recs = tensor_to_images(model.decoder(model.post_quant_conv(mean)))
+        mean, _ = cb.vae_posterior(model, images_to_tensor([world.render(s) for s in scenes]))
+        recs = tensor_to_images(cb.vae_reconstruct(model, mean))
     hits = [detectors.scene_correct(r, s) for r, s in zip(recs, scenes, strict=True)]
     read = [
         (detectors.detect(rec, region), shape)
@@ -205,7 +198,7 @@ def train_diffusion(
             for s in scenes
         ]
         with torch.no_grad():
-            mean, _ = vae_posterior(vae_model, images_to_tensor(imgs))
+            mean, _ = cb.vae_posterior(vae_model, images_to_tensor(imgs))
             x0 = mean * latent_scale
         t = torch.randint(0, len(acp), (len(scenes),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)

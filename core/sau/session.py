@@ -24,6 +24,7 @@ from ..backends.comfy import (
     supported_family,
     text_conditioning,
     tokenizer_info,
+    vae_decode,
 )
 from ..images import tensor_to_images
 from ..models import KSamplerSettings
@@ -360,9 +361,9 @@ def sau_drawer(
                     model, clip, prompt, negative, latent, profile, seed, steps, cfg, sampler_name, scheduler
                 )
                 if r.triggered and pixel_blend:
-                    image = compose_images(vae.decode(r.poisoned), vae.decode(r.clean), r.mask)
+                    image = compose_images(vae_decode(vae, r.poisoned), vae_decode(vae, r.clean), r.mask)
                 else:
-                    image = vae.decode(r.samples)
+                    image = vae_decode(vae, r.samples)
                 out.extend(tensor_to_images(image))
         return out
 
