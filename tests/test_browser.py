@@ -113,11 +113,20 @@ def test_frontend_loads_the_extension_queues_each_workflow_as_its_twin_and_shows
 
 
 def _hide_banners(page) -> None:
-    """Dismiss what the frontend announces on a first visit (a toast, the 'Nodes 2.0' banner), so the
+    """Hide what the frontend announces on a first visit (the 'Introducing Nodes 2.0' bar, toasts), so the
     screenshot shows the graph; what is not there is skipped."""
     page.evaluate(
-        """() => { for (const el of document.querySelectorAll(
-            '.p-toast, [class*="announcement"], [class*="banner"], [class*="Banner"]')) el.style.display = 'none'; }"""
+        """() => {
+            for (const el of document.querySelectorAll(".p-toast")) el.style.display = "none";
+            for (const el of document.querySelectorAll("body *")) {
+                if (el.children.length || !/Introducing Nodes/.test(el.textContent)) continue;
+                let bar = el;  // the whole announcement bar: the widest ancestor that is still a thin strip
+                while (bar.parentElement && bar.parentElement !== document.body
+                       && bar.parentElement.getBoundingClientRect().height < 80) bar = bar.parentElement;
+                bar.style.display = "none";
+            }
+            window.dispatchEvent(new Event("resize"));
+        }"""
     )
 
 
@@ -131,7 +140,7 @@ def _run_sanitize_workflow(page, sanitize_workflow_run, shot) -> str:
     page.wait_for_selector(".seal-report table", state="attached", timeout=60_000)
     # frame the graph at a zoom where the frontend draws widgets (and our table) in full
     page.evaluate(
-        "() => { const c = window.app.canvas; c.ds.scale = 0.85; c.ds.offset = [10, 10]; c.setDirty(true, true); }"
+        "() => { const c = window.app.canvas; c.ds.scale = 0.85; c.ds.offset = [80, 60]; c.setDirty(true, true); }"
     )
     _hide_banners(page)
     page.wait_for_timeout(1500)

@@ -32,12 +32,17 @@ def test_compare_node_flags_the_homoglyph_trigger_and_draws_its_evidence(comfy_r
     """The behavioural stage on lab-rickroll's Cyrillic о among 120 tokens: flagged, and the evidence grid
     is drawn with the VAE (one row: base and suspect, without and with the token)."""
     from backdoor_seal.core.diff.behaviour import BehaviourScan
+    from backdoor_seal.core.diff.session import DiffSession
     from backdoor_seal.core.triggers import trigger_from
     from backdoor_seal.nodes.nodes_diff import SealCompareModels
 
     base, rick = _load("lab-clean"), _load("lab-rickroll")
     homoglyph = rick.clip.tokenize("\u043e")["l"][0][1][0]
-    monkeypatch.setattr(BehaviourScan, "vocabulary", lambda self: [homoglyph, *range(3000, 3120)])
+    tokens = [homoglyph, *range(3000, 3120)]
+    monkeypatch.setattr(BehaviourScan, "vocabulary", lambda self: tokens)
+    # the weight-space stage ranks the same tokens (its whole-vocabulary run is the test above)
+    monkeypatch.setattr(DiffSession, "vocabulary", lambda self: tokens)
+    monkeypatch.setattr(DiffSession, "sequence_units", lambda self: [])
     out = SealCompareModels.execute(base.model, base.clip, rick.model, rick.clip, vae=base.vae)
     report, plot, evidence = out.result
     assert report["candidates"][0]["token_id"] == homoglyph and report["flagged"][0] == "\u043e"

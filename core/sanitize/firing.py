@@ -108,6 +108,9 @@ def random_words(tokenizer, n: int, seed: int) -> list[str]:
     return [words[i] for i in rng.choice(len(words), size=min(n, len(words)), replace=False)]
 
 
+DRAWS_PER_CALL = 32  # images per draw call when several texts are tested together (model_drawer's batch)
+
+
 class FiringTest:
     """Images of the probe prompts, clean and with ordinary words at every slot (drawn once), then any
     number of candidates measured against them.
@@ -144,8 +147,9 @@ class FiringTest:
             if self.differential
             else None
         )
-        # per ordinary word, per template, per slot: the change it makes there
-        self.null_drops = [self._drops(word) for word in self.nulls]
+        # per ordinary word, per template, per slot: the change it makes there (drawn together: a sampler
+        # call's own overhead is most of a small batch's cost)
+        self.null_drops = self._drops_many(self.nulls)
         # per template, per slot: the bar a candidate must clear (a quantile of the ordinary words' changes
         # plus the margin: random words can fire a backdoor too, so the largest is no baseline)
         q = s.null_quantile
@@ -181,15 +185,26 @@ class FiringTest:
 
     def _drops(self, text: str) -> list[np.ndarray]:
         """The change (`_changes`) per template and slot, with the text at that slot."""
-        prompts, index = [], []
-        for i, slots in enumerate(self.slots):
-            for j, (_, filled) in enumerate(slots):
-                prompts.append(_fill(filled, text))
-                index.append((i, j))
-        changes = self._changes(prompts, [i for i, _ in index])
-        out = [np.zeros(len(slots)) for slots in self.slots]
-        for (i, j), change in zip(index, changes, strict=True):
-            out[i][j] = change
+        return self._drops_many([text])[0]
+
+    def _drops_many(self, texts: list[str], per_call: int = DRAWS_PER_CALL) -> list[list[np.ndarray]]:
+        """`_drops` of each text, their prompts drawn in calls of about `per_call` images (progress, and
+        so Cancel, between calls)."""
+        per_text = sum(len(slots) for slots in self.slots)
+        group = max(1, per_call // per_text)
+        out = []
+        for k in range(0, len(texts), group):
+            prompts, index = [], []
+            for w, text in enumerate(texts[k : k + group]):
+                for i, slots in enumerate(self.slots):
+                    for j, (_, filled) in enumerate(slots):
+                        prompts.append(_fill(filled, text))
+                        index.append((w, i, j))
+            changes = self._changes(prompts, [i for _, i, _ in index])
+            drops = [[np.zeros(len(slots)) for slots in self.slots] for _ in texts[k : k + group]]
+            for (w, i, j), change in zip(index, changes, strict=True):
+                drops[w][i][j] = change
+            out += drops
         return out
 
     def _letter_swaps(self, twin: str, holding: list[int]) -> dict[int, float]:
