@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# a host provisioned with packages of its own keeps them here, first on its path (scripts/provision.sh)
+HOST_DEPS = ".seal-deps"
 PROGRESS_TEXT = 3  # ComfyUI's BinaryEventTypes.TEXT: a node's progress text (protocol.py)
 
 
@@ -219,7 +221,7 @@ class ComfyServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 (closed with the process)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        deps = self.root / ".seal-deps"  # a second host's own requirements, first on its path
+        deps = self.root / HOST_DEPS
         if deps.is_dir():
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(deps), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -223,6 +223,12 @@ def _display_names(server) -> set[str]:
     return {v.get("display_name") or "" for v in server.client().get_json("/object_info").values()}
 
 
+def _assert_nodes_exist(server, named: list[str]) -> None:
+    """Every node a message names is one of the server's node display names."""
+    names = _display_names(server)
+    assert all(any(d.startswith(n) for d in names) for n in named), (named, sorted(names))
+
+
 def _named_nodes(message: str) -> list[str]:
     import re
 
@@ -254,9 +260,8 @@ def test_sanitize_given_a_prompt_report_names_nodes_that_exist(comfy_server):
     with pytest.raises(ComfyError, match="prompt report") as err:
         comfy_server.client().run(graph, timeout=300)
     named = _named_nodes(str(err.value).split("exception_type")[0])
-    names = _display_names(comfy_server)
     assert "Seal Scan Model" in named
-    assert all(any(d.startswith(n) for d in names) for n in named), (named, sorted(names))
+    _assert_nodes_exist(comfy_server, named)
 
 
 @pytest.mark.server
@@ -278,7 +283,7 @@ def test_compare_lora_given_a_checkpoint_names_the_node_input(host_server):
         host_server.client().run(graph, timeout=120)
     message = str(err.value).split("exception_type")[0]
     assert "--model" not in message and "Seal Compare Models" in message
-    assert all(any(d.startswith(n) for d in _display_names(host_server)) for n in _named_nodes(message))
+    _assert_nodes_exist(host_server, _named_nodes(message))
 
 
 def _evaluate(**links) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..attention import UnsupportedModelError, find_cross_attention_layers
+from ..comfy_host import HOST_DEPS
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,8 +35,8 @@ def ensure_comfy_importable() -> Path:
         for root in _comfy_candidates():
             if (root / "comfy" / "model_management.py").is_file():
                 sys.path.insert(0, str(root))
-                if (root / ".seal-deps").is_dir():  # a second host's own requirements (scripts/provision.sh)
-                    sys.path.insert(0, str(root / ".seal-deps"))
+                if (root / HOST_DEPS).is_dir():  # a second host's own requirements
+                    sys.path.insert(0, str(root / HOST_DEPS))
                 break
         else:
             raise ImportError(
